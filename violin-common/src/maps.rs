@@ -1,0 +1,29 @@
+//! Layouts of the eBPF maps shared by the classifier and the daemon. Plain `#[repr(C)]`
+//! integers only: no `bool`, no `Option`, no implicit padding.
+
+/// Value of the VNI map (key: VNI as `u32`): where that Violin's frames go on this host.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VniEntry {
+    /// Index of the Violin's AF_XDP socket slot (XskMap key = slot × queues + rx queue).
+    pub slot: u32,
+    /// Number of member underlay addresses in `MEMBERS` for this VNI (informational).
+    pub members: u32,
+}
+
+/// Key of the member map: (VNI, outer source IPv4 address in network order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberKey {
+    pub vni: u32,
+    pub addr: u32,
+}
+
+/// Name of the per-CPU verdict counter array in the eBPF object.
+pub const VERDICT_COUNTERS: &str = "VERDICTS";
+/// Name of the VNI map in the eBPF object.
+pub const VNI_MAP: &str = "VNIS";
+/// Name of the member map in the eBPF object.
+pub const MEMBER_MAP: &str = "MEMBERS";
+/// Name of the configuration array (index 0: the VXLAN UDP port).
+pub const CONFIG_MAP: &str = "CONFIG";

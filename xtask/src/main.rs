@@ -1,0 +1,86 @@
+//! Project tasks that cargo alone does not do: `cargo xtask build-ebpf` builds the XDP
+//! object with the nightly toolchain and bpf-linker.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(about = "Violin project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build violin-ebpf for bpfel-unknown-none (nightly + bpf-linker; see scripts/setup.sh).
+    BuildEbpf {
+        /// Build without optimisations (the verifier usually rejects such objects).
+        #[arg(long)]
+        debug: bool,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn build_ebpf(debug: bool) -> Result<()> {
+    let root = workspace_root();
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        bail!("bpf-linker is not on PATH: run scripts/setup.sh first");
+    }
+    let mut cmd = Command::new("cargo");
+    // The xtask itself was built by the stable toolchain: clear what would pin nested
+    // cargo to it.
+    for var in [
+        "RUSTC",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC_WRAPPER",
+        "CARGO_TARGET_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.current_dir(&root).args([
+        "+nightly",
+        "build",
+        "--package",
+        "violin-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ]);
+    if !debug {
+        cmd.arg("--release");
+    }
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+    );
+    let status = cmd.status().context("running cargo +nightly")?;
+    if !status.success() {
+        bail!("building violin-ebpf failed ({status})");
+    }
+    let obj = root
+        .join("target/bpfel-unknown-none")
+        .join(if debug { "debug" } else { "release" })
+        .join("violin-ebpf");
+    println!("eBPF object: {}", obj.display());
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::BuildEbpf { debug } => build_ebpf(debug),
+    }
+}
