@@ -1,1 +1,12 @@
+//! Violin's per-host data plane (`violin-dp`) and the `violin` CLI.
+//!
+//! - Fast path ([`fastpath`]): switch, policing, encapsulation — per packet.
+//! - Transports ([`transport`]): guest UNIX sockets and the underlay UDP socket; they
+//!   move bytes to and from the switch and nothing else.
+//! - Control path: the spec ([`spec`]), the daemon's event loop and control socket
+//!   ([`daemon`], [`control`]), namespaces and netlink ([`netns`], [`netlink`]),
+//!   lightweight guests ([`guest`]), the simulated cluster ([`cluster`]) and the CLI
+//!   ([`cli`]).
 
+pub mod fastpath;
+pub mod spec;

@@ -1,0 +1,10 @@
+//! The per-packet path: `rx → switch → police → encap → tx`. Everything in here runs for
+//! every frame: no allocation, no locks, no logging; time is passed in.
+//!
+//! - [`switch`]: decides where a frame goes (and polices it through [`police`]);
+//! - [`encap`]: VXLAN encapsulation/decapsulation around the switch;
+//! - the transports that move the bytes live in [`crate::transport`].
+
+pub mod encap;
+pub mod police;
+pub mod switch;

@@ -1,0 +1,627 @@
+//! The per-Violin switch: given a frame and where it came from, decide where it goes.
+//!
+//! It knows nothing of transports: a frame enters from a guest port (`Ingress::Port`) or
+//! from the underlay (`Ingress::Tunnel`, already decapsulated) and leaves as a list of
+//! `Egress` (a port, or a tunnel to a host). UNIX sockets, UDP and AF_XDP only move
+//! bytes around it. For each frame, in order:
+//!
+//! 1. length and source checks — a guest may send only with its own MAC; a tunnel peer
+//!    only for members that live behind its underlay address;
+//! 2. destination lookup — unicast to a known member, or flood (broadcast, multicast,
+//!    unknown unicast) to every member the topology allows, one copy per remote host;
+//! 3. topology — the (source, destination) pair must be an allowed link;
+//! 4. policing — the sender's guest bucket, then the link's (per direction), only where
+//!    the sender is local (its own host polices it; an external VTEP is policed where
+//!    its frames arrive);
+//! 5. counting — per-edge packets/bytes on the sending side, drops by `Verdict`.
+//!
+//! No allocation, locking or logging per frame: tables are built when a Violin is added.
+
+use super::police::Policer;
+use crate::spec::{MemberKind, Violin};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use violin_common::wire::{EthernetAddress, EthernetFrame};
+use violin_common::Verdict;
+
+/// A guest port's index, unique on this host.
+pub type PortId = u32;
+
+/// Where a frame entered the switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress {
+    /// From a local guest's port.
+    Port(PortId),
+    /// Decapsulated from the underlay: outer source address and VNI.
+    Tunnel { src: Ipv4Addr, vni: u32 },
+}
+
+/// Where a frame leaves the switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    Port(PortId),
+    /// Encapsulate with this VNI and send to this underlay address.
+    Tunnel {
+        dst: Ipv4Addr,
+        vni: u32,
+    },
+}
+
+/// Most learned MACs one Violin keeps for its external members.
+pub const MAX_LEARNED: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Location {
+    Local(PortId),
+    /// A guest on another host (index into `ViolinTable::hosts`).
+    Remote(usize),
+    /// A foreign VTEP at this underlay address.
+    External(Ipv4Addr),
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Counter {
+    #[inline]
+    fn add(&mut self, len: usize) {
+        self.packets += 1;
+        self.bytes += len as u64;
+    }
+}
+
+/// Drop counters indexed by `Verdict`.
+pub type Drops = [u64; Verdict::COUNT];
+
+/// One Violin's tables on this host.
+pub struct ViolinTable {
+    spec: Violin,
+    max_frame: usize,
+    loc: Vec<Location>,
+    macs: HashMap<EthernetAddress, usize>,
+    learned: usize,
+    /// n × n; `None` when every pair may talk.
+    allowed: Option<Vec<bool>>,
+    /// Per direction: index src × n + dst. Only for local senders and externals.
+    link_police: Vec<Option<Policer>>,
+    guest_police: Vec<Option<Policer>>,
+    /// Sent packets/bytes per (src, dst), counted where the sender is policed.
+    edges: Vec<Counter>,
+    drops: Drops,
+    /// Underlay addresses of the other hosts with guests of this Violin.
+    hosts: Vec<Ipv4Addr>,
+    /// Flood scratch: which remote hosts already got a copy.
+    host_sent: Vec<bool>,
+}
+
+impl ViolinTable {
+    fn n(&self) -> usize {
+        self.loc.len()
+    }
+
+    #[inline]
+    fn allows(&self, s: usize, d: usize) -> bool {
+        self.allowed.as_ref().is_none_or(|a| a[s * self.n() + d])
+    }
+
+    /// Polices a frame from `s` to `d` (guest bucket, then link bucket).
+    #[inline]
+    fn police(&mut self, s: usize, d: usize, len: usize, now: u64) -> Result<(), Verdict> {
+        let n = self.n();
+        if let Some(g) = &mut self.guest_police[s] {
+            if !g.admit(len, now) {
+                return Err(Verdict::PolicedGuest);
+            }
+        }
+        if let Some(l) = &mut self.link_police[s * n + d] {
+            if !l.admit(len, now) {
+                if let Some(g) = &mut self.guest_police[s] {
+                    g.refund(len);
+                }
+                return Err(Verdict::PolicedLink);
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn egress_of(&self, d: usize) -> Egress {
+        match self.loc[d] {
+            Location::Local(p) => Egress::Port(p),
+            Location::Remote(h) => Egress::Tunnel {
+                dst: self.hosts[h],
+                vni: self.spec.vni,
+            },
+            Location::External(a) => Egress::Tunnel {
+                dst: a,
+                vni: self.spec.vni,
+            },
+        }
+    }
+
+    fn drop(&mut self, v: Verdict) -> Verdict {
+        self.drops[v as usize] += 1;
+        v
+    }
+
+    /// A frame from local member `s`.
+    fn from_local(&mut self, s: usize, frame: &[u8], now: u64, out: &mut Vec<Egress>) -> Verdict {
+        if frame.is_empty() {
+            return self.drop(Verdict::ZeroLength);
+        }
+        if frame.len() > self.max_frame {
+            return self.drop(Verdict::Oversize);
+        }
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return self.drop(Verdict::Truncated);
+        };
+        if eth.src_addr() != self.spec.members[s].mac.0 {
+            return self.drop(Verdict::Spoofed);
+        }
+        let dst = eth.dst_addr();
+        if dst.is_unicast() {
+            if let Some(&d) = self.macs.get(&dst) {
+                return self.unicast(s, d, frame.len(), now, out, true);
+            }
+        }
+        self.flood(s, frame.len(), now, out, true)
+    }
+
+    /// A decapsulated frame from underlay address `src`.
+    fn from_tunnel(
+        &mut self,
+        src: Ipv4Addr,
+        frame: &[u8],
+        now: u64,
+        out: &mut Vec<Egress>,
+    ) -> Verdict {
+        let sender_host = self.hosts.iter().position(|h| *h == src);
+        let sender_external = self.loc.iter().any(|l| *l == Location::External(src));
+        if sender_host.is_none() && !sender_external {
+            return self.drop(Verdict::NotMember);
+        }
+        if frame.len() > self.max_frame {
+            return self.drop(Verdict::Oversize);
+        }
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return self.drop(Verdict::Truncated);
+        };
+        let smac = eth.src_addr();
+        if smac.is_multicast() {
+            return self.drop(Verdict::Spoofed);
+        }
+        let s = match self.macs.get(&smac) {
+            Some(&s) => {
+                let ok = match self.loc[s] {
+                    Location::Remote(h) => Some(h) == sender_host,
+                    Location::External(a) => a == src,
+                    Location::Local(_) => false,
+                };
+                if !ok {
+                    return self.drop(Verdict::Spoofed);
+                }
+                s
+            }
+            // An unknown MAC behind an external VTEP (e.g. a bridge behind a kernel
+            // vxlan device): learn it as that member, up to a bound.
+            None if sender_external && self.learned < MAX_LEARNED => {
+                let Some(x) = self.loc.iter().position(|l| *l == Location::External(src)) else {
+                    return self.drop(Verdict::NotMember);
+                };
+                self.macs.insert(smac, x);
+                self.learned += 1;
+                x
+            }
+            None => return self.drop(Verdict::Spoofed),
+        };
+        // Guests on other hosts were policed there; an external is policed here.
+        let police_here = sender_external;
+        let dst = eth.dst_addr();
+        if dst.is_unicast() {
+            return match self.macs.get(&dst) {
+                Some(&d) if matches!(self.loc[d], Location::Local(_)) => {
+                    self.unicast(s, d, frame.len(), now, out, police_here)
+                }
+                // Split horizon: never tunnel → tunnel. Unknown or remote: not ours.
+                _ => self.drop(Verdict::NoDestination),
+            };
+        }
+        self.flood(s, frame.len(), now, out, police_here)
+    }
+
+    fn unicast(
+        &mut self,
+        s: usize,
+        d: usize,
+        len: usize,
+        now: u64,
+        out: &mut Vec<Egress>,
+        police: bool,
+    ) -> Verdict {
+        if s == d {
+            return self.drop(Verdict::Hairpin);
+        }
+        if !self.allows(s, d) {
+            return self.drop(Verdict::NoLink);
+        }
+        if police {
+            if let Err(v) = self.police(s, d, len, now) {
+                return self.drop(v);
+            }
+            let n = self.n();
+            self.edges[s * n + d].add(len);
+        }
+        out.push(self.egress_of(d));
+        Verdict::Forward
+    }
+
+    /// Broadcast, multicast or unknown unicast from `s`. From a local sender: every
+    /// allowed member, one copy per remote host. From the tunnel: local members only.
+    fn flood(
+        &mut self,
+        s: usize,
+        len: usize,
+        now: u64,
+        out: &mut Vec<Egress>,
+        police: bool,
+    ) -> Verdict {
+        let from_local = matches!(self.loc[s], Location::Local(_));
+        let n = self.n();
+        self.host_sent.iter_mut().for_each(|b| *b = false);
+        let before = out.len();
+        let mut denied = None;
+        for d in 0..n {
+            if d == s || !self.allows(s, d) {
+                continue;
+            }
+            let loc = self.loc[d];
+            if !from_local && !matches!(loc, Location::Local(_)) {
+                continue;
+            }
+            if let Location::Remote(h) = loc {
+                // Every allowed guest on that host gets it from the one copy; the far
+                // side delivers to its own allowed members.
+                if self.host_sent[h] {
+                    if police {
+                        self.edges[s * n + d].add(len);
+                    }
+                    continue;
+                }
+            }
+            if police {
+                if let Err(v) = self.police(s, d, len, now) {
+                    self.drops[v as usize] += 1;
+                    denied = Some(v);
+                    continue;
+                }
+                self.edges[s * n + d].add(len);
+            }
+            if let Location::Remote(h) = loc {
+                self.host_sent[h] = true;
+            }
+            out.push(self.egress_of(d));
+        }
+        if out.len() > before {
+            Verdict::Forward
+        } else {
+            match denied {
+                Some(v) => v, // already counted per recipient
+                None => self.drop(Verdict::NoDestination),
+            }
+        }
+    }
+}
+
+/// The switch of one host: every Violin with a member here.
+#[derive(Default)]
+pub struct Switch {
+    violins: Vec<Option<ViolinTable>>,
+    by_vni: HashMap<u32, usize>,
+    by_name: HashMap<String, usize>,
+    /// Port → (violin slot, member index).
+    ports: Vec<Option<(usize, usize)>>,
+    /// Drops that belong to no Violin (unknown VNI, frames on a port being removed).
+    drops: Drops,
+}
+
+/// Why a Violin could not be added.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AddError {
+    #[error("a Violin named {0:?} already exists on this host")]
+    NameTaken(String),
+    #[error("VNI {vni} is already used by Violin {by:?} on this host")]
+    VniTaken { vni: u32, by: String },
+    #[error("host {0:?} has no underlay address in the spec")]
+    UnknownHost(String),
+}
+
+impl Switch {
+    pub fn new() -> Switch {
+        Switch::default()
+    }
+
+    fn alloc_port(&mut self, violin: usize, member: usize) -> PortId {
+        let slot = match self.ports.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.ports.push(None);
+                self.ports.len() - 1
+            }
+        };
+        self.ports[slot] = Some((violin, member));
+        slot as PortId
+    }
+
+    /// Adds a Violin as seen from host `local`. Returns the port of each local guest
+    /// as (member index, port).
+    pub fn add_violin(
+        &mut self,
+        spec: &Violin,
+        local: &str,
+        now: u64,
+    ) -> Result<Vec<(usize, PortId)>, AddError> {
+        if self.by_name.contains_key(&spec.name) {
+            return Err(AddError::NameTaken(spec.name.clone()));
+        }
+        if let Some(&i) = self.by_vni.get(&spec.vni) {
+            let by = self.violins[i]
+                .as_ref()
+                .map(|v| v.spec.name.clone())
+                .unwrap_or_default();
+            return Err(AddError::VniTaken { vni: spec.vni, by });
+        }
+        let slot = self
+            .violins
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.violins.len());
+        let n = spec.members.len();
+        let mut hosts: Vec<Ipv4Addr> = Vec::new();
+        let mut loc = Vec::with_capacity(n);
+        let mut ports = Vec::new();
+        for (i, m) in spec.members.iter().enumerate() {
+            loc.push(match &m.kind {
+                MemberKind::Guest { host, .. } if host == local => {
+                    let p = self.alloc_port(slot, i);
+                    ports.push((i, p));
+                    Location::Local(p)
+                }
+                MemberKind::Guest { host, .. } => {
+                    let Some(addr) = spec.hosts.get(host) else {
+                        for (_, p) in &ports {
+                            self.ports[*p as usize] = None;
+                        }
+                        return Err(AddError::UnknownHost(host.clone()));
+                    };
+                    let h = hosts.iter().position(|a| a == addr).unwrap_or_else(|| {
+                        hosts.push(*addr);
+                        hosts.len() - 1
+                    });
+                    Location::Remote(h)
+                }
+                MemberKind::External { underlay } => Location::External(*underlay),
+            });
+        }
+        let allowed = spec.links.as_ref().map(|links| {
+            let mut a = vec![false; n * n];
+            for l in links {
+                a[l.a * n + l.b] = true;
+                a[l.b * n + l.a] = true;
+            }
+            a
+        });
+        // Buckets exist where this host polices the sender: local guests and externals.
+        let polices = |i: usize| !matches!(loc[i], Location::Remote(_));
+        let mut link_police: Vec<Option<Policer>> = vec![None; n * n];
+        for l in spec.links.iter().flatten() {
+            if let Some(rate) = &l.rate {
+                for (s, d) in [(l.a, l.b), (l.b, l.a)] {
+                    if polices(s) {
+                        link_police[s * n + d] = Policer::new(rate, now);
+                    }
+                }
+            }
+        }
+        let guest_police = (0..n)
+            .map(|i| {
+                spec.members[i]
+                    .rate
+                    .as_ref()
+                    .filter(|_| polices(i))
+                    .and_then(|r| Policer::new(r, now))
+            })
+            .collect();
+        let macs = spec
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.mac.0, i))
+            .collect();
+        let table = ViolinTable {
+            max_frame: spec.max_frame(),
+            spec: spec.clone(),
+            host_sent: vec![false; hosts.len()],
+            hosts,
+            loc,
+            macs,
+            learned: 0,
+            allowed,
+            link_police,
+            guest_police,
+            edges: vec![Counter::default(); n * n],
+            drops: [0; Verdict::COUNT],
+        };
+        if slot == self.violins.len() {
+            self.violins.push(Some(table));
+        } else {
+            self.violins[slot] = Some(table);
+        }
+        self.by_vni.insert(spec.vni, slot);
+        self.by_name.insert(spec.name.clone(), slot);
+        Ok(ports)
+    }
+
+    /// Removes a Violin and frees its ports. Returns its final statistics.
+    pub fn remove_violin(&mut self, name: &str) -> Option<ViolinStats> {
+        let slot = self.by_name.remove(name)?;
+        let table = self.violins[slot].take()?;
+        self.by_vni.remove(&table.spec.vni);
+        for p in self.ports.iter_mut() {
+            if matches!(p, Some((v, _)) if *v == slot) {
+                *p = None;
+            }
+        }
+        Some(stats_of(&table))
+    }
+
+    /// Switches one frame. Outputs are appended to `out` (cleared first); the verdict is
+    /// `Forward` when at least one output was produced, else why not (already counted).
+    pub fn process(
+        &mut self,
+        ingress: Ingress,
+        frame: &[u8],
+        now: u64,
+        out: &mut Vec<Egress>,
+    ) -> Verdict {
+        out.clear();
+        match ingress {
+            Ingress::Port(p) => {
+                let Some(&Some((v, m))) = self.ports.get(p as usize) else {
+                    self.drops[Verdict::PortDown as usize] += 1;
+                    return Verdict::PortDown;
+                };
+                match &mut self.violins[v] {
+                    Some(t) => t.from_local(m, frame, now, out),
+                    None => Verdict::PortDown,
+                }
+            }
+            Ingress::Tunnel { src, vni } => {
+                let Some(&v) = self.by_vni.get(&vni) else {
+                    self.drops[Verdict::UnknownVni as usize] += 1;
+                    return Verdict::UnknownVni;
+                };
+                match &mut self.violins[v] {
+                    Some(t) => t.from_tunnel(src, frame, now, out),
+                    None => Verdict::UnknownVni,
+                }
+            }
+        }
+    }
+
+    /// Counts a drop that happened after switching (transport could not deliver).
+    pub fn count_egress_drop(&mut self, e: Egress, v: Verdict) {
+        let slot = match e {
+            Egress::Port(p) => self
+                .ports
+                .get(p as usize)
+                .copied()
+                .flatten()
+                .map(|(s, _)| s),
+            Egress::Tunnel { vni, .. } => self.by_vni.get(&vni).copied(),
+        };
+        match slot.and_then(|s| self.violins[s].as_mut()) {
+            Some(t) => t.drops[v as usize] += 1,
+            None => self.drops[v as usize] += 1,
+        }
+    }
+
+    /// Counts a drop at a port before the frame reached the switch (framing errors).
+    pub fn count_port_drop(&mut self, p: PortId, v: Verdict) {
+        self.count_egress_drop(Egress::Port(p), v)
+    }
+
+    /// Counts a drop at the underlay before switching (bad outer headers).
+    pub fn count_host_drop(&mut self, v: Verdict) {
+        self.drops[v as usize] += 1;
+    }
+
+    /// The Violin and member a port belongs to.
+    pub fn port_owner(&self, p: PortId) -> Option<(&Violin, usize)> {
+        let (v, m) = self.ports.get(p as usize).copied().flatten()?;
+        Some((&self.violins[v].as_ref()?.spec, m))
+    }
+
+    pub fn violin(&self, name: &str) -> Option<&Violin> {
+        self.by_name
+            .get(name)
+            .and_then(|&s| self.violins[s].as_ref())
+            .map(|t| &t.spec)
+    }
+
+    pub fn violins(&self) -> impl Iterator<Item = &Violin> {
+        self.violins.iter().flatten().map(|t| &t.spec)
+    }
+
+    pub fn stats(&self, name: &str) -> Option<ViolinStats> {
+        self.by_name
+            .get(name)
+            .and_then(|&s| self.violins[s].as_ref())
+            .map(stats_of)
+    }
+
+    pub fn host_drops(&self) -> BTreeMap<String, u64> {
+        drops_map(&self.drops)
+    }
+}
+
+/// Counters of one Violin on one host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViolinStats {
+    pub name: String,
+    pub vni: u32,
+    /// Sent traffic per (from, to), counted where the sender is policed; zero edges omitted.
+    pub edges: Vec<EdgeStats>,
+    /// Drops by reason (`Verdict::name`), zero reasons omitted.
+    pub drops: BTreeMap<String, u64>,
+    /// MACs learned behind external members.
+    pub learned_macs: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeStats {
+    pub from: String,
+    pub to: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+fn drops_map(d: &Drops) -> BTreeMap<String, u64> {
+    Verdict::ALL
+        .iter()
+        .filter(|v| v.is_drop() && d[**v as usize] > 0)
+        .map(|v| (v.name().to_string(), d[*v as usize]))
+        .collect()
+}
+
+fn stats_of(t: &ViolinTable) -> ViolinStats {
+    let n = t.n();
+    let mut edges = Vec::new();
+    for s in 0..n {
+        for d in 0..n {
+            let c = t.edges[s * n + d];
+            if c.packets > 0 {
+                edges.push(EdgeStats {
+                    from: t.spec.members[s].name.clone(),
+                    to: t.spec.members[d].name.clone(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                });
+            }
+        }
+    }
+    ViolinStats {
+        name: t.spec.name.clone(),
+        vni: t.spec.vni,
+        edges,
+        drops: drops_map(&t.drops),
+        learned_macs: t.learned,
+    }
+}
+
+#[cfg(test)]
+#[path = "switch_tests.rs"]
+mod tests;

@@ -1,0 +1,375 @@
+//! Switch decisions as a fixture table: (ingress, frame) → verdict and outputs.
+
+use super::*;
+use crate::spec;
+use violin_common::wire::{EtherType, EthernetRepr};
+
+const H1: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+const H2: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
+const X: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 50);
+const VNI: u32 = 101;
+
+/// a, d on h1 (local); b, c on h2; external x. Links: a–b (50 Mbit/s), b–c, a–d, a–x.
+const SPEC: &str = r#"
+name = "blue"
+vni = 101
+[[guest]]
+name = "a"
+host = "h1"
+ip = "10.0.0.1/24"
+[[guest]]
+name = "b"
+host = "h2"
+ip = "10.0.0.2/24"
+[[guest]]
+name = "c"
+host = "h2"
+ip = "10.0.0.3/24"
+[[guest]]
+name = "d"
+host = "h1"
+ip = "10.0.0.4/24"
+[[link]]
+between = ["a", "b"]
+rate = "50mbit"
+[[link]]
+between = ["b", "c"]
+[[link]]
+between = ["a", "d"]
+[[link]]
+between = ["a", "x"]
+[[external]]
+name = "x"
+underlay = "172.31.0.50"
+mac = "02:aa:00:00:00:50"
+"#;
+
+fn hosts() -> BTreeMap<String, Ipv4Addr> {
+    [("h1".to_string(), H1), ("h2".to_string(), H2)].into()
+}
+
+struct Fixture {
+    sw: Switch,
+    spec: Violin,
+    pa: PortId,
+    pd: PortId,
+}
+
+fn fixture(text: &str) -> Fixture {
+    let spec = spec::parse(text, &hosts()).unwrap();
+    let mut sw = Switch::new();
+    let ports = sw.add_violin(&spec, "h1", 0).unwrap();
+    assert_eq!(ports.len(), 2, "a and d are local");
+    Fixture {
+        pa: ports[0].1,
+        pd: ports[1].1,
+        sw,
+        spec,
+    }
+}
+
+fn mac(f: &Fixture, name: &str) -> EthernetAddress {
+    f.spec.members[f.spec.member(name).unwrap()].mac.0
+}
+
+fn frame(dst: EthernetAddress, src: EthernetAddress, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len.max(14)];
+    EthernetRepr {
+        src_addr: src,
+        dst_addr: dst,
+        ethertype: EtherType::IPV4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+    buf.truncate(len);
+    buf
+}
+
+const BCAST: EthernetAddress = EthernetAddress::BROADCAST;
+const STRANGER: EthernetAddress = EthernetAddress([0x02, 0xde, 0xad, 0, 0, 1]);
+
+#[test]
+fn fixture_table() {
+    let mut f = fixture(SPEC);
+    let (pa, pd) = (f.pa, f.pd);
+    let [a, b, c, d, x] = ["a", "b", "c", "d", "x"].map(|n| mac(&f, n));
+    let t2 = Egress::Tunnel { dst: H2, vni: VNI };
+    let tx = Egress::Tunnel { dst: X, vni: VNI };
+    let from_h2 = Ingress::Tunnel { src: H2, vni: VNI };
+    let from_x = Ingress::Tunnel { src: X, vni: VNI };
+    use Verdict::*;
+    #[rustfmt::skip]
+    let table: Vec<(&str, Ingress, Vec<u8>, Verdict, Vec<Egress>)> = vec![
+        ("a→b: unicast to a remote guest", Ingress::Port(pa), frame(b, a, 100), Forward, vec![t2]),
+        ("a→d: unicast to a local guest", Ingress::Port(pa), frame(d, a, 100), Forward, vec![Egress::Port(pd)]),
+        ("a→x: unicast to the external VTEP", Ingress::Port(pa), frame(x, a, 100), Forward, vec![tx]),
+        ("a→c: no link", Ingress::Port(pa), frame(c, a, 100), NoLink, vec![]),
+        ("d→b: no link", Ingress::Port(pd), frame(b, d, 100), NoLink, vec![]),
+        ("a sends as b", Ingress::Port(pa), frame(d, b, 100), Spoofed, vec![]),
+        ("a sends from a multicast MAC", Ingress::Port(pa), frame(d, BCAST, 100), Spoofed, vec![]),
+        ("a→a", Ingress::Port(pa), frame(a, a, 100), Hairpin, vec![]),
+        ("a broadcasts: b (one copy to h2), d, x", Ingress::Port(pa), frame(BCAST, a, 60), Forward, vec![t2, Egress::Port(pd), tx]),
+        ("a → unknown unicast floods", Ingress::Port(pa), frame(STRANGER, a, 60), Forward, vec![t2, Egress::Port(pd), tx]),
+        ("d broadcasts: only a", Ingress::Port(pd), frame(BCAST, d, 60), Forward, vec![Egress::Port(pa)]),
+        ("zero-length frame", Ingress::Port(pa), vec![], ZeroLength, vec![]),
+        ("13-byte frame", Ingress::Port(pa), frame(b, a, 13), Truncated, vec![]),
+        ("frame over MTU 1450 + 18", Ingress::Port(pa), frame(b, a, 1469), Oversize, vec![]),
+        ("frame at the largest size", Ingress::Port(pa), frame(b, a, 1468), Forward, vec![t2]),
+        ("unknown port", Ingress::Port(999), frame(b, a, 100), PortDown, vec![]),
+        ("h2: b→a", from_h2, frame(a, b, 100), Forward, vec![Egress::Port(pa)]),
+        ("h2: b→d, no link", from_h2, frame(d, b, 100), NoLink, vec![]),
+        ("h2: c→a, no link", from_h2, frame(a, c, 100), NoLink, vec![]),
+        ("h2 sends as a, who lives here", from_h2, frame(d, a, 100), Spoofed, vec![]),
+        ("h2 sends as x", from_h2, frame(a, x, 100), Spoofed, vec![]),
+        ("h2 sends from an unknown MAC", from_h2, frame(a, STRANGER, 100), Spoofed, vec![]),
+        ("h2: b broadcasts: a only (d has no link to b)", from_h2, frame(BCAST, b, 60), Forward, vec![Egress::Port(pa)]),
+        ("h2: c broadcasts: nobody here", from_h2, frame(BCAST, c, 60), NoDestination, vec![]),
+        ("h2: b→x: never tunnel to tunnel", from_h2, frame(x, b, 100), NoDestination, vec![]),
+        ("h2: b→c: not delivered here", from_h2, frame(c, b, 100), NoDestination, vec![]),
+        ("h2: truncated inner frame", from_h2, frame(a, b, 10), Truncated, vec![]),
+        ("non-member underlay source", Ingress::Tunnel { src: Ipv4Addr::new(172, 31, 0, 99), vni: VNI }, frame(a, b, 100), NotMember, vec![]),
+        ("unknown VNI", Ingress::Tunnel { src: H2, vni: 999 }, frame(a, b, 100), UnknownVni, vec![]),
+        ("x→a", from_x, frame(a, x, 100), Forward, vec![Egress::Port(pa)]),
+        ("x broadcasts: a only", from_x, frame(BCAST, x, 60), Forward, vec![Egress::Port(pa)]),
+        ("x→a from a MAC behind x: learned", from_x, frame(a, STRANGER, 100), Forward, vec![Egress::Port(pa)]),
+        ("x→d: no link", from_x, frame(d, x, 100), NoLink, vec![]),
+    ];
+    let mut out = Vec::with_capacity(8);
+    for (what, ingress, bytes, verdict, outputs) in table {
+        let v = f.sw.process(ingress, &bytes, 1_000, &mut out);
+        assert_eq!((v, &out), (verdict, &outputs), "{what}");
+    }
+    let s = f.sw.stats("blue").unwrap();
+    assert_eq!(s.learned_macs, 1);
+    assert_eq!(s.drops["spoofed"], 5);
+    assert_eq!(s.drops["no_link"], 5);
+    assert_eq!(s.drops["not_member"], 1);
+    assert_eq!(f.sw.host_drops()["unknown_vni"], 1);
+    assert_eq!(f.sw.host_drops()["port_down"], 1);
+    // Edges count sends where the sender is policed: local a/d and external x.
+    let edge = |from: &str, to: &str| {
+        s.edges
+            .iter()
+            .find(|e| e.from == from && e.to == to)
+            .map(|e| e.packets)
+    };
+    assert_eq!(edge("a", "b"), Some(4)); // unicast ×2 (one at max size), broadcast, unknown unicast
+    assert_eq!(edge("x", "a"), Some(3));
+    assert_eq!(edge("b", "a"), None, "b is policed and counted on h2");
+}
+
+#[test]
+fn a_learned_mac_is_a_member_and_moves_with_its_vtep_only() {
+    let mut f = fixture(SPEC);
+    let mut out = Vec::new();
+    let a = mac(&f, "a");
+    let from_x = Ingress::Tunnel { src: X, vni: VNI };
+    assert_eq!(
+        f.sw.process(from_x, &frame(a, STRANGER, 64), 0, &mut out),
+        Verdict::Forward
+    );
+    // Replies to the learned MAC go to x.
+    assert_eq!(
+        f.sw.process(Ingress::Port(f.pa), &frame(STRANGER, a, 64), 0, &mut out),
+        Verdict::Forward
+    );
+    assert_eq!(out, vec![Egress::Tunnel { dst: X, vni: VNI }]);
+    // h2 cannot claim it.
+    let from_h2 = Ingress::Tunnel { src: H2, vni: VNI };
+    assert_eq!(
+        f.sw.process(from_h2, &frame(a, STRANGER, 64), 0, &mut out),
+        Verdict::Spoofed
+    );
+}
+
+#[test]
+fn learning_is_bounded() {
+    let mut f = fixture(SPEC);
+    let mut out = Vec::new();
+    let a = mac(&f, "a");
+    let from_x = Ingress::Tunnel { src: X, vni: VNI };
+    for i in 0..(MAX_LEARNED as u32 + 10) {
+        let b = i.to_be_bytes();
+        let src = EthernetAddress([0x02, 0x77, b[0], b[1], b[2], b[3]]);
+        f.sw.process(from_x, &frame(a, src, 64), 0, &mut out);
+    }
+    let s = f.sw.stats("blue").unwrap();
+    assert_eq!(s.learned_macs, MAX_LEARNED);
+    assert_eq!(s.drops["spoofed"], 10);
+}
+
+#[test]
+fn link_is_policed_per_direction_with_time_passed_in() {
+    let mut f = fixture(SPEC);
+    let mut out = Vec::new();
+    let (a, b) = (mac(&f, "a"), mac(&f, "b"));
+    let burst = spec::Rate::default_burst(6_250_000);
+    let fr = frame(b, a, 1000);
+    let mut passed = 0;
+    for _ in 0..1000 {
+        if f.sw.process(Ingress::Port(f.pa), &fr, 0, &mut out) == Verdict::Forward {
+            passed += 1;
+        }
+    }
+    assert_eq!(
+        passed,
+        burst / 1000,
+        "a full bucket passes its burst, then nothing"
+    );
+    // 10 ms later at 6.25 MB/s: 62 500 bytes → 62 more frames.
+    let mut more = 0;
+    for _ in 0..100 {
+        if f.sw.process(Ingress::Port(f.pa), &fr, 10_000_000, &mut out) == Verdict::Forward {
+            more += 1;
+        }
+    }
+    assert_eq!(more, 62);
+    // a→d has no rate: unaffected.
+    let d = mac(&f, "d");
+    assert_eq!(
+        f.sw.process(
+            Ingress::Port(f.pa),
+            &frame(d, a, 1000),
+            10_000_000,
+            &mut out
+        ),
+        Verdict::Forward
+    );
+    let s = f.sw.stats("blue").unwrap();
+    assert_eq!(s.drops["policed_link"], 1000 - passed + 100 - more);
+    // b→a arrives from h2 and is not policed here (h2 did it).
+    let from_h2 = Ingress::Tunnel { src: H2, vni: VNI };
+    for _ in 0..1000 {
+        assert_eq!(
+            f.sw.process(from_h2, &frame(a, b, 1000), 10_000_000, &mut out),
+            Verdict::Forward
+        );
+    }
+}
+
+#[test]
+fn guest_rate_caps_all_its_egress() {
+    let text = SPEC.replace(
+        "ip = \"10.0.0.1/24\"",
+        "ip = \"10.0.0.1/24\"\nrate = \"8mbit\"\nburst = \"10kb\"",
+    );
+    let mut f = fixture(&text);
+    let mut out = Vec::new();
+    let (a, d) = (mac(&f, "a"), mac(&f, "d"));
+    let x = mac(&f, "x");
+    let mut passed = 0;
+    for i in 0..40 {
+        let dst = if i % 2 == 0 { d } else { x };
+        if f.sw
+            .process(Ingress::Port(f.pa), &frame(dst, a, 1000), 0, &mut out)
+            == Verdict::Forward
+        {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 10, "10 KiB of burst across both destinations");
+    assert_eq!(f.sw.stats("blue").unwrap().drops["policed_guest"], 30);
+}
+
+#[test]
+fn no_link_table_means_every_pair_talks() {
+    let text: String = SPEC.split("[[link]]").next().unwrap().to_string()
+        + "[[external]]\nname = \"x\"\nunderlay = \"172.31.0.50\"\nmac = \"02:aa:00:00:00:50\"\n";
+    let mut f = fixture(&text);
+    let mut out = Vec::new();
+    let (a, c) = (mac(&f, "a"), mac(&f, "c"));
+    assert_eq!(
+        f.sw.process(Ingress::Port(f.pa), &frame(c, a, 100), 0, &mut out),
+        Verdict::Forward
+    );
+    // Broadcast from d: a locally, b and c share one copy to h2, x.
+    assert_eq!(
+        f.sw.process(
+            Ingress::Port(f.pd),
+            &frame(BCAST, mac(&f, "d"), 60),
+            0,
+            &mut out
+        ),
+        Verdict::Forward
+    );
+    assert_eq!(
+        out,
+        vec![
+            Egress::Port(f.pa),
+            Egress::Tunnel { dst: H2, vni: VNI },
+            Egress::Tunnel { dst: X, vni: VNI }
+        ]
+    );
+}
+
+#[test]
+fn two_violins_with_the_same_addresses_stay_apart() {
+    let mut f = fixture(SPEC);
+    let red = spec::parse(
+        &SPEC
+            .replace("blue", "red")
+            .replace("vni = 101", "vni = 102"),
+        &hosts(),
+    )
+    .unwrap();
+    let red_ports = f.sw.add_violin(&red, "h1", 0).unwrap();
+    assert!(red_ports.iter().all(|(_, p)| *p != f.pa && *p != f.pd));
+    let red_a = red_ports[0].1;
+    let mut out = Vec::new();
+    // blue a's frame to red b's MAC is unknown unicast in blue: flooded within blue only.
+    let red_b = red.members[1].mac.0;
+    assert_ne!(red_b, mac(&f, "b"), "MACs derive from the VNI");
+    f.sw.process(
+        Ingress::Port(f.pa),
+        &frame(red_b, mac(&f, "a"), 60),
+        0,
+        &mut out,
+    );
+    assert!(
+        out.iter().all(|e| match e {
+            Egress::Port(p) => *p == f.pd,
+            Egress::Tunnel { vni, .. } => *vni == VNI,
+        }),
+        "{out:?}"
+    );
+    // red a may not send with blue a's MAC (nor anything but its own).
+    assert_eq!(
+        f.sw.process(
+            Ingress::Port(red_a),
+            &frame(BCAST, mac(&f, "a"), 60),
+            0,
+            &mut out
+        ),
+        Verdict::Spoofed
+    );
+    // Same names, other VNI: frames tunnelled with VNI 102 reach red's ports only.
+    let from_h2 = Ingress::Tunnel { src: H2, vni: 102 };
+    f.sw.process(from_h2, &frame(BCAST, red_b, 60), 0, &mut out);
+    assert_eq!(out, vec![Egress::Port(red_a)]);
+    // Errors: same name or VNI twice.
+    assert!(matches!(
+        f.sw.add_violin(&red, "h1", 0),
+        Err(AddError::NameTaken(_))
+    ));
+    let mut again = red.clone();
+    again.name = "green".into();
+    assert!(matches!(
+        f.sw.add_violin(&again, "h1", 0),
+        Err(AddError::VniTaken { vni: 102, .. })
+    ));
+    // Removing frees the ports and the VNI.
+    assert!(f.sw.remove_violin("red").is_some());
+    assert_eq!(
+        f.sw.process(
+            Ingress::Port(red_a),
+            &frame(BCAST, red.members[0].mac.0, 60),
+            0,
+            &mut out
+        ),
+        Verdict::PortDown
+    );
+    assert_eq!(
+        f.sw.process(from_h2, &frame(BCAST, red_b, 60), 0, &mut out),
+        Verdict::UnknownVni
+    );
+    assert!(f.sw.add_violin(&again, "h1", 0).is_ok());
+}
