@@ -8,5 +8,14 @@
 //!   lightweight guests ([`guest`]), the simulated cluster ([`cluster`]) and the CLI
 //!   ([`cli`]).
 
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod fastpath;
+pub mod guest;
+pub mod netlink;
+pub mod netns;
 pub mod spec;
+pub mod transport;

@@ -275,24 +275,25 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     let n: f64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a rate (try \"50mbit\")"))?;
-    let (mult, bits) =
-        match unit.trim() {
-            "bit" => (1.0, true),
-            "kbit" => (1e3, true),
-            "mbit" => (1e6, true),
-            "gbit" => (1e9, true),
-            "tbit" => (1e12, true),
-            "bps" => (1.0, false),
-            "kbps" => (1e3, false),
-            "mbps" => (1e6, false),
-            "gbps" => (1e9, false),
-            "" => return Err(format!("{s:?} has no unit (try \"50mbit\")")),
-            u => return Err(format!(
+    let (mult, bits) = match unit.trim() {
+        "bit" => (1.0, true),
+        "kbit" => (1e3, true),
+        "mbit" => (1e6, true),
+        "gbit" => (1e9, true),
+        "tbit" => (1e12, true),
+        "bps" => (1.0, false),
+        "kbps" => (1e3, false),
+        "mbps" => (1e6, false),
+        "gbps" => (1e9, false),
+        "" => return Err(format!("{s:?} has no unit (try \"50mbit\")")),
+        u => {
+            return Err(format!(
                 "unknown rate unit {u:?} in {s:?} (bit, kbit, mbit, gbit, bps, kbps, mbps, gbps)"
-            )),
-        };
+            ))
+        }
+    };
     let bytes = if bits { n * mult / 8.0 } else { n * mult };
-    if !(bytes >= 1.0) || !bytes.is_finite() || bytes > 1e13 {
+    if bytes.is_nan() || bytes < 1.0 || bytes > 1e13 {
         return Err(format!("{s:?} is out of range (1 byte/s to 80 Tbit/s)"));
     }
     Ok(bytes.round() as u64)
@@ -325,6 +326,10 @@ pub fn derive_mac(vni: u32, name: &str) -> EthernetAddress {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    // splitmix64 finaliser: FNV's high bytes barely change between short names.
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
     let b = h.to_be_bytes();
     EthernetAddress([0x02, b[0], b[1], b[2], b[3], b[4]])
 }

@@ -149,7 +149,7 @@ impl ViolinTable {
     }
 
     /// A frame from local member `s`.
-    fn from_local(&mut self, s: usize, frame: &[u8], now: u64, out: &mut Vec<Egress>) -> Verdict {
+    fn rx_local(&mut self, s: usize, frame: &[u8], now: u64, out: &mut Vec<Egress>) -> Verdict {
         if frame.is_empty() {
             return self.drop(Verdict::ZeroLength);
         }
@@ -172,7 +172,7 @@ impl ViolinTable {
     }
 
     /// A decapsulated frame from underlay address `src`.
-    fn from_tunnel(
+    fn rx_tunnel(
         &mut self,
         src: Ipv4Addr,
         frame: &[u8],
@@ -180,7 +180,7 @@ impl ViolinTable {
         out: &mut Vec<Egress>,
     ) -> Verdict {
         let sender_host = self.hosts.iter().position(|h| *h == src);
-        let sender_external = self.loc.iter().any(|l| *l == Location::External(src));
+        let sender_external = self.loc.contains(&Location::External(src));
         if sender_host.is_none() && !sender_external {
             return self.drop(Verdict::NotMember);
         }
@@ -495,7 +495,7 @@ impl Switch {
                     return Verdict::PortDown;
                 };
                 match &mut self.violins[v] {
-                    Some(t) => t.from_local(m, frame, now, out),
+                    Some(t) => t.rx_local(m, frame, now, out),
                     None => Verdict::PortDown,
                 }
             }
@@ -505,7 +505,7 @@ impl Switch {
                     return Verdict::UnknownVni;
                 };
                 match &mut self.violins[v] {
-                    Some(t) => t.from_tunnel(src, frame, now, out),
+                    Some(t) => t.rx_tunnel(src, frame, now, out),
                     None => Verdict::UnknownVni,
                 }
             }

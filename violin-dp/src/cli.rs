@@ -1,0 +1,469 @@
+//! The `violin` command line: the simulated cluster, Violins on it, and their counters.
+
+use crate::cluster::{self, ClusterState, UpOptions};
+use crate::config::DataplaneChoice;
+use crate::control::{self, HostStatus, HostViolinStats, Request};
+use crate::spec::{self, Violin};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "violin",
+    version,
+    about = "Isolated virtual distributed environments on a shared cluster"
+)]
+pub struct Cli {
+    /// Which simulated cluster (several may coexist).
+    #[arg(long, global = true, env = "VIOLIN_CLUSTER", default_value = "violin")]
+    pub cluster: String,
+    /// Where cluster state lives.
+    #[arg(
+        long,
+        global = true,
+        env = "VIOLIN_RUN_DIR",
+        default_value = "/run/violin"
+    )]
+    pub run_dir: PathBuf,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// The simulated cluster: host namespaces on an underlay bridge, a daemon in each.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Create a Violin from a spec (TOML): its guests on their hosts, the daemons programmed.
+    Up {
+        spec: PathBuf,
+        /// Seconds to wait for every guest to attach.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Remove a Violin: its guests, sockets and switch state on every host.
+    Down { name: String },
+    /// List the Violins on the cluster.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command inside a guest.
+    Exec {
+        violin: String,
+        guest: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Per-edge traffic and drops by reason, summed over the hosts.
+    Stats {
+        violin: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Create N host namespaces on a bridge and start a violin-dp in each.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        #[arg(long, default_value = "172.31.0.0/24")]
+        subnet: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        dataplane: DataplaneChoice,
+        /// Underlay MTU.
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+    },
+    /// Show the bridge, subnet and each host's namespace and underlay address.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the daemons and remove every namespace, link and file of the cluster.
+    Down,
+}
+
+fn progress(msg: &str) {
+    eprintln!("  · {msg}");
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let (run_dir, name) = (&cli.run_dir, cli.cluster.as_str());
+    match cli.cmd {
+        Cmd::Cluster(ClusterCmd::Up {
+            hosts,
+            subnet,
+            dataplane,
+            mtu,
+        }) => {
+            eprintln!("Bringing up cluster {name} ({hosts} hosts)");
+            let st = cluster::up(
+                run_dir,
+                name,
+                &UpOptions {
+                    hosts,
+                    subnet,
+                    dataplane,
+                    mtu,
+                },
+                &progress,
+            )?;
+            print_cluster(&st);
+            Ok(())
+        }
+        Cmd::Cluster(ClusterCmd::Info { json }) => {
+            let st = cluster::load(run_dir, name)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print_cluster(&st);
+            }
+            Ok(())
+        }
+        Cmd::Cluster(ClusterCmd::Down) => {
+            cluster::down(run_dir, name, &progress)?;
+            eprintln!("cluster {name} removed");
+            Ok(())
+        }
+        Cmd::Up { spec, timeout } => violin_up(
+            &cluster::load(run_dir, name)?,
+            &spec,
+            Duration::from_secs(timeout),
+        ),
+        Cmd::Down { name: v } => violin_down(&cluster::load(run_dir, name)?, &v),
+        Cmd::Ls { json } => violin_ls(&cluster::load(run_dir, name)?, json),
+        Cmd::Exec { violin, guest, cmd } => {
+            violin_exec(&cluster::load(run_dir, name)?, &violin, &guest, &cmd)
+        }
+        Cmd::Stats { violin, json } => violin_stats(&cluster::load(run_dir, name)?, &violin, json),
+    }
+}
+
+fn print_cluster(st: &ClusterState) {
+    println!(
+        "cluster {}  bridge {}  subnet {}  dataplane {:?}",
+        st.name, st.bridge, st.subnet, st.dataplane
+    );
+    println!(
+        "{:<6} {:<16} {:<16} {}",
+        "HOST", "NETNS", "UNDERLAY", "DAEMON PID"
+    );
+    for h in &st.hosts {
+        println!("{:<6} {:<16} {:<16} {}", h.name, h.netns, h.underlay, h.pid);
+    }
+}
+
+fn statuses(st: &ClusterState) -> Result<Vec<HostStatus>> {
+    st.hosts
+        .iter()
+        .map(|h| {
+            control::call::<HostStatus>(&h.control, &Request::Status)
+                .with_context(|| format!("asking host {}", h.name))
+        })
+        .collect()
+}
+
+fn violin_up(st: &ClusterState, path: &PathBuf, timeout: Duration) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let hosts: BTreeMap<String, _> = st
+        .hosts
+        .iter()
+        .map(|h| (h.name.clone(), h.underlay))
+        .collect();
+    let v = spec::parse(&text, &hosts).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let current = statuses(st)?;
+    let existing: Vec<&Violin> = current
+        .iter()
+        .flat_map(|s| &s.violins)
+        .filter(|x| x.name == v.name || x.vni == v.vni)
+        .map(|x| &x.spec)
+        .collect();
+    if !existing.is_empty() {
+        if existing.iter().all(|x| **x == v) && existing.len() == v.hosts.len() {
+            eprintln!("Violin {} is already up with this spec", v.name);
+            return print_summary(st, &v.name);
+        }
+        let other = existing[0];
+        if other.name == v.name {
+            bail!(
+                "a Violin named {:?} is already up with a different spec (`violin down {}` first)",
+                v.name,
+                v.name
+            );
+        }
+        bail!("VNI {} is already used by Violin {:?}", v.vni, other.name);
+    }
+    eprintln!(
+        "Creating Violin {} (VNI {}) on {} host(s)",
+        v.name,
+        v.vni,
+        v.hosts.len()
+    );
+    let mut done: Vec<&str> = Vec::new();
+    for h in v.hosts.keys() {
+        let entry = st
+            .host(h)
+            .ok_or_else(|| anyhow!("host {h} vanished from the cluster"))?;
+        progress(&format!("programming {h}"));
+        if let Err(e) = control::call::<serde_json::Value>(
+            &entry.control,
+            &Request::AddViolin { violin: v.clone() },
+        ) {
+            for d in &done {
+                let e = st.host(d).unwrap();
+                let _ = control::call::<serde_json::Value>(
+                    &e.control,
+                    &Request::RemoveViolin {
+                        name: v.name.clone(),
+                    },
+                );
+            }
+            return Err(e.context(format!(
+                "host {h} refused Violin {}; nothing was left behind",
+                v.name
+            )));
+        }
+        done.push(h);
+    }
+    let guests = v.members.iter().filter(|m| m.host().is_some()).count();
+    let t0 = Instant::now();
+    let mut last = usize::MAX;
+    loop {
+        let up: usize = statuses(st)?
+            .iter()
+            .flat_map(|s| &s.violins)
+            .filter(|x| x.name == v.name)
+            .flat_map(|x| &x.guests)
+            .filter(|g| g.connected || g.kind == spec::GuestKind::Socket)
+            .count();
+        if up != last {
+            progress(&format!("guests attached: {up}/{guests}"));
+            last = up;
+        }
+        if up >= guests {
+            break;
+        }
+        if t0.elapsed() > timeout {
+            bail!("only {up} of {guests} guests attached within {}s; see the logs under the cluster's run directory", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    print_summary(st, &v.name)
+}
+
+fn print_summary(st: &ClusterState, name: &str) -> Result<()> {
+    println!(
+        "{:<10} {:<6} {:<7} {:<18} {:<18} {}",
+        "GUEST", "HOST", "KIND", "IP", "MAC", "STATE"
+    );
+    for s in statuses(st)? {
+        for x in s.violins.iter().filter(|x| x.name == name) {
+            for g in &x.guests {
+                let state = if g.connected { "attached" } else { "waiting" };
+                let kind = format!("{:?}", g.kind).to_lowercase();
+                println!(
+                    "{:<10} {:<6} {:<7} {:<18} {:<18} {}",
+                    g.name, s.host, kind, g.ip, g.mac, state
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn violin_down(st: &ClusterState, name: &str) -> Result<()> {
+    let mut found = false;
+    let mut errors = Vec::new();
+    for (h, s) in st.hosts.iter().zip(statuses(st)?) {
+        if s.violins.iter().any(|x| x.name == name) {
+            found = true;
+            if let Err(e) = control::call::<serde_json::Value>(
+                &h.control,
+                &Request::RemoveViolin { name: name.into() },
+            ) {
+                errors.push(format!("{}: {e:#}", h.name));
+            }
+        }
+    }
+    if !found {
+        bail!("no Violin named {name:?} on cluster {}", st.name);
+    }
+    if !errors.is_empty() {
+        bail!("removing {name}: {}", errors.join("; "));
+    }
+    eprintln!("Violin {name} removed");
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct LsEntry {
+    name: String,
+    vni: u32,
+    guests: usize,
+    attached: usize,
+    hosts: Vec<String>,
+}
+
+fn violin_ls(st: &ClusterState, json: bool) -> Result<()> {
+    let mut map: BTreeMap<String, LsEntry> = BTreeMap::new();
+    for s in statuses(st)? {
+        for x in &s.violins {
+            let e = map.entry(x.name.clone()).or_insert_with(|| LsEntry {
+                name: x.name.clone(),
+                vni: x.vni,
+                guests: 0,
+                attached: 0,
+                hosts: Vec::new(),
+            });
+            e.guests += x.guests.len();
+            e.attached += x.guests.iter().filter(|g| g.connected).count();
+            e.hosts.push(s.host.clone());
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&map.values().collect::<Vec<_>>())?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:>9} {:>8} {:>9}  {}",
+        "VIOLIN", "VNI", "GUESTS", "ATTACHED", "HOSTS"
+    );
+    for e in map.values() {
+        println!(
+            "{:<16} {:>9} {:>8} {:>9}  {}",
+            e.name,
+            e.vni,
+            e.guests,
+            e.attached,
+            e.hosts.join(",")
+        );
+    }
+    Ok(())
+}
+
+fn violin_exec(st: &ClusterState, violin: &str, guest: &str, cmd: &[String]) -> Result<()> {
+    let g = statuses(st)?
+        .into_iter()
+        .flat_map(|s| s.violins)
+        .filter(|x| x.name == violin)
+        .flat_map(|x| x.guests)
+        .find(|g| g.name == guest)
+        .ok_or_else(|| anyhow!("no guest {guest:?} in Violin {violin:?}"))?;
+    let ns = g.netns.ok_or_else(|| {
+        anyhow!(
+            "guest {guest} is a socket guest: attach to {} instead",
+            g.socket
+        )
+    })?;
+    crate::netns::enter(&ns)?;
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
+    bail!("running {:?} in {ns}: {err}", cmd[0])
+}
+
+/// A Violin's counters summed over every host.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ClusterStats {
+    pub name: String,
+    pub vni: u32,
+    pub edges: Vec<crate::fastpath::switch::EdgeStats>,
+    pub drops: BTreeMap<String, u64>,
+    pub hosts: Vec<HostViolinStats>,
+}
+
+pub fn gather_stats(st: &ClusterState, violin: &str) -> Result<ClusterStats> {
+    let mut hosts = Vec::new();
+    for (h, s) in st.hosts.iter().zip(statuses(st)?) {
+        if s.violins.iter().any(|x| x.name == violin) {
+            hosts.push(control::call::<HostViolinStats>(
+                &h.control,
+                &Request::Stats {
+                    name: violin.into(),
+                },
+            )?);
+        }
+    }
+    if hosts.is_empty() {
+        bail!("no Violin named {violin:?} on cluster {}", st.name);
+    }
+    let mut edges: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    let mut drops: BTreeMap<String, u64> = BTreeMap::new();
+    for h in &hosts {
+        for e in &h.stats.edges {
+            let c = edges.entry((e.from.clone(), e.to.clone())).or_default();
+            c.0 += e.packets;
+            c.1 += e.bytes;
+        }
+        for (k, v) in &h.stats.drops {
+            *drops.entry(k.clone()).or_default() += v;
+        }
+    }
+    Ok(ClusterStats {
+        name: violin.into(),
+        vni: hosts[0].stats.vni,
+        edges: edges
+            .into_iter()
+            .map(
+                |((from, to), (packets, bytes))| crate::fastpath::switch::EdgeStats {
+                    from,
+                    to,
+                    packets,
+                    bytes,
+                },
+            )
+            .collect(),
+        drops,
+        hosts,
+    })
+}
+
+fn violin_stats(st: &ClusterState, violin: &str, json: bool) -> Result<()> {
+    let s = gather_stats(st, violin)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("Violin {} (VNI {})", s.name, s.vni);
+    println!(
+        "\n{:<10} {:<10} {:>12} {:>14}",
+        "FROM", "TO", "PACKETS", "BYTES"
+    );
+    for e in &s.edges {
+        println!(
+            "{:<10} {:<10} {:>12} {:>14}",
+            e.from, e.to, e.packets, e.bytes
+        );
+    }
+    println!("\n{:<18} {:>12}", "DROP REASON", "PACKETS");
+    if s.drops.is_empty() {
+        println!("{:<18} {:>12}", "(none)", 0);
+    }
+    for (k, v) in &s.drops {
+        println!("{k:<18} {v:>12}");
+    }
+    println!(
+        "\n{:<10} {:<6} {:>10} {:>12} {:>10} {:>12} {:>8}",
+        "GUEST", "HOST", "RX FRAMES", "RX BYTES", "TX FRAMES", "TX BYTES", "CONNECTS"
+    );
+    for h in &s.hosts {
+        for p in &h.ports {
+            let c = p.counters;
+            println!(
+                "{:<10} {:<6} {:>10} {:>12} {:>10} {:>12} {:>8}",
+                p.name, h.host, c.rx_frames, c.rx_bytes, c.tx_frames, c.tx_bytes, c.connects
+            );
+        }
+    }
+    Ok(())
+}

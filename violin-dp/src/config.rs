@@ -1,0 +1,67 @@
+//! The daemon's host configuration (`violin-dp --config HOST.toml`).
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+/// Which data plane carries tunnelled frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneChoice {
+    /// XDP + AF_XDP where possible, else UDP (and say why).
+    #[default]
+    Auto,
+    /// Kernel-bypass: XDP classifier + AF_XDP poller.
+    Xdp,
+    /// A plain UDP socket.
+    Udp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// This host's name, as specs refer to it (`host = "h1"`).
+    pub name: String,
+    /// Underlay address this daemon sends from and receives VXLAN on.
+    pub underlay: Ipv4Addr,
+    /// Underlay interface (where the XDP program attaches).
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    #[serde(default = "default_port")]
+    pub vxlan_port: u16,
+    /// Control socket, guest sockets and state live here.
+    pub run_dir: PathBuf,
+    /// Prefix of the network namespaces of this host's lightweight guests.
+    #[serde(default)]
+    pub netns_prefix: String,
+    #[serde(default)]
+    pub dataplane: DataplaneChoice,
+}
+
+fn default_interface() -> String {
+    "eth0".into()
+}
+fn default_port() -> u16 {
+    violin_common::VXLAN_PORT
+}
+
+impl HostConfig {
+    pub fn load(path: &Path) -> Result<HostConfig> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.join("control.sock")
+    }
+    pub fn guest_socket(&self, violin: &str, guest: &str) -> PathBuf {
+        self.run_dir
+            .join("guests")
+            .join(violin)
+            .join(format!("{guest}.sock"))
+    }
+    pub fn guest_netns(&self, violin: &str, guest: &str) -> String {
+        format!("{}{violin}-{guest}", self.netns_prefix)
+    }
+}

@@ -1,0 +1,102 @@
+//! The CLI ↔ daemon control protocol: one JSON request per connection on the daemon's
+//! UNIX control socket, one JSON response back.
+
+use crate::fastpath::switch::ViolinStats;
+use crate::spec::{GuestKind, Violin};
+use crate::transport::guest::PortCounters;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    AddViolin { violin: Violin },
+    RemoveViolin { name: String },
+    Stats { name: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub host: String,
+    pub underlay: Ipv4Addr,
+    pub dataplane: String,
+    pub pid: u32,
+    pub violins: Vec<ViolinStatus>,
+    pub host_drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ViolinStatus {
+    pub name: String,
+    pub vni: u32,
+    /// The spec as this host applied it.
+    pub spec: Violin,
+    /// This host's guests of the Violin.
+    pub guests: Vec<GuestStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestStatus {
+    pub name: String,
+    pub kind: GuestKind,
+    pub socket: String,
+    pub netns: Option<String>,
+    pub connected: bool,
+    pub ip: String,
+    pub mac: String,
+    pub counters: PortCounters,
+}
+
+/// A Violin's counters on one host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostViolinStats {
+    pub host: String,
+    #[serde(flatten)]
+    pub stats: ViolinStats,
+    pub ports: Vec<GuestStatus>,
+}
+
+/// Sends one request and decodes the response's data.
+pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the daemon at {} (is it running?)",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut resp = String::new();
+    BufReader::new(&s)
+        .read_line(&mut resp)
+        .context("reading the daemon's response")?;
+    if resp.is_empty() {
+        bail!(
+            "the daemon at {} closed the connection without answering",
+            socket.display()
+        );
+    }
+    let r: Response = serde_json::from_str(&resp).context("decoding the daemon's response")?;
+    if !r.ok {
+        return Err(anyhow!(r.error.unwrap_or_else(|| "unknown error".into())));
+    }
+    serde_json::from_value(r.data).context("decoding the daemon's response data")
+}

@@ -1,0 +1,640 @@
+//! The per-host daemon: one event loop that owns the switch, the transports and the
+//! control socket, so the switch needs no locks.
+//!
+//! Each wake-up: read ready sockets (a bounded budget per socket, so one busy guest
+//! cannot starve the rest), pass every frame through the switch, hand the outputs to
+//! their transports, then serve control requests. Between bursts the loop sleeps in
+//! `epoll_wait`; a half-second tick reaps and restarts lightweight-guest processes.
+
+use crate::config::{DataplaneChoice, HostConfig};
+use crate::control::{GuestStatus, HostStatus, HostViolinStats, Request, Response, ViolinStatus};
+use crate::fastpath::switch::{Egress, Ingress, PortId, Switch};
+use crate::netns;
+use crate::spec::{GuestKind, MemberKind, Violin};
+use crate::transport::guest::{GuestPort, RxEvent};
+use crate::transport::udp::{Received, UdpUnderlay};
+use anyhow::{anyhow, bail, Context, Result};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+use violin_common::Verdict;
+
+const UNDERLAY: Token = Token(0);
+const CONTROL: Token = Token(1);
+const WAKER: Token = Token(2);
+const PORT_BASE: usize = 16;
+/// Frames read from one socket before the loop moves on to the others.
+const BUDGET: usize = 64;
+const TICK: Duration = Duration::from_millis(500);
+
+fn port_token(p: PortId) -> Token {
+    Token(PORT_BASE + 2 * p as usize)
+}
+fn conn_token(p: PortId) -> Token {
+    Token(PORT_BASE + 2 * p as usize + 1)
+}
+
+struct PortState {
+    port: GuestPort,
+    violin: String,
+    guest: String,
+    kind: GuestKind,
+    ip: String,
+    mac: String,
+    netns: Option<String>,
+}
+
+/// A lightweight guest's relay process, supervised.
+struct GuestProc {
+    violin: String,
+    guest: String,
+    netns: String,
+    cmd: Vec<String>,
+    log: std::path::PathBuf,
+    child: Option<Child>,
+    restart_at: Option<Instant>,
+    restarts: u32,
+}
+
+pub struct Daemon {
+    cfg: HostConfig,
+    poll: Poll,
+    switch: Switch,
+    ports: Vec<Option<PortState>>,
+    underlay: UdpUnderlay,
+    control: UnixListener,
+    guests: Vec<GuestProc>,
+    out: Vec<Egress>,
+    scratch: Vec<u8>,
+    again: VecDeque<Token>,
+    start: Instant,
+    dataplane: &'static str,
+    /// This binary, which also runs lightweight guests (`violin-dp guest`).
+    exe: String,
+    shutdown: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl Daemon {
+    pub fn new(cfg: HostConfig) -> Result<Daemon> {
+        let dataplane = match cfg.dataplane {
+            DataplaneChoice::Udp => "udp",
+            DataplaneChoice::Auto => {
+                info!("dataplane auto: the XDP data plane is not part of this build; using udp");
+                "udp"
+            }
+            DataplaneChoice::Xdp => bail!(
+                "the xdp data plane is not part of this build yet; use --dataplane udp or auto"
+            ),
+        };
+        std::fs::create_dir_all(&cfg.run_dir)
+            .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let underlay = UdpUnderlay::bind(cfg.underlay, cfg.vxlan_port).with_context(|| {
+            format!(
+                "binding the underlay socket {}:{}",
+                cfg.underlay, cfg.vxlan_port
+            )
+        })?;
+        let ctl_path = cfg.control_socket();
+        let _ = std::fs::remove_file(&ctl_path);
+        let control = UnixListener::bind(&ctl_path)
+            .with_context(|| format!("binding {}", ctl_path.display()))?;
+        control.set_nonblocking(true)?;
+        poll.registry()
+            .register(&mut SourceFd(&underlay.fd()), UNDERLAY, Interest::READABLE)?;
+        poll.registry().register(
+            &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&control)),
+            CONTROL,
+            Interest::READABLE,
+        )?;
+        info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane, "violin-dp ready");
+        Ok(Daemon {
+            cfg,
+            poll,
+            switch: Switch::new(),
+            ports: Vec::new(),
+            underlay,
+            control,
+            guests: Vec::new(),
+            out: Vec::with_capacity(64),
+            scratch: vec![0u8; 65536 + 64],
+            again: VecDeque::with_capacity(64),
+            start: Instant::now(),
+            dataplane,
+            exe: own_binary()?,
+            shutdown: Arc::new(AtomicBool::new(false)),
+            waker,
+        })
+    }
+
+    /// A handle that stops the loop from another thread (a signal handler).
+    pub fn stopper(&self) -> impl Fn() + Send + Sync + 'static {
+        let flag = self.shutdown.clone();
+        let waker = self.waker.clone();
+        move || {
+            flag.store(true, Ordering::SeqCst);
+            let _ = waker.wake();
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    pub fn run(mut self) -> Result<()> {
+        let mut events = Events::with_capacity(256);
+        let mut last_tick = Instant::now();
+        while !self.shutdown.load(Ordering::SeqCst) {
+            let timeout = if self.again.is_empty() {
+                Some(TICK)
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            for ev in events.iter() {
+                self.dispatch(ev.token(), ev.is_writable());
+            }
+            for _ in 0..self.again.len() {
+                if let Some(t) = self.again.pop_front() {
+                    self.dispatch(t, false);
+                }
+            }
+            if last_tick.elapsed() >= TICK {
+                last_tick = Instant::now();
+                self.supervise_guests();
+            }
+        }
+        info!("shutting down");
+        self.teardown();
+        Ok(())
+    }
+
+    fn dispatch(&mut self, t: Token, writable: bool) {
+        match t {
+            UNDERLAY => self.underlay_rx(),
+            CONTROL => self.control_accept(),
+            WAKER => {}
+            Token(n) if n >= PORT_BASE => {
+                let p = ((n - PORT_BASE) / 2) as PortId;
+                if (n - PORT_BASE).is_multiple_of(2) {
+                    self.port_accept_or_rx(p);
+                } else {
+                    if writable {
+                        self.port_flush(p);
+                    }
+                    self.port_rx(p);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // --- fast path ---------------------------------------------------------------------
+
+    fn underlay_rx(&mut self) {
+        let now = self.now();
+        let Daemon {
+            switch,
+            ports,
+            underlay,
+            out,
+            scratch,
+            again,
+            ..
+        } = self;
+        for _ in 0..BUDGET {
+            match underlay.recv(scratch) {
+                Ok(Some(Received::Frame(src, vni, inner))) => {
+                    if switch.process(Ingress::Tunnel { src, vni }, inner, now, out)
+                        == Verdict::Forward
+                    {
+                        deliver(switch, ports, underlay, out, inner);
+                    }
+                }
+                Ok(Some(Received::Bad(v))) => switch.count_host_drop(v),
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("underlay receive: {e}");
+                    return;
+                }
+            }
+        }
+        again.push_back(UNDERLAY);
+    }
+
+    fn port_rx(&mut self, p: PortId) {
+        let now = self.now();
+        let Some(mut ps) = self.ports.get_mut(p as usize).and_then(Option::take) else {
+            return;
+        };
+        let Daemon {
+            switch,
+            ports,
+            underlay,
+            out,
+            scratch,
+            ..
+        } = self;
+        let r = ps.port.receive(scratch, BUDGET, |ev| match ev {
+            RxEvent::Frame(f) => {
+                if switch.process(Ingress::Port(p), f, now, out) == Verdict::Forward {
+                    deliver(switch, ports, underlay, out, f);
+                }
+            }
+            RxEvent::Drop(v) => switch.count_port_drop(p, v),
+        });
+        match r {
+            Ok(true) => self.again.push_back(conn_token_or_port(&ps, p)),
+            Ok(false) => {}
+            Err(e) => {
+                info!(violin = %ps.violin, guest = %ps.guest, "guest disconnected: {e}");
+                if let Some(fd) = ps.port.conn_fd() {
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                }
+                ps.port.disconnect();
+            }
+        }
+        self.ports[p as usize] = Some(ps);
+    }
+
+    fn port_flush(&mut self, p: PortId) {
+        if let Some(Some(ps)) = self.ports.get_mut(p as usize) {
+            let _ = ps.port.flush();
+        }
+    }
+
+    fn port_accept_or_rx(&mut self, p: PortId) {
+        let Some(Some(ps)) = self.ports.get_mut(p as usize) else {
+            return;
+        };
+        if !ps.port.is_stream() {
+            // dgram: the socket itself carries the frames.
+            return self.port_rx(p);
+        }
+        match ps.port.accept() {
+            Ok((_, true)) => {
+                if let Some(fd) = ps.port.conn_fd() {
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if let Err(e) =
+                        self.poll
+                            .registry()
+                            .register(&mut SourceFd(&fd), conn_token(p), interest)
+                    {
+                        warn!("registering a guest connection: {e}");
+                    }
+                }
+                info!(violin = %ps.violin, guest = %ps.guest, "guest connected");
+                self.port_rx(p);
+            }
+            Ok((_, false)) => {}
+            Err(e) => warn!("accept on a guest socket: {e}"),
+        }
+    }
+
+    // --- control path ------------------------------------------------------------------
+
+    fn control_accept(&mut self) {
+        loop {
+            match self.control.accept() {
+                Ok((s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut line = String::new();
+                    if BufReader::new(&s).read_line(&mut line).is_err() {
+                        continue;
+                    }
+                    let resp = match serde_json::from_str::<Request>(&line) {
+                        Ok(req) => match self.handle(req) {
+                            Ok(data) => Response {
+                                ok: true,
+                                error: None,
+                                data,
+                            },
+                            Err(e) => Response {
+                                ok: false,
+                                error: Some(format!("{e:#}")),
+                                data: serde_json::Value::Null,
+                            },
+                        },
+                        Err(e) => Response {
+                            ok: false,
+                            error: Some(format!("bad request: {e}")),
+                            data: serde_json::Value::Null,
+                        },
+                    };
+                    let mut text = serde_json::to_string(&resp).unwrap_or_default();
+                    text.push('\n');
+                    let _ = (&s).write_all(text.as_bytes());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("control accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, req: Request) -> Result<serde_json::Value> {
+        Ok(match req {
+            Request::Status => serde_json::to_value(self.status())?,
+            Request::AddViolin { violin } => {
+                self.add_violin(&violin)?;
+                serde_json::Value::Null
+            }
+            Request::RemoveViolin { name } => {
+                self.remove_violin(&name)?;
+                serde_json::Value::Null
+            }
+            Request::Stats { name } => {
+                let stats = self
+                    .switch
+                    .stats(&name)
+                    .ok_or_else(|| anyhow!("no Violin named {name:?} on host {}", self.cfg.name))?;
+                let ports = self.guest_statuses(&name);
+                serde_json::to_value(HostViolinStats {
+                    host: self.cfg.name.clone(),
+                    stats,
+                    ports,
+                })?
+            }
+        })
+    }
+
+    fn status(&self) -> HostStatus {
+        HostStatus {
+            host: self.cfg.name.clone(),
+            underlay: self.cfg.underlay,
+            dataplane: self.dataplane.to_string(),
+            pid: std::process::id(),
+            violins: self
+                .switch
+                .violins()
+                .map(|v| ViolinStatus {
+                    name: v.name.clone(),
+                    vni: v.vni,
+                    spec: v.clone(),
+                    guests: self.guest_statuses(&v.name),
+                })
+                .collect(),
+            host_drops: self.switch.host_drops(),
+        }
+    }
+
+    fn guest_statuses(&self, violin: &str) -> Vec<GuestStatus> {
+        self.ports
+            .iter()
+            .flatten()
+            .filter(|ps| ps.violin == violin)
+            .map(|ps| GuestStatus {
+                name: ps.guest.clone(),
+                kind: ps.kind,
+                socket: ps.port.path().display().to_string(),
+                netns: ps.netns.clone(),
+                connected: ps.port.connected(),
+                ip: ps.ip.clone(),
+                mac: ps.mac.clone(),
+                counters: ps.port.counters,
+            })
+            .collect()
+    }
+
+    fn add_violin(&mut self, v: &Violin) -> Result<()> {
+        let now = self.now();
+        let ports = self.switch.add_violin(v, &self.cfg.name, now)?;
+        if let Err(e) = self.attach_guests(v, &ports) {
+            let _ = self.remove_violin(&v.name);
+            return Err(e);
+        }
+        info!(violin = %v.name, vni = v.vni, local_guests = ports.len(), "violin added");
+        Ok(())
+    }
+
+    fn attach_guests(&mut self, v: &Violin, ports: &[(usize, PortId)]) -> Result<()> {
+        for &(m, p) in ports {
+            let member = &v.members[m];
+            let MemberKind::Guest {
+                ip,
+                prefix_len,
+                kind,
+                framing,
+                ..
+            } = &member.kind
+            else {
+                continue;
+            };
+            let path = self.cfg.guest_socket(&v.name, &member.name);
+            let port = GuestPort::bind(&path, *framing)
+                .with_context(|| format!("creating {}", path.display()))?;
+            self.poll.registry().register(
+                &mut SourceFd(&port.socket_fd()),
+                port_token(p),
+                Interest::READABLE,
+            )?;
+            let netns =
+                (*kind == GuestKind::Netns).then(|| self.cfg.guest_netns(&v.name, &member.name));
+            if self.ports.len() <= p as usize {
+                self.ports.resize_with(p as usize + 1, || None);
+            }
+            self.ports[p as usize] = Some(PortState {
+                port,
+                violin: v.name.clone(),
+                guest: member.name.clone(),
+                kind: *kind,
+                ip: format!("{ip}/{prefix_len}"),
+                mac: member.mac.0.to_string(),
+                netns: netns.clone(),
+            });
+            if let Some(ns) = netns {
+                let cmd = vec![
+                    self.exe.clone(),
+                    "guest".into(),
+                    "--netns".into(),
+                    ns.clone(),
+                    "--socket".into(),
+                    path.display().to_string(),
+                    "--framing".into(),
+                    match framing {
+                        crate::spec::Framing::Stream => "stream".into(),
+                        crate::spec::Framing::Dgram => "dgram".into(),
+                    },
+                    "--mac".into(),
+                    member.mac.0.to_string(),
+                    "--ip".into(),
+                    format!("{ip}/{prefix_len}"),
+                    "--mtu".into(),
+                    v.mtu.to_string(),
+                ];
+                let log = path.with_extension("log");
+                let mut g = GuestProc {
+                    violin: v.name.clone(),
+                    guest: member.name.clone(),
+                    netns: ns,
+                    cmd,
+                    log,
+                    child: None,
+                    restart_at: None,
+                    restarts: 0,
+                };
+                g.spawn()?;
+                self.guests.push(g);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_violin(&mut self, name: &str) -> Result<()> {
+        let mut found = self.switch.violin(name).is_some();
+        let (gone, keep): (Vec<GuestProc>, Vec<GuestProc>) = std::mem::take(&mut self.guests)
+            .into_iter()
+            .partition(|g| g.violin == name);
+        self.guests = keep;
+        for mut g in gone {
+            g.stop();
+            if let Err(e) = netns::delete(&g.netns) {
+                warn!("deleting {}: {e:#}", g.netns);
+            }
+        }
+        for slot in self.ports.iter_mut() {
+            if slot.as_ref().is_some_and(|ps| ps.violin == name) {
+                let ps = slot.take().unwrap();
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&ps.port.socket_fd()));
+                if let Some(fd) = ps.port.conn_fd() {
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                }
+                found = true;
+            }
+        }
+        self.switch.remove_violin(name);
+        let _ = std::fs::remove_dir_all(self.cfg.run_dir.join("guests").join(name));
+        if !found {
+            bail!("no Violin named {name:?} on host {}", self.cfg.name);
+        }
+        info!(violin = %name, "violin removed");
+        Ok(())
+    }
+
+    fn supervise_guests(&mut self) {
+        for g in &mut self.guests {
+            if let Some(c) = &mut g.child {
+                if let Ok(Some(status)) = c.try_wait() {
+                    warn!(violin = %g.violin, guest = %g.guest, %status, "guest process exited; restarting");
+                    g.child = None;
+                    g.restart_at = Some(
+                        Instant::now()
+                            + Duration::from_millis(200 * u64::from(g.restarts.min(10) + 1)),
+                    );
+                }
+            }
+            if g.child.is_none() && g.restart_at.is_some_and(|t| Instant::now() >= t) {
+                g.restarts += 1;
+                if let Err(e) = g.spawn() {
+                    error!(violin = %g.violin, guest = %g.guest, "restarting guest: {e:#}");
+                    g.restart_at = Some(Instant::now() + Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn teardown(&mut self) {
+        let names: Vec<String> = self.switch.violins().map(|v| v.name.clone()).collect();
+        for n in names {
+            let _ = self.remove_violin(&n);
+        }
+        let _ = std::fs::remove_file(self.cfg.control_socket());
+    }
+}
+
+fn conn_token_or_port(ps: &PortState, p: PortId) -> Token {
+    if ps.port.conn_fd().is_some() {
+        conn_token(p)
+    } else {
+        port_token(p)
+    }
+}
+
+/// This executable's path; if it was replaced on disk while running (a rebuild), the
+/// path it had, where the new build now is.
+fn own_binary() -> Result<String> {
+    let exe = std::env::current_exe().context("finding the violin-dp binary")?;
+    let s = exe.display().to_string();
+    Ok(s.strip_suffix(" (deleted)")
+        .map(str::to_string)
+        .unwrap_or(s))
+}
+
+/// Hands a switched frame to each output's transport; failures are counted as drops.
+fn deliver(
+    switch: &mut Switch,
+    ports: &mut [Option<PortState>],
+    underlay: &UdpUnderlay,
+    out: &[Egress],
+    frame: &[u8],
+) {
+    for &e in out {
+        let r = match e {
+            Egress::Port(q) => match ports.get_mut(q as usize).and_then(Option::as_mut) {
+                Some(ps) => ps.port.send(frame),
+                None => Err(Verdict::PortDown),
+            },
+            Egress::Tunnel { dst, vni } => underlay.send(dst, vni, frame),
+        };
+        if let Err(v) = r {
+            switch.count_egress_drop(e, v);
+        }
+    }
+}
+
+impl GuestProc {
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.cmd[0])
+            .args(&self.cmd[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting guest {}/{}", self.violin, self.guest))?;
+        self.child = Some(child);
+        self.restart_at = None;
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

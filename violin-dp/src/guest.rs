@@ -1,0 +1,280 @@
+//! Lightweight guests: a network namespace whose `eth0` is a tap, relayed to the guest's
+//! UNIX socket exactly as QEMU's `-netdev stream`/`-netdev dgram` would relay a VM's
+//! NIC. The relay runs as its own process (`violin-dp guest …`), started and supervised
+//! by the host's daemon; it reconnects whenever the socket goes away.
+
+use crate::netlink;
+use crate::netns;
+use crate::spec::Framing;
+use anyhow::{Context, Result};
+use nix::sys::socket::{recv, MsgFlags};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+use tracing::{info, warn};
+use violin_common::wire::EthernetAddress;
+
+/// Everything a lightweight guest needs to come up.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GuestArgs {
+    /// The guest's network namespace (created if missing).
+    #[arg(long)]
+    pub netns: String,
+    /// The daemon's socket for this guest.
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[arg(long, value_enum, default_value = "stream")]
+    pub framing: FramingArg,
+    #[arg(long)]
+    pub mac: String,
+    /// Address and prefix, e.g. 10.0.0.1/24.
+    #[arg(long)]
+    pub ip: String,
+    #[arg(long, default_value_t = 1450)]
+    pub mtu: u16,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FramingArg {
+    Stream,
+    Dgram,
+}
+
+impl From<FramingArg> for Framing {
+    fn from(f: FramingArg) -> Framing {
+        match f {
+            FramingArg::Stream => Framing::Stream,
+            FramingArg::Dgram => Framing::Dgram,
+        }
+    }
+}
+
+impl From<Framing> for FramingArg {
+    fn from(f: Framing) -> FramingArg {
+        match f {
+            Framing::Stream => FramingArg::Stream,
+            Framing::Dgram => FramingArg::Dgram,
+        }
+    }
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Opens (creating) the tap `name` in the calling thread's namespace, non-blocking.
+pub fn open_tap(name: &str) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/net/tun")
+        .context("opening /dev/net/tun")?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads an ifreq (name + flags) from a live, correctly sized struct.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+    if r < 0 {
+        return Err(io::Error::last_os_error()).context(format!("creating tap {name}"));
+    }
+    Ok(f)
+}
+
+/// Sets up the namespace and tap, then relays until killed.
+pub fn run(args: GuestArgs) -> Result<()> {
+    let (ip, prefix) = args
+        .ip
+        .split_once('/')
+        .context("--ip needs a prefix length")?;
+    let ip: Ipv4Addr = ip.parse().context("--ip")?;
+    let prefix: u8 = prefix.parse().context("--ip prefix")?;
+    let mac = EthernetAddress::parse(&args.mac).context("--mac is not a MAC address")?;
+    if !netns::exists(&args.netns) {
+        netns::create(&args.netns)?;
+    }
+    // Single-threaded here: the whole process moves into the guest's namespace.
+    netns::enter(&args.netns)?;
+    // A lightweight guest speaks IPv4 only: no IPv6 autoconfiguration chatter.
+    for k in [
+        "net/ipv6/conf/all/disable_ipv6",
+        "net/ipv6/conf/default/disable_ipv6",
+    ] {
+        let _ = netns::sysctl(k, "1");
+    }
+    let tap = open_tap("eth0")?;
+    netlink::with_handle(|h| async move {
+        netlink::set_up(&h, "lo").await?;
+        netlink::set_mac(&h, "eth0", mac.0).await?;
+        netlink::set_mtu(&h, "eth0", u32::from(args.mtu)).await?;
+        netlink::add_addr(&h, "eth0", ip, prefix).await?;
+        netlink::set_up(&h, "eth0").await
+    })?;
+    info!(netns = %args.netns, %ip, %mac, "guest up");
+    let framing = Framing::from(args.framing);
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match Conn::connect(&args.socket, framing) {
+            Ok(conn) => {
+                backoff = Duration::from_millis(20);
+                info!(socket = %args.socket.display(), "connected");
+                let e = relay(&tap, &conn);
+                warn!("connection lost: {e}; reconnecting");
+            }
+            Err(_) => {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+enum Conn {
+    Stream(UnixStream),
+    Dgram(UnixDatagram),
+}
+
+impl Conn {
+    fn connect(path: &std::path::Path, framing: Framing) -> io::Result<Conn> {
+        Ok(match framing {
+            Framing::Stream => Conn::Stream(UnixStream::connect(path)?),
+            Framing::Dgram => {
+                let local = crate::transport::guest::peer_path(path);
+                let _ = std::fs::remove_file(&local);
+                let s = UnixDatagram::bind(&local)?;
+                s.connect(path)?;
+                Conn::Dgram(s)
+            }
+        })
+    }
+    fn fd(&self) -> RawFd {
+        match self {
+            Conn::Stream(s) => s.as_raw_fd(),
+            Conn::Dgram(s) => s.as_raw_fd(),
+        }
+    }
+    fn send(&self, out: &mut Vec<u8>, frame: &[u8]) -> io::Result<()> {
+        match self {
+            Conn::Stream(s) => {
+                out.clear();
+                out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+                out.extend_from_slice(frame);
+                (&mut &*s).write_all(out)
+            }
+            Conn::Dgram(s) => match s.send(frame) {
+                // The daemon's queue is full: drop, as a NIC would.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EAGAIN)
+                        || e.raw_os_error() == Some(libc::ENOBUFS) =>
+                {
+                    Ok(())
+                }
+                r => r.map(|_| ()),
+            },
+        }
+    }
+}
+
+/// Copies frames both ways until the connection fails; returns why.
+fn relay(tap: &File, conn: &Conn) -> io::Error {
+    let mut frame = vec![0u8; 65536];
+    let mut out = Vec::with_capacity(65540);
+    let mut rx = vec![0u8; 4 + 65536 * 2];
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut tapw = tap;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: tap.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: conn.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds for the duration of the call.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return e;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            loop {
+                match (&mut &*tap).read(&mut frame) {
+                    Ok(n) => {
+                        if let Err(e) = conn.send(&mut out, &frame[..n]) {
+                            return e;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return e,
+                }
+            }
+        }
+        if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            loop {
+                let buf: &mut [u8] = match conn {
+                    Conn::Stream(_) => &mut rx[end..],
+                    Conn::Dgram(_) => &mut frame[..],
+                };
+                match recv(conn.fd(), buf, MsgFlags::MSG_DONTWAIT) {
+                    Ok(0) if matches!(conn, Conn::Stream(_)) => {
+                        return io::ErrorKind::UnexpectedEof.into()
+                    }
+                    Ok(n) => match conn {
+                        Conn::Dgram(_) => {
+                            let _ = tapw.write(&frame[..n]);
+                        }
+                        Conn::Stream(_) => {
+                            end += n;
+                            while end - start >= 4 {
+                                let len = u32::from_be_bytes([
+                                    rx[start],
+                                    rx[start + 1],
+                                    rx[start + 2],
+                                    rx[start + 3],
+                                ]) as usize;
+                                if len > 65536 {
+                                    return io::Error::new(
+                                        io::ErrorKind::InvalidData,
+                                        "bad record length from the daemon",
+                                    );
+                                }
+                                if end - start < 4 + len {
+                                    break;
+                                }
+                                let _ = tapw.write(&rx[start + 4..start + 4 + len]);
+                                start += 4 + len;
+                            }
+                            rx.copy_within(start..end, 0);
+                            end -= start;
+                            start = 0;
+                        }
+                    },
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return e.into(),
+                }
+            }
+        }
+    }
+}

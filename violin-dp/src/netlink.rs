@@ -1,0 +1,150 @@
+//! Link and address configuration through rtnetlink, for whichever network namespace the
+//! calling thread is in (combine with [`crate::netns::run_in`]).
+//!
+//! Each call opens its own netlink connection on a current-thread runtime: this is
+//! control-path work, done a handful of times per guest or host.
+
+use anyhow::{anyhow, Context, Result};
+use futures::TryStreamExt;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+/// Runs an async netlink job on a fresh connection in the current thread's namespace.
+pub fn with_handle<T, F, Fut>(f: F) -> Result<T>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a netlink runtime")?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+        let task = tokio::spawn(conn);
+        let r = f(handle).await;
+        task.abort();
+        r
+    })
+}
+
+/// Index of the named link, or `None` when there is none.
+pub async fn index(h: &Handle, name: &str) -> Result<Option<u32>> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(l)) => Ok(Some(l.header.index)),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(anyhow!(e).context(format!("looking up link {name}"))),
+    }
+}
+
+pub async fn require_index(h: &Handle, name: &str) -> Result<u32> {
+    index(h, name)
+        .await?
+        .ok_or_else(|| anyhow!("no link named {name}"))
+}
+
+pub async fn add_bridge(h: &Handle, name: &str) -> Result<()> {
+    h.link()
+        .add(LinkBridge::new(name).build())
+        .execute()
+        .await
+        .with_context(|| format!("creating bridge {name}"))
+}
+
+pub async fn add_veth(h: &Handle, name: &str, peer: &str) -> Result<()> {
+    h.link()
+        .add(LinkVeth::new(name, peer).build())
+        .execute()
+        .await
+        .with_context(|| format!("creating veth {name}/{peer}"))
+}
+
+/// Moves a link into the namespace `ns` (an open /run/netns file).
+pub async fn move_to_netns(h: &Handle, name: &str, ns: &impl AsRawFd) -> Result<()> {
+    let idx = require_index(h, name).await?;
+    h.link()
+        .set(
+            LinkUnspec::new_with_index(idx)
+                .setns_by_fd(ns.as_raw_fd())
+                .build(),
+        )
+        .execute()
+        .await
+        .with_context(|| format!("moving {name} to another namespace"))
+}
+
+pub async fn rename(h: &Handle, name: &str, to: &str) -> Result<()> {
+    let idx = require_index(h, name).await?;
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).name(to.to_string()).build())
+        .execute()
+        .await
+        .with_context(|| format!("renaming {name} to {to}"))
+}
+
+pub async fn set_master(h: &Handle, name: &str, bridge: &str) -> Result<()> {
+    let idx = require_index(h, name).await?;
+    let br = require_index(h, bridge).await?;
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).controller(br).build())
+        .execute()
+        .await
+        .with_context(|| format!("attaching {name} to {bridge}"))
+}
+
+pub async fn set_up(h: &Handle, name: &str) -> Result<()> {
+    let idx = require_index(h, name).await?;
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).up().build())
+        .execute()
+        .await
+        .with_context(|| format!("setting {name} up"))
+}
+
+pub async fn set_mtu(h: &Handle, name: &str, mtu: u32) -> Result<()> {
+    let idx = require_index(h, name).await?;
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).mtu(mtu).build())
+        .execute()
+        .await
+        .with_context(|| format!("setting the MTU of {name} to {mtu}"))
+}
+
+pub async fn set_mac(h: &Handle, name: &str, mac: [u8; 6]) -> Result<()> {
+    let idx = require_index(h, name).await?;
+    h.link()
+        .set(
+            LinkUnspec::new_with_index(idx)
+                .address(mac.to_vec())
+                .build(),
+        )
+        .execute()
+        .await
+        .with_context(|| format!("setting the MAC of {name}"))
+}
+
+pub async fn add_addr(h: &Handle, name: &str, ip: Ipv4Addr, prefix_len: u8) -> Result<()> {
+    let idx = require_index(h, name).await?;
+    h.address()
+        .add(idx, IpAddr::V4(ip), prefix_len)
+        .replace()
+        .execute()
+        .await
+        .with_context(|| format!("adding {ip}/{prefix_len} to {name}"))
+}
+
+/// Deletes a link if it exists.
+pub async fn del_link(h: &Handle, name: &str) -> Result<()> {
+    if let Some(idx) = index(h, name).await? {
+        h.link()
+            .del(idx)
+            .execute()
+            .await
+            .with_context(|| format!("deleting link {name}"))?;
+    }
+    Ok(())
+}
