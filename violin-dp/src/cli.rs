@@ -152,8 +152,8 @@ fn print_cluster(st: &ClusterState) {
         st.name, st.bridge, st.subnet, st.dataplane
     );
     println!(
-        "{:<6} {:<16} {:<16} {}",
-        "HOST", "NETNS", "UNDERLAY", "DAEMON PID"
+        "{:<6} {:<16} {:<16} DAEMON PID",
+        "HOST", "NETNS", "UNDERLAY"
     );
     for h in &st.hosts {
         println!("{:<6} {:<16} {:<16} {}", h.name, h.netns, h.underlay, h.pid);
@@ -261,8 +261,8 @@ fn violin_up(st: &ClusterState, path: &PathBuf, timeout: Duration) -> Result<()>
 
 fn print_summary(st: &ClusterState, name: &str) -> Result<()> {
     println!(
-        "{:<10} {:<6} {:<7} {:<18} {:<18} {}",
-        "GUEST", "HOST", "KIND", "IP", "MAC", "STATE"
+        "{:<10} {:<6} {:<7} {:<18} {:<18} STATE",
+        "GUEST", "HOST", "KIND", "IP", "MAC"
     );
     for s in statuses(st)? {
         for x in s.violins.iter().filter(|x| x.name == name) {
@@ -336,8 +336,8 @@ fn violin_ls(st: &ClusterState, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:>9} {:>8} {:>9}  {}",
-        "VIOLIN", "VNI", "GUESTS", "ATTACHED", "HOSTS"
+        "{:<16} {:>9} {:>8} {:>9}  HOSTS",
+        "VIOLIN", "VNI", "GUESTS", "ATTACHED"
     );
     for e in map.values() {
         println!(

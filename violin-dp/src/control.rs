@@ -70,6 +70,8 @@ pub struct HostViolinStats {
     #[serde(flatten)]
     pub stats: ViolinStats,
     pub ports: Vec<GuestStatus>,
+    /// Drops on this host that belong to no Violin (bad outer headers, unknown VNI).
+    pub host_drops: BTreeMap<String, u64>,
 }
 
 /// Sends one request and decodes the response's data.

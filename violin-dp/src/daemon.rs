@@ -371,6 +371,7 @@ impl Daemon {
                     host: self.cfg.name.clone(),
                     stats,
                     ports,
+                    host_drops: self.switch.host_drops(),
                 })?
             }
         })

@@ -293,7 +293,7 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         }
     };
     let bytes = if bits { n * mult / 8.0 } else { n * mult };
-    if bytes.is_nan() || bytes < 1.0 || bytes > 1e13 {
+    if !(1.0..=1e13).contains(&bytes) {
         return Err(format!("{s:?} is out of range (1 byte/s to 80 Tbit/s)"));
     }
     Ok(bytes.round() as u64)

@@ -433,11 +433,21 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn tmp(name: &str) -> PathBuf {
+    /// A temporary directory removed on drop, also when the test fails.
+    struct TmpDir(PathBuf);
+
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmp(name: &str) -> (TmpDir, PathBuf) {
         let d = std::env::temp_dir().join(format!("violin-port-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d.join("g.sock")
+        let sock = d.join("g.sock");
+        (TmpDir(d), sock)
     }
 
     fn drain(p: &mut GuestPort) -> (Vec<Vec<u8>>, Vec<Verdict>, io::Result<bool>) {
@@ -463,7 +473,7 @@ mod tests {
 
     #[test]
     fn stream_framing_errors_and_reconnect() {
-        let path = tmp("stream");
+        let (_dir, path) = tmp("stream");
         let mut port = GuestPort::bind(&path, Framing::Stream).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
@@ -521,7 +531,7 @@ mod tests {
 
     #[test]
     fn a_guest_that_stops_reading_fills_only_its_queue() {
-        let path = tmp("slow");
+        let (_dir, path) = tmp("slow");
         let mut port = GuestPort::bind(&path, Framing::Stream).unwrap();
         let _guest = UnixStream::connect(&path).unwrap(); // never reads
         wait_readable(port.socket_fd());
@@ -541,7 +551,7 @@ mod tests {
 
     #[test]
     fn dgram_learns_its_peer_and_counts_zero_length() {
-        let path = tmp("dgram");
+        let (_dir, path) = tmp("dgram");
         let mut port = GuestPort::bind(&path, Framing::Dgram).unwrap();
         assert!(!port.connected());
         assert_eq!(port.send(b"nobody"), Err(Verdict::PortDown));

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, the eBPF build, then every test.
+# Tests that make network namespaces need root (CI runs as root); outside CI they skip
+# with a printed reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+step "cargo xtask build-ebpf"
+cargo xtask build-ebpf
+step "cargo test"
+cargo test --locked
