@@ -43,8 +43,14 @@ fn two_overlapping_violins_talk_only_within_their_topology() {
         assert!(c.ping(v, from, to, 3), "{v}: {from} → {to} should answer");
     }
     // a and c have no link in blue.
-    assert!(!c.ping("blue", "a", "10.0.0.3", 2), "blue a → c must not answer");
-    assert!(!c.ping("blue", "c", "10.0.0.1", 2), "blue c → a must not answer");
+    assert!(
+        !c.ping("blue", "a", "10.0.0.3", 2),
+        "blue a → c must not answer"
+    );
+    assert!(
+        !c.ping("blue", "c", "10.0.0.1", 2),
+        "blue c → a must not answer"
+    );
     let s = c.stats("blue");
     assert_eq!(c.edge(&s, "a", "c"), (0, 0));
     assert_eq!(c.edge(&s, "c", "a"), (0, 0));
@@ -53,20 +59,31 @@ fn two_overlapping_violins_talk_only_within_their_topology() {
     // Isolation: while blue talks (ARP probes included), red's guests see none of it.
     let blue_macs = macs(101, &["a", "b", "c"]);
     let red_before = c.stats("red");
-    let caps: Vec<Capture> = ["a", "b", "c"].iter().map(|g| Capture::start(&c.guest_ns("red", g))).collect();
+    let caps: Vec<Capture> = ["a", "b", "c"]
+        .iter()
+        .map(|g| Capture::start(&c.guest_ns("red", g)))
+        .collect();
     for g in ["a", "b", "c"] {
-        c.ok(&["exec", "blue", g, "--", "ip", "neigh", "flush", "dev", "eth0"]);
+        c.ok(&[
+            "exec", "blue", g, "--", "ip", "neigh", "flush", "dev", "eth0",
+        ]);
     }
     assert!(c.ping("blue", "a", "10.0.0.2", 2), "ARP probe + ping a → b");
     assert!(c.ping("blue", "c", "10.0.0.2", 2), "ARP probe + ping c → b");
     udp_send(&c.guest_ns("blue", "b"), "10.0.0.255:9", 64, 5, true);
     for (g, cap) in ["a", "b", "c"].iter().zip(caps) {
         let frames = cap.stop();
-        let leaked = frames.iter().filter(|f| blue_macs.contains(&src_mac(f))).count();
+        let leaked = frames
+            .iter()
+            .filter(|f| blue_macs.contains(&src_mac(f)))
+            .count();
         assert_eq!(leaked, 0, "red {g} saw {leaked} frames from blue guests");
     }
     let red_after = c.stats("red");
-    assert_eq!(red_before.edges, red_after.edges, "red's counters moved while only blue talked");
+    assert_eq!(
+        red_before.edges, red_after.edges,
+        "red's counters moved while only blue talked"
+    );
 
     // Broadcast reaches only the peers the topology allows.
     let [a, b, _] = [blue_macs[0], blue_macs[1], blue_macs[2]];
@@ -74,14 +91,26 @@ fn two_overlapping_violins_talk_only_within_their_topology() {
     let cap_c = Capture::start(&c.guest_ns("blue", "c"));
     udp_send(&c.guest_ns("blue", "a"), "10.0.0.255:9", 64, 5, true);
     let (fb, fc) = (cap_b.stop(), cap_c.stop());
-    let bcast_from = |fs: &[Vec<u8>], m: [u8; 6]| fs.iter().filter(|f| src_mac(f) == m && dst_mac(f) == [0xff; 6]).count();
-    assert_eq!(bcast_from(&fb, a), 5, "b is linked to a and gets a's broadcasts");
+    let bcast_from = |fs: &[Vec<u8>], m: [u8; 6]| {
+        fs.iter()
+            .filter(|f| src_mac(f) == m && dst_mac(f) == [0xff; 6])
+            .count()
+    };
+    assert_eq!(
+        bcast_from(&fb, a),
+        5,
+        "b is linked to a and gets a's broadcasts"
+    );
     assert_eq!(bcast_from(&fc, a), 0, "c is not linked to a");
     let cap_a = Capture::start(&c.guest_ns("blue", "a"));
     let cap_c = Capture::start(&c.guest_ns("blue", "c"));
     udp_send(&c.guest_ns("blue", "b"), "10.0.0.255:9", 64, 5, true);
     let (fa, fc) = (cap_a.stop(), cap_c.stop());
-    assert_eq!(bcast_from(&fa, b), 5, "b's broadcast reaches a (other host)");
+    assert_eq!(
+        bcast_from(&fa, b),
+        5,
+        "b's broadcast reaches a (other host)"
+    );
     assert_eq!(bcast_from(&fc, b), 5, "b's broadcast reaches c (same host)");
 }
 
@@ -94,7 +123,13 @@ fn a_link_capped_at_50mbit_carries_45_to_55_under_a_flood() {
     c.up_spec("blue.toml", BLUE);
     assert!(c.ping("blue", "a", "10.0.0.2", 1));
     let t0 = Instant::now();
-    let flood = udp_flood(&c.guest_ns("blue", "a"), "10.0.0.2:9", 1400, t0 + Duration::from_secs(4), false);
+    let flood = udp_flood(
+        &c.guest_ns("blue", "a"),
+        "10.0.0.2:9",
+        1400,
+        t0 + Duration::from_secs(4),
+        false,
+    );
     std::thread::sleep(Duration::from_millis(1000));
     let (s1, t1) = (c.stats("blue"), Instant::now());
     std::thread::sleep(Duration::from_millis(2500));
@@ -103,20 +138,37 @@ fn a_link_capped_at_50mbit_carries_45_to_55_under_a_flood() {
     let secs = (t2 - t1).as_secs_f64();
     let carried = (c.edge(&s2, "a", "b").1 - c.edge(&s1, "a", "b").1) as f64 * 8.0 / secs / 1e6;
     let port = |s: &violin_dp::cli::ClusterStats| {
-        s.hosts.iter().flat_map(|h| &h.ports).find(|p| p.name == "a").unwrap().counters.rx_bytes
+        s.hosts
+            .iter()
+            .flat_map(|h| &h.ports)
+            .find(|p| p.name == "a")
+            .unwrap()
+            .counters
+            .rx_bytes
     };
     let offered = (port(&s2) - port(&s1)) as f64 * 8.0 / secs / 1e6;
     let policed = s2.drops.get("policed_link").copied().unwrap_or(0);
     eprintln!("offered {offered:.1} Mbit/s, carried {carried:.1} Mbit/s, {policed} frames policed, {sent} datagrams sent");
-    assert!(offered > 75.0, "the flood must exceed the cap to test it (offered {offered:.1} Mbit/s)");
-    assert!((45.0..=55.0).contains(&carried), "carried {carried:.2} Mbit/s, want 45–55");
+    assert!(
+        offered > 75.0,
+        "the flood must exceed the cap to test it (offered {offered:.1} Mbit/s)"
+    );
+    assert!(
+        (45.0..=55.0).contains(&carried),
+        "carried {carried:.2} Mbit/s, want 45–55"
+    );
     assert!(policed > 0);
 }
 
 fn arp_request(src: EthernetAddress, sip: Ipv4Addr, tip: Ipv4Addr) -> Vec<u8> {
     let mut buf = vec![0u8; 14 + 28];
     let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
-    EthernetRepr { src_addr: src, dst_addr: EthernetAddress::BROADCAST, ethertype: EtherType::ARP }.emit(&mut f);
+    EthernetRepr {
+        src_addr: src,
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EtherType::ARP,
+    }
+    .emit(&mut f);
     ArpRepr {
         operation: ArpOperation::Request,
         source_hardware_addr: src,
@@ -129,12 +181,17 @@ fn arp_request(src: EthernetAddress, sip: Ipv4Addr, tip: Ipv4Addr) -> Vec<u8> {
 }
 
 fn is_arp_reply_to(frame: &[u8], me: EthernetAddress, from_ip: Ipv4Addr) -> bool {
-    let Ok(f) = EthernetFrame::new_checked(frame) else { return false };
+    let Ok(f) = EthernetFrame::new_checked(frame) else {
+        return false;
+    };
     if f.ethertype() != EtherType::ARP || f.dst_addr() != me {
         return false;
     }
-    let Ok(p) = ArpPacket::new_checked(f.payload()) else { return false };
-    ArpRepr::parse(&p).is_ok_and(|r| r.operation == ArpOperation::Reply && r.source_protocol_addr == from_ip)
+    let Ok(p) = ArpPacket::new_checked(f.payload()) else {
+        return false;
+    };
+    ArpRepr::parse(&p)
+        .is_ok_and(|r| r.operation == ArpOperation::Reply && r.source_protocol_addr == from_ip)
 }
 
 fn record(frame: &[u8]) -> Vec<u8> {
@@ -145,7 +202,8 @@ fn record(frame: &[u8]) -> Vec<u8> {
 
 /// Reads stream records until one satisfies `want` or 5 s pass.
 fn read_until(s: &mut UnixStream, want: impl Fn(&[u8]) -> bool) -> bool {
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let t0 = Instant::now();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -195,14 +253,25 @@ fn socket_guests_framing_spoofing_malformed_frames_and_reconnect() {
     }
     let c = Cluster::up(2, &[]);
     c.up_spec("sock.toml", SOCKET_SPEC);
-    let sock_path = |g: &str| c.run_dir.join(&c.name).join("h1").join("guests").join("sock").join(format!("{g}.sock"));
+    let sock_path = |g: &str| {
+        c.run_dir
+            .join(&c.name)
+            .join("h1")
+            .join("guests")
+            .join("sock")
+            .join(format!("{g}.sock"))
+    };
     let s_mac = derive_mac(300, "s");
     let (s_ip, t_ip) = (Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 2));
 
     // stream: ARP for t (on the other host) and get its reply.
     let mut s = UnixStream::connect(sock_path("s")).unwrap();
-    s.write_all(&record(&arp_request(s_mac, s_ip, t_ip))).unwrap();
-    assert!(read_until(&mut s, |f| is_arp_reply_to(f, s_mac, t_ip)), "t answers s's ARP over the stream socket");
+    s.write_all(&record(&arp_request(s_mac, s_ip, t_ip)))
+        .unwrap();
+    assert!(
+        read_until(&mut s, |f| is_arp_reply_to(f, s_mac, t_ip)),
+        "t answers s's ARP over the stream socket"
+    );
 
     // Malformed and spoofed frames are dropped and counted by reason.
     let before = c.stats("sock").drops;
@@ -217,7 +286,12 @@ fn socket_guests_framing_spoofing_malformed_frames_and_reconnect() {
     let after = c.stats("sock").drops;
     let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
     assert_eq!(
-        [delta("spoofed"), delta("zero_length"), delta("truncated"), delta("oversize")],
+        [
+            delta("spoofed"),
+            delta("zero_length"),
+            delta("truncated"),
+            delta("oversize")
+        ],
         [1, 1, 1, 1],
         "{after:?}"
     );
@@ -226,18 +300,32 @@ fn socket_guests_framing_spoofing_malformed_frames_and_reconnect() {
     drop(s);
     std::thread::sleep(Duration::from_millis(100));
     let mut s = UnixStream::connect(sock_path("s")).unwrap();
-    s.write_all(&record(&arp_request(s_mac, s_ip, t_ip))).unwrap();
-    assert!(read_until(&mut s, |f| is_arp_reply_to(f, s_mac, t_ip)), "traffic resumes after reconnecting");
+    s.write_all(&record(&arp_request(s_mac, s_ip, t_ip)))
+        .unwrap();
+    assert!(
+        read_until(&mut s, |f| is_arp_reply_to(f, s_mac, t_ip)),
+        "traffic resumes after reconnecting"
+    );
     let st = c.stats("sock");
-    let port = st.hosts.iter().flat_map(|h| &h.ports).find(|p| p.name == "s").unwrap();
+    let port = st
+        .hosts
+        .iter()
+        .flat_map(|h| &h.ports)
+        .find(|p| p.name == "s")
+        .unwrap();
     assert_eq!(port.counters.connects, 2);
 
     // dgram framing: one frame per datagram, replies to the conventional peer socket.
     let u_mac = derive_mac(300, "u");
     let peer = sock_path("u").with_file_name("u.peer.sock");
     let u = UnixDatagram::bind(&peer).unwrap();
-    u.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    u.send_to(&arp_request(u_mac, Ipv4Addr::new(10, 1, 0, 3), t_ip), sock_path("u")).unwrap();
+    u.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    u.send_to(
+        &arp_request(u_mac, Ipv4Addr::new(10, 1, 0, 3), t_ip),
+        sock_path("u"),
+    )
+    .unwrap();
     let t0 = Instant::now();
     let mut got = false;
     let mut buf = [0u8; 2048];
@@ -270,7 +358,11 @@ fn malformed_and_foreign_vxlan_on_the_underlay_is_dropped_and_counted() {
         .join()
         .unwrap();
     };
-    let inner = arp_request(derive_mac(300, "t"), Ipv4Addr::new(10, 1, 0, 2), Ipv4Addr::new(10, 1, 0, 1));
+    let inner = arp_request(
+        derive_mac(300, "t"),
+        Ipv4Addr::new(10, 1, 0, 2),
+        Ipv4Addr::new(10, 1, 0, 1),
+    );
     let vxlan = |flags: u8, vni: u32| {
         let mut p = vec![flags, 0, 0, 0];
         p.extend_from_slice(&(vni << 8).to_be_bytes());
@@ -278,18 +370,41 @@ fn malformed_and_foreign_vxlan_on_the_underlay_is_dropped_and_counted() {
         p
     };
     // From a member host (h2): truncated, I flag clear, unknown VNI.
-    send_from(&h2, vec![vec![0x08, 0, 0], vxlan(0x00, 300), vxlan(0x08, 999)]);
+    send_from(
+        &h2,
+        vec![vec![0x08, 0, 0], vxlan(0x00, 300), vxlan(0x08, 999)],
+    );
     // From an address that is no member of VNI 300.
     send_from(&stranger, vec![vxlan(0x08, 300)]);
     std::thread::sleep(Duration::from_millis(200));
     let st = c.stats("sock");
     let h1 = st.hosts.iter().find(|h| h.host == "h1").unwrap();
-    assert_eq!(h1.host_drops.get("truncated"), Some(&1), "{:?}", h1.host_drops);
-    assert_eq!(h1.host_drops.get("malformed"), Some(&1), "{:?}", h1.host_drops);
-    assert_eq!(h1.host_drops.get("unknown_vni"), Some(&1), "{:?}", h1.host_drops);
+    assert_eq!(
+        h1.host_drops.get("truncated"),
+        Some(&1),
+        "{:?}",
+        h1.host_drops
+    );
+    assert_eq!(
+        h1.host_drops.get("malformed"),
+        Some(&1),
+        "{:?}",
+        h1.host_drops
+    );
+    assert_eq!(
+        h1.host_drops.get("unknown_vni"),
+        Some(&1),
+        "{:?}",
+        h1.host_drops
+    );
     assert_eq!(st.drops.get("not_member"), Some(&1), "{:?}", st.drops);
     // None of it reached a guest.
-    let s = st.hosts.iter().flat_map(|h| &h.ports).find(|p| p.name == "s").unwrap();
+    let s = st
+        .hosts
+        .iter()
+        .flat_map(|h| &h.ports)
+        .find(|p| p.name == "s")
+        .unwrap();
     assert_eq!(s.counters.tx_frames, 0);
 }
 
@@ -301,7 +416,10 @@ fn a_linux_kernel_vxlan_device_joins_as_an_external_member() {
     use violin_dp::netlink;
     let c = Cluster::up(2, &[]);
     // The spec plus a link so x may talk to a.
-    c.up_spec("blue.toml", &format!("{BLUE}\n[[link]]\nbetween = [\"a\", \"x\"]\n"));
+    c.up_spec(
+        "blue.toml",
+        &format!("{BLUE}\n[[link]]\nbetween = [\"a\", \"x\"]\n"),
+    );
     let ext = attach_to_underlay(&c, "ext", Ipv4Addr::new(172, 31, 0, 50), 24);
     violin_dp::netns::run_in(&ext, || {
         netlink::with_handle(|h| async move {
@@ -322,7 +440,9 @@ fn a_linux_kernel_vxlan_device_joins_as_an_external_member() {
     .unwrap();
     let ping_from_ext = |ip: &str| {
         std::process::Command::new("ip")
-            .args(["netns", "exec", &ext, "ping", "-q", "-c", "3", "-i", "0.2", "-W", "1", ip])
+            .args([
+                "netns", "exec", &ext, "ping", "-q", "-c", "3", "-i", "0.2", "-W", "1", ip,
+            ])
             .output()
             .unwrap()
             .stdout
@@ -331,7 +451,11 @@ fn a_linux_kernel_vxlan_device_joins_as_an_external_member() {
     assert!(out.contains("3 received"), "kernel vxlan → a: {out}");
     assert!(c.ping("blue", "a", "10.0.0.50", 3), "a → kernel vxlan");
     let s = c.stats("blue");
-    assert!(c.edge(&s, "x", "a").0 >= 3 && c.edge(&s, "a", "x").0 >= 3, "{:?}", s.edges);
+    assert!(
+        c.edge(&s, "x", "a").0 >= 3 && c.edge(&s, "a", "x").0 >= 3,
+        "{:?}",
+        s.edges
+    );
     // x has no link to b.
     let out = String::from_utf8_lossy(&ping_from_ext("10.0.0.2")).into_owned();
     assert!(out.contains(" 0 received"), "x must not reach b: {out}");
@@ -349,10 +473,26 @@ fn a_lightweight_guest_whose_relay_dies_reconnects() {
     for g in ["a", "c"] {
         violin_dp::cluster::kill_processes_in(&c.guest_ns("red", g));
     }
-    assert!(c.ping_until("red", "a", "10.0.0.3", Duration::from_secs(10)), "traffic resumes");
+    assert!(
+        c.ping_until("red", "a", "10.0.0.3", Duration::from_secs(10)),
+        "traffic resumes"
+    );
     let st = c.stats("red");
-    let connects = |g: &str| st.hosts.iter().flat_map(|h| &h.ports).find(|p| p.name == g).unwrap().counters.connects;
-    assert!(connects("a") >= 2 && connects("c") >= 2, "a: {}, c: {}", connects("a"), connects("c"));
+    let connects = |g: &str| {
+        st.hosts
+            .iter()
+            .flat_map(|h| &h.ports)
+            .find(|p| p.name == g)
+            .unwrap()
+            .counters
+            .connects
+    };
+    assert!(
+        connects("a") >= 2 && connects("c") >= 2,
+        "a: {}, c: {}",
+        connects("a"),
+        connects("c")
+    );
 }
 
 #[test]
@@ -361,18 +501,33 @@ fn a_bad_spec_is_rejected_whole_and_changes_nothing() {
         return;
     }
     let c = Cluster::up(2, &[]);
-    let bad = BLUE.replace("host = \"h2\"\nip = \"10.0.0.3/24\"", "host = \"h7\"\nip = \"10.0.0.3/24\"").replace("vni = 101", "vni = 16777216");
+    let bad = BLUE
+        .replace(
+            "host = \"h2\"\nip = \"10.0.0.3/24\"",
+            "host = \"h7\"\nip = \"10.0.0.3/24\"",
+        )
+        .replace("vni = 101", "vni = 16777216");
     let p = c.write_spec("bad.toml", &bad);
     let o = c.cmd(&["up", &p]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("vni") && err.contains("guest[2].host") && err.contains("h7"), "{err}");
-    assert!(c.ok(&["ls", "--json"]).trim() == "[]", "nothing was created");
+    assert!(
+        err.contains("vni") && err.contains("guest[2].host") && err.contains("h7"),
+        "{err}"
+    );
+    assert!(
+        c.ok(&["ls", "--json"]).trim() == "[]",
+        "nothing was created"
+    );
     assert!(violin_dp::netns::list(&format!("{}-blue-", c.name)).is_empty());
     // The good spec still goes up afterwards, and twice is fine.
     c.up_spec("blue.toml", BLUE);
     let again = c.cmd(&["up", &c.write_spec("blue.toml", BLUE)]);
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     // Down removes its guests.
     c.ok(&["down", "blue"]);
     assert!(violin_dp::netns::list(&format!("{}-blue-", c.name)).is_empty());
@@ -392,10 +547,26 @@ fn cluster_info_describes_the_underlay() {
     assert!(violin_dp::netns::exists(&info.hosts[0].netns));
     // Hosts reach each other over the underlay; the bridge itself has no address.
     let o = std::process::Command::new("ip")
-        .args(["netns", "exec", &info.hosts[0].netns, "ping", "-c", "1", "-W", "1", "172.30.5.3"])
+        .args([
+            "netns",
+            "exec",
+            &info.hosts[0].netns,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "172.30.5.3",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success());
-    let o = std::process::Command::new("ip").args(["-4", "addr", "show", "dev", &info.bridge]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&o.stdout).contains("inet "), "the bridge has no address");
+    let o = std::process::Command::new("ip")
+        .args(["-4", "addr", "show", "dev", &info.bridge])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("inet "),
+        "the bridge has no address"
+    );
 }

@@ -45,7 +45,12 @@ impl Cluster {
         let name = format!("t{}x{n}", std::process::id() % 100_000);
         let tmp = std::env::temp_dir().join(format!("violin-test-{name}"));
         std::fs::create_dir_all(&tmp).unwrap();
-        let c = Cluster { run_dir: tmp.join("run"), name, tmp, _serial: serial };
+        let c = Cluster {
+            run_dir: tmp.join("run"),
+            name,
+            tmp,
+            _serial: serial,
+        };
         let hosts = hosts.to_string();
         let mut args = vec!["cluster", "up", "--hosts", &hosts, "--dataplane", "udp"];
         args.extend_from_slice(extra);
@@ -102,8 +107,11 @@ impl Cluster {
     /// `ping -c COUNT` from a guest; true when every reply came back.
     pub fn ping(&self, violin: &str, guest: &str, ip: &str, count: u32) -> bool {
         let c = count.to_string();
-        let o = self.cmd(&["exec", violin, guest, "--", "ping", "-q", "-c", &c, "-i", "0.2", "-W", "1", ip]);
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(&format!("{count} received"))
+        let o = self.cmd(&[
+            "exec", violin, guest, "--", "ping", "-q", "-c", &c, "-i", "0.2", "-W", "1", ip,
+        ]);
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout).contains(&format!("{count} received"))
     }
 
     /// Pings until one reply arrives or `timeout` passes (ARP, relay restarts).
@@ -118,7 +126,11 @@ impl Cluster {
     }
 
     pub fn edge(&self, s: &ClusterStats, from: &str, to: &str) -> (u64, u64) {
-        s.edges.iter().find(|e| e.from == from && e.to == to).map(|e| (e.packets, e.bytes)).unwrap_or((0, 0))
+        s.edges
+            .iter()
+            .find(|e| e.from == from && e.to == to)
+            .map(|e| (e.packets, e.bytes))
+            .unwrap_or((0, 0))
     }
 }
 
@@ -126,7 +138,11 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let o = self.cmd(&["cluster", "down"]);
         if !o.status.success() {
-            eprintln!("cleanup of {} failed: {}", self.name, String::from_utf8_lossy(&o.stderr));
+            eprintln!(
+                "cleanup of {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         let _ = std::fs::remove_dir_all(&self.tmp);
         // Nothing of the cluster may remain, also after a failed test.
@@ -152,29 +168,59 @@ impl Capture {
         let handle = std::thread::spawn(move || {
             netns::enter(&ns).unwrap();
             // SAFETY: plain socket(2) call; the fd is owned right after.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32) };
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                )
+            };
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
             // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
             let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
             // SAFETY: SO_RCVTIMEO reads a timeval of the given size.
             unsafe {
-                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32)
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
             };
             tx.send(()).unwrap();
             let mut frames = Vec::new();
             let mut buf = vec![0u8; 65536];
             while !flag.load(Ordering::SeqCst) {
                 // SAFETY: recv writes at most buf.len() bytes into buf.
-                let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+                let n = unsafe {
+                    libc::recv(
+                        sock.as_raw_fd(),
+                        buf.as_mut_ptr() as *mut libc::c_void,
+                        buf.len(),
+                        0,
+                    )
+                };
                 if n > 0 {
                     frames.push(buf[..n as usize].to_vec());
                 }
             }
             frames
         });
-        rx.recv_timeout(Duration::from_secs(5)).expect("capture did not start");
-        Capture { stop, handle: Some(handle) }
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("capture did not start");
+        Capture {
+            stop,
+            handle: Some(handle),
+        }
     }
 
     pub fn stop(mut self) -> Vec<Vec<u8>> {
@@ -194,7 +240,13 @@ pub fn dst_mac(f: &[u8]) -> [u8; 6] {
 
 /// Sends UDP datagrams of `size` bytes from inside `ns` to `dst` as fast as the stack
 /// takes them, until `until`. Returns the datagrams sent.
-pub fn udp_flood(ns: &str, dst: &str, size: usize, until: Instant, broadcast: bool) -> std::thread::JoinHandle<u64> {
+pub fn udp_flood(
+    ns: &str,
+    dst: &str,
+    size: usize,
+    until: Instant,
+    broadcast: bool,
+) -> std::thread::JoinHandle<u64> {
     let ns = ns.to_string();
     let dst = dst.to_string();
     std::thread::spawn(move || {
@@ -239,7 +291,10 @@ pub fn attach_to_underlay(c: &Cluster, suffix: &str, ip: std::net::Ipv4Addr, pre
     let ns = format!("{}-{suffix}", c.name);
     netns::create(&ns).unwrap();
     let bridge = c.info().bridge;
-    let (outer, inner) = (format!("v{}{}", c.name, &suffix[..1]), format!("w{}{}", c.name, &suffix[..1]));
+    let (outer, inner) = (
+        format!("v{}{}", c.name, &suffix[..1]),
+        format!("w{}{}", c.name, &suffix[..1]),
+    );
     let f = netns::open(&ns).unwrap();
     let (o, i) = (outer.clone(), inner.clone());
     netlink::with_handle(|h| async move {
