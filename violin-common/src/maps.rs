@@ -27,3 +27,20 @@ pub const VNI_MAP: &str = "VNIS";
 pub const MEMBER_MAP: &str = "MEMBERS";
 /// Name of the configuration array (index 0: the VXLAN UDP port).
 pub const CONFIG_MAP: &str = "CONFIG";
+
+/// `CONFIG[CONFIG_PORT]`: the VXLAN UDP port (host order).
+pub const CONFIG_PORT: u32 = 0;
+/// `CONFIG[CONFIG_QUEUES]`: rx queues of the underlay interface.
+pub const CONFIG_QUEUES: u32 = 1;
+/// Name of the XskMap of per-(Violin, rx queue) AF_XDP sockets.
+pub const XSK_MAP: &str = "XSKS";
+/// Name of the classifier program in the object.
+pub const PROGRAM: &str = "violin_xdp";
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` integers with no padding: every bit pattern is valid.
+    unsafe impl aya::Pod for super::VniEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MemberKey {}
+}

@@ -19,3 +19,4 @@ pub mod netlink;
 pub mod netns;
 pub mod spec;
 pub mod transport;
+pub mod xdp;

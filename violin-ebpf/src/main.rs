@@ -1,25 +1,54 @@
-//! Violin's XDP classifier on the underlay NIC. This first version passes every frame
-//! to the kernel and counts it; classification into per-Violin AF_XDP queues by VNI
-//! comes with the kernel-bypass data plane.
+//! Violin's XDP classifier on the underlay NIC: VXLAN frames for a Violin on this host
+//! go to that Violin's AF_XDP socket; everything else goes to the kernel untouched.
+//!
+//! Ethernet → IPv4 → UDP to the VXLAN port → VXLAN header with the I flag → VNI in
+//! `VNIS` → outer source in `MEMBERS` for that VNI → redirect to
+//! `XSKS[slot × queues + rx queue]`. Not Violin traffic (ARP, IPv6, VLAN-tagged, other
+//! UDP, fragments): XDP_PASS. Truncated or malformed headers, an unknown VNI or a
+//! non-member source: XDP_DROP. Each outcome is counted per CPU by `Verdict`, the list
+//! user space counts with too. Header layouts come from `violin_common::wire`.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::PerCpuArray,
+    maps::{Array, HashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
+use violin_common::maps::{MemberKey, VniEntry, CONFIG_PORT, CONFIG_QUEUES};
+use violin_common::wire::{ethernet, ipv4, udp, vxlan, EtherType};
 use violin_common::Verdict;
+
+/// `CONFIG_PORT`: VXLAN UDP port; `CONFIG_QUEUES`: rx queues of the interface.
+#[map(name = "CONFIG")]
+static CONFIG: Array<u32> = Array::with_max_entries(4, 0);
+
+#[map(name = "VNIS")]
+static VNIS: HashMap<u32, VniEntry> = HashMap::with_max_entries(4096, 0);
+
+#[map(name = "MEMBERS")]
+static MEMBERS: HashMap<MemberKey, u32> = HashMap::with_max_entries(65536, 0);
+
+#[map(name = "XSKS")]
+static XSKS: XskMap = XskMap::with_max_entries(1024, 0);
 
 /// Per-CPU packet counters indexed by `Verdict`.
 #[map(name = "VERDICTS")]
 static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Verdict::COUNT as u32, 0);
 
 #[xdp]
-pub fn violin_xdp(_ctx: XdpContext) -> u32 {
-    count(Verdict::Pass);
-    xdp_action::XDP_PASS
+pub fn violin_xdp(ctx: XdpContext) -> u32 {
+    match classify(&ctx) {
+        Ok(action) => action,
+        Err(v) => {
+            count(v);
+            match v {
+                Verdict::Pass => xdp_action::XDP_PASS,
+                _ => xdp_action::XDP_DROP,
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -28,6 +57,94 @@ fn count(v: Verdict) {
         // SAFETY: a per-CPU slot is only touched by this CPU while the program runs.
         unsafe { *c += 1 };
     }
+}
+
+/// A pointer to `len` bytes at `off`, or `Truncated` if the packet is shorter.
+#[inline(always)]
+fn at(ctx: &XdpContext, off: usize, len: usize) -> Result<*const u8, Verdict> {
+    let start = ctx.data();
+    if start + off + len > ctx.data_end() {
+        return Err(Verdict::Truncated);
+    }
+    Ok((start + off) as *const u8)
+}
+
+#[inline(always)]
+fn be16(p: *const u8, off: usize) -> u16 {
+    // SAFETY: callers obtained `p` from `at` with a length covering `off + 2`.
+    unsafe { u16::from_be_bytes([*p.add(off), *p.add(off + 1)]) }
+}
+
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let eth = at(ctx, 0, ethernet::HEADER_LEN)?;
+    let ethertype = be16(eth, ethernet::field::ETHERTYPE);
+    if ethertype != EtherType::IPV4.0 {
+        // ARP, IPv6, VLAN-tagged…: the host's business.
+        return Err(Verdict::Pass);
+    }
+    let l3 = ethernet::HEADER_LEN;
+    let ip = at(ctx, l3, ipv4::HEADER_LEN)?;
+    // SAFETY: `ip` covers the 20-byte fixed header.
+    let (ver_ihl, protocol) = unsafe {
+        (
+            *ip.add(ipv4::field::VER_IHL),
+            *ip.add(ipv4::field::PROTOCOL),
+        )
+    };
+    if ver_ihl >> 4 != 4 || (ver_ihl & 0x0f) < 5 {
+        return Err(Verdict::Malformed);
+    }
+    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    if protocol != 17 {
+        return Err(Verdict::Pass);
+    }
+    // Fragments (MF set or offset ≠ 0) are reassembled by the kernel, not by us.
+    if be16(ip, ipv4::field::FLG_OFF) & 0x3fff != 0 {
+        return Err(Verdict::Pass);
+    }
+    // SAFETY: `ip` covers the fixed header, which holds the source address.
+    let src = unsafe {
+        let s = ipv4::field::SRC_ADDR.start;
+        u32::from_ne_bytes([*ip.add(s), *ip.add(s + 1), *ip.add(s + 2), *ip.add(s + 3)])
+    };
+    let l4 = l3 + ihl;
+    let u = at(ctx, l4, udp::HEADER_LEN)?;
+    let port = CONFIG
+        .get(CONFIG_PORT)
+        .copied()
+        .unwrap_or(violin_common::VXLAN_PORT as u32);
+    if u32::from(be16(u, udp::field::DST_PORT)) != port {
+        return Err(Verdict::Pass);
+    }
+    let vx = at(ctx, l4 + udp::HEADER_LEN, vxlan::HEADER_LEN)?;
+    // SAFETY: `vx` covers the 8-byte VXLAN header.
+    let (flags, vni) = unsafe {
+        let v = vxlan::field::VNI.start;
+        (
+            *vx.add(vxlan::field::FLAGS),
+            u32::from_be_bytes([0, *vx.add(v), *vx.add(v + 1), *vx.add(v + 2)]),
+        )
+    };
+    if flags & vxlan::FLAG_I == 0 {
+        return Err(Verdict::Malformed);
+    }
+    // SAFETY: map values are plain integers; the reference does not outlive this call.
+    let Some(entry) = (unsafe { VNIS.get(&vni) }) else {
+        return Err(Verdict::UnknownVni);
+    };
+    let key = MemberKey { vni, addr: src };
+    // SAFETY: as above.
+    if unsafe { MEMBERS.get(&key) }.is_none() {
+        return Err(Verdict::NotMember);
+    }
+    let queues = CONFIG.get(CONFIG_QUEUES).copied().unwrap_or(1).max(1);
+    let slot = entry.slot * queues + ctx.rx_queue_index();
+    count(Verdict::Forward);
+    // No socket in the slot (the daemon is restarting): the frame is dropped.
+    Ok(XSKS
+        .redirect(slot, u64::from(xdp_action::XDP_DROP))
+        .unwrap_or(xdp_action::XDP_DROP))
 }
 
 #[cfg(not(test))]

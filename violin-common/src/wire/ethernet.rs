@@ -77,7 +77,8 @@ impl EtherType {
     pub const IPV6: EtherType = EtherType(0x86dd);
 }
 
-mod field {
+/// Byte offsets of the header's fields.
+pub mod field {
     use core::ops::Range;
     pub const DESTINATION: Range<usize> = 0..6;
     pub const SOURCE: Range<usize> = 6..12;

@@ -14,7 +14,8 @@ impl IpProtocol {
     pub const UDP: IpProtocol = IpProtocol(17);
 }
 
-mod field {
+/// Byte offsets of the header's fields.
+pub mod field {
     use core::ops::Range;
     pub const VER_IHL: usize = 0;
     pub const DSCP_ECN: usize = 1;

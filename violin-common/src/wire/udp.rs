@@ -3,7 +3,8 @@
 use super::{checksum, get_u16, set_u16, Error, Result};
 use core::net::Ipv4Addr;
 
-mod field {
+/// Byte offsets of the header's fields.
+pub mod field {
     pub const SRC_PORT: usize = 0;
     pub const DST_PORT: usize = 2;
     pub const LENGTH: usize = 4;

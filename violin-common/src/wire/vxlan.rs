@@ -10,7 +10,8 @@
 
 use super::{Error, Result};
 
-mod field {
+/// Byte offsets of the header's fields.
+pub mod field {
     use core::ops::Range;
     pub const FLAGS: usize = 0;
     pub const VNI: Range<usize> = 4..7;

@@ -1,0 +1,183 @@
+//! Loads the XDP classifier (`violin-ebpf`), attaches it to the underlay interface and
+//! keeps its maps in step with the Violins on this host: VNI → socket slot, (VNI, outer
+//! source) membership, and the AF_XDP sockets themselves.
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
+use aya::programs::{Xdp, XdpMode};
+use aya::Ebpf;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use violin_common::maps::{self, MemberKey, VniEntry};
+use violin_common::Verdict;
+
+/// Where the eBPF object is: `VIOLIN_EBPF`, beside the executable (`violin-ebpf.o`), or
+/// the workspace's build output (`cargo xtask build-ebpf`).
+pub fn object_path() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VIOLIN_EBPF") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut tried = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        let p = exe.with_file_name("violin-ebpf.o");
+        if p.exists() {
+            return Ok(p);
+        }
+        tried.push(p);
+    }
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/bpfel-unknown-none/release/violin-ebpf"
+    ));
+    if p.exists() {
+        return Ok(p);
+    }
+    tried.push(p);
+    bail!(
+        "the XDP classifier object was not found (tried {}); build it with `cargo xtask build-ebpf` or set VIOLIN_EBPF",
+        tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+pub struct Classifier {
+    ebpf: Ebpf,
+    vnis: HashMap<MapData, u32, VniEntry>,
+    members: HashMap<MapData, MemberKey, u32>,
+    xsks: XskMap<MapData>,
+    verdicts: PerCpuArray<MapData, u64>,
+    attached: Option<String>,
+}
+
+fn member_key(vni: u32, addr: Ipv4Addr) -> MemberKey {
+    MemberKey {
+        vni,
+        addr: u32::from_ne_bytes(addr.octets()),
+    }
+}
+
+impl Classifier {
+    /// Loads the program (the verifier runs here) and its maps; attaches nothing.
+    pub fn load(object: &[u8], vxlan_port: u16, queues: u32) -> Result<Classifier> {
+        let mut ebpf = Ebpf::load(object).context("loading the XDP classifier object")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(maps::PROGRAM)
+            .ok_or_else(|| anyhow!("no program {} in the object", maps::PROGRAM))?
+            .try_into()?;
+        prog.load()
+            .context("loading the XDP classifier into the kernel (needs CAP_BPF / root)")?;
+        let mut config: Array<_, u32> =
+            Array::try_from(ebpf.map_mut(maps::CONFIG_MAP).context("CONFIG map")?)?;
+        config.set(maps::CONFIG_PORT, u32::from(vxlan_port), 0)?;
+        config.set(maps::CONFIG_QUEUES, queues.max(1), 0)?;
+        let take = |e: &mut Ebpf, n: &str| {
+            e.take_map(n)
+                .ok_or_else(|| anyhow!("no map {n} in the object"))
+        };
+        let vnis = HashMap::try_from(take(&mut ebpf, maps::VNI_MAP)?)?;
+        let members = HashMap::try_from(take(&mut ebpf, maps::MEMBER_MAP)?)?;
+        let xsks = XskMap::try_from(take(&mut ebpf, maps::XSK_MAP)?)?;
+        let verdicts = PerCpuArray::try_from(take(&mut ebpf, maps::VERDICT_COUNTERS)?)?;
+        Ok(Classifier {
+            ebpf,
+            vnis,
+            members,
+            xsks,
+            verdicts,
+            attached: None,
+        })
+    }
+
+    pub fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(maps::PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
+    /// Attaches to `iface` in driver mode, replacing a stale XDP program left there (a
+    /// crashed daemon's legacy attachment) instead of failing.
+    pub fn attach(&mut self, iface: &str) -> Result<()> {
+        match self.program().attach(iface, XdpMode::Driver) {
+            Ok(_) => {}
+            Err(first) => {
+                tracing::warn!("attaching to {iface} failed ({first}); removing a stale XDP program and retrying");
+                detach_any(iface)?;
+                self.program()
+                    .attach(iface, XdpMode::Driver)
+                    .with_context(|| format!("attaching the XDP classifier to {iface}"))?;
+            }
+        }
+        self.attached = Some(iface.to_string());
+        Ok(())
+    }
+
+    pub fn attached(&self) -> Option<&str> {
+        self.attached.as_deref()
+    }
+
+    /// Routes `vni` to socket slot `slot`, accepting frames from `members` only.
+    pub fn add_vni(&mut self, vni: u32, slot: u32, members: &[Ipv4Addr]) -> Result<()> {
+        for m in members {
+            self.members.insert(member_key(vni, *m), 1, 0)?;
+        }
+        self.vnis.insert(
+            vni,
+            VniEntry {
+                slot,
+                members: members.len() as u32,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_vni(&mut self, vni: u32, members: &[Ipv4Addr]) {
+        let _ = self.vnis.remove(&vni);
+        for m in members {
+            let _ = self.members.remove(&member_key(vni, *m));
+        }
+    }
+
+    /// Puts an AF_XDP socket in XskMap slot `key` (slot × queues + queue).
+    pub fn set_socket(&mut self, key: u32, fd: &impl AsRawFd) -> Result<()> {
+        self.xsks
+            .set(key, fd.as_raw_fd(), 0)
+            .context("adding an AF_XDP socket to the XskMap")
+    }
+
+    pub fn clear_socket(&mut self, key: u32) {
+        let _ = self.xsks.unset(key);
+    }
+
+    /// Verdict counters summed over CPUs.
+    pub fn verdicts(&self) -> [u64; Verdict::COUNT] {
+        let mut out = [0u64; Verdict::COUNT];
+        for (i, o) in out.iter_mut().enumerate() {
+            if let Ok(v) = self.verdicts.get(&(i as u32), 0) {
+                *o = v.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+/// Removes any XDP program attached to `iface` through netlink (`ip link set IFACE xdp off`).
+pub fn detach_any(iface: &str) -> Result<()> {
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp};
+    let iface = iface.to_string();
+    crate::netlink::with_handle(|h| async move {
+        let idx = crate::netlink::require_index(&h, &iface).await?;
+        for flags in [0u32, 2, 4] {
+            let msg = rtnetlink::LinkUnspec::new_with_index(idx)
+                .append_extra_attribute(LinkAttribute::Xdp(vec![
+                    LinkXdp::Fd(-1),
+                    LinkXdp::Flags(flags),
+                ]))
+                .build();
+            let _ = h.link().set(msg).execute().await;
+        }
+        Ok(())
+    })
+}
