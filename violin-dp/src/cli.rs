@@ -88,6 +88,13 @@ pub enum ClusterCmd {
     },
     /// Stop the daemons and remove every namespace, link and file of the cluster.
     Down,
+    /// Restart one host's daemon; it restores the host's Violins.
+    Restart {
+        host: String,
+        /// Kill it with SIGKILL first, as a crash would.
+        #[arg(long)]
+        hard: bool,
+    },
 }
 
 fn progress(msg: &str) {
@@ -130,6 +137,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Cluster(ClusterCmd::Down) => {
             cluster::down(run_dir, name, &progress)?;
             eprintln!("cluster {name} removed");
+            Ok(())
+        }
+        Cmd::Cluster(ClusterCmd::Restart { host, hard }) => {
+            let h = cluster::restart_host(run_dir, name, &host, hard)?;
+            eprintln!("daemon of {host} restarted (pid {})", h.pid);
             Ok(())
         }
         Cmd::Up { spec, timeout } => violin_up(

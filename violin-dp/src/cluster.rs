@@ -240,7 +240,7 @@ pub fn up(
 
 fn spawn_daemon(bin: &Path, cfg: &Path, ns: &str, log: &Path) -> Result<u32> {
     let nsfile = netns::open(ns)?;
-    let logf = std::fs::File::create(log)?;
+    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let fd = nsfile.as_raw_fd();
     let mut cmd = Command::new(bin);
     cmd.arg("--config")
@@ -289,6 +289,30 @@ fn wait_ready(h: &HostEntry, timeout: Duration) -> Result<HostStatus> {
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// Restarts one host's daemon: gracefully, or `hard` (SIGKILL, as a crash would). The
+/// new daemon restores the host's Violins.
+pub fn restart_host(run_dir: &Path, name: &str, host: &str, hard: bool) -> Result<HostEntry> {
+    let mut state = load(run_dir, name)?;
+    let i = state.hosts.iter().position(|h| h.name == host).with_context(|| format!("no host {host} in cluster {name}"))?;
+    let h = state.hosts[i].clone();
+    if hard {
+        let p = nix::unistd::Pid::from_raw(h.pid as i32);
+        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(p, None);
+        let t0 = Instant::now();
+        while pid_alive(h.pid) && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    } else {
+        stop_daemon(h.pid);
+    }
+    let pid = spawn_daemon(&daemon_binary()?, &h.config, &h.netns, &h.log)?;
+    state.hosts[i].pid = pid;
+    std::fs::write(state_file(run_dir, name), serde_json::to_string_pretty(&state)?)?;
+    wait_ready(&state.hosts[i], Duration::from_secs(15))?;
+    Ok(state.hosts[i].clone())
 }
 
 fn pid_alive(pid: u32) -> bool {

@@ -3,6 +3,7 @@
 
 use crate::fastpath::switch::ViolinStats;
 use crate::spec::{GuestKind, Violin};
+use crate::transport::afxdp::{AfXdpStats, SlotStats};
 use crate::transport::guest::PortCounters;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -72,6 +73,23 @@ pub struct HostViolinStats {
     pub ports: Vec<GuestStatus>,
     /// Drops on this host that belong to no Violin (bad outer headers, unknown VNI).
     pub host_drops: BTreeMap<String, u64>,
+    /// `udp` or `xdp`.
+    pub dataplane: String,
+    /// VXLAN frames this host received through the kernel's UDP socket.
+    pub udp_rx_frames: u64,
+    /// The xdp data plane's counters, when it runs.
+    pub xdp: Option<XdpHostStats>,
+}
+
+/// Classifier verdicts and AF_XDP ring counters of one host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct XdpHostStats {
+    /// XDP classifier verdicts on the underlay interface (all Violins).
+    pub verdicts: BTreeMap<String, u64>,
+    /// The shared UMEM's rings and pool.
+    pub rings: AfXdpStats,
+    /// The kernel's counters of this Violin's socket.
+    pub socket: Option<SlotStats>,
 }
 
 /// Sends one request and decodes the response's data.

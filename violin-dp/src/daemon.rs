@@ -7,12 +7,16 @@
 //! `epoll_wait`; a half-second tick reaps and restarts lightweight-guest processes.
 
 use crate::config::{DataplaneChoice, HostConfig};
-use crate::control::{GuestStatus, HostStatus, HostViolinStats, Request, Response, ViolinStatus};
+use crate::control::{GuestStatus, HostStatus, HostViolinStats, Request, Response, ViolinStatus, XdpHostStats};
 use crate::fastpath::switch::{Egress, Ingress, PortId, Switch};
 use crate::netns;
 use crate::spec::{GuestKind, MemberKind, Violin};
+use crate::transport::afxdp::AfXdp;
 use crate::transport::guest::{GuestPort, RxEvent};
 use crate::transport::udp::{Received, UdpUnderlay};
+use crate::transport::underlay::Underlay;
+use crate::xdp::classifier::Classifier;
+use std::net::Ipv4Addr;
 use anyhow::{anyhow, bail, Context, Result};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -31,6 +35,8 @@ const UNDERLAY: Token = Token(0);
 const CONTROL: Token = Token(1);
 const WAKER: Token = Token(2);
 const PORT_BASE: usize = 16;
+/// Tokens of the Violins' AF_XDP sockets: XSK_BASE + slot.
+const XSK_BASE: usize = 1 << 40;
 /// Frames read from one socket before the loop moves on to the others.
 const BUDGET: usize = 64;
 const TICK: Duration = Duration::from_millis(500);
@@ -69,14 +75,19 @@ pub struct Daemon {
     poll: Poll,
     switch: Switch,
     ports: Vec<Option<PortState>>,
-    underlay: UdpUnderlay,
+    underlay: Underlay,
+    /// The XDP classifier, when the xdp data plane runs.
+    classifier: Option<Classifier>,
+    /// AF_XDP slot → Violin name (xdp data plane).
+    slots: Vec<Option<String>>,
+    /// VXLAN frames that came in through the kernel's UDP socket.
+    udp_rx_frames: u64,
     control: UnixListener,
     guests: Vec<GuestProc>,
     out: Vec<Egress>,
     scratch: Vec<u8>,
     again: VecDeque<Token>,
     start: Instant,
-    dataplane: &'static str,
     /// This binary, which also runs lightweight guests (`violin-dp guest`).
     exe: String,
     shutdown: Arc<AtomicBool>,
@@ -85,52 +96,47 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn new(cfg: HostConfig) -> Result<Daemon> {
-        let dataplane = match cfg.dataplane {
-            DataplaneChoice::Udp => "udp",
-            DataplaneChoice::Auto => {
-                info!("dataplane auto: the XDP data plane is not part of this build; using udp");
-                "udp"
-            }
-            DataplaneChoice::Xdp => bail!(
-                "the xdp data plane is not part of this build yet; use --dataplane udp or auto"
-            ),
-        };
-        std::fs::create_dir_all(&cfg.run_dir)
-            .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
+        std::fs::create_dir_all(&cfg.run_dir).with_context(|| format!("creating {}", cfg.run_dir.display()))?;
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let underlay = UdpUnderlay::bind(cfg.underlay, cfg.vxlan_port).with_context(|| {
-            format!(
-                "binding the underlay socket {}:{}",
-                cfg.underlay, cfg.vxlan_port
-            )
-        })?;
+        let udp = UdpUnderlay::bind(cfg.underlay, cfg.vxlan_port)
+            .with_context(|| format!("binding the underlay socket {}:{}", cfg.underlay, cfg.vxlan_port))?;
+        let (underlay, classifier) = match cfg.dataplane {
+            DataplaneChoice::Udp => (Underlay::Udp(udp), None),
+            DataplaneChoice::Xdp => {
+                let (xsk, cls) = setup_xdp(&cfg).context("setting up the xdp data plane (--dataplane udp avoids it)")?;
+                (Underlay::Xdp { udp, xsk: Box::new(xsk) }, Some(cls))
+            }
+            DataplaneChoice::Auto => match setup_xdp(&cfg) {
+                Ok((xsk, cls)) => (Underlay::Xdp { udp, xsk: Box::new(xsk) }, Some(cls)),
+                Err(e) => {
+                    warn!("dataplane auto: XDP is unavailable here ({e:#}); using udp");
+                    (Underlay::Udp(udp), None)
+                }
+            },
+        };
         let ctl_path = cfg.control_socket();
         let _ = std::fs::remove_file(&ctl_path);
-        let control = UnixListener::bind(&ctl_path)
-            .with_context(|| format!("binding {}", ctl_path.display()))?;
+        let control = UnixListener::bind(&ctl_path).with_context(|| format!("binding {}", ctl_path.display()))?;
         control.set_nonblocking(true)?;
-        poll.registry()
-            .register(&mut SourceFd(&underlay.fd()), UNDERLAY, Interest::READABLE)?;
-        poll.registry().register(
-            &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&control)),
-            CONTROL,
-            Interest::READABLE,
-        )?;
-        info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane, "violin-dp ready");
+        poll.registry().register(&mut SourceFd(&underlay.udp().fd()), UNDERLAY, Interest::READABLE)?;
+        poll.registry().register(&mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&control)), CONTROL, Interest::READABLE)?;
+        info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane = underlay.name(), "violin-dp ready");
         Ok(Daemon {
             cfg,
             poll,
             switch: Switch::new(),
             ports: Vec::new(),
             underlay,
+            classifier,
+            slots: Vec::new(),
+            udp_rx_frames: 0,
             control,
             guests: Vec::new(),
             out: Vec::with_capacity(64),
             scratch: vec![0u8; 65536 + 64],
             again: VecDeque::with_capacity(64),
             start: Instant::now(),
-            dataplane,
             exe: own_binary()?,
             shutdown: Arc::new(AtomicBool::new(false)),
             waker,
@@ -174,9 +180,11 @@ impl Daemon {
                     self.dispatch(t, false);
                 }
             }
+            self.underlay.flush();
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.supervise_guests();
+                self.refresh_neighbours();
             }
         }
         info!("shutting down");
@@ -189,6 +197,7 @@ impl Daemon {
             UNDERLAY => self.underlay_rx(),
             CONTROL => self.control_accept(),
             WAKER => {}
+            Token(n) if n >= XSK_BASE => self.xsk_rx(n - XSK_BASE),
             Token(n) if n >= PORT_BASE => {
                 let p = ((n - PORT_BASE) / 2) as PortId;
                 if (n - PORT_BASE).is_multiple_of(2) {
@@ -208,22 +217,14 @@ impl Daemon {
 
     fn underlay_rx(&mut self) {
         let now = self.now();
-        let Daemon {
-            switch,
-            ports,
-            underlay,
-            out,
-            scratch,
-            again,
-            ..
-        } = self;
+        let Daemon { switch, ports, underlay, out, scratch, again, udp_rx_frames, .. } = self;
+        let udp = underlay.udp();
         for _ in 0..BUDGET {
-            match underlay.recv(scratch) {
+            match udp.recv(scratch) {
                 Ok(Some(Received::Frame(src, vni, inner))) => {
-                    if switch.process(Ingress::Tunnel { src, vni }, inner, now, out)
-                        == Verdict::Forward
-                    {
-                        deliver(switch, ports, underlay, out, inner);
+                    *udp_rx_frames += 1;
+                    if switch.process(Ingress::Tunnel { src, vni }, inner, now, out) == Verdict::Forward {
+                        deliver(switch, ports, |d, v, f| udp.send(d, v, f), out, inner);
                     }
                 }
                 Ok(Some(Received::Bad(v))) => switch.count_host_drop(v),
@@ -235,6 +236,31 @@ impl Daemon {
             }
         }
         again.push_back(UNDERLAY);
+    }
+
+    fn xsk_rx(&mut self, slot: usize) {
+        let now = self.now();
+        let Daemon { switch, ports, underlay, out, again, .. } = self;
+        let Underlay::Xdp { udp, xsk } = underlay else { return };
+        // Tunnel → guest only (split horizon): the outputs are local ports.
+        let more = xsk.rx(slot, BUDGET, |src, vni, inner| {
+            if switch.process(Ingress::Tunnel { src, vni }, inner, now, out) == Verdict::Forward {
+                deliver(switch, ports, |d, v, f| udp.send(d, v, f), out, inner);
+            }
+        });
+        if more {
+            again.push_back(Token(XSK_BASE + slot));
+        }
+    }
+
+    fn refresh_neighbours(&mut self) {
+        let iface = self.cfg.interface.clone();
+        if let Some(xsk) = self.underlay.xsk() {
+            match crate::netlink::with_handle(|h| async move { crate::netlink::neighbours(&h, &iface).await }) {
+                Ok(n) => xsk.set_neighbours(n.into_iter().map(|(ip, mac)| (ip, violin_common::wire::EthernetAddress(mac)))),
+                Err(e) => warn!("reading the neighbour table: {e:#}"),
+            }
+        }
     }
 
     fn port_rx(&mut self, p: PortId) {
@@ -253,7 +279,7 @@ impl Daemon {
         let r = ps.port.receive(scratch, BUDGET, |ev| match ev {
             RxEvent::Frame(f) => {
                 if switch.process(Ingress::Port(p), f, now, out) == Verdict::Forward {
-                    deliver(switch, ports, underlay, out, f);
+                    deliver(switch, ports, |d, v, f| underlay.send(d, v, f), out, f);
                 }
             }
             RxEvent::Drop(v) => switch.count_port_drop(p, v),
@@ -372,16 +398,32 @@ impl Daemon {
                     stats,
                     ports,
                     host_drops: self.switch.host_drops(),
+                    dataplane: self.underlay.name().to_string(),
+                    udp_rx_frames: self.udp_rx_frames,
+                    xdp: self.xdp_stats(&name),
                 })?
             }
         })
+    }
+
+    fn xdp_stats(&mut self, violin: &str) -> Option<XdpHostStats> {
+        let cls = self.classifier.as_ref()?;
+        let v = cls.verdicts();
+        let verdicts = Verdict::ALL
+            .iter()
+            .filter(|x| v[**x as usize] > 0)
+            .map(|x| (x.name().to_string(), v[*x as usize]))
+            .collect();
+        let slot = self.slots.iter().position(|s| s.as_deref() == Some(violin));
+        let xsk = self.underlay.xsk()?;
+        Some(XdpHostStats { verdicts, rings: xsk.stats(), socket: slot.and_then(|s| xsk.slot_stats(s)) })
     }
 
     fn status(&self) -> HostStatus {
         HostStatus {
             host: self.cfg.name.clone(),
             underlay: self.cfg.underlay,
-            dataplane: self.dataplane.to_string(),
+            dataplane: self.underlay.name().to_string(),
             pid: std::process::id(),
             violins: self
                 .switch
@@ -418,11 +460,14 @@ impl Daemon {
     fn add_violin(&mut self, v: &Violin) -> Result<()> {
         let now = self.now();
         let ports = self.switch.add_violin(v, &self.cfg.name, now)?;
-        if let Err(e) = self.attach_guests(v, &ports) {
+        if let Err(e) = self.attach_guests(v, &ports).and_then(|_| self.attach_xdp(v)) {
             let _ = self.remove_violin(&v.name);
             return Err(e);
         }
         info!(violin = %v.name, vni = v.vni, local_guests = ports.len(), "violin added");
+        if let Err(e) = self.persist(v) {
+            warn!("saving Violin {} for restarts: {e:#}", v.name);
+        }
         Ok(())
     }
 
@@ -492,6 +537,8 @@ impl Daemon {
                     restart_at: None,
                     restarts: 0,
                 };
+                // A relay left by a daemon that crashed still holds the guest's tap.
+                crate::guest::kill_stale_relays(&g.netns);
                 g.spawn()?;
                 self.guests.push(g);
             }
@@ -499,7 +546,57 @@ impl Daemon {
         Ok(())
     }
 
+    /// The underlay addresses the classifier accepts this Violin's frames from.
+    fn member_sources(&self, v: &Violin) -> Vec<Ipv4Addr> {
+        let mut m: Vec<Ipv4Addr> = v.hosts.values().copied().filter(|a| *a != self.cfg.underlay).collect();
+        m.extend(v.members.iter().filter_map(|x| match x.kind {
+            MemberKind::External { underlay } => Some(underlay),
+            _ => None,
+        }));
+        m
+    }
+
+    /// xdp data plane: a socket slot for the Violin, in the XskMap, and its VNI and
+    /// member sources in the classifier's maps.
+    fn attach_xdp(&mut self, v: &Violin) -> Result<()> {
+        if self.classifier.is_none() {
+            return Ok(());
+        }
+        let members = self.member_sources(v);
+        let slot = self.slots.iter().position(Option::is_none).unwrap_or(self.slots.len());
+        let (Some(cls), Some(xsk)) = (self.classifier.as_mut(), self.underlay.xsk()) else { return Ok(()) };
+        let fd = xsk.add_slot(slot)?;
+        cls.set_socket(slot as u32, &fd)?;
+        cls.add_vni(v.vni, slot as u32, &members)?;
+        self.poll.registry().register(&mut SourceFd(&fd), Token(XSK_BASE + slot), Interest::READABLE)?;
+        if self.slots.len() <= slot {
+            self.slots.resize(slot + 1, None);
+        }
+        self.slots[slot] = Some(v.name.clone());
+        Ok(())
+    }
+
+    fn detach_xdp(&mut self, name: &str) {
+        let Some(slot) = self.slots.iter().position(|s| s.as_deref() == Some(name)) else { return };
+        self.slots[slot] = None;
+        let v = self.switch.violin(name).cloned();
+        let members = v.as_ref().map(|v| self.member_sources(v)).unwrap_or_default();
+        if let Some(cls) = self.classifier.as_mut() {
+            if let Some(v) = &v {
+                cls.remove_vni(v.vni, &members);
+            }
+            cls.clear_socket(slot as u32);
+        }
+        if let Some(xsk) = self.underlay.xsk() {
+            if let Some(fd) = xsk.slot_fd(slot) {
+                let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            }
+            xsk.remove_slot(slot);
+        }
+    }
+
     fn remove_violin(&mut self, name: &str) -> Result<()> {
+        self.detach_xdp(name);
         let mut found = self.switch.violin(name).is_some();
         let (gone, keep): (Vec<GuestProc>, Vec<GuestProc>) = std::mem::take(&mut self.guests)
             .into_iter()
@@ -526,11 +623,45 @@ impl Daemon {
         }
         self.switch.remove_violin(name);
         let _ = std::fs::remove_dir_all(self.cfg.run_dir.join("guests").join(name));
+        if !self.shutdown.load(Ordering::SeqCst) {
+            // Removed on request: forget it. (At shutdown it stays, for the next start.)
+            let _ = std::fs::remove_file(self.violins_dir().join(format!("{name}.json")));
+        }
         if !found {
             bail!("no Violin named {name:?} on host {}", self.cfg.name);
         }
         info!(violin = %name, "violin removed");
         Ok(())
+    }
+
+    fn violins_dir(&self) -> std::path::PathBuf {
+        self.cfg.run_dir.join("violins")
+    }
+
+    fn persist(&self, v: &Violin) -> Result<()> {
+        let dir = self.violins_dir();
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".{}.json", v.name));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(v)?)?;
+        std::fs::rename(&tmp, dir.join(format!("{}.json", v.name)))?;
+        Ok(())
+    }
+
+    /// Re-creates the Violins this host had before a restart (or a crash).
+    pub fn restore(&mut self) {
+        let Ok(rd) = std::fs::read_dir(self.violins_dir()) else { return };
+        let mut files: Vec<_> = rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        files.sort();
+        for f in files {
+            let r = std::fs::read(&f)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| serde_json::from_slice::<Violin>(&b).map_err(anyhow::Error::from))
+                .and_then(|v| self.add_violin(&v).map(|_| v.name));
+            match r {
+                Ok(name) => info!(violin = %name, "restored after restart"),
+                Err(e) => error!("restoring {}: {e:#}", f.display()),
+            }
+        }
     }
 
     fn supervise_guests(&mut self) {
@@ -572,6 +703,27 @@ fn conn_token_or_port(ps: &PortState, p: PortId) -> Token {
     }
 }
 
+/// Loads and attaches the classifier and opens the AF_XDP anchor socket on the
+/// underlay interface.
+fn setup_xdp(cfg: &HostConfig) -> Result<(AfXdp, Classifier)> {
+    let path = crate::xdp::classifier::object_path()?;
+    let obj = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut cls = Classifier::load(&obj, cfg.vxlan_port, 1)?;
+    let iface = cfg.interface.clone();
+    let mac = crate::netlink::with_handle(|h| async move { crate::netlink::mac_of(&h, &iface).await })?;
+    // The anchor socket first: binding copies the interface's queue setup, then the
+    // program starts redirecting.
+    let outer = crate::fastpath::encap::Outer {
+        src_mac: violin_common::wire::EthernetAddress(mac),
+        src_ip: cfg.underlay,
+        port: cfg.vxlan_port,
+    };
+    let xsk = AfXdp::new(&cfg.interface, outer)?;
+    cls.attach(&cfg.interface)?;
+    info!(interface = %cfg.interface, object = %path.display(), "XDP classifier attached; AF_XDP sockets on queue 0 (copy mode)");
+    Ok((xsk, cls))
+}
+
 /// This executable's path; if it was replaced on disk while running (a rebuild), the
 /// path it had, where the new build now is.
 fn own_binary() -> Result<String> {
@@ -583,10 +735,12 @@ fn own_binary() -> Result<String> {
 }
 
 /// Hands a switched frame to each output's transport; failures are counted as drops.
+/// `tunnel` encapsulates and sends to a host.
+#[inline]
 fn deliver(
     switch: &mut Switch,
     ports: &mut [Option<PortState>],
-    underlay: &UdpUnderlay,
+    mut tunnel: impl FnMut(Ipv4Addr, u32, &[u8]) -> Result<(), Verdict>,
     out: &[Egress],
     frame: &[u8],
 ) {
@@ -596,7 +750,7 @@ fn deliver(
                 Some(ps) => ps.port.send(frame),
                 None => Err(Verdict::PortDown),
             },
-            Egress::Tunnel { dst, vni } => underlay.send(dst, vni, frame),
+            Egress::Tunnel { dst, vni } => tunnel(dst, vni, frame),
         };
         if let Err(v) = r {
             switch.count_egress_drop(e, v);

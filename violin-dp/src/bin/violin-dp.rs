@@ -50,7 +50,8 @@ fn main() -> Result<()> {
             if let Some(d) = cli.dataplane {
                 cfg.dataplane = d;
             }
-            let daemon = Daemon::new(cfg)?;
+            let mut daemon = Daemon::new(cfg)?;
+            daemon.restore();
             let stop = daemon.stopper();
             ctrlc::set_handler(stop)?;
             daemon.run()

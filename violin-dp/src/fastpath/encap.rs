@@ -1,8 +1,68 @@
 //! VXLAN encapsulation around the switch: the header a transport prepends to a frame
-//! bound for a tunnel, and the check of a received VXLAN payload before switching.
+//! bound for a tunnel, the full outer headers where no kernel builds them (AF_XDP), and
+//! the checks of a received packet before switching.
 
-use violin_common::wire::{VxlanPacket, VxlanRepr};
-use violin_common::Verdict;
+use std::net::Ipv4Addr;
+use violin_common::wire::{
+    EtherType, EthernetAddress, EthernetFrame, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr,
+    UdpPacket, UdpRepr, VxlanPacket, VxlanRepr,
+};
+use violin_common::{Verdict, VXLAN_OVERHEAD};
+
+/// The fixed parts of this host's outer headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outer {
+    pub src_mac: EthernetAddress,
+    pub src_ip: Ipv4Addr,
+    pub port: u16,
+}
+
+/// Writes outer Ethernet/IPv4/UDP/VXLAN headers for an `inner_len`-byte frame into the
+/// first `VXLAN_OVERHEAD` bytes of `buf`. The UDP source port carries flow entropy
+/// (RFC 7348 §5) from the inner MACs; the UDP checksum is zero, as RFC 7348 allows.
+pub fn write_outer(buf: &mut [u8], o: &Outer, dst_mac: EthernetAddress, dst_ip: Ipv4Addr, vni: u32, inner: &[u8]) {
+    EthernetRepr { src_addr: o.src_mac, dst_addr: dst_mac, ethertype: EtherType::IPV4 }
+        .emit(&mut EthernetFrame::new_unchecked(&mut buf[..14]));
+    let udp_len = 8 + 8 + inner.len();
+    Ipv4Repr { src_addr: o.src_ip, dst_addr: dst_ip, protocol: IpProtocol::UDP, payload_len: udp_len, hop_limit: 64 }
+        .emit(&mut Ipv4Packet::new_unchecked(&mut buf[14..34]));
+    UdpRepr { src_port: entropy_port(inner), dst_port: o.port, payload_len: 8 + inner.len() }
+        .emit(&mut UdpPacket::new_unchecked(&mut buf[34..42]));
+    VxlanRepr { vni }.emit(&mut VxlanPacket::new_unchecked(&mut buf[42..VXLAN_OVERHEAD]));
+}
+
+/// A source port in 49152..65535 derived from the inner Ethernet addresses.
+#[inline]
+fn entropy_port(inner: &[u8]) -> u16 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in inner.iter().take(12) {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    49152 | (h as u16 & 0x3fff)
+}
+
+/// Parses a whole tunnelled packet (outer Ethernet/IPv4/UDP/VXLAN) as AF_XDP delivers
+/// it: returns (outer source, VNI, inner frame).
+#[inline]
+pub fn parse_outer(pkt: &[u8], port: u16) -> Result<(Ipv4Addr, u32, &[u8]), Verdict> {
+    let eth = EthernetFrame::new_checked(pkt)?;
+    if eth.ethertype() != EtherType::IPV4 {
+        return Err(Verdict::Malformed);
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload())?;
+    let ipr = Ipv4Repr::parse(&ip)?;
+    if ipr.protocol != IpProtocol::UDP {
+        return Err(Verdict::Malformed);
+    }
+    let hl = 14 + ip.header_len() as usize;
+    let l4 = &pkt[hl..hl + ipr.payload_len];
+    let udp = UdpPacket::new_checked(l4)?;
+    if udp.dst_port() != port {
+        return Err(Verdict::Malformed);
+    }
+    let (vni, inner) = decap(&l4[8..udp.len() as usize])?;
+    Ok((ipr.src_addr, vni, inner))
+}
 
 /// The 8-byte VXLAN header for `vni`.
 #[inline]
@@ -27,6 +87,32 @@ mod tests {
         let mut pkt = header(0xabcdef).to_vec();
         pkt.extend_from_slice(&[1, 2, 3]);
         assert_eq!(decap(&pkt), Ok((0xabcdef, &[1u8, 2, 3][..])));
+    }
+
+    #[test]
+    fn outer_headers_round_trip_and_are_valid() {
+        let o = Outer { src_mac: EthernetAddress([2, 0, 0, 0, 0, 1]), src_ip: Ipv4Addr::new(172, 31, 0, 1), port: 4789 };
+        let inner: Vec<u8> = (0..60u8).collect();
+        let mut pkt = vec![0u8; VXLAN_OVERHEAD + inner.len()];
+        let dst_mac = EthernetAddress([2, 0, 0, 0, 0, 2]);
+        write_outer(&mut pkt, &o, dst_mac, Ipv4Addr::new(172, 31, 0, 2), 101, &inner);
+        pkt[VXLAN_OVERHEAD..].copy_from_slice(&inner);
+        // Fixed bytes: addresses, ethertype, IPv4 version/IHL, TTL/protocol, ports, VXLAN.
+        assert_eq!(&pkt[..14], &[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]);
+        assert_eq!(pkt[14], 0x45);
+        assert_eq!(&pkt[16..18], &((20 + 8 + 8 + 60) as u16).to_be_bytes());
+        assert_eq!(&pkt[22..24], &[64, 17]);
+        assert_eq!(&pkt[26..34], &[172, 31, 0, 1, 172, 31, 0, 2]);
+        assert_eq!(&pkt[36..38], &4789u16.to_be_bytes());
+        assert_eq!(&pkt[38..40], &((8 + 8 + 60) as u16).to_be_bytes());
+        assert_eq!(&pkt[40..42], &[0, 0], "no UDP checksum");
+        assert_eq!(&pkt[42..50], &[0x08, 0, 0, 0, 0, 0, 101, 0]);
+        let sport = u16::from_be_bytes([pkt[34], pkt[35]]);
+        assert!(sport >= 49152);
+        assert!(Ipv4Packet::new_checked(&pkt[14..]).unwrap().verify_checksum());
+        assert_eq!(parse_outer(&pkt, 4789), Ok((Ipv4Addr::new(172, 31, 0, 1), 101, &inner[..])));
+        assert_eq!(parse_outer(&pkt, 4790), Err(Verdict::Malformed));
+        assert_eq!(parse_outer(&pkt[..40], 4789), Err(Verdict::Truncated));
     }
 
     #[test]

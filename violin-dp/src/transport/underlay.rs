@@ -1,0 +1,55 @@
+//! The underlay as the daemon's fast path sees it: VXLAN over the UDP socket, or over
+//! AF_XDP with the UDP socket kept beside it (for frames to a neighbour the kernel has
+//! not resolved yet — sending those through the kernel also makes it resolve them).
+
+use super::afxdp::{AfXdp, SendError};
+use super::udp::UdpUnderlay;
+use std::net::Ipv4Addr;
+use violin_common::Verdict;
+
+pub enum Underlay {
+    Udp(UdpUnderlay),
+    Xdp { udp: UdpUnderlay, xsk: Box<AfXdp> },
+}
+
+impl Underlay {
+    #[inline]
+    pub fn send(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
+        match self {
+            Underlay::Udp(u) => u.send(dst, vni, frame),
+            Underlay::Xdp { udp, xsk } => match xsk.send(dst, vni, frame) {
+                Ok(()) => Ok(()),
+                Err(SendError::NoNeighbour) => udp.send(dst, vni, frame),
+                Err(SendError::Dropped(v)) => Err(v),
+            },
+        }
+    }
+
+    /// Pushes queued AF_XDP frames to the kernel (no-op for UDP).
+    #[inline]
+    pub fn flush(&mut self) {
+        if let Underlay::Xdp { xsk, .. } = self {
+            xsk.flush();
+        }
+    }
+
+    pub fn udp(&self) -> &UdpUnderlay {
+        match self {
+            Underlay::Udp(u) | Underlay::Xdp { udp: u, .. } => u,
+        }
+    }
+
+    pub fn xsk(&mut self) -> Option<&mut AfXdp> {
+        match self {
+            Underlay::Udp(_) => None,
+            Underlay::Xdp { xsk, .. } => Some(xsk),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Underlay::Udp(_) => "udp",
+            Underlay::Xdp { .. } => "xdp",
+        }
+    }
+}
