@@ -240,7 +240,10 @@ pub fn up(
 
 fn spawn_daemon(bin: &Path, cfg: &Path, ns: &str, log: &Path) -> Result<u32> {
     let nsfile = netns::open(ns)?;
-    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     let fd = nsfile.as_raw_fd();
     let mut cmd = Command::new(bin);
     cmd.arg("--config")
@@ -295,7 +298,11 @@ fn wait_ready(h: &HostEntry, timeout: Duration) -> Result<HostStatus> {
 /// new daemon restores the host's Violins.
 pub fn restart_host(run_dir: &Path, name: &str, host: &str, hard: bool) -> Result<HostEntry> {
     let mut state = load(run_dir, name)?;
-    let i = state.hosts.iter().position(|h| h.name == host).with_context(|| format!("no host {host} in cluster {name}"))?;
+    let i = state
+        .hosts
+        .iter()
+        .position(|h| h.name == host)
+        .with_context(|| format!("no host {host} in cluster {name}"))?;
     let h = state.hosts[i].clone();
     if hard {
         let p = nix::unistd::Pid::from_raw(h.pid as i32);
@@ -310,7 +317,10 @@ pub fn restart_host(run_dir: &Path, name: &str, host: &str, hard: bool) -> Resul
     }
     let pid = spawn_daemon(&daemon_binary()?, &h.config, &h.netns, &h.log)?;
     state.hosts[i].pid = pid;
-    std::fs::write(state_file(run_dir, name), serde_json::to_string_pretty(&state)?)?;
+    std::fs::write(
+        state_file(run_dir, name),
+        serde_json::to_string_pretty(&state)?,
+    )?;
     wait_ready(&state.hosts[i], Duration::from_secs(15))?;
     Ok(state.hosts[i].clone())
 }

@@ -7,7 +7,9 @@
 //! `epoll_wait`; a half-second tick reaps and restarts lightweight-guest processes.
 
 use crate::config::{DataplaneChoice, HostConfig};
-use crate::control::{GuestStatus, HostStatus, HostViolinStats, Request, Response, ViolinStatus, XdpHostStats};
+use crate::control::{
+    GuestStatus, HostStatus, HostViolinStats, Request, Response, ViolinStatus, XdpHostStats,
+};
 use crate::fastpath::switch::{Egress, Ingress, PortId, Switch};
 use crate::netns;
 use crate::spec::{GuestKind, MemberKind, Violin};
@@ -16,12 +18,12 @@ use crate::transport::guest::{GuestPort, RxEvent};
 use crate::transport::udp::{Received, UdpUnderlay};
 use crate::transport::underlay::Underlay;
 use crate::xdp::classifier::Classifier;
-use std::net::Ipv4Addr;
 use anyhow::{anyhow, bail, Context, Result};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -96,19 +98,37 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn new(cfg: HostConfig) -> Result<Daemon> {
-        std::fs::create_dir_all(&cfg.run_dir).with_context(|| format!("creating {}", cfg.run_dir.display()))?;
+        std::fs::create_dir_all(&cfg.run_dir)
+            .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let udp = UdpUnderlay::bind(cfg.underlay, cfg.vxlan_port)
-            .with_context(|| format!("binding the underlay socket {}:{}", cfg.underlay, cfg.vxlan_port))?;
+        let udp = UdpUnderlay::bind(cfg.underlay, cfg.vxlan_port).with_context(|| {
+            format!(
+                "binding the underlay socket {}:{}",
+                cfg.underlay, cfg.vxlan_port
+            )
+        })?;
         let (underlay, classifier) = match cfg.dataplane {
             DataplaneChoice::Udp => (Underlay::Udp(udp), None),
             DataplaneChoice::Xdp => {
-                let (xsk, cls) = setup_xdp(&cfg).context("setting up the xdp data plane (--dataplane udp avoids it)")?;
-                (Underlay::Xdp { udp, xsk: Box::new(xsk) }, Some(cls))
+                let (xsk, cls) = setup_xdp(&cfg)
+                    .context("setting up the xdp data plane (--dataplane udp avoids it)")?;
+                (
+                    Underlay::Xdp {
+                        udp,
+                        xsk: Box::new(xsk),
+                    },
+                    Some(cls),
+                )
             }
             DataplaneChoice::Auto => match setup_xdp(&cfg) {
-                Ok((xsk, cls)) => (Underlay::Xdp { udp, xsk: Box::new(xsk) }, Some(cls)),
+                Ok((xsk, cls)) => (
+                    Underlay::Xdp {
+                        udp,
+                        xsk: Box::new(xsk),
+                    },
+                    Some(cls),
+                ),
                 Err(e) => {
                     warn!("dataplane auto: XDP is unavailable here ({e:#}); using udp");
                     (Underlay::Udp(udp), None)
@@ -117,10 +137,19 @@ impl Daemon {
         };
         let ctl_path = cfg.control_socket();
         let _ = std::fs::remove_file(&ctl_path);
-        let control = UnixListener::bind(&ctl_path).with_context(|| format!("binding {}", ctl_path.display()))?;
+        let control = UnixListener::bind(&ctl_path)
+            .with_context(|| format!("binding {}", ctl_path.display()))?;
         control.set_nonblocking(true)?;
-        poll.registry().register(&mut SourceFd(&underlay.udp().fd()), UNDERLAY, Interest::READABLE)?;
-        poll.registry().register(&mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&control)), CONTROL, Interest::READABLE)?;
+        poll.registry().register(
+            &mut SourceFd(&underlay.udp().fd()),
+            UNDERLAY,
+            Interest::READABLE,
+        )?;
+        poll.registry().register(
+            &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&control)),
+            CONTROL,
+            Interest::READABLE,
+        )?;
         info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane = underlay.name(), "violin-dp ready");
         Ok(Daemon {
             cfg,
@@ -217,13 +246,24 @@ impl Daemon {
 
     fn underlay_rx(&mut self) {
         let now = self.now();
-        let Daemon { switch, ports, underlay, out, scratch, again, udp_rx_frames, .. } = self;
+        let Daemon {
+            switch,
+            ports,
+            underlay,
+            out,
+            scratch,
+            again,
+            udp_rx_frames,
+            ..
+        } = self;
         let udp = underlay.udp();
         for _ in 0..BUDGET {
             match udp.recv(scratch) {
                 Ok(Some(Received::Frame(src, vni, inner))) => {
                     *udp_rx_frames += 1;
-                    if switch.process(Ingress::Tunnel { src, vni }, inner, now, out) == Verdict::Forward {
+                    if switch.process(Ingress::Tunnel { src, vni }, inner, now, out)
+                        == Verdict::Forward
+                    {
                         deliver(switch, ports, |d, v, f| udp.send(d, v, f), out, inner);
                     }
                 }
@@ -240,8 +280,17 @@ impl Daemon {
 
     fn xsk_rx(&mut self, slot: usize) {
         let now = self.now();
-        let Daemon { switch, ports, underlay, out, again, .. } = self;
-        let Underlay::Xdp { udp, xsk } = underlay else { return };
+        let Daemon {
+            switch,
+            ports,
+            underlay,
+            out,
+            again,
+            ..
+        } = self;
+        let Underlay::Xdp { udp, xsk } = underlay else {
+            return;
+        };
         // Tunnel → guest only (split horizon): the outputs are local ports.
         let more = xsk.rx(slot, BUDGET, |src, vni, inner| {
             if switch.process(Ingress::Tunnel { src, vni }, inner, now, out) == Verdict::Forward {
@@ -256,14 +305,26 @@ impl Daemon {
     fn refresh_neighbours(&mut self) {
         let iface = self.cfg.interface.clone();
         if let Some(xsk) = self.underlay.xsk() {
-            match crate::netlink::with_handle(|h| async move { crate::netlink::neighbours(&h, &iface).await }) {
-                Ok(n) => xsk.set_neighbours(n.into_iter().map(|(ip, mac)| (ip, violin_common::wire::EthernetAddress(mac)))),
+            match crate::netlink::with_handle(|h| async move {
+                crate::netlink::neighbours(&h, &iface).await
+            }) {
+                Ok(n) => xsk.set_neighbours(
+                    n.into_iter()
+                        .map(|(ip, mac)| (ip, violin_common::wire::EthernetAddress(mac))),
+                ),
                 Err(e) => warn!("reading the neighbour table: {e:#}"),
             }
         }
     }
 
     fn port_rx(&mut self, p: PortId) {
+        if self.underlay.congested() {
+            // Back-pressure: read this guest again once the TX path has drained.
+            if let Some(Some(ps)) = self.ports.get(p as usize) {
+                self.again.push_back(conn_token_or_port(ps, p));
+            }
+            return;
+        }
         let now = self.now();
         let Some(mut ps) = self.ports.get_mut(p as usize).and_then(Option::take) else {
             return;
@@ -416,7 +477,11 @@ impl Daemon {
             .collect();
         let slot = self.slots.iter().position(|s| s.as_deref() == Some(violin));
         let xsk = self.underlay.xsk()?;
-        Some(XdpHostStats { verdicts, rings: xsk.stats(), socket: slot.and_then(|s| xsk.slot_stats(s)) })
+        Some(XdpHostStats {
+            verdicts,
+            rings: xsk.stats(),
+            socket: slot.and_then(|s| xsk.slot_stats(s)),
+        })
     }
 
     fn status(&self) -> HostStatus {
@@ -460,7 +525,10 @@ impl Daemon {
     fn add_violin(&mut self, v: &Violin) -> Result<()> {
         let now = self.now();
         let ports = self.switch.add_violin(v, &self.cfg.name, now)?;
-        if let Err(e) = self.attach_guests(v, &ports).and_then(|_| self.attach_xdp(v)) {
+        if let Err(e) = self
+            .attach_guests(v, &ports)
+            .and_then(|_| self.attach_xdp(v))
+        {
             let _ = self.remove_violin(&v.name);
             return Err(e);
         }
@@ -548,7 +616,12 @@ impl Daemon {
 
     /// The underlay addresses the classifier accepts this Violin's frames from.
     fn member_sources(&self, v: &Violin) -> Vec<Ipv4Addr> {
-        let mut m: Vec<Ipv4Addr> = v.hosts.values().copied().filter(|a| *a != self.cfg.underlay).collect();
+        let mut m: Vec<Ipv4Addr> = v
+            .hosts
+            .values()
+            .copied()
+            .filter(|a| *a != self.cfg.underlay)
+            .collect();
         m.extend(v.members.iter().filter_map(|x| match x.kind {
             MemberKind::External { underlay } => Some(underlay),
             _ => None,
@@ -563,12 +636,22 @@ impl Daemon {
             return Ok(());
         }
         let members = self.member_sources(v);
-        let slot = self.slots.iter().position(Option::is_none).unwrap_or(self.slots.len());
-        let (Some(cls), Some(xsk)) = (self.classifier.as_mut(), self.underlay.xsk()) else { return Ok(()) };
+        let slot = self
+            .slots
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.slots.len());
+        let (Some(cls), Some(xsk)) = (self.classifier.as_mut(), self.underlay.xsk()) else {
+            return Ok(());
+        };
         let fd = xsk.add_slot(slot)?;
         cls.set_socket(slot as u32, &fd)?;
         cls.add_vni(v.vni, slot as u32, &members)?;
-        self.poll.registry().register(&mut SourceFd(&fd), Token(XSK_BASE + slot), Interest::READABLE)?;
+        self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(XSK_BASE + slot),
+            Interest::READABLE,
+        )?;
         if self.slots.len() <= slot {
             self.slots.resize(slot + 1, None);
         }
@@ -577,10 +660,15 @@ impl Daemon {
     }
 
     fn detach_xdp(&mut self, name: &str) {
-        let Some(slot) = self.slots.iter().position(|s| s.as_deref() == Some(name)) else { return };
+        let Some(slot) = self.slots.iter().position(|s| s.as_deref() == Some(name)) else {
+            return;
+        };
         self.slots[slot] = None;
         let v = self.switch.violin(name).cloned();
-        let members = v.as_ref().map(|v| self.member_sources(v)).unwrap_or_default();
+        let members = v
+            .as_ref()
+            .map(|v| self.member_sources(v))
+            .unwrap_or_default();
         if let Some(cls) = self.classifier.as_mut() {
             if let Some(v) = &v {
                 cls.remove_vni(v.vni, &members);
@@ -649,8 +737,14 @@ impl Daemon {
 
     /// Re-creates the Violins this host had before a restart (or a crash).
     pub fn restore(&mut self) {
-        let Ok(rd) = std::fs::read_dir(self.violins_dir()) else { return };
-        let mut files: Vec<_> = rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        let Ok(rd) = std::fs::read_dir(self.violins_dir()) else {
+            return;
+        };
+        let mut files: Vec<_> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
         files.sort();
         for f in files {
             let r = std::fs::read(&f)
@@ -710,7 +804,8 @@ fn setup_xdp(cfg: &HostConfig) -> Result<(AfXdp, Classifier)> {
     let obj = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut cls = Classifier::load(&obj, cfg.vxlan_port, 1)?;
     let iface = cfg.interface.clone();
-    let mac = crate::netlink::with_handle(|h| async move { crate::netlink::mac_of(&h, &iface).await })?;
+    let mac =
+        crate::netlink::with_handle(|h| async move { crate::netlink::mac_of(&h, &iface).await })?;
     // The anchor socket first: binding copies the interface's queue setup, then the
     // program starts redirecting.
     let outer = crate::fastpath::encap::Outer {

@@ -146,13 +146,21 @@ pub fn run(args: GuestArgs) -> Result<()> {
 /// that this daemon did not start (left by a daemon that crashed).
 pub fn kill_stale_relays(ns: &str) {
     let me = std::process::id();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
     for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         let is_relay = args.get(1) == Some(&&b"guest"[..])
-            && args.windows(2).any(|w| w[0] == b"--netns" && w[1] == ns.as_bytes());
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"--netns" && w[1] == ns.as_bytes());
         if is_relay && pid as u32 != me {
             let pid = nix::unistd::Pid::from_raw(pid);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
@@ -171,7 +179,9 @@ pub fn kill_stale_relays(ns: &str) {
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }

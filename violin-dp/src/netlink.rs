@@ -153,7 +153,10 @@ pub async fn del_link(h: &Handle, name: &str) -> Result<()> {
 pub async fn mac_of(h: &Handle, name: &str) -> Result<[u8; 6]> {
     use rtnetlink::packet_route::link::LinkAttribute;
     let mut links = h.link().get().match_name(name.to_string()).execute();
-    let link = links.try_next().await?.ok_or_else(|| anyhow!("no link named {name}"))?;
+    let link = links
+        .try_next()
+        .await?
+        .ok_or_else(|| anyhow!("no link named {name}"))?;
     for a in link.attributes {
         if let LinkAttribute::Address(m) = a {
             if m.len() == 6 {
@@ -166,13 +169,18 @@ pub async fn mac_of(h: &Handle, name: &str) -> Result<[u8; 6]> {
 
 /// Resolved IPv4 neighbours on a link: (address, MAC).
 pub async fn neighbours(h: &Handle, name: &str) -> Result<Vec<(Ipv4Addr, [u8; 6])>> {
-    use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+    use rtnetlink::packet_route::neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourState,
+    };
     let idx = require_index(h, name).await?;
     let mut out = Vec::new();
     let mut dump = h.neighbours().get().execute();
     while let Some(n) = dump.try_next().await? {
         if n.header.ifindex != idx
-            || matches!(n.header.state, NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None)
+            || matches!(
+                n.header.state,
+                NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
+            )
         {
             continue;
         }

@@ -20,15 +20,38 @@ pub struct Outer {
 /// Writes outer Ethernet/IPv4/UDP/VXLAN headers for an `inner_len`-byte frame into the
 /// first `VXLAN_OVERHEAD` bytes of `buf`. The UDP source port carries flow entropy
 /// (RFC 7348 §5) from the inner MACs; the UDP checksum is zero, as RFC 7348 allows.
-pub fn write_outer(buf: &mut [u8], o: &Outer, dst_mac: EthernetAddress, dst_ip: Ipv4Addr, vni: u32, inner: &[u8]) {
-    EthernetRepr { src_addr: o.src_mac, dst_addr: dst_mac, ethertype: EtherType::IPV4 }
-        .emit(&mut EthernetFrame::new_unchecked(&mut buf[..14]));
+pub fn write_outer(
+    buf: &mut [u8],
+    o: &Outer,
+    dst_mac: EthernetAddress,
+    dst_ip: Ipv4Addr,
+    vni: u32,
+    inner: &[u8],
+) {
+    EthernetRepr {
+        src_addr: o.src_mac,
+        dst_addr: dst_mac,
+        ethertype: EtherType::IPV4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut buf[..14]));
     let udp_len = 8 + 8 + inner.len();
-    Ipv4Repr { src_addr: o.src_ip, dst_addr: dst_ip, protocol: IpProtocol::UDP, payload_len: udp_len, hop_limit: 64 }
-        .emit(&mut Ipv4Packet::new_unchecked(&mut buf[14..34]));
-    UdpRepr { src_port: entropy_port(inner), dst_port: o.port, payload_len: 8 + inner.len() }
-        .emit(&mut UdpPacket::new_unchecked(&mut buf[34..42]));
-    VxlanRepr { vni }.emit(&mut VxlanPacket::new_unchecked(&mut buf[42..VXLAN_OVERHEAD]));
+    Ipv4Repr {
+        src_addr: o.src_ip,
+        dst_addr: dst_ip,
+        protocol: IpProtocol::UDP,
+        payload_len: udp_len,
+        hop_limit: 64,
+    }
+    .emit(&mut Ipv4Packet::new_unchecked(&mut buf[14..34]));
+    UdpRepr {
+        src_port: entropy_port(inner),
+        dst_port: o.port,
+        payload_len: 8 + inner.len(),
+    }
+    .emit(&mut UdpPacket::new_unchecked(&mut buf[34..42]));
+    VxlanRepr { vni }.emit(&mut VxlanPacket::new_unchecked(
+        &mut buf[42..VXLAN_OVERHEAD],
+    ));
 }
 
 /// A source port in 49152..65535 derived from the inner Ethernet addresses.
@@ -91,14 +114,28 @@ mod tests {
 
     #[test]
     fn outer_headers_round_trip_and_are_valid() {
-        let o = Outer { src_mac: EthernetAddress([2, 0, 0, 0, 0, 1]), src_ip: Ipv4Addr::new(172, 31, 0, 1), port: 4789 };
+        let o = Outer {
+            src_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
+            src_ip: Ipv4Addr::new(172, 31, 0, 1),
+            port: 4789,
+        };
         let inner: Vec<u8> = (0..60u8).collect();
         let mut pkt = vec![0u8; VXLAN_OVERHEAD + inner.len()];
         let dst_mac = EthernetAddress([2, 0, 0, 0, 0, 2]);
-        write_outer(&mut pkt, &o, dst_mac, Ipv4Addr::new(172, 31, 0, 2), 101, &inner);
+        write_outer(
+            &mut pkt,
+            &o,
+            dst_mac,
+            Ipv4Addr::new(172, 31, 0, 2),
+            101,
+            &inner,
+        );
         pkt[VXLAN_OVERHEAD..].copy_from_slice(&inner);
         // Fixed bytes: addresses, ethertype, IPv4 version/IHL, TTL/protocol, ports, VXLAN.
-        assert_eq!(&pkt[..14], &[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]);
+        assert_eq!(
+            &pkt[..14],
+            &[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]
+        );
         assert_eq!(pkt[14], 0x45);
         assert_eq!(&pkt[16..18], &((20 + 8 + 8 + 60) as u16).to_be_bytes());
         assert_eq!(&pkt[22..24], &[64, 17]);
@@ -109,8 +146,13 @@ mod tests {
         assert_eq!(&pkt[42..50], &[0x08, 0, 0, 0, 0, 0, 101, 0]);
         let sport = u16::from_be_bytes([pkt[34], pkt[35]]);
         assert!(sport >= 49152);
-        assert!(Ipv4Packet::new_checked(&pkt[14..]).unwrap().verify_checksum());
-        assert_eq!(parse_outer(&pkt, 4789), Ok((Ipv4Addr::new(172, 31, 0, 1), 101, &inner[..])));
+        assert!(Ipv4Packet::new_checked(&pkt[14..])
+            .unwrap()
+            .verify_checksum());
+        assert_eq!(
+            parse_outer(&pkt, 4789),
+            Ok((Ipv4Addr::new(172, 31, 0, 1), 101, &inner[..]))
+        );
         assert_eq!(parse_outer(&pkt, 4790), Err(Verdict::Malformed));
         assert_eq!(parse_outer(&pkt[..40], 4789), Err(Verdict::Truncated));
     }

@@ -130,9 +130,11 @@ impl AfXdp {
             .comp_queue_size(QueueSize::new(TX_RING).unwrap())
             .build()
             .context("UMEM configuration")?;
-        let (umem, mut descs) =
-            Umem::new(cfg, FRAMES.try_into().unwrap(), false).map_err(|e| anyhow::anyhow!("creating the UMEM: {e}"))?;
-        let ifname: xsk_rs::config::Interface = iface.parse().map_err(|e| anyhow::anyhow!("interface {iface}: {e:?}"))?;
+        let (umem, mut descs) = Umem::new(cfg, FRAMES.try_into().unwrap(), false)
+            .map_err(|e| anyhow::anyhow!("creating the UMEM: {e}"))?;
+        let ifname: xsk_rs::config::Interface = iface
+            .parse()
+            .map_err(|e| anyhow::anyhow!("interface {iface}: {e:?}"))?;
         // SAFETY: the first socket on this (UMEM, interface, queue); INHIBIT_PROG_LOAD is
         // set because our own program redirects.
         let (tx, rx, rings) = unsafe { Socket::new(socket_config(64, TX_RING), &umem, &ifname, 0) }
@@ -142,7 +144,10 @@ impl AfXdp {
         let fill: Vec<FrameDesc> = descs.drain(..FILL_FRAMES).collect();
         // SAFETY: these frames belong to this UMEM and are in no other ring.
         let n = unsafe { fq.produce(&fill) };
-        anyhow::ensure!(n == FILL_FRAMES, "the fill ring took {n} of {FILL_FRAMES} frames");
+        anyhow::ensure!(
+            n == FILL_FRAMES,
+            "the fill ring took {n} of {FILL_FRAMES} frames"
+        );
         Ok(AfXdp {
             umem,
             fq,
@@ -163,11 +168,17 @@ impl AfXdp {
 
     /// Opens the socket of Violin slot `slot`; returns its fd (for the XskMap and poll).
     pub fn add_slot(&mut self, slot: usize) -> anyhow::Result<RawFd> {
-        anyhow::ensure!(slot < MAX_SLOTS, "at most {MAX_SLOTS} Violins per host on the xdp data plane");
+        anyhow::ensure!(
+            slot < MAX_SLOTS,
+            "at most {MAX_SLOTS} Violins per host on the xdp data plane"
+        );
         // SAFETY: the UMEM is shared and the (interface, queue) pair is bound already:
         // INHIBIT_PROG_LOAD is set, as xsk-rs requires.
-        let (tx, rx, rings) = unsafe { Socket::new(socket_config(RX_RING, 64), &self.umem, &self.iface, 0) }
-            .map_err(|e| anyhow::anyhow!("binding a Violin's AF_XDP socket (shared UMEM): {e}"))?;
+        let (tx, rx, rings) =
+            unsafe { Socket::new(socket_config(RX_RING, 64), &self.umem, &self.iface, 0) }
+                .map_err(|e| {
+                    anyhow::anyhow!("binding a Violin's AF_XDP socket (shared UMEM): {e}")
+                })?;
         drop(rings); // None: the anchor owns them.
         let fd = rx.fd().as_raw_fd();
         set_cloexec(fd)?;
@@ -206,8 +217,15 @@ impl AfXdp {
     /// Receives up to `budget` frames from a slot, calling `f(outer source, VNI, inner)`
     /// for each valid one, then returns the frames to the fill ring. True when the
     /// budget ran out.
-    pub fn rx(&mut self, slot: usize, budget: usize, mut f: impl FnMut(Ipv4Addr, u32, &[u8])) -> bool {
-        let Some(Some(s)) = self.slots.get_mut(slot) else { return false };
+    pub fn rx(
+        &mut self,
+        slot: usize,
+        budget: usize,
+        mut f: impl FnMut(Ipv4Addr, u32, &[u8]),
+    ) -> bool {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return false;
+        };
         let mut done = 0;
         let port = self.outer.port;
         loop {
@@ -304,18 +322,39 @@ impl AfXdp {
     pub fn flush(&mut self) {
         if !self.tx_pending.is_empty() {
             // SAFETY: pending frames are ours alone until the kernel completes them.
-            let n = unsafe { self.tx.produce(&self.tx_pending) };
+            let mut n = unsafe { self.tx.produce(&self.tx_pending) };
+            if n == 0 {
+                // Ring full: let the kernel drain what it has, then try once more.
+                self.kick(TX_RING as usize);
+                // SAFETY: as above.
+                n = unsafe { self.tx.produce(&self.tx_pending) };
+            }
             if n == 0 {
                 self.counters.tx_ring_full += 1;
                 self.free.extend_from_slice(&self.tx_pending);
             } else {
                 self.counters.tx_frames += n as u64;
+                self.kick(n);
             }
             self.tx_pending.clear();
-            // Copy mode: the kernel transmits on sendto(), needed or not.
-            let _ = self.tx.wakeup();
         }
         self.reclaim();
+    }
+
+    /// Copy mode transmits in sendto(), at most 32 frames per call (the kernel's
+    /// per-socket budget): kick often enough for `n` frames.
+    fn kick(&mut self, n: usize) {
+        for _ in 0..n.div_ceil(32) {
+            if self.tx.wakeup().is_err() {
+                break;
+            }
+        }
+    }
+
+    /// True when the TX path is backed up: the daemon then stops reading guests (their
+    /// sockets fill and push back) instead of dropping frames here.
+    pub fn congested(&self) -> bool {
+        self.free.len() < BATCH * 2
     }
 
     pub fn stats(&self) -> AfXdpStats {

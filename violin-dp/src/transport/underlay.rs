@@ -33,6 +33,20 @@ impl Underlay {
         }
     }
 
+    /// True when sending more now would only drop (xdp TX path backed up).
+    #[inline]
+    pub fn congested(&mut self) -> bool {
+        match self {
+            Underlay::Udp(_) => false,
+            Underlay::Xdp { xsk, .. } => {
+                if xsk.congested() {
+                    xsk.flush();
+                }
+                xsk.congested()
+            }
+        }
+    }
+
     pub fn udp(&self) -> &UdpUnderlay {
         match self {
             Underlay::Udp(u) | Underlay::Xdp { udp: u, .. } => u,

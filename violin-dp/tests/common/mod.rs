@@ -16,6 +16,11 @@ use violin_dp::netns;
 /// Cluster tests run one at a time: they share two cores and measure rates.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Holds the lock that serialises cluster tests.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Returns false (after printing why) when the test cannot run here; panics in CI.
 pub fn can_run() -> bool {
     if nix::unistd::geteuid().is_root() {
@@ -38,9 +43,10 @@ pub struct Cluster {
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl Cluster {
-    /// Brings up a cluster of `hosts` hosts with a name unique to this process and test.
-    pub fn up(hosts: usize, extra: &[&str]) -> Cluster {
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    /// Brings up a cluster of `hosts` hosts running data plane `dp`, with a name unique
+    /// to this process and test.
+    pub fn up(hosts: usize, dp: &str, extra: &[&str]) -> Cluster {
+        let serial = serial();
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let name = format!("t{}x{n}", std::process::id() % 100_000);
         let tmp = std::env::temp_dir().join(format!("violin-test-{name}"));
@@ -52,7 +58,7 @@ impl Cluster {
             _serial: serial,
         };
         let hosts = hosts.to_string();
-        let mut args = vec!["cluster", "up", "--hosts", &hosts, "--dataplane", "udp"];
+        let mut args = vec!["cluster", "up", "--hosts", &hosts, "--dataplane", dp];
         args.extend_from_slice(extra);
         c.ok(&args);
         c
@@ -123,6 +129,42 @@ impl Cluster {
             }
         }
         false
+    }
+
+    /// Checks that the Violin's tunnelled frames crossed the data plane `dp`: for xdp,
+    /// the classifier redirected them and the AF_XDP sockets received them while the
+    /// kernel's UDP socket got none; for udp, the UDP socket received them.
+    pub fn assert_dataplane(&self, violin: &str, dp: &str) {
+        let s = self.stats(violin);
+        for h in &s.hosts {
+            assert_eq!(h.dataplane, dp, "host {}", h.host);
+            match dp {
+                "xdp" => {
+                    let x = h.xdp.as_ref().expect("xdp counters");
+                    assert_eq!(
+                        h.udp_rx_frames, 0,
+                        "host {}: frames came through the kernel socket",
+                        h.host
+                    );
+                    assert!(
+                        x.rings.counters.rx_frames > 0,
+                        "host {}: nothing crossed AF_XDP",
+                        h.host
+                    );
+                    assert!(
+                        x.verdicts.get("forward").copied().unwrap_or(0) > 0,
+                        "host {}: {:?}",
+                        h.host,
+                        x.verdicts
+                    );
+                }
+                _ => assert!(
+                    h.udp_rx_frames > 0,
+                    "host {}: nothing crossed the UDP socket",
+                    h.host
+                ),
+            }
+        }
     }
 
     pub fn edge(&self, s: &ClusterStats, from: &str, to: &str) -> (u64, u64) {
