@@ -44,3 +44,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MemberKey {}
 }
+
+/// The guest-port program and its maps (ingress ifindex → slot, slot → AF_XDP socket).
+pub const PORT_PROGRAM: &str = "violin_port";
+pub const PORT_SLOT_MAP: &str = "PORT_SLOTS";
+pub const PORT_XSK_MAP: &str = "PORT_XSKS";

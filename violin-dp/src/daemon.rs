@@ -12,13 +12,16 @@ use crate::control::{
 };
 use crate::fastpath::switch::{Egress, Ingress, PortId, Switch};
 use crate::netns;
-use crate::spec::{GuestKind, MemberKind, Violin};
+use crate::spec::{GuestKind, MemberKind, PortKind, Violin};
 use crate::transport::afxdp::AfXdp;
 use crate::transport::guest::{GuestPort, RxEvent};
 use crate::transport::udp::{Received, UdpUnderlay};
 use crate::transport::underlay::Underlay;
+use crate::transport::xdpport::XdpPort;
+use crate::transport::Port;
 use crate::xdp::classifier::Classifier;
 use anyhow::{anyhow, bail, Context, Result};
+use aya::programs::xdp::XdpLinkId;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::VecDeque;
@@ -51,7 +54,9 @@ fn conn_token(p: PortId) -> Token {
 }
 
 struct PortState {
-    port: GuestPort,
+    port: Port,
+    /// Fast port: the guest-port program's attachment to the host veth.
+    xdp_link: Option<XdpLinkId>,
     violin: String,
     guest: String,
     kind: GuestKind,
@@ -210,6 +215,11 @@ impl Daemon {
                 }
             }
             self.underlay.flush();
+            for ps in self.ports.iter_mut().flatten() {
+                if let Port::Xdp(x) = &mut ps.port {
+                    x.flush();
+                }
+            }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.supervise_guests();
@@ -337,14 +347,18 @@ impl Daemon {
             scratch,
             ..
         } = self;
-        let r = ps.port.receive(scratch, BUDGET, |ev| match ev {
+        let mut on_event = |ev: RxEvent<'_>| match ev {
             RxEvent::Frame(f) => {
                 if switch.process(Ingress::Port(p), f, now, out) == Verdict::Forward {
                     deliver(switch, ports, |d, v, f| underlay.send(d, v, f), out, f);
                 }
             }
             RxEvent::Drop(v) => switch.count_port_drop(p, v),
-        });
+        };
+        let r = match &mut ps.port {
+            Port::Sock(g) => g.receive(scratch, BUDGET, on_event),
+            Port::Xdp(x) => Ok(x.receive(BUDGET, |f| on_event(RxEvent::Frame(f)))),
+        };
         match r {
             Ok(true) => self.again.push_back(conn_token_or_port(&ps, p)),
             Ok(false) => {}
@@ -353,7 +367,9 @@ impl Daemon {
                 if let Some(fd) = ps.port.conn_fd() {
                     let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
                 }
-                ps.port.disconnect();
+                if let Port::Sock(g) = &mut ps.port {
+                    g.disconnect();
+                }
             }
         }
         self.ports[p as usize] = Some(ps);
@@ -361,7 +377,7 @@ impl Daemon {
 
     fn port_flush(&mut self, p: PortId) {
         if let Some(Some(ps)) = self.ports.get_mut(p as usize) {
-            let _ = ps.port.flush();
+            ps.port.flush();
         }
     }
 
@@ -369,13 +385,16 @@ impl Daemon {
         let Some(Some(ps)) = self.ports.get_mut(p as usize) else {
             return;
         };
-        if !ps.port.is_stream() {
+        let Port::Sock(g) = &mut ps.port else {
+            return self.port_rx(p);
+        };
+        if !g.is_stream() {
             // dgram: the socket itself carries the frames.
             return self.port_rx(p);
         }
-        match ps.port.accept() {
+        match g.accept() {
             Ok((_, true)) => {
-                if let Some(fd) = ps.port.conn_fd() {
+                if let Some(fd) = g.conn_fd() {
                     let interest = Interest::READABLE | Interest::WRITABLE;
                     if let Err(e) =
                         self.poll
@@ -512,12 +531,12 @@ impl Daemon {
             .map(|ps| GuestStatus {
                 name: ps.guest.clone(),
                 kind: ps.kind,
-                socket: ps.port.path().display().to_string(),
+                socket: ps.port.describe(),
                 netns: ps.netns.clone(),
                 connected: ps.port.connected(),
                 ip: ps.ip.clone(),
                 mac: ps.mac.clone(),
-                counters: ps.port.counters,
+                counters: ps.port.counters(),
             })
             .collect()
     }
@@ -547,11 +566,53 @@ impl Daemon {
                 prefix_len,
                 kind,
                 framing,
+                port: port_kind,
                 ..
             } = &member.kind
             else {
                 continue;
             };
+            let netns =
+                (*kind == GuestKind::Netns).then(|| self.cfg.guest_netns(&v.name, &member.name));
+            if self.ports.len() <= p as usize {
+                self.ports.resize_with(p as usize + 1, || None);
+            }
+            let state = |port: Port, xdp_link: Option<XdpLinkId>| PortState {
+                port,
+                xdp_link,
+                violin: v.name.clone(),
+                guest: member.name.clone(),
+                kind: *kind,
+                ip: format!("{ip}/{prefix_len}"),
+                mac: member.mac.0.to_string(),
+                netns: netns.clone(),
+            };
+            if *port_kind == PortKind::Xdp {
+                // A fast port: the daemon drives the host end of the guest's veth.
+                let ns = netns.clone().unwrap_or_default();
+                let Some(cls) = self.classifier.as_mut() else {
+                    bail!("guest {} has port = \"xdp\", which needs the xdp data plane; host {} runs {}", member.name, self.cfg.name, self.underlay.name());
+                };
+                let host_if = crate::guest::veth_name(&ns);
+                crate::guest::setup_veth_guest(
+                    &ns,
+                    &host_if,
+                    member.mac.0,
+                    *ip,
+                    *prefix_len,
+                    v.mtu,
+                )
+                .with_context(|| format!("setting up fast-port guest {}", member.name))?;
+                let xp = XdpPort::open(&host_if)?;
+                let link = cls.attach_port(&host_if, p, &xp.fd())?;
+                self.poll.registry().register(
+                    &mut SourceFd(&xp.fd()),
+                    port_token(p),
+                    Interest::READABLE,
+                )?;
+                self.ports[p as usize] = Some(state(Port::Xdp(Box::new(xp)), Some(link)));
+                continue;
+            }
             let path = self.cfg.guest_socket(&v.name, &member.name);
             let port = GuestPort::bind(&path, *framing)
                 .with_context(|| format!("creating {}", path.display()))?;
@@ -560,20 +621,7 @@ impl Daemon {
                 port_token(p),
                 Interest::READABLE,
             )?;
-            let netns =
-                (*kind == GuestKind::Netns).then(|| self.cfg.guest_netns(&v.name, &member.name));
-            if self.ports.len() <= p as usize {
-                self.ports.resize_with(p as usize + 1, || None);
-            }
-            self.ports[p as usize] = Some(PortState {
-                port,
-                violin: v.name.clone(),
-                guest: member.name.clone(),
-                kind: *kind,
-                ip: format!("{ip}/{prefix_len}"),
-                mac: member.mac.0.to_string(),
-                netns: netns.clone(),
-            });
+            self.ports[p as usize] = Some(state(Port::Sock(Box::new(port)), None));
             if let Some(ns) = netns {
                 let cmd = vec![
                     self.exe.clone(),
@@ -696,9 +744,22 @@ impl Daemon {
                 warn!("deleting {}: {e:#}", g.netns);
             }
         }
-        for slot in self.ports.iter_mut() {
+        for (port_index, slot) in self.ports.iter_mut().enumerate() {
+            let port_index = port_index as u32;
             if slot.as_ref().is_some_and(|ps| ps.violin == name) {
-                let ps = slot.take().unwrap();
+                let mut ps = slot.take().unwrap();
+                if let (Port::Xdp(x), Some(link)) = (&ps.port, ps.xdp_link.take()) {
+                    let iface = x.iface().to_string();
+                    if let Some(cls) = self.classifier.as_mut() {
+                        cls.detach_port(link, &iface, port_index);
+                    }
+                    if let Some(ns) = &ps.netns {
+                        let _ = netns::delete(ns);
+                    }
+                    let _ = crate::netlink::with_handle(|h| async move {
+                        crate::netlink::del_link(&h, &iface).await
+                    });
+                }
                 let _ = self
                     .poll
                     .registry()

@@ -322,3 +322,57 @@ fn relay(tap: &File, conn: &Conn) -> io::Error {
         }
     }
 }
+
+/// Sets up a fast-port guest: namespace `ns` (created if missing) whose `eth0` is one
+/// end of a veth; the other end, `host_if`, stays in the caller's namespace for the
+/// daemon to drive with AF_XDP. No relay process: the daemon is the guest's NIC.
+pub fn setup_veth_guest(
+    ns: &str,
+    host_if: &str,
+    mac: EthernetAddress,
+    ip: Ipv4Addr,
+    prefix: u8,
+    mtu: u16,
+) -> Result<()> {
+    if !netns::exists(ns) {
+        netns::create(ns)?;
+    }
+    let tmp = format!("{host_if}g");
+    let nsf = netns::open(ns)?;
+    let (h, t) = (host_if.to_string(), tmp.clone());
+    netlink::with_handle(|hd| async move {
+        netlink::del_link(&hd, &h).await?;
+        netlink::add_veth(&hd, &h, &t).await?;
+        netlink::set_mtu(&hd, &h, u32::from(mtu) + 18).await?;
+        netlink::set_up(&hd, &h).await?;
+        netlink::move_to_netns(&hd, &t, &nsf).await
+    })?;
+    netns::run_in(ns, || {
+        for k in [
+            "net/ipv6/conf/all/disable_ipv6",
+            "net/ipv6/conf/default/disable_ipv6",
+        ] {
+            let _ = netns::sysctl(k, "1");
+        }
+        netlink::with_handle(|hd| async move {
+            netlink::del_link(&hd, "eth0").await?;
+            netlink::rename(&hd, &tmp, "eth0").await?;
+            netlink::set_mac(&hd, "eth0", mac.0).await?;
+            netlink::set_mtu(&hd, "eth0", u32::from(mtu)).await?;
+            netlink::add_addr(&hd, "eth0", ip, prefix).await?;
+            netlink::set_up(&hd, "eth0").await?;
+            netlink::set_up(&hd, "lo").await
+        })?;
+        // Frames leave eth0 towards AF_XDP: their checksums must be complete.
+        netlink::disable_tx_checksum("eth0")
+    })
+}
+
+/// The host end's interface name for a fast port: short (IFNAMSIZ) and stable.
+pub fn veth_name(ns: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in ns.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    format!("vp{h:08x}")
+}

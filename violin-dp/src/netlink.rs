@@ -198,3 +198,43 @@ pub async fn neighbours(h: &Handle, name: &str) -> Result<Vec<(Ipv4Addr, [u8; 6]
     }
     Ok(out)
 }
+
+/// Turns TX checksum offload off on a link (`ethtool -K NAME tx off`), in the calling
+/// thread's namespace. Needed where frames leave a veth towards AF_XDP: with offload the
+/// kernel hands over packets whose checksums were never filled in.
+pub fn disable_tx_checksum(name: &str) -> Result<()> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    let mut val = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut val,
+        _pad: [0; 16],
+    };
+    anyhow::ensure!(
+        name.len() < libc::IFNAMSIZ,
+        "interface name {name} too long"
+    );
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("a socket for ethtool")?;
+    // SAFETY: SIOCETHTOOL reads an ifreq whose data points at a live ethtool_value.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req as *mut IfReq) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("ethtool -K {name} tx off"));
+    }
+    Ok(())
+}

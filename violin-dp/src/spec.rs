@@ -46,6 +46,8 @@ struct RawGuest {
     #[serde(default)]
     socket: Option<String>,
     #[serde(default)]
+    port: Option<String>,
+    #[serde(default)]
     rate: Option<String>,
     #[serde(default)]
     burst: Option<String>,
@@ -97,6 +99,18 @@ pub enum GuestKind {
     Socket,
 }
 
+/// How a lightweight guest's NIC reaches the switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PortKind {
+    /// The guest's UNIX socket (through a relay for netns guests, as QEMU would).
+    #[default]
+    Socket,
+    /// A veth whose host end the daemon drives with AF_XDP (netns guests only; needs the
+    /// xdp data plane).
+    Xdp,
+}
+
 /// A token-bucket rate: `bytes_per_sec` refilled continuously, `burst_bytes` deep, and
 /// optionally a packet rate (bucket depth: `burst_packets`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +138,8 @@ pub enum MemberKind {
         prefix_len: u8,
         kind: GuestKind,
         framing: Framing,
+        #[serde(default)]
+        port: PortKind,
     },
     External {
         underlay: Ipv4Addr,
@@ -554,6 +570,24 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
                 Framing::Stream
             }
         };
+        let port = match g.port.as_deref() {
+            None | Some("socket") => PortKind::Socket,
+            Some("xdp") if kind == GuestKind::Netns => PortKind::Xdp,
+            Some("xdp") => {
+                c.err(
+                    format!("{f}.port"),
+                    "port = \"xdp\" needs a netns guest (kind = \"netns\")",
+                );
+                PortKind::Socket
+            }
+            Some(p) => {
+                c.err(
+                    format!("{f}.port"),
+                    format!("unknown port {p:?} (socket or xdp)"),
+                );
+                PortKind::Socket
+            }
+        };
         let rate = rate_of(&mut c, &f, &g.rate, &g.burst, g.pps, max_frame);
         members.push(Member {
             name: g.name.clone(),
@@ -564,6 +598,7 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
                 prefix_len,
                 kind,
                 framing,
+                port,
             },
             rate,
         });
@@ -776,6 +811,7 @@ mac = "02:aa:00:00:00:50"
                 prefix_len,
                 kind,
                 framing,
+                ..
             } => {
                 assert_eq!(host, "h2");
                 assert_eq!(*ip, Ipv4Addr::new(10, 0, 0, 2));
@@ -921,6 +957,42 @@ mac = "02:aa:00:00:00:50"
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn fast_ports() {
+        let v = parse(
+            &ISSUE_SPEC.replace(
+                "ip = \"10.0.0.1/24\"",
+                "ip = \"10.0.0.1/24\"\nport = \"xdp\"",
+            ),
+            &hosts(),
+        )
+        .unwrap();
+        assert!(matches!(
+            v.members[0].kind,
+            MemberKind::Guest {
+                port: PortKind::Xdp,
+                ..
+            }
+        ));
+        assert!(matches!(
+            v.members[1].kind,
+            MemberKind::Guest {
+                port: PortKind::Socket,
+                ..
+            }
+        ));
+        let e = errors_of(&ISSUE_SPEC.replace(
+            "ip = \"10.0.0.1/24\"",
+            "ip = \"10.0.0.1/24\"\nport = \"xdp\"\nkind = \"socket\"",
+        ));
+        assert!(e.mentions("guest[0].port"), "{e}");
+        let e = errors_of(&ISSUE_SPEC.replace(
+            "ip = \"10.0.0.1/24\"",
+            "ip = \"10.0.0.1/24\"\nport = \"tap\"",
+        ));
+        assert!(e.mentions("guest[0].port"), "{e}");
     }
 
     #[test]

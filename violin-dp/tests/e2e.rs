@@ -685,3 +685,100 @@ on_both_dataplanes!(
     one_violin_flooding_does_not_hurt_another,
     a_crashed_daemon_restarts_and_traffic_resumes,
 );
+
+const FAST_SPEC: &str = r#"
+name = "fast"
+vni = 200
+[[guest]]
+name = "a"
+host = "h1"
+ip = "10.2.0.1/24"
+port = "xdp"
+[[guest]]
+name = "b"
+host = "h2"
+ip = "10.2.0.2/24"
+[[guest]]
+name = "c"
+host = "h1"
+ip = "10.2.0.3/24"
+port = "xdp"
+[[guest]]
+name = "d"
+host = "h2"
+ip = "10.2.0.4/24"
+port = "xdp"
+[[link]]
+between = ["a", "b"]
+rate = "50mbit"
+[[link]]
+between = ["a", "c"]
+[[link]]
+between = ["a", "d"]
+[[link]]
+between = ["b", "d"]
+"#;
+
+/// Fast ports (veths driven by AF_XDP) talk to each other and to socket ports, carry
+/// TCP intact, and are policed like any port.
+#[test]
+fn xdp_fast_ports_switch_police_and_carry_tcp() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "xdp", &[]);
+    c.up_spec("fast.toml", FAST_SPEC);
+    for (from, to) in [
+        ("a", "10.2.0.2"),
+        ("a", "10.2.0.3"),
+        ("a", "10.2.0.4"),
+        ("b", "10.2.0.4"),
+        ("d", "10.2.0.1"),
+    ] {
+        assert!(c.ping("fast", from, to, 3), "{from} → {to}");
+    }
+    assert!(!c.ping("fast", "c", "10.2.0.4", 1), "c and d have no link");
+    // TCP across hosts between fast ports: any checksum left to an offload would stall it.
+    c.ok(&["exec", "fast", "d", "--", "iperf3", "-s", "-1", "-D"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = c.ok(&[
+        "exec", "fast", "a", "--", "iperf3", "-c", "10.2.0.4", "-t", "1", "-J",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let bps = j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap();
+    eprintln!("TCP a → d over fast ports: {:.0} Mbit/s", bps / 1e6);
+    assert!(bps > 10e6, "TCP over fast ports barely moved: {bps} bit/s");
+    // The a–b link is policed on a's fast port like on a socket port.
+    let s1 = c.stats("fast");
+    let t1 = Instant::now();
+    udp_flood(
+        &c.guest_ns("fast", "a"),
+        "10.2.0.2:9",
+        1400,
+        t1 + Duration::from_secs(3),
+        false,
+    )
+    .join()
+    .unwrap();
+    let s2 = c.stats("fast");
+    let secs = t1.elapsed().as_secs_f64();
+    let carried = (c.edge(&s2, "a", "b").1 - c.edge(&s1, "a", "b").1) as f64 * 8.0 / secs / 1e6;
+    eprintln!("a → b flood through a fast port, policed at 50 Mbit/s: {carried:.1} Mbit/s");
+    assert!(
+        (40.0..=56.0).contains(&carried),
+        "carried {carried:.1} Mbit/s"
+    );
+    assert!(s2.drops.get("policed_link").copied().unwrap_or(0) > 0);
+    let port_a = s2
+        .hosts
+        .iter()
+        .flat_map(|h| &h.ports)
+        .find(|p| p.name == "a")
+        .unwrap();
+    assert!(port_a.socket.starts_with("xdp:"), "{}", port_a.socket);
+    // Removing the Violin removes the fast ports' namespaces and veths.
+    c.ok(&["down", "fast"]);
+    assert!(violin_dp::netns::list(&format!("{}-fast-", c.name)).is_empty());
+}

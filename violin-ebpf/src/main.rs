@@ -7,6 +7,9 @@
 //! UDP, fragments): XDP_PASS. Truncated or malformed headers, an unknown VNI or a
 //! non-member source: XDP_DROP. Each outcome is counted per CPU by `Verdict`, the list
 //! user space counts with too. Header layouts come from `violin_common::wire`.
+//!
+//! `violin_port` runs on the host end of fast guest ports (veths driven by AF_XDP) and
+//! hands every frame to that port's socket.
 #![no_std]
 #![no_main]
 
@@ -145,6 +148,30 @@ fn classify(ctx: &XdpContext) -> Result<u32, Verdict> {
     Ok(XSKS
         .redirect(slot, u64::from(xdp_action::XDP_DROP))
         .unwrap_or(xdp_action::XDP_DROP))
+}
+
+/// Host ends of fast guest ports: ingress ifindex → slot in `PORT_XSKS`.
+#[map(name = "PORT_SLOTS")]
+static PORT_SLOTS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+#[map(name = "PORT_XSKS")]
+static PORT_XSKS: XskMap = XskMap::with_max_entries(4096, 0);
+
+/// On the host end of a fast guest port's veth: every frame the guest sends goes to the
+/// port's AF_XDP socket (the switch decides from there, as for socket ports).
+#[xdp]
+pub fn violin_port(ctx: XdpContext) -> u32 {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: plain integer map value, read immediately.
+    match unsafe { PORT_SLOTS.get(&ifindex) } {
+        Some(&slot) => {
+            count(Verdict::Forward);
+            PORT_XSKS
+                .redirect(slot, u64::from(xdp_action::XDP_DROP))
+                .unwrap_or(xdp_action::XDP_DROP)
+        }
+        None => xdp_action::XDP_PASS,
+    }
 }
 
 #[cfg(not(test))]

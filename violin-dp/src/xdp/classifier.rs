@@ -4,6 +4,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 use std::net::Ipv4Addr;
@@ -42,6 +43,8 @@ pub fn object_path() -> Result<PathBuf> {
 
 pub struct Classifier {
     ebpf: Ebpf,
+    port_slots: HashMap<MapData, u32, u32>,
+    port_xsks: XskMap<MapData>,
     vnis: HashMap<MapData, u32, VniEntry>,
     members: HashMap<MapData, MemberKey, u32>,
     xsks: XskMap<MapData>,
@@ -66,6 +69,11 @@ impl Classifier {
             .try_into()?;
         prog.load()
             .context("loading the XDP classifier into the kernel (needs CAP_BPF / root)")?;
+        let port: &mut Xdp = ebpf
+            .program_mut(maps::PORT_PROGRAM)
+            .ok_or_else(|| anyhow!("no program {} in the object", maps::PORT_PROGRAM))?
+            .try_into()?;
+        port.load().context("loading the guest-port XDP program")?;
         let mut config: Array<_, u32> =
             Array::try_from(ebpf.map_mut(maps::CONFIG_MAP).context("CONFIG map")?)?;
         config.set(maps::CONFIG_PORT, u32::from(vxlan_port), 0)?;
@@ -78,8 +86,12 @@ impl Classifier {
         let members = HashMap::try_from(take(&mut ebpf, maps::MEMBER_MAP)?)?;
         let xsks = XskMap::try_from(take(&mut ebpf, maps::XSK_MAP)?)?;
         let verdicts = PerCpuArray::try_from(take(&mut ebpf, maps::VERDICT_COUNTERS)?)?;
+        let port_slots = HashMap::try_from(take(&mut ebpf, maps::PORT_SLOT_MAP)?)?;
+        let port_xsks = XskMap::try_from(take(&mut ebpf, maps::PORT_XSK_MAP)?)?;
         Ok(Classifier {
             ebpf,
+            port_slots,
+            port_xsks,
             vnis,
             members,
             xsks,
@@ -115,6 +127,35 @@ impl Classifier {
 
     pub fn attached(&self) -> Option<&str> {
         self.attached.as_deref()
+    }
+
+    fn port_program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(maps::PORT_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
+    /// Makes `iface` (the host end of a fast guest port) hand every frame to the AF_XDP
+    /// socket `fd`, in slot `slot`.
+    pub fn attach_port(&mut self, iface: &str, slot: u32, fd: &impl AsRawFd) -> Result<XdpLinkId> {
+        let ifindex = if_index(iface)?;
+        self.port_xsks
+            .set(slot, fd.as_raw_fd(), 0)
+            .context("adding a port socket to the XskMap")?;
+        self.port_slots.insert(ifindex, slot, 0)?;
+        self.port_program()
+            .attach(iface, XdpMode::Driver)
+            .with_context(|| format!("attaching the guest-port program to {iface}"))
+    }
+
+    pub fn detach_port(&mut self, link: XdpLinkId, iface: &str, slot: u32) {
+        let _ = self.port_program().detach(link);
+        if let Ok(i) = if_index(iface) {
+            let _ = self.port_slots.remove(&i);
+        }
+        let _ = self.port_xsks.unset(slot);
     }
 
     /// Routes `vni` to socket slot `slot`, accepting frames from `members` only.
@@ -161,6 +202,16 @@ impl Classifier {
         }
         out
     }
+}
+
+fn if_index(iface: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(iface)?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        bail!("no interface {iface}");
+    }
+    Ok(i)
 }
 
 /// Removes any XDP program attached to `iface` through netlink (`ip link set IFACE xdp off`).
