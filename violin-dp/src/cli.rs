@@ -80,6 +80,10 @@ pub enum ClusterCmd {
         /// Underlay MTU.
         #[arg(long, default_value_t = 1500)]
         mtu: u32,
+        /// xdp: one AF_XDP socket per queue shared by all Violins (what the daemon falls
+        /// back to where a driver refuses shared UMEM), instead of one per Violin.
+        #[arg(long)]
+        xdp_single_socket: bool,
     },
     /// Show the bridge, subnet and each host's namespace and underlay address.
     Info {
@@ -109,6 +113,7 @@ pub fn run(cli: Cli) -> Result<()> {
             subnet,
             dataplane,
             mtu,
+            xdp_single_socket,
         }) => {
             eprintln!("Bringing up cluster {name} ({hosts} hosts)");
             let st = cluster::up(
@@ -119,6 +124,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     subnet,
                     dataplane,
                     mtu,
+                    xdp_single_socket,
                 },
                 &progress,
             )?;
@@ -475,6 +481,56 @@ fn violin_stats(st: &ClusterState, violin: &str, json: bool) -> Result<()> {
                 "{:<10} {:<6} {:>10} {:>12} {:>10} {:>12} {:>8}",
                 p.name, h.host, c.rx_frames, c.rx_bytes, c.tx_frames, c.tx_bytes, c.connects
             );
+        }
+    }
+    println!("\n{:<6} {:<5} {:>10}  DETAIL", "HOST", "PLANE", "UDP RX");
+    for h in &s.hosts {
+        println!("{:<6} {:<5} {:>10}", h.host, h.dataplane, h.udp_rx_frames);
+        if let Some(x) = &h.xdp {
+            let v: Vec<String> = x.verdicts.iter().map(|(k, n)| format!("{k}={n}")).collect();
+            println!(
+                "{:24}classifier: {}",
+                "",
+                if v.is_empty() {
+                    "-".into()
+                } else {
+                    v.join(" ")
+                }
+            );
+            let r = &x.rings;
+            println!(
+                "{:24}rings: rx={} tx={} free={}/{} backlog={} tx_ring_full={} pool_empty={} fill_retry={} rx_bad={} neighbour_miss={}",
+                "",
+                r.counters.rx_frames,
+                r.counters.tx_frames,
+                r.free_frames,
+                r.pool_frames,
+                r.completion_backlog,
+                r.counters.tx_ring_full,
+                r.counters.pool_empty,
+                r.counters.fill_retry,
+                r.rx_bad,
+                r.neighbour_miss
+            );
+            if let Some(k) = &x.socket {
+                println!(
+                    "{:24}{}'s socket: rx_ring_full={} rx_dropped={} fill_ring_empty={} invalid={}",
+                    "",
+                    s.name,
+                    k.rx_ring_full,
+                    k.rx_dropped,
+                    k.rx_fill_ring_empty,
+                    k.rx_invalid_descs + k.tx_invalid_descs
+                );
+            }
+        }
+        if !h.host_drops.is_empty() {
+            let d: Vec<String> = h
+                .host_drops
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect();
+            println!("{:24}host drops (no Violin): {}", "", d.join(" "));
         }
     }
     Ok(())

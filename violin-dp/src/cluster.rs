@@ -122,6 +122,8 @@ pub struct UpOptions {
     pub subnet: String,
     pub dataplane: DataplaneChoice,
     pub mtu: u32,
+    /// xdp: one AF_XDP socket per queue for all Violins instead of one per Violin.
+    pub xdp_single_socket: bool,
 }
 
 /// Brings a cluster up; on any failure, removes what it made.
@@ -205,6 +207,7 @@ pub fn up(
                 run_dir: dir.join(&host),
                 netns_prefix: format!("{name}-"),
                 dataplane: opts.dataplane,
+                xdp_socket_per_violin: !opts.xdp_single_socket,
             };
             let cfg_path = dir.join(format!("{host}.toml"));
             std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;

@@ -37,6 +37,15 @@ pub struct HostConfig {
     pub netns_prefix: String,
     #[serde(default)]
     pub dataplane: DataplaneChoice,
+    /// xdp: one AF_XDP socket per Violin (shared UMEM), so a flooding Violin fills only
+    /// its own ring. `false` (or a driver that refuses shared UMEM) means one socket per
+    /// queue for every Violin.
+    #[serde(default = "yes")]
+    pub xdp_socket_per_violin: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_interface() -> String {

@@ -13,7 +13,7 @@ use crate::control::{
 use crate::fastpath::switch::{Egress, Ingress, PortId, Switch};
 use crate::netns;
 use crate::spec::{GuestKind, MemberKind, PortKind, Violin};
-use crate::transport::afxdp::AfXdp;
+use crate::transport::afxdp::{AfXdp, MAX_SLOTS, SHARED_SLOT};
 use crate::transport::guest::{GuestPort, RxEvent};
 use crate::transport::udp::{Received, UdpUnderlay};
 use crate::transport::underlay::Underlay;
@@ -89,6 +89,8 @@ pub struct Daemon {
     slots: Vec<Option<String>>,
     /// VXLAN frames that came in through the kernel's UDP socket.
     udp_rx_frames: u64,
+    /// Per-Violin sockets were refused: every Violin uses the shared socket.
+    single_socket: bool,
     control: UnixListener,
     guests: Vec<GuestProc>,
     out: Vec<Egress>,
@@ -165,6 +167,7 @@ impl Daemon {
             classifier,
             slots: Vec::new(),
             udp_rx_frames: 0,
+            single_socket: false,
             control,
             guests: Vec::new(),
             out: Vec::with_capacity(64),
@@ -175,6 +178,43 @@ impl Daemon {
             shutdown: Arc::new(AtomicBool::new(false)),
             waker,
         })
+    }
+
+    /// Keeps only the capabilities the running daemon needs: NET_ADMIN (links, XDP
+    /// attachment, AF_XDP binds), NET_RAW (AF_XDP sockets), IPC_LOCK (pinning the UMEMs
+    /// of fast ports opened later) and SYS_ADMIN (guest network namespaces, BPF map and
+    /// link operations). Everything else is dropped from every
+    /// set, the bounding set included, so guest relays cannot regain it either.
+    pub fn drop_capabilities(&self) -> Result<()> {
+        use caps::{CapSet, Capability};
+        let keep = [
+            Capability::CAP_NET_ADMIN,
+            Capability::CAP_NET_RAW,
+            Capability::CAP_IPC_LOCK,
+            Capability::CAP_SYS_ADMIN,
+        ];
+        let mut dropped = 0;
+        for cap in caps::all() {
+            if keep.contains(&cap) {
+                continue;
+            }
+            if caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+                caps::drop(None, CapSet::Bounding, cap)
+                    .map_err(|e| anyhow!("dropping {cap} from the bounding set: {e}"))?;
+                dropped += 1;
+            }
+        }
+        for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+            let mine = caps::read(None, set).map_err(|e| anyhow!("reading capabilities: {e}"))?;
+            let want = mine.into_iter().filter(|c| keep.contains(c)).collect();
+            caps::set(None, set, &want).map_err(|e| anyhow!("setting capabilities: {e}"))?;
+        }
+        info!(
+            dropped,
+            kept = "CAP_NET_ADMIN CAP_NET_RAW CAP_IPC_LOCK CAP_SYS_ADMIN",
+            "capabilities dropped after setup"
+        );
+        Ok(())
     }
 
     /// A handle that stops the loop from another thread (a signal handler).
@@ -194,6 +234,8 @@ impl Daemon {
     pub fn run(mut self) -> Result<()> {
         let mut events = Events::with_capacity(256);
         let mut last_tick = Instant::now();
+        let mut last_neigh = Instant::now();
+        let mut seen_misses = 0;
         while !self.shutdown.load(Ordering::SeqCst) {
             let timeout = if self.again.is_empty() {
                 Some(TICK)
@@ -215,6 +257,16 @@ impl Daemon {
                 }
             }
             self.underlay.flush();
+            // A frame went out through the kernel for want of a neighbour entry: the
+            // kernel is resolving it now; pick it up soon rather than at the next tick.
+            if let Some(xsk) = self.underlay.xsk() {
+                let misses = xsk.stats().neighbour_miss;
+                if misses != seen_misses && last_neigh.elapsed() >= Duration::from_millis(20) {
+                    seen_misses = misses;
+                    last_neigh = Instant::now();
+                    self.refresh_neighbours();
+                }
+            }
             for ps in self.ports.iter_mut().flatten() {
                 if let Port::Xdp(x) = &mut ps.port {
                     x.flush();
@@ -494,7 +546,11 @@ impl Daemon {
             .filter(|x| v[**x as usize] > 0)
             .map(|x| (x.name().to_string(), v[*x as usize]))
             .collect();
-        let slot = self.slots.iter().position(|s| s.as_deref() == Some(violin));
+        let slot = self
+            .slots
+            .iter()
+            .position(|s| s.as_deref() == Some(violin))
+            .or((self.single_socket || !self.cfg.xdp_socket_per_violin).then_some(SHARED_SLOT));
         let xsk = self.underlay.xsk()?;
         Some(XdpHostStats {
             verdicts,
@@ -678,32 +734,54 @@ impl Daemon {
     }
 
     /// xdp data plane: a socket slot for the Violin, in the XskMap, and its VNI and
-    /// member sources in the classifier's maps.
+    /// member sources in the classifier's maps. With one socket per queue (configured,
+    /// or because a per-Violin socket was refused), every Violin shares slot
+    /// `SHARED_SLOT`'s socket and the switch tells them apart by VNI.
     fn attach_xdp(&mut self, v: &Violin) -> Result<()> {
         if self.classifier.is_none() {
             return Ok(());
         }
         let members = self.member_sources(v);
-        let slot = self
+        let per_violin = self.cfg.xdp_socket_per_violin && !self.single_socket;
+        let free = self
             .slots
             .iter()
             .position(Option::is_none)
             .unwrap_or(self.slots.len());
+        if per_violin && free >= MAX_SLOTS {
+            bail!("this host has {MAX_SLOTS} Violins with an AF_XDP socket each, the most its frame pool isolates; set xdp_socket_per_violin = false (violin cluster up --xdp-single-socket) to share one socket");
+        }
+        let slot = if per_violin { free } else { SHARED_SLOT };
         let (Some(cls), Some(xsk)) = (self.classifier.as_mut(), self.underlay.xsk()) else {
             return Ok(());
         };
-        let fd = xsk.add_slot(slot)?;
+        let fd = match xsk.slot_fd(slot) {
+            Some(fd) => fd, // the shared socket, opened for an earlier Violin
+            None => match xsk.add_slot(slot) {
+                Ok(fd) => {
+                    self.poll.registry().register(
+                        &mut SourceFd(&fd),
+                        Token(XSK_BASE + slot),
+                        Interest::READABLE,
+                    )?;
+                    fd
+                }
+                Err(e) if per_violin => {
+                    warn!("a per-Violin AF_XDP socket was refused ({e:#}); falling back to one socket per queue for every Violin");
+                    self.single_socket = true;
+                    return self.attach_xdp(v);
+                }
+                Err(e) => return Err(e.context("opening the AF_XDP socket shared by every Violin")),
+            },
+        };
         cls.set_socket(slot as u32, &fd)?;
         cls.add_vni(v.vni, slot as u32, &members)?;
-        self.poll.registry().register(
-            &mut SourceFd(&fd),
-            Token(XSK_BASE + slot),
-            Interest::READABLE,
-        )?;
-        if self.slots.len() <= slot {
-            self.slots.resize(slot + 1, None);
+        if per_violin {
+            if self.slots.len() <= slot {
+                self.slots.resize(slot + 1, None);
+            }
+            self.slots[slot] = Some(v.name.clone());
         }
-        self.slots[slot] = Some(v.name.clone());
         Ok(())
     }
 
@@ -877,6 +955,9 @@ fn setup_xdp(cfg: &HostConfig) -> Result<(AfXdp, Classifier)> {
     let xsk = AfXdp::new(&cfg.interface, outer)?;
     cls.attach(&cfg.interface)?;
     info!(interface = %cfg.interface, object = %path.display(), "XDP classifier attached; AF_XDP sockets on queue 0 (copy mode)");
+    if !cfg.xdp_socket_per_violin {
+        info!("one AF_XDP socket per queue for every Violin (xdp_socket_per_violin = false)");
+    }
     Ok((xsk, cls))
 }
 

@@ -782,3 +782,30 @@ fn xdp_fast_ports_switch_police_and_carry_tcp() {
     c.ok(&["down", "fast"]);
     assert!(violin_dp::netns::list(&format!("{}-fast-", c.name)).is_empty());
 }
+
+/// One socket per queue (the fallback where shared UMEM is refused): Violins share the
+/// anchor socket and still stay apart.
+#[test]
+fn xdp_one_socket_per_queue_still_separates_violins() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "xdp", &["--xdp-single-socket"]);
+    c.up_spec("blue.toml", BLUE);
+    c.up_spec("red.toml", RED);
+    assert!(c.ping("blue", "a", "10.0.0.2", 3));
+    assert!(c.ping("red", "a", "10.0.0.3", 3));
+    assert!(
+        !c.ping("blue", "a", "10.0.0.3", 1),
+        "blue a–c still has no link"
+    );
+    c.assert_dataplane("blue", "xdp");
+    c.assert_dataplane("red", "xdp");
+    let s = c.stats("red");
+    assert_eq!(
+        c.edge(&s, "a", "c").0,
+        c.edge(&s, "c", "a").0.max(c.edge(&s, "a", "c").0)
+    );
+    let log = std::fs::read_to_string(c.run_dir.join(&c.name).join("h1.log")).unwrap();
+    assert!(log.contains("one AF_XDP socket per queue"), "{log}");
+}

@@ -52,6 +52,9 @@ fn main() -> Result<()> {
             }
             let mut daemon = Daemon::new(cfg)?;
             daemon.restore();
+            if let Err(e) = daemon.drop_capabilities() {
+                tracing::warn!("keeping all capabilities: {e:#}");
+            }
             let stop = daemon.stopper();
             ctrlc::set_handler(stop)?;
             daemon.run()

@@ -5,7 +5,9 @@
 //! rings ([`RX_RING`]), so a Violin that floods, or is not served, holds at most its own
 //! ring's worth and the others keep receiving. The first socket on the queue is a
 //! permanent anchor: it owns the fill and completion rings (shared by every socket on
-//! the queue) and transmits everything; Violins' sockets come and go. Outer headers are
+//! the queue) and transmits everything; Violins' sockets come and go. (Frames the
+//! classifier redirected to the anchor itself were never seen on its RX ring here, so
+//! receiving is always on a socket of its own, even with one socket for all Violins.) Outer headers are
 //! written here ([`encap::write_outer`]), with destination MACs from the kernel's
 //! neighbour table. Copy mode (veth has no zero-copy), need_wakeup on.
 
@@ -26,6 +28,9 @@ pub const TX_RING: u32 = 2048;
 /// Most Violins on one host with the xdp data plane: their RX rings must fit in the
 /// fill frames with room to spare.
 pub const MAX_SLOTS: usize = FILL_FRAMES / RX_RING as usize / 2;
+/// The slot of the one socket every Violin shares when per-Violin sockets are off or
+/// refused (one socket per queue).
+pub const SHARED_SLOT: usize = MAX_SLOTS;
 
 /// Kernel counters of one Violin's socket (`XDP_STATISTICS`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +93,7 @@ pub struct AfXdp {
 impl AfXdp {
     /// Creates the UMEM and the anchor socket on `iface` queue 0, and fills the fill ring.
     pub fn new(iface: &str, outer: Outer) -> anyhow::Result<AfXdp> {
-        let (core, anchor) = XskCore::open(iface, FRAMES, FILL_FRAMES, 64, TX_RING)?;
+        let (core, anchor) = XskCore::open(iface, FRAMES, FILL_FRAMES, RX_RING, TX_RING)?;
         Ok(AfXdp {
             core,
             _anchor_rx: anchor,
@@ -103,8 +108,8 @@ impl AfXdp {
     /// Opens the socket of Violin slot `slot`; returns its fd (for the XskMap and poll).
     pub fn add_slot(&mut self, slot: usize) -> anyhow::Result<RawFd> {
         anyhow::ensure!(
-            slot < MAX_SLOTS,
-            "at most {MAX_SLOTS} Violins per host on the xdp data plane"
+            slot <= SHARED_SLOT,
+            "at most {MAX_SLOTS} Violins per host with a socket each on the xdp data plane"
         );
         let (rx, tx) = self.core.share(RX_RING)?;
         let fd = rx.fd().as_raw_fd();
