@@ -404,27 +404,18 @@ pub fn down(run_dir: &Path, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
 
 /// Kills every process whose network namespace is the named one.
 pub fn kill_processes_in(ns: &str) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(target) = std::fs::metadata(netns::path(ns)) else {
         return;
     };
-    use std::os::unix::fs::MetadataExt;
-    let me = std::process::id();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+    for pid in netns::other_pids() {
+        let Ok(m) = std::fs::metadata(format!("/proc/{pid}/ns/net")) else {
             continue;
         };
-        if pid == me {
-            continue;
-        }
-        if let Ok(m) = std::fs::metadata(format!("/proc/{pid}/ns/net")) {
-            if m.ino() == target.ino() && m.dev() == target.dev() {
-                let p = nix::unistd::Pid::from_raw(pid as i32);
-                let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
-                let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-            }
+        if m.ino() == target.ino() && m.dev() == target.dev() {
+            let p = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         }
     }
 }

@@ -145,14 +145,7 @@ pub fn run(args: GuestArgs) -> Result<()> {
 /// Kills relay processes (`violin-dp guest --netns NS …`) of the guest namespace `ns`
 /// that this daemon did not start (left by a daemon that crashed).
 pub fn kill_stale_relays(ns: &str) {
-    let me = std::process::id();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
+    for pid in netns::other_pids() {
         let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             continue;
         };
@@ -161,12 +154,14 @@ pub fn kill_stale_relays(ns: &str) {
             && args
                 .windows(2)
                 .any(|w| w[0] == b"--netns" && w[1] == ns.as_bytes());
-        if is_relay && pid as u32 != me {
-            let pid = nix::unistd::Pid::from_raw(pid);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        if is_relay {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             // Wait until it is gone, so its tap is too.
             for _ in 0..100 {
-                if !alive(pid.as_raw()) {
+                if !alive(pid) {
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));

@@ -131,6 +131,17 @@ pub fn list(prefix: &str) -> Vec<String> {
     v
 }
 
+/// The pids of all processes but this one.
+pub fn other_pids() -> impl Iterator<Item = i32> {
+    let me = std::process::id() as i32;
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(move |pid| *pid != me)
+}
+
 /// Writes a sysctl of the calling thread's network namespace (`net/ipv6/conf/all/...`).
 pub fn sysctl(key: &str, value: &str) -> Result<()> {
     let p = Path::new("/proc/sys").join(key.replace('.', "/"));

@@ -370,6 +370,28 @@ impl Collector {
             message: message.into(),
         });
     }
+
+    /// One of a field's allowed words (the first is the default when it is absent).
+    fn choice<T: Copy>(
+        &mut self,
+        at: &str,
+        field: &str,
+        value: &Option<String>,
+        options: &[(&str, T)],
+    ) -> T {
+        let Some(v) = value else { return options[0].1 };
+        match options.iter().find(|(name, _)| name == v) {
+            Some((_, t)) => *t,
+            None => {
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                self.err(
+                    format!("{at}.{field}"),
+                    format!("unknown {field} {v:?} ({})", names.join(" or ")),
+                );
+                options[0].1
+            }
+        }
+    }
 }
 
 fn rate_of(
@@ -548,45 +570,32 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
             None => derive_mac(vni, &g.name),
         };
         check_mac(&mut c, format!("{f}.mac"), mac);
-        let kind = match g.kind.as_deref() {
-            None | Some("netns") => GuestKind::Netns,
-            Some("socket") => GuestKind::Socket,
-            Some(k) => {
-                c.err(
-                    format!("{f}.kind"),
-                    format!("unknown kind {k:?} (netns or socket)"),
-                );
-                GuestKind::Netns
-            }
-        };
-        let framing = match g.socket.as_deref() {
-            None | Some("stream") => Framing::Stream,
-            Some("dgram") => Framing::Dgram,
-            Some(s) => {
-                c.err(
-                    format!("{f}.socket"),
-                    format!("unknown framing {s:?} (stream or dgram)"),
-                );
-                Framing::Stream
-            }
-        };
-        let port = match g.port.as_deref() {
-            None | Some("socket") => PortKind::Socket,
-            Some("xdp") if kind == GuestKind::Netns => PortKind::Xdp,
-            Some("xdp") => {
+        let kind = c.choice(
+            &f,
+            "kind",
+            &g.kind,
+            &[("netns", GuestKind::Netns), ("socket", GuestKind::Socket)],
+        );
+        let framing = c.choice(
+            &f,
+            "socket",
+            &g.socket,
+            &[("stream", Framing::Stream), ("dgram", Framing::Dgram)],
+        );
+        let port = match c.choice(
+            &f,
+            "port",
+            &g.port,
+            &[("socket", PortKind::Socket), ("xdp", PortKind::Xdp)],
+        ) {
+            PortKind::Xdp if kind != GuestKind::Netns => {
                 c.err(
                     format!("{f}.port"),
                     "port = \"xdp\" needs a netns guest (kind = \"netns\")",
                 );
                 PortKind::Socket
             }
-            Some(p) => {
-                c.err(
-                    format!("{f}.port"),
-                    format!("unknown port {p:?} (socket or xdp)"),
-                );
-                PortKind::Socket
-            }
+            p => p,
         };
         let rate = rate_of(&mut c, &f, &g.rate, &g.burst, g.pps, max_frame);
         members.push(Member {
