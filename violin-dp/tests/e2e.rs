@@ -809,3 +809,98 @@ fn xdp_one_socket_per_queue_still_separates_violins() {
     let log = std::fs::read_to_string(c.run_dir.join(&c.name).join("h1.log")).unwrap();
     assert!(log.contains("one AF_XDP socket per queue"), "{log}");
 }
+
+/// `auto` takes XDP where the classifier loads, and says why not where it does not.
+#[test]
+fn auto_dataplane_uses_xdp_where_it_can_and_says_why_not() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(1, "auto", &[]);
+    assert!(
+        c.host_log("h1").contains("dataplane=\"xdp\""),
+        "{}",
+        c.host_log("h1")
+    );
+    drop(c);
+    let c = Cluster::up_with_env(
+        1,
+        "auto",
+        &[],
+        &[("VIOLIN_EBPF", "/nonexistent/violin-ebpf")],
+    );
+    let log = c.host_log("h1");
+    assert!(
+        log.contains("XDP is unavailable here") && log.contains("/nonexistent/violin-ebpf"),
+        "{log}"
+    );
+    assert!(log.contains("dataplane=\"udp\""), "{log}");
+    // xdp, asked for explicitly, fails loudly instead.
+    drop(c);
+    let _serial = common::serial();
+    let name = format!("t{}xq", std::process::id() % 100_000);
+    let run = std::env::temp_dir().join(format!("violin-test-{name}"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_violin"))
+        .args([
+            "--cluster",
+            &name,
+            "cluster",
+            "up",
+            "--hosts",
+            "1",
+            "--dataplane",
+            "xdp",
+        ])
+        .env("VIOLIN_RUN_DIR", &run)
+        .env("VIOLIN_EBPF", "/nonexistent/violin-ebpf")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("xdp data plane"), "{err}");
+    assert!(
+        violin_dp::netns::list(&format!("{name}-")).is_empty(),
+        "a failed cluster up leaves nothing"
+    );
+    let _ = std::fs::remove_dir_all(run);
+}
+
+/// SIGINT (Ctrl-C) stops a daemon cleanly: its guests, sockets and control socket go.
+#[test]
+fn a_daemon_interrupted_with_ctrl_c_cleans_up() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "xdp", &[]);
+    c.up_spec("blue.toml", BLUE);
+    let h1 = c.info().hosts[0].clone();
+    let guest_sock = c
+        .run_dir
+        .join(&c.name)
+        .join("h1")
+        .join("guests")
+        .join("blue")
+        .join("a.sock");
+    assert!(guest_sock.exists() && h1.control.exists());
+    let pid = nix::unistd::Pid::from_raw(h1.pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let t0 = Instant::now();
+    while nix::sys::signal::kill(pid, None).is_ok() && t0.elapsed() < Duration::from_secs(10) {
+        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        nix::sys::signal::kill(pid, None).is_err(),
+        "the daemon did not exit on SIGINT"
+    );
+    assert!(!guest_sock.exists(), "guest socket left behind");
+    assert!(!h1.control.exists(), "control socket left behind");
+    assert!(
+        !violin_dp::netns::exists(&c.guest_ns("blue", "a")),
+        "guest namespace left behind"
+    );
+    assert!(c.host_log("h1").contains("shutting down"));
+    // Its Violins are remembered: a new daemon brings them back.
+    c.ok(&["cluster", "restart", "h1"]);
+    assert!(c.ping_until("blue", "a", "10.0.0.2", Duration::from_secs(10)));
+}

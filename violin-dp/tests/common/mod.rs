@@ -46,6 +46,11 @@ impl Cluster {
     /// Brings up a cluster of `hosts` hosts running data plane `dp`, with a name unique
     /// to this process and test.
     pub fn up(hosts: usize, dp: &str, extra: &[&str]) -> Cluster {
+        Cluster::up_with_env(hosts, dp, extra, &[])
+    }
+
+    /// `up`, with extra environment for the CLI and the daemons it starts.
+    pub fn up_with_env(hosts: usize, dp: &str, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
         let serial = serial();
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let name = format!("t{}x{n}", std::process::id() % 100_000);
@@ -60,18 +65,35 @@ impl Cluster {
         let hosts = hosts.to_string();
         let mut args = vec!["cluster", "up", "--hosts", &hosts, "--dataplane", dp];
         args.extend_from_slice(extra);
-        c.ok(&args);
+        let o = c
+            .command(&args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("running violin");
+        assert!(
+            o.status.success(),
+            "cluster up failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         c
     }
 
-    pub fn cmd(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_violin"))
-            .arg("--cluster")
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_violin"));
+        cmd.arg("--cluster")
             .arg(&self.name)
             .env("VIOLIN_RUN_DIR", &self.run_dir)
-            .args(args)
-            .output()
-            .expect("running violin")
+            .args(args);
+        cmd
+    }
+
+    pub fn host_log(&self, host: &str) -> String {
+        std::fs::read_to_string(self.run_dir.join(&self.name).join(format!("{host}.log")))
+            .unwrap_or_default()
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("running violin")
     }
 
     /// Runs `violin ARGS` and panics with its output unless it succeeds.
