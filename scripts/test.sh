@@ -16,3 +16,10 @@ step "cargo xtask build-ebpf"
 cargo xtask build-ebpf
 step "cargo test"
 cargo test --locked
+if [ "$(id -u)" -eq 0 ]; then
+  step "cargo xtask bench --quick (smoke test: the bench runs and its output is well formed)"
+  cargo xtask bench --quick
+else
+  echo "SKIPPED: cargo xtask bench --quick needs root (network namespaces)"
+  [ -z "${CI:-}" ] || { echo "CI runs as root: this should not happen" >&2; exit 1; }
+fi

@@ -1,1 +1,490 @@
-fn main() {}
+//! `bench`: Violin's benchmarks, every configuration side by side in one run.
+//!
+//! Two simulated 2-host clusters are up at once (one per data plane), so each round
+//! alternates every configuration; figures are medians over rounds and are reported
+//! with their ratio to the physical baseline measured in the same run. Figures:
+//! 64-byte UDP packet rate with CPU per packet, TCP throughput (1 and 4 streams),
+//! round-trip latency (UDP ping-pong percentiles, ICMP), policing accuracy, and the
+//! idle daemon's CPU. Results go to a JSON file; `--quick` is a short smoke run.
+//!
+//! Run it through `cargo xtask bench [--quick]` (root: it makes namespaces).
+
+mod load;
+mod testbed;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use testbed::{Pair, Testbed};
+
+#[derive(Parser)]
+#[command(about = "Violin benchmarks: all configurations side by side, ratios to physical")]
+struct Cli {
+    /// Brief runs of every figure (a smoke test: its numbers are not results).
+    #[arg(long)]
+    quick: bool,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+}
+
+struct Plan {
+    rounds: usize,
+    flood_secs: f64,
+    tcp_secs: f64,
+    pings: u64,
+    icmp: u32,
+    police_rates_mbit: Vec<u32>,
+    police_secs: f64,
+    idle_violins: usize,
+    idle_secs: f64,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                rounds: 1,
+                flood_secs: 0.7,
+                tcp_secs: 1.0,
+                pings: 300,
+                icmp: 30,
+                police_rates_mbit: vec![10, 100],
+                police_secs: 1.0,
+                idle_violins: 4,
+                idle_secs: 2.0,
+            }
+        } else {
+            Plan {
+                rounds: 3,
+                flood_secs: 4.0,
+                tcp_secs: 5.0,
+                pings: 5000,
+                icmp: 300,
+                police_rates_mbit: vec![1, 10, 100, 1000],
+                police_secs: 4.0,
+                idle_violins: 16,
+                idle_secs: 10.0,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Results {
+    machine: String,
+    quick: bool,
+    started_unix: u64,
+    seconds: f64,
+    configs: Vec<String>,
+    /// Figure 1: 64-byte UDP frames received per second, with CPU cost.
+    packet_rate: BTreeMap<String, load::Flood>,
+    /// Figure 2: TCP goodput, Gbit/s, by streams.
+    tcp_gbps: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Figure 3: round-trip latency.
+    latency: BTreeMap<String, load::Latency>,
+    icmp_avg_us: BTreeMap<String, f64>,
+    /// Figure 4: measured / configured rate on a capped link, by config and rate.
+    policing: BTreeMap<String, BTreeMap<String, Policing>>,
+    /// Figure 7: idle daemon CPU, % of one core, with `idle_violins` Violins.
+    idle_cpu_percent: BTreeMap<String, f64>,
+    idle_violins: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Policing {
+    configured_mbit: u32,
+    udp_mbit: f64,
+    udp_ratio: f64,
+    tcp_mbit: f64,
+    tcp_ratio: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn say(msg: &str) {
+    eprintln!("\x1b[1m[bench]\x1b[0m {msg}");
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the benchmarks make network namespaces: run as root");
+    }
+    let plan = Plan::new(cli.quick);
+    let t0 = Instant::now();
+    let mut r = Results {
+        machine: machine(),
+        quick: cli.quick,
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+        idle_violins: plan.idle_violins,
+        ..Default::default()
+    };
+    let id = std::process::id() % 10000;
+    say("bringing up two simulated 2-host clusters (udp and xdp data planes)");
+    let tu = Testbed::up(&format!("bu{id}"), "udp")?;
+    let tx = Testbed::up(&format!("bx{id}"), "xdp")?;
+    let pairs: Vec<Pair> = vec![
+        tu.physical(),
+        tu.kernel_overlay()?,
+        tu.violin_pair("perf", 100, 1, "socket", None)?,
+        tx.violin_pair("perf", 100, 1, "socket", None)?,
+        tx.violin_pair("fast", 101, 2, "xdp", None)?,
+    ];
+    r.configs = pairs.iter().map(|p| p.config.to_string()).collect();
+    for p in &pairs {
+        load::udp_ping_pong(&p.client.ns, &p.server.ns, p.server.ip, 20)
+            .with_context(|| format!("{}: warm-up", p.config))?;
+    }
+
+    say("figure 1: 64-byte UDP packet rate");
+    let mut floods: BTreeMap<&str, Vec<load::Flood>> = BTreeMap::new();
+    for _ in 0..plan.rounds {
+        for p in &pairs {
+            let f = load::udp_flood(
+                &p.client.ns,
+                &p.server.ns,
+                p.server.ip,
+                18,
+                plan.flood_secs,
+                &p.daemons,
+            )?;
+            floods.entry(p.config).or_default().push(f);
+        }
+    }
+    for (c, fs) in floods {
+        let m = |g: fn(&load::Flood) -> f64| median(fs.iter().map(g).collect());
+        r.packet_rate.insert(
+            c.into(),
+            load::Flood {
+                sent_pps: m(|f| f.sent_pps),
+                received_pps: m(|f| f.received_pps),
+                cpu_us_per_packet: m(|f| f.cpu_us_per_packet),
+                dp_cpu_s_per_mpkt: m(|f| f.dp_cpu_s_per_mpkt),
+            },
+        );
+    }
+
+    say("figure 2: TCP throughput, 1 and 4 streams");
+    for streams in [1u32, 4] {
+        let mut v: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for _ in 0..plan.rounds {
+            for p in &pairs {
+                let bps = load::tcp_throughput(
+                    &p.client.ns,
+                    &p.server.ns,
+                    p.server.ip,
+                    streams,
+                    plan.tcp_secs,
+                )?;
+                v.entry(p.config).or_default().push(bps / 1e9);
+            }
+        }
+        for (c, x) in v {
+            r.tcp_gbps
+                .entry(c.into())
+                .or_default()
+                .insert(format!("{streams}"), median(x));
+        }
+    }
+
+    say("figure 3: round-trip latency");
+    for p in &pairs {
+        r.latency.insert(
+            p.config.into(),
+            load::udp_ping_pong(&p.client.ns, &p.server.ns, p.server.ip, plan.pings)?,
+        );
+        r.icmp_avg_us.insert(
+            p.config.into(),
+            load::icmp_avg_us(&p.client.ns, p.server.ip, plan.icmp)?,
+        );
+    }
+
+    say("figure 4: policing accuracy");
+    for (tb, port) in [(&tu, "socket"), (&tx, "socket"), (&tx, "xdp")] {
+        for (i, &mbit) in plan.police_rates_mbit.iter().enumerate() {
+            let name = format!("pol{i}");
+            let subnet = 20 + i as u8 + if port == "xdp" { 10 } else { 0 };
+            let pair = tb.violin_pair(
+                &name,
+                200 + i as u32 + if port == "xdp" { 10 } else { 0 },
+                subnet,
+                port,
+                Some(&format!("{mbit}mbit")),
+            )?;
+            let p = police(tb, &name, &pair, mbit, plan.police_secs)?;
+            r.policing
+                .entry(pair.config.into())
+                .or_default()
+                .insert(format!("{mbit}mbit"), p);
+            tb.down_violin(&name)?;
+        }
+    }
+
+    say(&format!(
+        "figure 7: idle daemons with {} Violins",
+        plan.idle_violins
+    ));
+    for tb in [&tu, &tx] {
+        let existing = 2; // perf (and fast on xdp) are up already
+        for i in existing..plan.idle_violins {
+            tb.violin_pair(
+                &format!("idle{i}"),
+                300 + i as u32,
+                100 + i as u8,
+                "socket",
+                None,
+            )?;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let pids = tb.daemons();
+        let c0 = load::process_ticks(&pids);
+        std::thread::sleep(Duration::from_secs_f64(plan.idle_secs));
+        let used = (load::process_ticks(&pids) - c0) as f64 / load::ticks_per_second();
+        // Per daemon, % of one core.
+        r.idle_cpu_percent.insert(
+            format!("violin-{}", tb.dataplane),
+            used / plan.idle_secs / pids.len() as f64 * 100.0,
+        );
+    }
+    drop(tx);
+    drop(tu);
+    r.seconds = t0.elapsed().as_secs_f64();
+
+    std::fs::create_dir_all(&cli.out)?;
+    let file = cli.out.join(format!(
+        "bench-{}{}.json",
+        r.started_unix,
+        if cli.quick { "-quick" } else { "" }
+    ));
+    std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
+    print_tables(&r);
+    check(&r)?;
+    say(&format!("results: {} ({:.0} s)", file.display(), r.seconds));
+    Ok(())
+}
+
+/// Floods the capped a→b link with UDP, then runs TCP over it; rates from the switch's
+/// edge counters (L2 bytes) and from iperf3 (goodput).
+fn police(tb: &Testbed, violin: &str, p: &Pair, mbit: u32, secs: f64) -> Result<Policing> {
+    load::udp_ping_pong(&p.client.ns, &p.server.ns, p.server.ip, 5)?;
+    let edge = |s: &violin_dp::cli::ClusterStats| {
+        s.edges
+            .iter()
+            .find(|e| e.from == "a" && e.to == "b")
+            .map(|e| e.bytes)
+            .unwrap_or(0)
+    };
+    let s0 = tb.stats(violin)?;
+    let t = Instant::now();
+    load::udp_flood(&p.client.ns, &p.server.ns, p.server.ip, 1400, secs, &[])?;
+    let dt = t.elapsed().as_secs_f64();
+    let s1 = tb.stats(violin)?;
+    let udp_mbit = (edge(&s1) - edge(&s0)) as f64 * 8.0 / dt / 1e6;
+    let tcp_mbit = load::tcp_throughput(&p.client.ns, &p.server.ns, p.server.ip, 1, secs)? / 1e6;
+    Ok(Policing {
+        configured_mbit: mbit,
+        udp_mbit,
+        udp_ratio: udp_mbit / mbit as f64,
+        tcp_mbit,
+        tcp_ratio: tcp_mbit / mbit as f64,
+    })
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpus} CPUs, {model}, Linux {}", kernel.trim())
+}
+
+fn ratio(x: f64, base: f64) -> String {
+    if base > 0.0 && x.is_finite() {
+        format!("{:.2}", x / base)
+    } else {
+        "-".into()
+    }
+}
+
+fn print_tables(r: &Results) {
+    println!(
+        "\nViolin benchmarks{} — {}",
+        if r.quick {
+            " (quick: smoke run, not results)"
+        } else {
+            ""
+        },
+        r.machine
+    );
+    let phys = r
+        .packet_rate
+        .get("physical")
+        .map(|f| f.received_pps)
+        .unwrap_or(f64::NAN);
+    let kern = r
+        .packet_rate
+        .get("kernel")
+        .map(|f| f.received_pps)
+        .unwrap_or(f64::NAN);
+    println!("\n1. 64-byte UDP packet rate, guest → remote guest");
+    println!(
+        "{:<17} {:>10} {:>8} {:>9} {:>11} {:>14}",
+        "config", "pps", "/phys", "/kernel", "CPU µs/pkt", "dp CPU s/Mpkt"
+    );
+    for c in &r.configs {
+        if let Some(f) = r.packet_rate.get(c) {
+            let dp = if f.dp_cpu_s_per_mpkt.is_finite() && f.dp_cpu_s_per_mpkt > 0.0 {
+                format!("{:.2}", f.dp_cpu_s_per_mpkt)
+            } else {
+                "-".into()
+            };
+            println!(
+                "{:<17} {:>10.0} {:>8} {:>9} {:>11.2} {:>14}",
+                c,
+                f.received_pps,
+                ratio(f.received_pps, phys),
+                ratio(f.received_pps, kern),
+                f.cpu_us_per_packet,
+                dp
+            );
+        }
+    }
+    println!("\n2. TCP throughput (iperf3), Gbit/s");
+    println!(
+        "{:<17} {:>9} {:>7} {:>9} {:>7}",
+        "config", "1 stream", "/phys", "4 streams", "/phys"
+    );
+    let pt = |s: &str| {
+        r.tcp_gbps
+            .get("physical")
+            .and_then(|m| m.get(s))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    for c in &r.configs {
+        if let Some(m) = r.tcp_gbps.get(c) {
+            let (a, b) = (
+                m.get("1").copied().unwrap_or(f64::NAN),
+                m.get("4").copied().unwrap_or(f64::NAN),
+            );
+            println!(
+                "{:<17} {:>9.2} {:>7} {:>9.2} {:>7}",
+                c,
+                a,
+                ratio(a, pt("1")),
+                b,
+                ratio(b, pt("4"))
+            );
+        }
+    }
+    println!("\n3. Round-trip latency, µs (UDP ping-pong, 64 B; ICMP average)");
+    println!(
+        "{:<17} {:>8} {:>8} {:>8} {:>12} {:>9}",
+        "config", "p50", "p99", "p99.9", "p99 - phys", "ICMP avg"
+    );
+    let p99 = r
+        .latency
+        .get("physical")
+        .map(|l| l.p99_us)
+        .unwrap_or(f64::NAN);
+    for c in &r.configs {
+        if let Some(l) = r.latency.get(c) {
+            println!(
+                "{:<17} {:>8.1} {:>8.1} {:>8.1} {:>12.1} {:>9.1}",
+                c,
+                l.p50_us,
+                l.p99_us,
+                l.p999_us,
+                l.p99_us - p99,
+                r.icmp_avg_us.get(c).copied().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    println!("\n4. Policing: measured / configured rate on an a→b link");
+    println!(
+        "{:<17} {:>9} {:>10} {:>7} {:>10} {:>7}",
+        "config", "cap", "UDP Mbit", "ratio", "TCP Mbit", "ratio"
+    );
+    for (c, m) in &r.policing {
+        for p in m.values() {
+            println!(
+                "{:<17} {:>6}mbit {:>10.2} {:>7.3} {:>10.2} {:>7.3}",
+                c, p.configured_mbit, p.udp_mbit, p.udp_ratio, p.tcp_mbit, p.tcp_ratio
+            );
+        }
+    }
+    println!(
+        "\n7. Idle daemon CPU with {} Violins configured (per daemon, % of one core)",
+        r.idle_violins
+    );
+    for (c, v) in &r.idle_cpu_percent {
+        println!("{c:<17} {v:>8.3} %");
+    }
+}
+
+/// The smoke test's check: every figure has every configuration, with finite, positive
+/// numbers. Never a timing threshold.
+fn check(r: &Results) -> Result<()> {
+    let mut problems = Vec::new();
+    for c in &r.configs {
+        match r.packet_rate.get(c) {
+            Some(f) if f.received_pps > 0.0 && f.cpu_us_per_packet.is_finite() => {}
+            other => problems.push(format!("packet rate of {c}: {other:?}")),
+        }
+        for s in ["1", "4"] {
+            if !r
+                .tcp_gbps
+                .get(c)
+                .and_then(|m| m.get(s))
+                .is_some_and(|v| *v > 0.0)
+            {
+                problems.push(format!("TCP {s} stream(s) of {c}"));
+            }
+        }
+        if !r
+            .latency
+            .get(c)
+            .is_some_and(|l| l.samples > 0 && l.p50_us > 0.0 && l.p99_us >= l.p50_us)
+        {
+            problems.push(format!("latency of {c}"));
+        }
+        if !r.icmp_avg_us.get(c).is_some_and(|v| *v > 0.0) {
+            problems.push(format!("ICMP of {c}"));
+        }
+    }
+    for c in ["violin-udp", "violin-xdp", "violin-xdp-fast"] {
+        if !r.policing.get(c).is_some_and(|m| {
+            !m.is_empty() && m.values().all(|p| p.udp_mbit > 0.0 && p.tcp_mbit > 0.0)
+        }) {
+            problems.push(format!("policing of {c}"));
+        }
+    }
+    if r.idle_cpu_percent.len() != 2 || r.idle_cpu_percent.values().any(|v| !v.is_finite()) {
+        problems.push("idle CPU".into());
+    }
+    if !problems.is_empty() {
+        bail!("benchmark output is malformed: {}", problems.join("; "));
+    }
+    Ok(())
+}

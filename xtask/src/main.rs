@@ -21,6 +21,15 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Build everything in release mode and run the benchmarks (root).
+    Bench {
+        /// Brief runs of every figure: a smoke test, not results.
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for the bench binary.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn workspace_root() -> PathBuf {
@@ -79,8 +88,40 @@ fn build_ebpf(debug: bool) -> Result<()> {
     Ok(())
 }
 
+fn bench(quick: bool, args: &[String]) -> Result<()> {
+    build_ebpf(false)?;
+    let root = workspace_root();
+    let status = Command::new("cargo")
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "violin-dp",
+            "-p",
+            "bench",
+        ])
+        .status()
+        .context("building the release binaries")?;
+    if !status.success() {
+        bail!("release build failed");
+    }
+    let mut cmd = Command::new(root.join("target/release/bench"));
+    cmd.current_dir(&root).args(args);
+    if quick {
+        cmd.arg("--quick");
+    }
+    let status = cmd.status().context("running the benchmarks")?;
+    if !status.success() {
+        bail!("the benchmarks failed ({status})");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf { debug } => build_ebpf(debug),
+        Cmd::Bench { quick, args } => bench(quick, &args),
     }
 }

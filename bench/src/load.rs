@@ -1,0 +1,333 @@
+//! Load and measurement, each side running inside its namespace: a UDP generator and a
+//! counting sink, a UDP ping-pong with an HDR histogram, iperf3 for TCP, and CPU
+//! accounting from /proc. Loops are bounded in time; traffic stays in the testbed's
+//! namespaces.
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use violin_dp::netns;
+
+/// Pins the calling thread to one CPU.
+pub fn pin(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// A command that runs inside namespace `ns`.
+pub fn ns_command(ns: &str, program: &str) -> Result<Command> {
+    let f = netns::open(ns)?;
+    let fd = f.as_raw_fd();
+    let mut c = Command::new(program);
+    // SAFETY: setns is async-signal-safe; `f` is kept open by the closure until exec.
+    unsafe {
+        c.pre_exec(move || {
+            let _keep = &f;
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(c)
+}
+
+fn run(mut c: Command) -> Result<Output> {
+    let o = c.output().context("running a measurement tool")?;
+    if !o.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            c.get_program(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(o)
+}
+
+/// Busy CPU time of the whole machine (all CPUs), in clock ticks.
+pub fn machine_busy_ticks() -> u64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = s
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    f.iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+/// CPU time of processes (user + system), in clock ticks.
+pub fn process_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+pub fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// Result of a UDP flood.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Flood {
+    pub sent_pps: f64,
+    pub received_pps: f64,
+    /// Machine CPU time per received packet (both cores), µs.
+    pub cpu_us_per_packet: f64,
+    /// Data-plane daemons' CPU seconds per million received packets.
+    pub dp_cpu_s_per_mpkt: f64,
+}
+
+/// Floods `dst:port` from `client_ns` with `payload`-byte datagrams for `secs` and
+/// counts what `server_ns` receives (after a 0.3 s warm-up). The generator is pinned to
+/// CPU 0.
+pub fn udp_flood(
+    client_ns: &str,
+    server_ns: &str,
+    dst: Ipv4Addr,
+    payload: usize,
+    secs: f64,
+    daemons: &[u32],
+) -> Result<Flood> {
+    let port = 5300;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counting = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sink = {
+        let (ns, stop, counting, received) = (
+            server_ns.to_string(),
+            stop.clone(),
+            counting.clone(),
+            received.clone(),
+        );
+        std::thread::spawn(move || -> Result<()> {
+            netns::enter(&ns)?;
+            let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+            s.set_read_timeout(Some(Duration::from_millis(50)))?;
+            ready_tx.send(()).ok();
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if s.recv(&mut buf).is_ok() && counting.load(Ordering::Relaxed) {
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        })
+    };
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("sink did not start")?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let gen = {
+        let (ns, stop, sent) = (client_ns.to_string(), stop.clone(), sent.clone());
+        std::thread::spawn(move || -> Result<()> {
+            netns::enter(&ns)?;
+            pin(0);
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(SocketAddrV4::new(dst, port))?;
+            let buf = vec![0x5au8; payload];
+            while !stop.load(Ordering::Relaxed) {
+                if s.send(&buf).is_ok() {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (busy0, dp0, sent0) = (
+        machine_busy_ticks(),
+        process_ticks(daemons),
+        sent.load(Ordering::Relaxed),
+    );
+    counting.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    counting.store(false, Ordering::Relaxed);
+    let dt = t0.elapsed().as_secs_f64();
+    let (busy1, dp1, sent1) = (
+        machine_busy_ticks(),
+        process_ticks(daemons),
+        sent.load(Ordering::Relaxed),
+    );
+    stop.store(true, Ordering::Relaxed);
+    gen.join().unwrap()?;
+    sink.join().unwrap()?;
+    let rx = received.load(Ordering::Relaxed) as f64;
+    let tps = ticks_per_second();
+    Ok(Flood {
+        sent_pps: (sent1 - sent0) as f64 / dt,
+        received_pps: rx / dt,
+        cpu_us_per_packet: if rx > 0.0 {
+            (busy1 - busy0) as f64 / tps * 1e6 / rx
+        } else {
+            f64::NAN
+        },
+        dp_cpu_s_per_mpkt: if rx > 0.0 {
+            (dp1 - dp0) as f64 / tps / rx * 1e6
+        } else {
+            f64::NAN
+        },
+    })
+}
+
+/// Round-trip latency percentiles, µs.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Latency {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub samples: u64,
+    pub lost: u64,
+}
+
+/// UDP ping-pong with 64-byte datagrams: an echo server in `server_ns`, `count` round
+/// trips from `client_ns`, one at a time.
+pub fn udp_ping_pong(
+    client_ns: &str,
+    server_ns: &str,
+    dst: Ipv4Addr,
+    count: u64,
+) -> Result<Latency> {
+    let port = 5301;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let echo = {
+        let (ns, stop) = (server_ns.to_string(), stop.clone());
+        std::thread::spawn(move || -> Result<()> {
+            netns::enter(&ns)?;
+            let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+            s.set_read_timeout(Some(Duration::from_millis(50)))?;
+            ready_tx.send(()).ok();
+            let mut buf = [0u8; 128];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(&buf[..n], from);
+                }
+            }
+            Ok(())
+        })
+    };
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("echo server did not start")?;
+    let ns = client_ns.to_string();
+    let r = std::thread::spawn(move || -> Result<Latency> {
+        netns::enter(&ns)?;
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(SocketAddrV4::new(dst, port))?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
+        let (mut buf, msg) = ([0u8; 128], [0x42u8; 64]);
+        let mut lost = 0;
+        // Warm-up: ARP and caches.
+        for _ in 0..20 {
+            let _ = s.send(&msg);
+            let _ = s.recv(&mut buf);
+        }
+        for _ in 0..count {
+            let t = Instant::now();
+            s.send(&msg)?;
+            match s.recv(&mut buf) {
+                Ok(_) => h.record(t.elapsed().as_nanos() as u64)?,
+                Err(_) => lost += 1,
+            }
+        }
+        let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Ok(Latency {
+            p50_us: us(0.5),
+            p99_us: us(0.99),
+            p999_us: us(0.999),
+            samples: h.len(),
+            lost,
+        })
+    })
+    .join()
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    echo.join().unwrap()?;
+    r
+}
+
+/// ICMP echo average RTT in µs (`ping -c N -i 0.01`).
+pub fn icmp_avg_us(client_ns: &str, dst: Ipv4Addr, count: u32) -> Result<f64> {
+    let mut c = ns_command(client_ns, "ping")?;
+    c.args([
+        "-q",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.01",
+        "-W",
+        "1",
+        &dst.to_string(),
+    ]);
+    let out = String::from_utf8_lossy(&run(c)?.stdout).into_owned();
+    // rtt min/avg/max/mdev = 0.049/0.061/0.088/0.011 ms
+    let stats = out
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .context("no ping summary")?;
+    let nums = stats.split('=').nth(1).context("ping summary")?.trim();
+    let avg: f64 = nums.split('/').nth(1).context("ping avg")?.parse()?;
+    Ok(avg * 1000.0)
+}
+
+/// TCP goodput in bit/s with `streams` parallel streams (iperf3).
+pub fn tcp_throughput(
+    client_ns: &str,
+    server_ns: &str,
+    dst: Ipv4Addr,
+    streams: u32,
+    secs: f64,
+) -> Result<f64> {
+    let mut server = ns_command(server_ns, "iperf3")?;
+    server
+        .args(["-s", "-1", "-p", "5302"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut srv = server
+        .spawn()
+        .context("starting iperf3 -s (is iperf3 installed? scripts/setup.sh)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = ns_command(client_ns, "iperf3")?;
+    c.args([
+        "-c",
+        &dst.to_string(),
+        "-p",
+        "5302",
+        "-J",
+        "-P",
+        &streams.to_string(),
+        "-t",
+        &format!("{secs}"),
+    ]);
+    let r = run(c);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let j: serde_json::Value = serde_json::from_slice(&r?.stdout)?;
+    j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without sum_received")
+}

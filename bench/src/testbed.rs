@@ -1,0 +1,224 @@
+//! The configurations under test, each on the same simulated 2-host topology:
+//!
+//! - `physical`: the endpoints are the host namespaces, talking over the underlay;
+//! - `kernel`: what a user would build without Violin — per host a Linux bridge with a
+//!   kernel vxlan device (VNI 4242, UDP port 4790) and a guest namespace on a veth;
+//! - `violin-udp`, `violin-xdp`: a Violin's lightweight guests on the daemons' socket
+//!   ports, over each data plane;
+//! - `violin-xdp-fast`: guests on fast ports (veths driven by AF_XDP).
+//!
+//! One fresh cluster per data plane; everything is removed on drop.
+
+use anyhow::{Context, Result};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use violin_dp::cluster::{self, ClusterState, UpOptions};
+use violin_dp::config::DataplaneChoice;
+use violin_dp::{netlink, netns};
+
+/// One side of a measurement: a namespace and the address to reach it at.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub ns: String,
+    pub ip: Ipv4Addr,
+}
+
+/// A sender/receiver pair of one configuration.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub config: &'static str,
+    pub client: Endpoint,
+    pub server: Endpoint,
+    /// Daemon pids whose CPU time counts as data-plane cost (empty: kernel only).
+    pub daemons: Vec<u32>,
+}
+
+pub struct Testbed {
+    pub name: String,
+    pub run_dir: PathBuf,
+    pub state: ClusterState,
+    pub dataplane: &'static str,
+}
+
+pub fn violin_bin() -> PathBuf {
+    std::env::current_exe().unwrap().with_file_name("violin")
+}
+
+impl Testbed {
+    pub fn up(name: &str, dataplane: &'static str) -> Result<Testbed> {
+        let run_dir = std::env::temp_dir().join(format!("violin-bench-{name}"));
+        let _ = cluster::down(&run_dir, name, &|_| {});
+        let dp = match dataplane {
+            "xdp" => DataplaneChoice::Xdp,
+            _ => DataplaneChoice::Udp,
+        };
+        let opts = UpOptions {
+            hosts: 2,
+            subnet: "172.31.0.0/24".into(),
+            dataplane: dp,
+            mtu: 1500,
+            xdp_single_socket: false,
+        };
+        let state = cluster::up(&run_dir, name, &opts, &|_| {})?;
+        Ok(Testbed {
+            name: name.into(),
+            run_dir,
+            state,
+            dataplane,
+        })
+    }
+
+    pub fn daemons(&self) -> Vec<u32> {
+        self.state.hosts.iter().map(|h| h.pid).collect()
+    }
+
+    fn violin(&self, args: &[&str]) -> Result<String> {
+        let o = std::process::Command::new(violin_bin())
+            .arg("--cluster")
+            .arg(&self.name)
+            .env("VIOLIN_RUN_DIR", &self.run_dir)
+            .args(args)
+            .output()
+            .context("running violin")?;
+        anyhow::ensure!(
+            o.status.success(),
+            "violin {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// Creates a Violin from spec text.
+    pub fn up_spec(&self, name: &str, text: &str) -> Result<()> {
+        let p = self.run_dir.join(format!("{name}.toml"));
+        std::fs::write(&p, text)?;
+        self.violin(&["up", &p.display().to_string()]).map(|_| ())
+    }
+
+    pub fn down_violin(&self, name: &str) -> Result<()> {
+        self.violin(&["down", name]).map(|_| ())
+    }
+
+    pub fn stats(&self, violin: &str) -> Result<violin_dp::cli::ClusterStats> {
+        Ok(serde_json::from_str(
+            &self.violin(&["stats", violin, "--json"])?,
+        )?)
+    }
+
+    pub fn guest_ns(&self, violin: &str, guest: &str) -> String {
+        format!("{}-{violin}-{guest}", self.name)
+    }
+
+    /// The hosts themselves.
+    pub fn physical(&self) -> Pair {
+        let h = &self.state.hosts;
+        Pair {
+            config: "physical",
+            client: Endpoint {
+                ns: h[0].netns.clone(),
+                ip: h[0].underlay,
+            },
+            server: Endpoint {
+                ns: h[1].netns.clone(),
+                ip: h[1].underlay,
+            },
+            daemons: vec![],
+        }
+    }
+
+    /// A two-guest Violin `name` (guests a on h1, b on h2) with an optional a–b rate and
+    /// the given port kind.
+    pub fn violin_pair(
+        &self,
+        name: &str,
+        vni: u32,
+        subnet: u8,
+        port: &str,
+        rate: Option<&str>,
+    ) -> Result<Pair> {
+        let link = match rate {
+            Some(r) => format!("[[link]]\nbetween = [\"a\", \"b\"]\nrate = \"{r}\"\n"),
+            None => String::new(),
+        };
+        let spec = format!(
+            "name = \"{name}\"\nvni = {vni}\n[[guest]]\nname = \"a\"\nhost = \"h1\"\nip = \"10.{subnet}.0.1/24\"\nport = \"{port}\"\n\
+             [[guest]]\nname = \"b\"\nhost = \"h2\"\nip = \"10.{subnet}.0.2/24\"\nport = \"{port}\"\n{link}"
+        );
+        self.up_spec(name, &spec)?;
+        let config = match (self.dataplane, port) {
+            ("xdp", "xdp") => "violin-xdp-fast",
+            ("xdp", _) => "violin-xdp",
+            _ => "violin-udp",
+        };
+        Ok(Pair {
+            config,
+            client: Endpoint {
+                ns: self.guest_ns(name, "a"),
+                ip: Ipv4Addr::new(10, subnet, 0, 1),
+            },
+            server: Endpoint {
+                ns: self.guest_ns(name, "b"),
+                ip: Ipv4Addr::new(10, subnet, 0, 2),
+            },
+            daemons: self.daemons(),
+        })
+    }
+
+    /// The kernel overlay: bridge + vxlan per host, a guest namespace on each bridge.
+    pub fn kernel_overlay(&self) -> Result<Pair> {
+        let h = &self.state.hosts;
+        let mut ends = Vec::new();
+        for (i, host) in h.iter().enumerate() {
+            let other = h[1 - i].underlay;
+            let local = host.underlay;
+            let gns = format!("{}-kguest{}", self.name, i + 1);
+            let gip = Ipv4Addr::new(10, 250, 0, i as u8 + 1);
+            netns::create(&gns)?;
+            let gfile = netns::open(&gns)?;
+            netns::run_in(&host.netns, || {
+                netlink::with_handle(|hd| async move {
+                    netlink::add_bridge(&hd, "kbr0").await?;
+                    let vx = rtnetlink::LinkVxlan::new("kvx0", 4242)
+                        .port(4790)
+                        .local(local)
+                        .remote(other)
+                        .learning(true)
+                        .build();
+                    hd.link().add(vx).execute().await?;
+                    netlink::set_master(&hd, "kvx0", "kbr0").await?;
+                    netlink::add_veth(&hd, "kvh", "kvg").await?;
+                    netlink::set_master(&hd, "kvh", "kbr0").await?;
+                    for l in ["kbr0", "kvx0", "kvh"] {
+                        netlink::set_up(&hd, l).await?;
+                    }
+                    netlink::move_to_netns(&hd, "kvg", &gfile).await
+                })
+            })?;
+            netns::run_in(&gns, || {
+                netlink::with_handle(|hd| async move {
+                    netlink::rename(&hd, "kvg", "eth0").await?;
+                    netlink::set_mtu(&hd, "eth0", 1450).await?;
+                    netlink::add_addr(&hd, "eth0", gip, 24).await?;
+                    netlink::set_up(&hd, "eth0").await?;
+                    netlink::set_up(&hd, "lo").await
+                })
+            })?;
+            ends.push(Endpoint { ns: gns, ip: gip });
+        }
+        Ok(Pair {
+            config: "kernel",
+            client: ends[0].clone(),
+            server: ends[1].clone(),
+            daemons: vec![],
+        })
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if let Err(e) = cluster::down(&self.run_dir, &self.name, &|_| {}) {
+            eprintln!("warning: removing bench cluster {}: {e:#}", self.name);
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
