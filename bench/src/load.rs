@@ -193,13 +193,15 @@ pub fn udp_flood(
 }
 
 /// Round-trip latency percentiles, µs.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Latency {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
     pub samples: u64,
     pub lost: u64,
+    /// (quantile, µs) points for a CDF.
+    pub cdf: Vec<(f64, f64)>,
 }
 
 /// UDP ping-pong with 64-byte datagrams: an echo server in `server_ns`, `count` round
@@ -255,12 +257,18 @@ pub fn udp_ping_pong(
             }
         }
         let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let cdf = (1..100)
+            .map(|i| i as f64 / 100.0)
+            .chain([0.995, 0.999])
+            .map(|q| (q, us(q)))
+            .collect();
         Ok(Latency {
             p50_us: us(0.5),
             p99_us: us(0.99),
             p999_us: us(0.999),
             samples: h.len(),
             lost,
+            cdf,
         })
     })
     .join()

@@ -9,6 +9,7 @@
 //!
 //! Run it through `cargo xtask bench [--quick]` (root: it makes namespaces).
 
+mod charts;
 mod load;
 mod testbed;
 
@@ -41,6 +42,8 @@ struct Plan {
     police_secs: f64,
     idle_violins: usize,
     idle_secs: f64,
+    share_counts: Vec<usize>,
+    share_secs: f64,
 }
 
 impl Plan {
@@ -56,6 +59,8 @@ impl Plan {
                 police_secs: 1.0,
                 idle_violins: 4,
                 idle_secs: 2.0,
+                share_counts: vec![1, 2, 4],
+                share_secs: 1.0,
             }
         } else {
             Plan {
@@ -68,6 +73,8 @@ impl Plan {
                 police_secs: 4.0,
                 idle_violins: 16,
                 idle_secs: 10.0,
+                share_counts: vec![1, 2, 4, 8, 16],
+                share_secs: 4.0,
             }
         }
     }
@@ -92,6 +99,21 @@ struct Results {
     /// Figure 7: idle daemon CPU, % of one core, with `idle_violins` Violins.
     idle_cpu_percent: BTreeMap<String, f64>,
     idle_violins: usize,
+    /// Figure 5: N Violins with the same addresses, each flooding on the same hosts.
+    sharing: BTreeMap<String, Vec<Sharing>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Sharing {
+    violins: usize,
+    /// Sum of what every Violin's receiver got, Mbit/s (UDP payload).
+    aggregate_mbit: f64,
+    /// Aggregate relative to one Violin alone.
+    relative_to_one: f64,
+    /// Each Violin's rate relative to a fair share (aggregate / N).
+    shares: Vec<f64>,
+    /// Largest |share - 1|.
+    max_deviation: f64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -259,6 +281,72 @@ fn main() -> Result<()> {
             used / plan.idle_secs / pids.len() as f64 * 100.0,
         );
     }
+    say("figure 5: sharing the hosts among N Violins with the same addresses");
+    for tb in [&tu, &tx] {
+        // Start from an empty cluster: the figure's Violins are the only ones.
+        for v in tb.violin_names()? {
+            tb.down_violin(&v)?;
+        }
+        let mut pairs = Vec::new();
+        let mut rows = Vec::new();
+        for &n in &plan.share_counts {
+            while pairs.len() < n {
+                let i = pairs.len();
+                pairs.push(tb.violin_pair(
+                    &format!("share{i}"),
+                    400 + i as u32,
+                    50,
+                    "socket",
+                    None,
+                )?);
+                load::udp_ping_pong(
+                    &pairs[i].client.ns,
+                    &pairs[i].server.ns,
+                    pairs[i].server.ip,
+                    5,
+                )?;
+            }
+            let rates: Vec<f64> = std::thread::scope(|s| {
+                let hs: Vec<_> = pairs[..n]
+                    .iter()
+                    .map(|p| {
+                        s.spawn(move || {
+                            load::udp_flood(
+                                &p.client.ns,
+                                &p.server.ns,
+                                p.server.ip,
+                                1400,
+                                plan.share_secs,
+                                &[],
+                            )
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap()
+                            .map(|f| f.received_pps * 1400.0 * 8.0 / 1e6)
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            let agg: f64 = rates.iter().sum();
+            let fair = agg / n as f64;
+            let shares: Vec<f64> = rates.iter().map(|r| r / fair).collect();
+            let one = rows
+                .first()
+                .map(|s: &Sharing| s.aggregate_mbit)
+                .unwrap_or(agg);
+            rows.push(Sharing {
+                violins: n,
+                aggregate_mbit: agg,
+                relative_to_one: agg / one,
+                max_deviation: shares.iter().map(|s| (s - 1.0).abs()).fold(0.0, f64::max),
+                shares,
+            });
+        }
+        r.sharing.insert(format!("violin-{}", tb.dataplane), rows);
+    }
     drop(tx);
     drop(tu);
     r.seconds = t0.elapsed().as_secs_f64();
@@ -272,7 +360,20 @@ fn main() -> Result<()> {
     std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
     print_tables(&r);
     check(&r)?;
-    say(&format!("results: {} ({:.0} s)", file.display(), r.seconds));
+    let charts = draw_charts(
+        &r,
+        &cli.out.join(format!(
+            "charts-{}{}",
+            r.started_unix,
+            if cli.quick { "-quick" } else { "" }
+        )),
+    )?;
+    say(&format!(
+        "results: {} and {} charts ({:.0} s)",
+        file.display(),
+        charts.len(),
+        r.seconds
+    ));
     Ok(())
 }
 
@@ -301,6 +402,128 @@ fn police(tb: &Testbed, violin: &str, p: &Pair, mbit: u32, secs: f64) -> Result<
         tcp_mbit,
         tcp_ratio: tcp_mbit / mbit as f64,
     })
+}
+
+fn draw_charts(r: &Results, dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    use charts::{Chart, Series};
+    std::fs::create_dir_all(dir)?;
+    let mut files = Vec::new();
+    let rel = |v: Option<f64>, base: Option<f64>| match (v, base) {
+        (Some(v), Some(b)) if b > 0.0 => v / b,
+        _ => f64::NAN,
+    };
+    let pps = |c: &str| r.packet_rate.get(c).map(|f| f.received_pps);
+    let series = vec![Series {
+        name: "packet rate / physical".into(),
+        values: r
+            .configs
+            .iter()
+            .map(|c| rel(pps(c), pps("physical")))
+            .collect(),
+    }];
+    files.extend(charts::draw(
+        dir,
+        "fig1-packet-rate",
+        &Chart::Bars {
+            title: "64-byte UDP packet rate relative to physical",
+            y_label: "ratio",
+            categories: &r.configs,
+            series: &series,
+        },
+    )?);
+    let tcp = |c: &str, s: &str| r.tcp_gbps.get(c).and_then(|m| m.get(s)).copied();
+    let series: Vec<Series> = ["1", "4"]
+        .iter()
+        .map(|s| Series {
+            name: format!("{s} stream(s)"),
+            values: r
+                .configs
+                .iter()
+                .map(|c| rel(tcp(c, s), tcp("physical", s)))
+                .collect(),
+        })
+        .collect();
+    files.extend(charts::draw(
+        dir,
+        "fig2-tcp",
+        &Chart::Bars {
+            title: "TCP throughput relative to physical",
+            y_label: "ratio",
+            categories: &r.configs,
+            series: &series,
+        },
+    )?);
+    let lines: Vec<(String, Vec<(f64, f64)>)> = r
+        .configs
+        .iter()
+        .filter_map(|c| r.latency.get(c).map(|l| (c.clone(), l.cdf.clone())))
+        .collect();
+    files.extend(charts::draw(
+        dir,
+        "fig3-latency-cdf",
+        &Chart::Cdf {
+            title: "UDP round trip (64 B), CDF",
+            lines: &lines,
+        },
+    )?);
+    let mut cats = Vec::new();
+    let (mut udp, mut tcpr) = (Vec::new(), Vec::new());
+    for (c, m) in &r.policing {
+        for p in m.values() {
+            cats.push(format!(
+                "{} {}M",
+                c.trim_start_matches("violin-"),
+                p.configured_mbit
+            ));
+            udp.push(p.udp_ratio);
+            tcpr.push(p.tcp_ratio);
+        }
+    }
+    let series = vec![
+        Series {
+            name: "UDP".into(),
+            values: udp,
+        },
+        Series {
+            name: "TCP".into(),
+            values: tcpr,
+        },
+    ];
+    files.extend(charts::draw(
+        dir,
+        "fig4-policing",
+        &Chart::Bars {
+            title: "Policing: measured / configured rate",
+            y_label: "ratio",
+            categories: &cats,
+            series: &series,
+        },
+    )?);
+    if let Some(first) = r.sharing.values().next() {
+        let cats: Vec<String> = first
+            .iter()
+            .map(|s| format!("{} Violin(s)", s.violins))
+            .collect();
+        let series: Vec<Series> = r
+            .sharing
+            .iter()
+            .map(|(c, rows)| Series {
+                name: c.clone(),
+                values: rows.iter().map(|s| s.relative_to_one).collect(),
+            })
+            .collect();
+        files.extend(charts::draw(
+            dir,
+            "fig5-sharing",
+            &Chart::Bars {
+                title: "Aggregate throughput of N Violins relative to one",
+                y_label: "ratio",
+                categories: &cats,
+                series: &series,
+            },
+        )?);
+    }
+    Ok(files)
 }
 
 fn machine() -> String {
@@ -434,6 +657,19 @@ fn print_tables(r: &Results) {
             );
         }
     }
+    println!("\n5. Sharing: N Violins with the same addresses, each flooding (1400-byte UDP)");
+    println!(
+        "{:<13} {:>3} {:>14} {:>10} {:>14}",
+        "config", "N", "aggregate Mbit", "/ N=1", "max |share-1|"
+    );
+    for (c, rows) in &r.sharing {
+        for s in rows {
+            println!(
+                "{:<13} {:>3} {:>14.1} {:>10.3} {:>14.3}",
+                c, s.violins, s.aggregate_mbit, s.relative_to_one, s.max_deviation
+            );
+        }
+    }
     println!(
         "\n7. Idle daemon CPU with {} Violins configured (per daemon, % of one core)",
         r.idle_violins
@@ -478,6 +714,19 @@ fn check(r: &Results) -> Result<()> {
             !m.is_empty() && m.values().all(|p| p.udp_mbit > 0.0 && p.tcp_mbit > 0.0)
         }) {
             problems.push(format!("policing of {c}"));
+        }
+    }
+    for c in ["violin-udp", "violin-xdp"] {
+        let ok = r.sharing.get(c).is_some_and(|rows| {
+            rows.len() >= 2
+                && rows.iter().all(|s| {
+                    s.aggregate_mbit > 0.0
+                        && s.shares.len() == s.violins
+                        && s.shares.iter().all(|x| x.is_finite())
+                })
+        });
+        if !ok {
+            problems.push(format!("sharing of {c}"));
         }
     }
     if r.idle_cpu_percent.len() != 2 || r.idle_cpu_percent.values().any(|v| !v.is_finite()) {

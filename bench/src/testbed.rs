@@ -105,6 +105,15 @@ impl Testbed {
         )?)
     }
 
+    pub fn violin_names(&self) -> Result<Vec<String>> {
+        let v: serde_json::Value = serde_json::from_str(&self.violin(&["ls", "--json"])?)?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x["name"].as_str().map(String::from))
+            .collect())
+    }
+
     pub fn guest_ns(&self, violin: &str, guest: &str) -> String {
         format!("{}-{violin}-{guest}", self.name)
     }
