@@ -30,6 +30,9 @@ struct Cli {
     /// Where the JSON results go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
+    /// Also write the tables to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 struct Plan {
@@ -358,7 +361,11 @@ fn main() -> Result<()> {
         if cli.quick { "-quick" } else { "" }
     ));
     std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
-    print_tables(&r);
+    let text = tables(&r);
+    print!("{text}");
+    if let Some(p) = &cli.report {
+        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+    }
     check(&r)?;
     let charts = draw_charts(
         &r,
@@ -550,8 +557,12 @@ fn ratio(x: f64, base: f64) -> String {
     }
 }
 
-fn print_tables(r: &Results) {
-    println!(
+/// The figures as text tables (printed, and written with `--report`).
+fn tables(r: &Results) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
         "\nViolin benchmarks{} — {}",
         if r.quick {
             " (quick: smoke run, not results)"
@@ -570,8 +581,9 @@ fn print_tables(r: &Results) {
         .get("kernel")
         .map(|f| f.received_pps)
         .unwrap_or(f64::NAN);
-    println!("\n1. 64-byte UDP packet rate, guest → remote guest");
-    println!(
+    let _ = writeln!(o, "\n1. 64-byte UDP packet rate, guest → remote guest");
+    let _ = writeln!(
+        o,
         "{:<17} {:>10} {:>8} {:>9} {:>11} {:>14}",
         "config", "pps", "/phys", "/kernel", "CPU µs/pkt", "dp CPU s/Mpkt"
     );
@@ -582,7 +594,8 @@ fn print_tables(r: &Results) {
             } else {
                 "-".into()
             };
-            println!(
+            let _ = writeln!(
+                o,
                 "{:<17} {:>10.0} {:>8} {:>9} {:>11.2} {:>14}",
                 c,
                 f.received_pps,
@@ -593,8 +606,9 @@ fn print_tables(r: &Results) {
             );
         }
     }
-    println!("\n2. TCP throughput (iperf3), Gbit/s");
-    println!(
+    let _ = writeln!(o, "\n2. TCP throughput (iperf3), Gbit/s");
+    let _ = writeln!(
+        o,
         "{:<17} {:>9} {:>7} {:>9} {:>7}",
         "config", "1 stream", "/phys", "4 streams", "/phys"
     );
@@ -611,7 +625,8 @@ fn print_tables(r: &Results) {
                 m.get("1").copied().unwrap_or(f64::NAN),
                 m.get("4").copied().unwrap_or(f64::NAN),
             );
-            println!(
+            let _ = writeln!(
+                o,
                 "{:<17} {:>9.2} {:>7} {:>9.2} {:>7}",
                 c,
                 a,
@@ -621,8 +636,12 @@ fn print_tables(r: &Results) {
             );
         }
     }
-    println!("\n3. Round-trip latency, µs (UDP ping-pong, 64 B; ICMP average)");
-    println!(
+    let _ = writeln!(
+        o,
+        "\n3. Round-trip latency, µs (UDP ping-pong, 64 B; ICMP average)"
+    );
+    let _ = writeln!(
+        o,
         "{:<17} {:>8} {:>8} {:>8} {:>12} {:>9}",
         "config", "p50", "p99", "p99.9", "p99 - phys", "ICMP avg"
     );
@@ -633,7 +652,8 @@ fn print_tables(r: &Results) {
         .unwrap_or(f64::NAN);
     for c in &r.configs {
         if let Some(l) = r.latency.get(c) {
-            println!(
+            let _ = writeln!(
+                o,
                 "{:<17} {:>8.1} {:>8.1} {:>8.1} {:>12.1} {:>9.1}",
                 c,
                 l.p50_us,
@@ -644,39 +664,51 @@ fn print_tables(r: &Results) {
             );
         }
     }
-    println!("\n4. Policing: measured / configured rate on an a→b link");
-    println!(
+    let _ = writeln!(
+        o,
+        "\n4. Policing: measured / configured rate on an a→b link"
+    );
+    let _ = writeln!(
+        o,
         "{:<17} {:>9} {:>10} {:>7} {:>10} {:>7}",
         "config", "cap", "UDP Mbit", "ratio", "TCP Mbit", "ratio"
     );
     for (c, m) in &r.policing {
         for p in m.values() {
-            println!(
+            let _ = writeln!(
+                o,
                 "{:<17} {:>6}mbit {:>10.2} {:>7.3} {:>10.2} {:>7.3}",
                 c, p.configured_mbit, p.udp_mbit, p.udp_ratio, p.tcp_mbit, p.tcp_ratio
             );
         }
     }
-    println!("\n5. Sharing: N Violins with the same addresses, each flooding (1400-byte UDP)");
-    println!(
+    let _ = writeln!(
+        o,
+        "\n5. Sharing: N Violins with the same addresses, each flooding (1400-byte UDP)"
+    );
+    let _ = writeln!(
+        o,
         "{:<13} {:>3} {:>14} {:>10} {:>14}",
         "config", "N", "aggregate Mbit", "/ N=1", "max |share-1|"
     );
     for (c, rows) in &r.sharing {
         for s in rows {
-            println!(
+            let _ = writeln!(
+                o,
                 "{:<13} {:>3} {:>14.1} {:>10.3} {:>14.3}",
                 c, s.violins, s.aggregate_mbit, s.relative_to_one, s.max_deviation
             );
         }
     }
-    println!(
+    let _ = writeln!(
+        o,
         "\n7. Idle daemon CPU with {} Violins configured (per daemon, % of one core)",
         r.idle_violins
     );
     for (c, v) in &r.idle_cpu_percent {
-        println!("{c:<17} {v:>8.3} %");
+        let _ = writeln!(o, "{c:<17} {v:>8.3} %");
     }
+    o
 }
 
 /// The smoke test's check: every figure has every configuration, with finite, positive
