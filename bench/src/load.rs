@@ -339,3 +339,18 @@ pub fn tcp_throughput(
         .as_f64()
         .context("iperf3 JSON without sum_received")
 }
+
+/// Resident memory of processes, KiB (`VmRSS`).
+pub fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}

@@ -47,6 +47,8 @@ struct Plan {
     idle_secs: f64,
     share_counts: Vec<usize>,
     share_secs: f64,
+    mem_violins: usize,
+    mem_guests: usize,
 }
 
 impl Plan {
@@ -64,6 +66,8 @@ impl Plan {
                 idle_secs: 2.0,
                 share_counts: vec![1, 2, 4],
                 share_secs: 1.0,
+                mem_violins: 2,
+                mem_guests: 4,
             }
         } else {
             Plan {
@@ -78,6 +82,8 @@ impl Plan {
                 idle_secs: 10.0,
                 share_counts: vec![1, 2, 4, 8, 16],
                 share_secs: 4.0,
+                mem_violins: 16,
+                mem_guests: 32,
             }
         }
     }
@@ -104,6 +110,20 @@ struct Results {
     idle_violins: usize,
     /// Figure 5: N Violins with the same addresses, each flooding on the same hosts.
     sharing: BTreeMap<String, Vec<Sharing>>,
+    /// Daemon memory per guest beyond what it held with no Violin (the frame pool).
+    memory: Option<Memory>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Memory {
+    violins: usize,
+    guests: usize,
+    /// Both daemons' resident memory with no Violin, KiB (frame pool included).
+    daemons_empty_kib: u64,
+    daemons_loaded_kib: u64,
+    daemon_kib_per_guest: f64,
+    /// The guests' relay processes (the part QEMU would play), KiB per guest.
+    relay_kib_per_guest: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -350,6 +370,34 @@ fn main() -> Result<()> {
         }
         r.sharing.insert(format!("violin-{}", tb.dataplane), rows);
     }
+    say(&format!(
+        "memory: {} Violins × {} guests on the xdp data plane",
+        plan.mem_violins, plan.mem_guests
+    ));
+    for v in tx.violin_names()? {
+        tx.down_violin(&v)?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let empty = load::rss_kib(&tx.daemons());
+    for i in 0..plan.mem_violins {
+        tx.violin_many(&format!("mem{i}"), 500 + i as u32, plan.mem_guests)?;
+    }
+    // Exercise every guest's port once (buffers are touched on first use).
+    for i in 0..plan.mem_violins {
+        let ns = tx.guest_ns(&format!("mem{i}"), "g0");
+        let _ = load::icmp_avg_us(&ns, std::net::Ipv4Addr::new(10, 60, 0, 2), 2);
+    }
+    let loaded = load::rss_kib(&tx.daemons());
+    let guests = plan.mem_violins * plan.mem_guests;
+    let relays = tx.relay_pids();
+    r.memory = Some(Memory {
+        violins: plan.mem_violins,
+        guests,
+        daemons_empty_kib: empty,
+        daemons_loaded_kib: loaded,
+        daemon_kib_per_guest: loaded.saturating_sub(empty) as f64 / guests as f64,
+        relay_kib_per_guest: load::rss_kib(&relays) as f64 / relays.len().max(1) as f64,
+    });
     drop(tx);
     drop(tu);
     r.seconds = t0.elapsed().as_secs_f64();
@@ -700,6 +748,16 @@ fn tables(r: &Results) -> String {
             );
         }
     }
+    if let Some(m) = &r.memory {
+        let _ = writeln!(
+            o,
+            "\n6. Memory with {} Violins x {} guests ({} guests)",
+            m.violins,
+            m.guests / m.violins.max(1),
+            m.guests
+        );
+        let _ = writeln!(o, "daemons (both) empty {} KiB, loaded {} KiB: {:.1} KiB per guest beyond the frame pool; relays {:.0} KiB each", m.daemons_empty_kib, m.daemons_loaded_kib, m.daemon_kib_per_guest, m.relay_kib_per_guest);
+    }
     let _ = writeln!(
         o,
         "\n7. Idle daemon CPU with {} Violins configured (per daemon, % of one core)",
@@ -760,6 +818,13 @@ fn check(r: &Results) -> Result<()> {
         if !ok {
             problems.push(format!("sharing of {c}"));
         }
+    }
+    if !r.memory.as_ref().is_some_and(|m| {
+        m.daemons_loaded_kib > 0
+            && m.daemon_kib_per_guest.is_finite()
+            && m.relay_kib_per_guest > 0.0
+    }) {
+        problems.push("memory".into());
     }
     if r.idle_cpu_percent.len() != 2 || r.idle_cpu_percent.values().any(|v| !v.is_finite()) {
         problems.push("idle CPU".into());

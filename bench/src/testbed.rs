@@ -105,6 +105,36 @@ impl Testbed {
         )?)
     }
 
+    /// A Violin of `guests` lightweight guests spread over both hosts, every pair allowed.
+    pub fn violin_many(&self, name: &str, vni: u32, guests: usize) -> Result<()> {
+        let mut spec = format!("name = \"{name}\"\nvni = {vni}\n");
+        for j in 0..guests {
+            spec += &format!(
+                "[[guest]]\nname = \"g{j}\"\nhost = \"h{}\"\nip = \"10.60.{}.{}/16\"\n",
+                j % 2 + 1,
+                j / 250,
+                j % 250 + 1
+            );
+        }
+        self.up_spec(name, &spec)
+    }
+
+    /// Pids of the guest relays (`violin-dp guest`) of this cluster.
+    pub fn relay_pids(&self) -> Vec<u32> {
+        let prefix = format!("{}-", self.name);
+        violin_dp::netns::other_pids()
+            .filter(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+                args.get(1) == Some(&&b"guest"[..])
+                    && args
+                        .windows(2)
+                        .any(|w| w[0] == b"--netns" && w[1].starts_with(prefix.as_bytes()))
+            })
+            .map(|p| p as u32)
+            .collect()
+    }
+
     pub fn violin_names(&self) -> Result<Vec<String>> {
         let v: serde_json::Value = serde_json::from_str(&self.violin(&["ls", "--json"])?)?;
         Ok(v.as_array()
