@@ -539,12 +539,6 @@ impl Switch {
         self.drops[v as usize] += 1;
     }
 
-    /// The Violin and member a port belongs to.
-    pub fn port_owner(&self, p: PortId) -> Option<(&Violin, usize)> {
-        let (v, m) = self.ports.get(p as usize).copied().flatten()?;
-        Some((&self.violins[v].as_ref()?.spec, m))
-    }
-
     pub fn violin(&self, name: &str) -> Option<&Violin> {
         self.by_name
             .get(name)

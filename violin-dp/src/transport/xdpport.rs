@@ -64,8 +64,4 @@ impl XdpPort {
     pub fn flush(&mut self) {
         self.core.flush()
     }
-
-    pub fn free_frames(&self) -> (usize, usize) {
-        (self.core.free_frames(), self.core.pool_frames())
-    }
 }

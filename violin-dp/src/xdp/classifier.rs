@@ -49,7 +49,6 @@ pub struct Classifier {
     members: HashMap<MapData, MemberKey, u32>,
     xsks: XskMap<MapData>,
     verdicts: PerCpuArray<MapData, u64>,
-    attached: Option<String>,
 }
 
 fn member_key(vni: u32, addr: Ipv4Addr) -> MemberKey {
@@ -96,7 +95,6 @@ impl Classifier {
             members,
             xsks,
             verdicts,
-            attached: None,
         })
     }
 
@@ -121,12 +119,7 @@ impl Classifier {
                     .with_context(|| format!("attaching the XDP classifier to {iface}"))?;
             }
         }
-        self.attached = Some(iface.to_string());
         Ok(())
-    }
-
-    pub fn attached(&self) -> Option<&str> {
-        self.attached.as_deref()
     }
 
     fn port_program(&mut self) -> &mut Xdp {
