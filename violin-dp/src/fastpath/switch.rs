@@ -18,7 +18,7 @@
 //! No allocation, locking or logging per frame: tables are built when a Violin is added.
 
 use super::police::Policer;
-use crate::spec::{MemberKind, Violin};
+use crate::spec::{Member, MemberKind, Rate, Violin};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -101,6 +101,16 @@ pub struct ViolinTable {
 impl ViolinTable {
     fn n(&self) -> usize {
         self.loc.len()
+    }
+
+    /// The configured rate of the link from `s` to `d`, if it has one.
+    fn link_rate(&self, s: usize, d: usize) -> Option<&Rate> {
+        self.spec
+            .links
+            .iter()
+            .flatten()
+            .find(|l| (l.a, l.b) == (s, d) || (l.b, l.a) == (s, d))
+            .and_then(|l| l.rate.as_ref())
     }
 
     #[inline]
@@ -337,6 +347,31 @@ pub enum AddError {
     VniTaken { vni: u32, by: String },
     #[error("host {0:?} has no underlay address in the spec")]
     UnknownHost(String),
+    #[error("no Violin named {0:?} on this host")]
+    NoSuchViolin(String),
+    #[error("a Violin's VNI cannot change ({from} → {to}): take it down and up again")]
+    VniChange { from: u32, to: u32 },
+}
+
+/// What `Switch::update_violin` did to this host's ports, as (member index, port).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Update {
+    /// Local guests whose port (and connection) stays.
+    pub kept: Vec<(usize, PortId)>,
+    /// Local guests that need a new port: new, moved here, or attached differently.
+    pub added: Vec<(usize, PortId)>,
+    /// Ports of guests that left this host or the Violin, or are attached differently.
+    pub removed: Vec<PortId>,
+}
+
+/// Whether a guest that stays local can keep its port: everything but rates the same.
+fn same_attachment(a: &Member, b: &Member) -> bool {
+    a.mac == b.mac && a.kind == b.kind
+}
+
+/// Whether `t` polices member `i`'s sending (it is local there, or an external).
+fn polices_in(t: &ViolinTable, i: usize) -> bool {
+    !matches!(t.loc[i], Location::Remote(_))
 }
 
 impl Switch {
@@ -379,22 +414,117 @@ impl Switch {
             .iter()
             .position(Option::is_none)
             .unwrap_or(self.violins.len());
+        let mut ports = Vec::new();
+        let table = self.build_table(spec, local, now, None, |sw, i| {
+            let p = sw.alloc_port(slot, i);
+            ports.push((i, p));
+            p
+        });
+        let table = match table {
+            Ok(t) => t,
+            Err(e) => {
+                for (_, p) in &ports {
+                    self.ports[*p as usize] = None;
+                }
+                return Err(e);
+            }
+        };
+        if slot == self.violins.len() {
+            self.violins.push(Some(table));
+        } else {
+            self.violins[slot] = Some(table);
+        }
+        self.by_vni.insert(spec.vni, slot);
+        self.by_name.insert(spec.name.clone(), slot);
+        Ok(ports)
+    }
+
+    /// Replaces a Violin's spec in place (`violin apply`, `scale`, `migrate`). A local
+    /// guest whose attachment is unchanged keeps its port, and so its connection;
+    /// buckets whose rate is unchanged keep their tokens; edge and drop counters carry
+    /// over by member name. Frames in flight see either the old table or the new one.
+    pub fn update_violin(
+        &mut self,
+        spec: &Violin,
+        local: &str,
+        now: u64,
+    ) -> Result<Update, AddError> {
+        let Some(&slot) = self.by_name.get(&spec.name) else {
+            return Err(AddError::NoSuchViolin(spec.name.clone()));
+        };
+        let old = self.violins[slot].take().expect("by_name points at a table");
+        if old.spec.vni != spec.vni {
+            let vni = old.spec.vni;
+            self.violins[slot] = Some(old);
+            return Err(AddError::VniChange { from: vni, to: spec.vni });
+        }
+        let mut up = Update::default();
+        let mut reused = vec![false; old.n()];
+        let table = self.build_table(spec, local, now, Some(&old), |sw, i| {
+            let m = &spec.members[i];
+            let same = old.spec.member(&m.name).and_then(|j| match old.loc[j] {
+                Location::Local(p) if same_attachment(&old.spec.members[j], m) => {
+                    Some((j, p))
+                }
+                _ => None,
+            });
+            match same {
+                Some((j, p)) => {
+                    reused[j] = true;
+                    sw.ports[p as usize] = Some((slot, i));
+                    up.kept.push((i, p));
+                    p
+                }
+                None => {
+                    let p = sw.alloc_port(slot, i);
+                    up.added.push((i, p));
+                    p
+                }
+            }
+        });
+        let table = match table {
+            Ok(t) => t,
+            Err(e) => {
+                for (_, p) in &up.added {
+                    self.ports[*p as usize] = None;
+                }
+                for (j, loc) in old.loc.iter().enumerate() {
+                    if let Location::Local(p) = loc {
+                        self.ports[*p as usize] = Some((slot, j));
+                    }
+                }
+                self.violins[slot] = Some(old);
+                return Err(e);
+            }
+        };
+        for (j, loc) in old.loc.iter().enumerate() {
+            if let (Location::Local(p), false) = (loc, reused[j]) {
+                self.ports[*p as usize] = None;
+                up.removed.push(*p);
+            }
+        }
+        self.violins[slot] = Some(table);
+        Ok(up)
+    }
+
+    /// Builds the tables of `spec` as seen from host `local`; `port` gives each local
+    /// member its port. With `old`, state whose configuration is unchanged carries over.
+    fn build_table(
+        &mut self,
+        spec: &Violin,
+        local: &str,
+        now: u64,
+        old: Option<&ViolinTable>,
+        mut port: impl FnMut(&mut Switch, usize) -> PortId,
+    ) -> Result<ViolinTable, AddError> {
         let n = spec.members.len();
         let mut hosts: Vec<Ipv4Addr> = Vec::new();
         let mut loc = Vec::with_capacity(n);
-        let mut ports = Vec::new();
         for (i, m) in spec.members.iter().enumerate() {
             loc.push(match &m.kind {
-                MemberKind::Guest { host, .. } if host == local => {
-                    let p = self.alloc_port(slot, i);
-                    ports.push((i, p));
-                    Location::Local(p)
-                }
+                MemberKind::Guest { host, .. } if host == local => Location::Local(port(self, i)),
                 MemberKind::Guest { host, .. } => {
                     let Some(addr) = spec.hosts.get(host) else {
-                        for (_, p) in &ports {
-                            self.ports[*p as usize] = None;
-                        }
                         return Err(AddError::UnknownHost(host.clone()));
                     };
                     let h = hosts.iter().position(|a| a == addr).unwrap_or_else(|| {
@@ -406,6 +536,12 @@ impl Switch {
                 MemberKind::External { underlay } => Location::External(*underlay),
             });
         }
+        // Index in the old table of each new member, by name.
+        let prev: Vec<Option<usize>> = spec
+            .members
+            .iter()
+            .map(|m| old.and_then(|o| o.spec.member(&m.name)))
+            .collect();
         let allowed = spec.links.as_ref().map(|links| {
             let mut a = vec![false; n * n];
             for l in links {
@@ -418,21 +554,26 @@ impl Switch {
         let polices = |i: usize| !matches!(loc[i], Location::Remote(_));
         let mut link_police: Vec<Option<Policer>> = vec![None; n * n];
         for l in spec.links.iter().flatten() {
-            if let Some(rate) = &l.rate {
-                for (s, d) in [(l.a, l.b), (l.b, l.a)] {
-                    if polices(s) {
-                        link_police[s * n + d] = Policer::new(rate, now);
-                    }
+            let Some(rate) = &l.rate else { continue };
+            for (s, d) in [(l.a, l.b), (l.b, l.a)] {
+                if !polices(s) {
+                    continue;
                 }
+                let kept = old.zip(prev[s].zip(prev[d])).and_then(|(o, (os, od))| {
+                    let same = o.link_rate(os, od) == Some(rate) && polices_in(o, os);
+                    same.then(|| o.link_police[os * o.n() + od].clone()).flatten()
+                });
+                link_police[s * n + d] = kept.or_else(|| Policer::new(rate, now));
             }
         }
         let guest_police = (0..n)
             .map(|i| {
-                spec.members[i]
-                    .rate
-                    .as_ref()
-                    .filter(|_| polices(i))
-                    .and_then(|r| Policer::new(r, now))
+                let rate = spec.members[i].rate.as_ref().filter(|_| polices(i))?;
+                let kept = old.zip(prev[i]).and_then(|(o, j)| {
+                    let same = o.spec.members[j].rate.as_ref() == Some(rate) && polices_in(o, j);
+                    same.then(|| o.guest_police[j].clone()).flatten()
+                });
+                kept.or_else(|| Policer::new(rate, now))
             })
             .collect();
         let macs = spec
@@ -441,28 +582,31 @@ impl Switch {
             .enumerate()
             .map(|(i, m)| (m.mac.0, i))
             .collect();
-        let table = ViolinTable {
+        let mut edges = vec![Counter::default(); n * n];
+        if let Some(o) = old {
+            for s in 0..n {
+                for d in 0..n {
+                    if let (Some(os), Some(od)) = (prev[s], prev[d]) {
+                        edges[s * n + d] = o.edges[os * o.n() + od];
+                    }
+                }
+            }
+        }
+        Ok(ViolinTable {
             max_frame: spec.max_frame(),
             spec: spec.clone(),
             host_sent: vec![false; hosts.len()],
             hosts,
             loc,
             macs,
+            // MACs learned behind externals are learned again.
             learned: 0,
             allowed,
             link_police,
             guest_police,
-            edges: vec![Counter::default(); n * n],
-            drops: [0; Verdict::COUNT],
-        };
-        if slot == self.violins.len() {
-            self.violins.push(Some(table));
-        } else {
-            self.violins[slot] = Some(table);
-        }
-        self.by_vni.insert(spec.vni, slot);
-        self.by_name.insert(spec.name.clone(), slot);
-        Ok(ports)
+            edges,
+            drops: old.map_or([0; Verdict::COUNT], |o| o.drops),
+        })
     }
 
     /// Removes a Violin and frees its ports. Returns its final statistics.

@@ -557,3 +557,98 @@ fn two_violins_with_the_same_addresses_stay_apart() {
     );
     assert!(f.sw.add_violin(&again, "h1", 0).is_ok());
 }
+
+#[test]
+fn update_keeps_unchanged_ports_and_follows_a_move() {
+    let mut f = fixture(SPEC);
+    let mut out = Vec::new();
+    let (a, b, d) = (mac(&f, "a"), mac(&f, "b"), mac(&f, "d"));
+    assert_eq!(
+        f.sw.process(Ingress::Port(f.pa), &frame(d, a, 100), 0, &mut out),
+        Verdict::Forward
+    );
+    // d moves h1 → h2; a new guest e joins on h1; the a–b rate changes.
+    let moved = SPEC
+        .replace(
+            "name = \"d\"\nhost = \"h1\"",
+            "name = \"d\"\nhost = \"h2\"",
+        )
+        .replace("rate = \"50mbit\"", "rate = \"10mbit\"")
+        + "[[guest]]\nname = \"e\"\nhost = \"h1\"\nip = \"10.0.0.5/24\"\n[[link]]\nbetween = [\"a\", \"e\"]\n";
+    let spec2 = spec::parse(&moved, &hosts()).unwrap();
+    let up = f.sw.update_violin(&spec2, "h1", 1).unwrap();
+    assert_eq!(up.kept, vec![(0, f.pa)], "a keeps its port");
+    assert_eq!(up.removed, vec![f.pd], "d left this host");
+    assert_eq!(up.added.len(), 1);
+    let (ei, pe) = up.added[0];
+    assert_eq!(spec2.members[ei].name, "e");
+    // a → d now goes to h2; d's old port is gone.
+    f.sw.process(Ingress::Port(f.pa), &frame(d, a, 100), 1, &mut out);
+    assert_eq!(out, vec![Egress::Tunnel { dst: H2, vni: VNI }]);
+    assert_eq!(
+        f.sw.process(Ingress::Port(f.pd), &frame(a, d, 100), 1, &mut out),
+        Verdict::PortDown
+    );
+    // d's frames are now accepted from h2, and e reaches a.
+    let from_h2 = Ingress::Tunnel { src: H2, vni: VNI };
+    f.sw.process(from_h2, &frame(a, d, 100), 1, &mut out);
+    assert_eq!(out, vec![Egress::Port(f.pa)]);
+    let e = spec2.members[ei].mac.0;
+    f.sw.process(Ingress::Port(pe), &frame(a, e, 100), 1, &mut out);
+    assert_eq!(out, vec![Egress::Port(f.pa)]);
+    // Edge counters carried over by name: a→d counted twice (before and after).
+    let s = f.sw.stats("blue").unwrap();
+    let ad = s.edges.iter().find(|x| x.from == "a" && x.to == "d").unwrap();
+    assert_eq!((ad.packets, ad.bytes), (2, 200));
+    // The a→b bucket is new, at 10 Mbit/s: its default burst passes, then nothing.
+    let burst = spec::Rate::default_burst(1_250_000);
+    let passed = (0..100)
+        .filter(|_| {
+            f.sw.process(Ingress::Port(f.pa), &frame(b, a, 1000), 1, &mut out)
+                == Verdict::Forward
+        })
+        .count();
+    assert_eq!(passed as u64, burst / 1000);
+}
+
+#[test]
+fn update_keeps_bucket_state_when_the_rate_is_unchanged() {
+    let mut f = fixture(SPEC);
+    let mut out = Vec::new();
+    let (a, b) = (mac(&f, "a"), mac(&f, "b"));
+    let drain = |f: &mut Fixture, out: &mut Vec<Egress>| {
+        (0..1000)
+            .filter(|_| {
+                f.sw.process(Ingress::Port(f.pa), &frame(b, a, 1000), 0, out) == Verdict::Forward
+            })
+            .count()
+    };
+    assert!(drain(&mut f, &mut out) > 0);
+    // Removing link a–d changes nothing for a–b: its emptied bucket stays empty.
+    let text = SPEC.replace("[[link]]\nbetween = [\"a\", \"d\"]\n", "");
+    let spec2 = spec::parse(&text, &hosts()).unwrap();
+    let up = f.sw.update_violin(&spec2, "h1", 0).unwrap();
+    assert_eq!(up.kept.len(), 2);
+    assert!(up.added.is_empty() && up.removed.is_empty());
+    assert_eq!(drain(&mut f, &mut out), 0, "no fresh burst from an apply");
+    let d = mac(&f, "d");
+    assert_eq!(
+        f.sw.process(Ingress::Port(f.pa), &frame(d, a, 100), 0, &mut out),
+        Verdict::NoLink
+    );
+}
+
+#[test]
+fn update_rejects_a_vni_change_and_changes_nothing() {
+    let mut f = fixture(SPEC);
+    let text = SPEC.replace("vni = 101", "vni = 102");
+    let spec2 = spec::parse(&text, &hosts()).unwrap();
+    assert_eq!(
+        f.sw.update_violin(&spec2, "h1", 0),
+        Err(AddError::VniChange { from: 101, to: 102 })
+    );
+    let mut out = Vec::new();
+    let (a, d) = (mac(&f, "a"), mac(&f, "d"));
+    f.sw.process(Ingress::Port(f.pa), &frame(d, a, 100), 0, &mut out);
+    assert_eq!(out, vec![Egress::Port(f.pd)]);
+}
