@@ -2,14 +2,14 @@
 
 use crate::cluster::{self, ClusterState, UpOptions};
 use crate::config::DataplaneChoice;
-use crate::control::{self, HostStatus, HostViolinStats, Request};
-use crate::spec::{self, Violin};
-use anyhow::{anyhow, bail, Context, Result};
+use crate::control::{self, HostViolinStats, Request};
+use crate::lifecycle::{self, statuses};
+use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +44,40 @@ pub enum Cmd {
         /// Seconds to wait for every guest to attach.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+    },
+    /// Change a running Violin to a new spec: add/remove guests and links, change rates.
+    /// Unaffected guests keep running; a spec with errors changes nothing.
+    Apply {
+        spec: PathBuf,
+        /// Seconds to wait for new guests to attach.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Add a guest to a running Violin.
+    Scale {
+        violin: String,
+        /// The new guest as key=value pairs of a [[guest]] table, e.g.
+        /// `name=e,host=h2,ip=10.0.0.5/24`.
+        #[arg(long)]
+        add: String,
+        /// Also allow the new guest to talk to PEER (Violins with a [[link]] table).
+        #[arg(long = "link", value_name = "PEER")]
+        links: Vec<String>,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Move a guest to another host while the others keep running; reports the outage
+    /// a peer guest measured.
+    Migrate {
+        violin: String,
+        guest: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Print the measured outage as JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a Violin: its guests, sockets and switch state on every host.
     Down { name: String },
@@ -150,12 +184,48 @@ pub fn run(cli: Cli) -> Result<()> {
             eprintln!("daemon of {host} restarted (pid {})", h.pid);
             Ok(())
         }
-        Cmd::Up { spec, timeout } => violin_up(
+        Cmd::Up { spec, timeout } => lifecycle::up(
             &cluster::load(run_dir, name)?,
             &spec,
             Duration::from_secs(timeout),
         ),
-        Cmd::Down { name: v } => violin_down(&cluster::load(run_dir, name)?, &v),
+        Cmd::Apply { spec, timeout } => lifecycle::apply_file(
+            &cluster::load(run_dir, name)?,
+            &spec,
+            Duration::from_secs(timeout),
+        ),
+        Cmd::Scale {
+            violin,
+            add,
+            links,
+            timeout,
+        } => lifecycle::scale(
+            &cluster::load(run_dir, name)?,
+            &violin,
+            &add,
+            &links,
+            Duration::from_secs(timeout),
+        ),
+        Cmd::Migrate {
+            violin,
+            guest,
+            to,
+            timeout,
+            json,
+        } => {
+            let m = lifecycle::migrate(
+                &cluster::load(run_dir, name)?,
+                &violin,
+                &guest,
+                &to,
+                Duration::from_secs(timeout),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            }
+            Ok(())
+        }
+        Cmd::Down { name: v } => lifecycle::down(&cluster::load(run_dir, name)?, &v),
         Cmd::Ls { json } => violin_ls(&cluster::load(run_dir, name)?, json),
         Cmd::Exec { violin, guest, cmd } => {
             violin_exec(&cluster::load(run_dir, name)?, &violin, &guest, &cmd)
@@ -176,149 +246,6 @@ fn print_cluster(st: &ClusterState) {
     for h in &st.hosts {
         println!("{:<6} {:<16} {:<16} {}", h.name, h.netns, h.underlay, h.pid);
     }
-}
-
-fn statuses(st: &ClusterState) -> Result<Vec<HostStatus>> {
-    st.hosts
-        .iter()
-        .map(|h| {
-            control::call::<HostStatus>(&h.control, &Request::Status)
-                .with_context(|| format!("asking host {}", h.name))
-        })
-        .collect()
-}
-
-fn violin_up(st: &ClusterState, path: &PathBuf, timeout: Duration) -> Result<()> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let hosts: BTreeMap<String, _> = st
-        .hosts
-        .iter()
-        .map(|h| (h.name.clone(), h.underlay))
-        .collect();
-    let v = spec::parse(&text, &hosts).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let current = statuses(st)?;
-    let existing: Vec<&Violin> = current
-        .iter()
-        .flat_map(|s| &s.violins)
-        .filter(|x| x.name == v.name || x.vni == v.vni)
-        .map(|x| &x.spec)
-        .collect();
-    if !existing.is_empty() {
-        if existing.iter().all(|x| **x == v) && existing.len() == v.hosts.len() {
-            eprintln!("Violin {} is already up with this spec", v.name);
-            return print_summary(st, &v.name);
-        }
-        let other = existing[0];
-        if other.name == v.name {
-            bail!(
-                "a Violin named {:?} is already up with a different spec (`violin down {}` first)",
-                v.name,
-                v.name
-            );
-        }
-        bail!("VNI {} is already used by Violin {:?}", v.vni, other.name);
-    }
-    eprintln!(
-        "Creating Violin {} (VNI {}) on {} host(s)",
-        v.name,
-        v.vni,
-        v.hosts.len()
-    );
-    let mut done: Vec<&str> = Vec::new();
-    for h in v.hosts.keys() {
-        let entry = st
-            .host(h)
-            .ok_or_else(|| anyhow!("host {h} vanished from the cluster"))?;
-        progress(&format!("programming {h}"));
-        if let Err(e) = control::call::<serde_json::Value>(
-            &entry.control,
-            &Request::AddViolin { violin: v.clone() },
-        ) {
-            for d in &done {
-                let e = st.host(d).unwrap();
-                let _ = control::call::<serde_json::Value>(
-                    &e.control,
-                    &Request::RemoveViolin {
-                        name: v.name.clone(),
-                    },
-                );
-            }
-            return Err(e.context(format!(
-                "host {h} refused Violin {}; nothing was left behind",
-                v.name
-            )));
-        }
-        done.push(h);
-    }
-    let guests = v.members.iter().filter(|m| m.host().is_some()).count();
-    let t0 = Instant::now();
-    let mut last = usize::MAX;
-    loop {
-        let up: usize = statuses(st)?
-            .iter()
-            .flat_map(|s| &s.violins)
-            .filter(|x| x.name == v.name)
-            .flat_map(|x| &x.guests)
-            .filter(|g| g.connected || g.kind == spec::GuestKind::Socket)
-            .count();
-        if up != last {
-            progress(&format!("guests attached: {up}/{guests}"));
-            last = up;
-        }
-        if up >= guests {
-            break;
-        }
-        if t0.elapsed() > timeout {
-            bail!("only {up} of {guests} guests attached within {}s; see the logs under the cluster's run directory", timeout.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    print_summary(st, &v.name)
-}
-
-fn print_summary(st: &ClusterState, name: &str) -> Result<()> {
-    println!(
-        "{:<10} {:<6} {:<7} {:<18} {:<18} STATE",
-        "GUEST", "HOST", "KIND", "IP", "MAC"
-    );
-    for s in statuses(st)? {
-        for x in s.violins.iter().filter(|x| x.name == name) {
-            for g in &x.guests {
-                let state = if g.connected { "attached" } else { "waiting" };
-                let kind = format!("{:?}", g.kind).to_lowercase();
-                println!(
-                    "{:<10} {:<6} {:<7} {:<18} {:<18} {}",
-                    g.name, s.host, kind, g.ip, g.mac, state
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-fn violin_down(st: &ClusterState, name: &str) -> Result<()> {
-    let mut found = false;
-    let mut errors = Vec::new();
-    for (h, s) in st.hosts.iter().zip(statuses(st)?) {
-        if s.violins.iter().any(|x| x.name == name) {
-            found = true;
-            if let Err(e) = control::call::<serde_json::Value>(
-                &h.control,
-                &Request::RemoveViolin { name: name.into() },
-            ) {
-                errors.push(format!("{}: {e:#}", h.name));
-            }
-        }
-    }
-    if !found {
-        bail!("no Violin named {name:?} on cluster {}", st.name);
-    }
-    if !errors.is_empty() {
-        bail!("removing {name}: {}", errors.join("; "));
-    }
-    eprintln!("Violin {name} removed");
-    Ok(())
 }
 
 #[derive(Serialize)]

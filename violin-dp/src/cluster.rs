@@ -25,6 +25,9 @@ pub struct ClusterState {
     pub subnet: String,
     pub dataplane: DataplaneChoice,
     pub hosts: Vec<HostEntry>,
+    /// Where this state was loaded from (set by `load`).
+    #[serde(skip)]
+    pub run_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +45,11 @@ pub struct HostEntry {
 impl ClusterState {
     pub fn host(&self, name: &str) -> Option<&HostEntry> {
         self.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// The namespace of a lightweight guest (the same name on whichever host runs it).
+    pub fn guest_netns(&self, violin: &str, guest: &str) -> String {
+        format!("{}-{violin}-{guest}", self.name)
     }
 }
 
@@ -81,7 +89,10 @@ pub fn load(run_dir: &Path, cluster: &str) -> Result<ClusterState> {
             p.display()
         )
     })?;
-    serde_json::from_str(&text).with_context(|| format!("reading {}", p.display()))
+    let mut st: ClusterState =
+        serde_json::from_str(&text).with_context(|| format!("reading {}", p.display()))?;
+    st.run_dir = run_dir.to_path_buf();
+    Ok(st)
 }
 
 /// The `violin-dp` binary: `VIOLIN_DP`, else beside the running executable.
@@ -164,6 +175,7 @@ pub fn up(
         subnet: format!("{net}/{prefix}"),
         dataplane: opts.dataplane,
         hosts: Vec::new(),
+        run_dir: run_dir.to_path_buf(),
     };
     let r = (|| -> Result<()> {
         progress(&format!("creating underlay bridge {bridge}"));

@@ -18,9 +18,22 @@ use std::time::Duration;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    AddViolin { violin: Violin },
-    RemoveViolin { name: String },
-    Stats { name: String },
+    AddViolin {
+        violin: Violin,
+    },
+    /// Add the Violin, or bring it to this spec; `announce`: guests that send a
+    /// gratuitous ARP once attached here (a move).
+    ApplyViolin {
+        violin: Violin,
+        #[serde(default)]
+        announce: Vec<String>,
+    },
+    RemoveViolin {
+        name: String,
+    },
+    Stats {
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,6 +43,14 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default)]
     pub data: serde_json::Value,
+}
+
+/// What an `ApplyViolin` changed on one host (guest names).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Applied {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub kept: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,7 +8,8 @@
 
 use crate::config::{DataplaneChoice, HostConfig};
 use crate::control::{
-    GuestStatus, HostStatus, HostViolinStats, Request, Response, ViolinStatus, XdpHostStats,
+    Applied, GuestStatus, HostStatus, HostViolinStats, Request, Response, ViolinStatus,
+    XdpHostStats,
 };
 use crate::fastpath::switch::{Egress, Ingress, PortId, Switch};
 use crate::netns;
@@ -34,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
+use violin_common::wire::{arp, EthernetAddress};
 use violin_common::Verdict;
 
 const UNDERLAY: Token = Token(0);
@@ -63,6 +65,8 @@ struct PortState {
     ip: String,
     mac: String,
     netns: Option<String>,
+    /// Announce the guest with a gratuitous ARP once its port connects (after a move).
+    announce: Option<(EthernetAddress, Ipv4Addr)>,
 }
 
 /// A lightweight guest's relay process, supervised.
@@ -457,6 +461,7 @@ impl Daemon {
                     }
                 }
                 info!(violin = %ps.violin, guest = %ps.guest, "guest connected");
+                self.announce(p);
                 self.port_rx(p);
             }
             Ok((_, false)) => {}
@@ -514,6 +519,9 @@ impl Daemon {
             Request::AddViolin { violin } => {
                 self.add_violin(&violin)?;
                 serde_json::Value::Null
+            }
+            Request::ApplyViolin { violin, announce } => {
+                serde_json::to_value(self.apply_violin(&violin, &announce)?)?
             }
             Request::RemoveViolin { name } => {
                 self.remove_violin(&name)?;
@@ -642,6 +650,7 @@ impl Daemon {
                 ip: format!("{ip}/{prefix_len}"),
                 mac: member.mac.0.to_string(),
                 netns: netns.clone(),
+                announce: None,
             };
             if *port_kind == PortKind::Xdp {
                 // A fast port: the daemon drives the host end of the guest's veth.
@@ -811,42 +820,16 @@ impl Daemon {
 
     fn remove_violin(&mut self, name: &str) -> Result<()> {
         self.detach_xdp(name);
-        let mut found = self.switch.violin(name).is_some();
-        let (gone, keep): (Vec<GuestProc>, Vec<GuestProc>) = std::mem::take(&mut self.guests)
-            .into_iter()
-            .partition(|g| g.violin == name);
-        self.guests = keep;
-        for mut g in gone {
-            g.stop();
-            if let Err(e) = netns::delete(&g.netns) {
-                warn!("deleting {}: {e:#}", g.netns);
-            }
-        }
-        for (port_index, slot) in self.ports.iter_mut().enumerate() {
-            let port_index = port_index as u32;
-            if slot.as_ref().is_some_and(|ps| ps.violin == name) {
-                let mut ps = slot.take().unwrap();
-                if let (Port::Xdp(x), Some(link)) = (&ps.port, ps.xdp_link.take()) {
-                    let iface = x.iface().to_string();
-                    if let Some(cls) = self.classifier.as_mut() {
-                        cls.detach_port(link, &iface, port_index);
-                    }
-                    if let Some(ns) = &ps.netns {
-                        let _ = netns::delete(ns);
-                    }
-                    let _ = crate::netlink::with_handle(|h| async move {
-                        crate::netlink::del_link(&h, &iface).await
-                    });
-                }
-                let _ = self
-                    .poll
-                    .registry()
-                    .deregister(&mut SourceFd(&ps.port.socket_fd()));
-                if let Some(fd) = ps.port.conn_fd() {
-                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-                }
-                found = true;
-            }
+        let found = self.switch.violin(name).is_some();
+        let ports: Vec<PortId> = self
+            .ports
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|ps| ps.violin == name))
+            .map(|(p, _)| p as PortId)
+            .collect();
+        for p in &ports {
+            self.remove_port(*p);
         }
         self.switch.remove_violin(name);
         let _ = std::fs::remove_dir_all(self.cfg.run_dir.join("guests").join(name));
@@ -854,11 +837,179 @@ impl Daemon {
             // Removed on request: forget it. (At shutdown it stays, for the next start.)
             let _ = std::fs::remove_file(self.violins_dir().join(format!("{name}.json")));
         }
-        if !found {
+        if !found && ports.is_empty() {
             bail!("no Violin named {name:?} on host {}", self.cfg.name);
         }
         info!(violin = %name, "violin removed");
         Ok(())
+    }
+
+    /// Tears down one guest's port: its relay process and namespace (lightweight
+    /// guests), its fast-port veth and program, its socket. The switch has already
+    /// forgotten the port.
+    fn remove_port(&mut self, p: PortId) {
+        let Some(mut ps) = self.ports.get_mut(p as usize).and_then(Option::take) else {
+            return;
+        };
+        if let Some(i) = self
+            .guests
+            .iter()
+            .position(|g| g.violin == ps.violin && g.guest == ps.guest)
+        {
+            let mut g = self.guests.swap_remove(i);
+            g.stop();
+            if let Err(e) = netns::delete(&g.netns) {
+                warn!("deleting {}: {e:#}", g.netns);
+            }
+        }
+        if let (Port::Xdp(x), Some(link)) = (&ps.port, ps.xdp_link.take()) {
+            let iface = x.iface().to_string();
+            if let Some(cls) = self.classifier.as_mut() {
+                cls.detach_port(link, &iface, p);
+            }
+            if let Some(ns) = &ps.netns {
+                let _ = netns::delete(ns);
+            }
+            let _ = crate::netlink::with_handle(|h| async move {
+                crate::netlink::del_link(&h, &iface).await
+            });
+        }
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&ps.port.socket_fd()));
+        if let Some(fd) = ps.port.conn_fd() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        }
+        info!(violin = %ps.violin, guest = %ps.guest, "guest removed from this host");
+    }
+
+    /// Adds a Violin, or brings an existing one to this spec (`violin apply`, `scale`,
+    /// `migrate`): guests whose attachment is unchanged keep running untouched. Guests
+    /// named in `announce` send a gratuitous ARP once their port connects here.
+    fn apply_violin(&mut self, v: &Violin, announce: &[String]) -> Result<Applied> {
+        let Some(old) = self.switch.violin(&v.name).cloned() else {
+            self.add_violin(v)?;
+            let added = self.local_guests(&v.name);
+            self.announce_guests(&v.name, announce);
+            return Ok(Applied {
+                added,
+                ..Applied::default()
+            });
+        };
+        let now = self.now();
+        let up = self.switch.update_violin(v, &self.cfg.name, now)?;
+        let name_of = |ports: &[Option<PortState>], p: PortId| {
+            ports[p as usize]
+                .as_ref()
+                .map(|ps| ps.guest.clone())
+                .unwrap_or_default()
+        };
+        let removed: Vec<String> = up
+            .removed
+            .iter()
+            .map(|p| name_of(&self.ports, *p))
+            .collect();
+        for p in &up.removed {
+            self.remove_port(*p);
+        }
+        if let Err(e) = self.attach_guests(v, &up.added) {
+            // Back to the old spec, as far as it goes.
+            if let Err(e2) = self.apply_violin(&old, &[]) {
+                error!(violin = %v.name, "restoring the previous spec after a failed apply: {e2:#}");
+            }
+            return Err(e);
+        }
+        // xdp: the classifier accepts the Violin's frames from its new set of hosts.
+        let (was, sources) = (self.member_sources(&old), self.member_sources(v));
+        let slot = self
+            .slots
+            .iter()
+            .position(|s| s.as_deref() == Some(&v.name));
+        let shared = self.single_socket || !self.cfg.xdp_socket_per_violin;
+        if let Some(cls) = self.classifier.as_mut() {
+            if let Some(slot) = slot.or(shared.then_some(SHARED_SLOT)) {
+                let gone: Vec<Ipv4Addr> =
+                    was.into_iter().filter(|a| !sources.contains(a)).collect();
+                cls.remove_vni(old.vni, &gone);
+                cls.add_vni(v.vni, slot as u32, &sources)?;
+            }
+        }
+        self.announce_guests(&v.name, announce);
+        if let Err(e) = self.persist(v) {
+            warn!("saving Violin {} for restarts: {e:#}", v.name);
+        }
+        let names =
+            |l: &[(usize, PortId)]| l.iter().map(|(i, _)| v.members[*i].name.clone()).collect();
+        info!(violin = %v.name, added = up.added.len(), removed = up.removed.len(), kept = up.kept.len(), "violin updated");
+        Ok(Applied {
+            added: names(&up.added),
+            removed,
+            kept: names(&up.kept),
+        })
+    }
+
+    fn local_guests(&self, violin: &str) -> Vec<String> {
+        self.ports
+            .iter()
+            .flatten()
+            .filter(|ps| ps.violin == violin)
+            .map(|ps| ps.guest.clone())
+            .collect()
+    }
+
+    /// Marks guests to announce; ports without a connection step (dgram, fast ports)
+    /// announce at once.
+    fn announce_guests(&mut self, violin: &str, guests: &[String]) {
+        let Some(spec) = self.switch.violin(violin).cloned() else {
+            return;
+        };
+        for p in 0..self.ports.len() {
+            let Some(ps) = self.ports[p].as_mut() else {
+                continue;
+            };
+            if ps.violin != violin || !guests.contains(&ps.guest) {
+                continue;
+            }
+            let Some(m) = spec.member(&ps.guest).map(|i| &spec.members[i]) else {
+                continue;
+            };
+            let MemberKind::Guest { ip, .. } = m.kind else {
+                continue;
+            };
+            ps.announce = Some((m.mac.0, ip));
+            let waits = matches!(&ps.port, Port::Sock(g) if g.is_stream() && !g.connected());
+            if !waits {
+                self.announce(p as PortId);
+            }
+        }
+    }
+
+    /// Sends the pending gratuitous ARP of port `p` through the switch, as if the
+    /// guest had sent it.
+    fn announce(&mut self, p: PortId) {
+        let Some((mac, ip)) = self
+            .ports
+            .get_mut(p as usize)
+            .and_then(Option::as_mut)
+            .and_then(|ps| ps.announce.take())
+        else {
+            return;
+        };
+        let mut garp = [0u8; arp::GRATUITOUS_LEN];
+        arp::emit_gratuitous(&mut garp, mac, ip);
+        let now = self.now();
+        let Daemon {
+            switch,
+            ports,
+            underlay,
+            out,
+            ..
+        } = self;
+        if switch.process(Ingress::Port(p), &garp, now, out) == Verdict::Forward {
+            deliver(switch, ports, |d, v, f| underlay.send(d, v, f), out, &garp);
+        }
+        info!(%ip, %mac, "gratuitous ARP sent");
     }
 
     fn violins_dir(&self) -> std::path::PathBuf {

@@ -168,6 +168,30 @@ impl ArpRepr {
     }
 }
 
+/// Length of a gratuitous ARP frame (Ethernet header + ARP packet, unpadded).
+pub const GRATUITOUS_LEN: usize = super::ethernet::HEADER_LEN + PACKET_LEN;
+
+/// Writes a gratuitous ARP request ("who-has IP tell IP", broadcast from `mac`) into
+/// `buf`, announcing that `ip` now lives at `mac`: what a host sends after a move.
+pub fn emit_gratuitous(buf: &mut [u8; GRATUITOUS_LEN], mac: EthernetAddress, ip: Ipv4Addr) {
+    use super::ethernet::{EtherType, EthernetFrame, EthernetRepr};
+    let mut frame = EthernetFrame::new_unchecked(&mut buf[..]);
+    EthernetRepr {
+        src_addr: mac,
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EtherType::ARP,
+    }
+    .emit(&mut frame);
+    ArpRepr {
+        operation: ArpOperation::Request,
+        source_hardware_addr: mac,
+        source_protocol_addr: ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: ip,
+    }
+    .emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +224,24 @@ mod tests {
         let mut buf = [0xeeu8; 28];
         repr().emit(&mut ArpPacket::new_unchecked(&mut buf[..]));
         assert_eq!(buf, PACKET);
+    }
+
+    #[test]
+    fn gratuitous_fixture() {
+        #[rustfmt::skip]
+        static GARP: [u8; GRATUITOUS_LEN] = [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x06,
+            0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x01,
+            0x02, 0, 0, 0, 0, 0x01, 10, 0, 0, 1,
+            0, 0, 0, 0, 0, 0, 10, 0, 0, 1,
+        ];
+        let mut buf = [0xeeu8; GRATUITOUS_LEN];
+        emit_gratuitous(
+            &mut buf,
+            EthernetAddress([2, 0, 0, 0, 0, 1]),
+            Ipv4Addr::new(10, 0, 0, 1),
+        );
+        assert_eq!(buf, GARP);
     }
 
     #[test]

@@ -452,20 +452,23 @@ impl Switch {
         let Some(&slot) = self.by_name.get(&spec.name) else {
             return Err(AddError::NoSuchViolin(spec.name.clone()));
         };
-        let old = self.violins[slot].take().expect("by_name points at a table");
+        let old = self.violins[slot]
+            .take()
+            .expect("by_name points at a table");
         if old.spec.vni != spec.vni {
             let vni = old.spec.vni;
             self.violins[slot] = Some(old);
-            return Err(AddError::VniChange { from: vni, to: spec.vni });
+            return Err(AddError::VniChange {
+                from: vni,
+                to: spec.vni,
+            });
         }
         let mut up = Update::default();
         let mut reused = vec![false; old.n()];
         let table = self.build_table(spec, local, now, Some(&old), |sw, i| {
             let m = &spec.members[i];
             let same = old.spec.member(&m.name).and_then(|j| match old.loc[j] {
-                Location::Local(p) if same_attachment(&old.spec.members[j], m) => {
-                    Some((j, p))
-                }
+                Location::Local(p) if same_attachment(&old.spec.members[j], m) => Some((j, p)),
                 _ => None,
             });
             match same {
@@ -561,7 +564,8 @@ impl Switch {
                 }
                 let kept = old.zip(prev[s].zip(prev[d])).and_then(|(o, (os, od))| {
                     let same = o.link_rate(os, od) == Some(rate) && polices_in(o, os);
-                    same.then(|| o.link_police[os * o.n() + od].clone()).flatten()
+                    same.then(|| o.link_police[os * o.n() + od].clone())
+                        .flatten()
                 });
                 link_police[s * n + d] = kept.or_else(|| Policer::new(rate, now));
             }

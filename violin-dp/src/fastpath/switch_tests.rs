@@ -598,14 +598,17 @@ fn update_keeps_unchanged_ports_and_follows_a_move() {
     assert_eq!(out, vec![Egress::Port(f.pa)]);
     // Edge counters carried over by name: a→d counted twice (before and after).
     let s = f.sw.stats("blue").unwrap();
-    let ad = s.edges.iter().find(|x| x.from == "a" && x.to == "d").unwrap();
+    let ad = s
+        .edges
+        .iter()
+        .find(|x| x.from == "a" && x.to == "d")
+        .unwrap();
     assert_eq!((ad.packets, ad.bytes), (2, 200));
     // The a→b bucket is new, at 10 Mbit/s: its default burst passes, then nothing.
     let burst = spec::Rate::default_burst(1_250_000);
     let passed = (0..100)
         .filter(|_| {
-            f.sw.process(Ingress::Port(f.pa), &frame(b, a, 1000), 1, &mut out)
-                == Verdict::Forward
+            f.sw.process(Ingress::Port(f.pa), &frame(b, a, 1000), 1, &mut out) == Verdict::Forward
         })
         .count();
     assert_eq!(passed as u64, burst / 1000);

@@ -1,0 +1,668 @@
+//! A Violin's life across the cluster's hosts: `up`, `apply`, `scale`, `migrate`, `down`.
+//!
+//! Every change is one new spec pushed to each host (`ApplyViolin`), the hosts that no
+//! longer have guests told to drop it; a host that refuses rolls the others back, so a
+//! change lands whole or not at all. The spec text a Violin was created from is kept in
+//! the cluster's state directory, so `scale` and `migrate` edit what the user wrote.
+
+use crate::cluster::{self, ClusterState};
+use crate::control::{self, Applied, HostStatus, Request};
+use crate::probe;
+use crate::spec::{self, GuestKind, MemberKind, Violin};
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Where the spec text of each Violin lives.
+fn spec_path(st: &ClusterState, name: &str) -> PathBuf {
+    cluster::state_dir(&st.run_dir, &st.name)
+        .join("specs")
+        .join(format!("{name}.toml"))
+}
+
+fn save_spec(st: &ClusterState, name: &str, text: &str) -> Result<()> {
+    let p = spec_path(st, name);
+    std::fs::create_dir_all(p.parent().unwrap())?;
+    std::fs::write(&p, text).with_context(|| format!("saving {}", p.display()))
+}
+
+/// The spec text `name` was last created or changed from.
+pub fn load_spec(st: &ClusterState, name: &str) -> Result<String> {
+    let p = spec_path(st, name);
+    std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "no saved spec for Violin {name:?} ({}); was it created with `violin up`?",
+            p.display()
+        )
+    })
+}
+
+pub fn statuses(st: &ClusterState) -> Result<Vec<HostStatus>> {
+    st.hosts
+        .iter()
+        .map(|h| {
+            control::call::<HostStatus>(&h.control, &Request::Status)
+                .with_context(|| format!("asking host {}", h.name))
+        })
+        .collect()
+}
+
+/// The spec a Violin runs with now, as its hosts report it.
+pub fn current(st: &ClusterState, name: &str) -> Result<Option<Violin>> {
+    Ok(statuses(st)?
+        .into_iter()
+        .flat_map(|s| s.violins)
+        .find(|x| x.name == name)
+        .map(|x| x.spec))
+}
+
+fn parse_text(st: &ClusterState, text: &str, origin: &str) -> Result<Violin> {
+    let hosts: BTreeMap<String, Ipv4Addr> = st
+        .hosts
+        .iter()
+        .map(|h| (h.name.clone(), h.underlay))
+        .collect();
+    spec::parse(text, &hosts).map_err(|e| anyhow!("{origin}: {e}"))
+}
+
+/// Pushes `new` to every host it or `old` uses, `first` and `last` ordered as named;
+/// a host that refuses rolls back the hosts already changed.
+fn program(
+    st: &ClusterState,
+    old: Option<&Violin>,
+    new: &Violin,
+    order: &[&str],
+    pb: &ProgressBar,
+) -> Result<BTreeMap<String, Applied>> {
+    let mut hosts: Vec<&str> = order.to_vec();
+    let all: BTreeSet<&str> = new
+        .hosts
+        .keys()
+        .chain(old.iter().flat_map(|o| o.hosts.keys()))
+        .map(String::as_str)
+        .collect();
+    let rest: Vec<&str> = all.iter().copied().filter(|h| !hosts.contains(h)).collect();
+    hosts.splice(0..0, rest);
+    hosts.retain(|h| all.contains(h));
+    let mut done: Vec<&str> = Vec::new();
+    let mut applied = BTreeMap::new();
+    for h in hosts {
+        let entry = st
+            .host(h)
+            .ok_or_else(|| anyhow!("host {h} is not in cluster {}", st.name))?;
+        pb.set_message(format!("programming {h}"));
+        let r = if new.hosts.contains_key(h) {
+            control::call::<Applied>(
+                &entry.control,
+                &Request::ApplyViolin {
+                    violin: new.clone(),
+                    announce: vec![],
+                },
+            )
+            .map(|a| {
+                applied.insert(h.to_string(), a);
+            })
+        } else {
+            control::call::<serde_json::Value>(
+                &entry.control,
+                &Request::RemoveViolin {
+                    name: new.name.clone(),
+                },
+            )
+            .map(|_| ())
+        };
+        if let Err(e) = r {
+            for d in done.iter().rev() {
+                let c = &st.host(d).unwrap().control;
+                let undo = match old.filter(|o| o.hosts.contains_key(*d)) {
+                    Some(o) => control::call::<Applied>(
+                        c,
+                        &Request::ApplyViolin {
+                            violin: o.clone(),
+                            announce: vec![],
+                        },
+                    )
+                    .map(|_| ()),
+                    None => control::call::<serde_json::Value>(
+                        c,
+                        &Request::RemoveViolin {
+                            name: new.name.clone(),
+                        },
+                    )
+                    .map(|_| ()),
+                };
+                if let Err(u) = undo {
+                    eprintln!("warning: rolling back host {d}: {u:#}");
+                }
+            }
+            let what = if old.is_some() {
+                "the previous spec is back in place"
+            } else {
+                "nothing was left behind"
+            };
+            return Err(e.context(format!("host {h} refused Violin {}; {what}", new.name)));
+        }
+        done.push(h);
+    }
+    Ok(applied)
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} {wide_msg} [{elapsed}]")
+            .expect("valid template"),
+    );
+    pb.set_prefix(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+/// Waits until the named guests of `v` are attached (socket guests count at once).
+fn wait_attached(
+    st: &ClusterState,
+    v: &Violin,
+    guests: &BTreeSet<String>,
+    timeout: Duration,
+) -> Result<()> {
+    if guests.is_empty() {
+        return Ok(());
+    }
+    let pb = ProgressBar::new(guests.len() as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "  {bar:30} {pos}/{len} guests attached {wide_msg} [{elapsed}]",
+        )
+        .expect("valid template"),
+    );
+    pb.enable_steady_tick(Duration::from_millis(100));
+    let t0 = Instant::now();
+    loop {
+        let mut waiting = Vec::new();
+        let mut up = 0;
+        for s in statuses(st)? {
+            for x in s.violins.iter().filter(|x| x.name == v.name) {
+                for g in x.guests.iter().filter(|g| guests.contains(&g.name)) {
+                    if g.connected || g.kind == GuestKind::Socket {
+                        up += 1;
+                    } else {
+                        waiting.push(format!("{}@{}", g.name, s.host));
+                    }
+                }
+            }
+        }
+        pb.set_position(up);
+        pb.set_message(if waiting.is_empty() {
+            String::new()
+        } else {
+            format!("waiting: {}", waiting.join(" "))
+        });
+        if up as usize >= guests.len() {
+            pb.finish_and_clear();
+            eprintln!(
+                "  · {up}/{} guests attached in {:.1} s",
+                guests.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            pb.abandon();
+            bail!(
+                "only {up} of {} guests attached within {} s (still waiting: {}); see the logs under {}",
+                guests.len(),
+                timeout.as_secs(),
+                waiting.join(", "),
+                cluster::state_dir(&st.run_dir, &st.name).display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn guest_names(v: &Violin) -> BTreeSet<String> {
+    v.members
+        .iter()
+        .filter(|m| m.host().is_some())
+        .map(|m| m.name.clone())
+        .collect()
+}
+
+/// `violin up SPEC`: create the Violin; re-running with the same spec changes nothing.
+pub fn up(st: &ClusterState, path: &PathBuf, timeout: Duration) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v = parse_text(st, &text, &path.display().to_string())?;
+    let current = statuses(st)?;
+    let existing: Vec<&Violin> = current
+        .iter()
+        .flat_map(|s| &s.violins)
+        .filter(|x| x.name == v.name || x.vni == v.vni)
+        .map(|x| &x.spec)
+        .collect();
+    if !existing.is_empty() {
+        let other = existing[0];
+        if other.name != v.name {
+            bail!("VNI {} is already used by Violin {:?}", v.vni, other.name);
+        }
+        if existing.iter().all(|x| **x == v) && existing.len() == v.hosts.len() {
+            eprintln!("Violin {} is already up with this spec", v.name);
+            wait_attached(st, &v, &guest_names(&v), timeout)?;
+            return print_summary(st, &v.name);
+        }
+        bail!(
+            "a Violin named {:?} is already up with a different spec: `violin apply {}` changes it in place",
+            v.name,
+            path.display()
+        );
+    }
+    eprintln!(
+        "Creating Violin {} (VNI {}): {} guest(s) on {} host(s)",
+        v.name,
+        v.vni,
+        guest_names(&v).len(),
+        v.hosts.len()
+    );
+    let pb = spinner("  ");
+    let r = program(st, None, &v, &[], &pb);
+    pb.finish_and_clear();
+    r?;
+    save_spec(st, &v.name, &text)?;
+    if let Err(e) = wait_attached(st, &v, &guest_names(&v), timeout) {
+        eprintln!("removing the half-created Violin {}", v.name);
+        let _ = down(st, &v.name);
+        return Err(e);
+    }
+    print_summary(st, &v.name)
+}
+
+/// What changes between two specs of a Violin, one line each.
+pub fn plan(old: &Violin, new: &Violin) -> Vec<String> {
+    let mut out = Vec::new();
+    let host = |v: &Violin, n: &str| {
+        v.member(n)
+            .and_then(|i| v.members[i].host().map(str::to_string))
+    };
+    for m in &new.members {
+        match old.member(&m.name).map(|i| &old.members[i]) {
+            None => out.push(format!(
+                "+ guest {} on {}",
+                m.name,
+                m.host().unwrap_or("(external)")
+            )),
+            Some(o) if o.host() != m.host() => out.push(format!(
+                "~ guest {} moves {} → {}",
+                m.name,
+                o.host().unwrap_or("-"),
+                m.host().unwrap_or("-")
+            )),
+            Some(o) if o != m => out.push(format!("~ guest {} changes (re-created)", m.name)),
+            _ => {}
+        }
+    }
+    for m in &old.members {
+        if new.member(&m.name).is_none() {
+            out.push(format!(
+                "- guest {} on {}",
+                m.name,
+                host(old, &m.name).unwrap_or_else(|| "(external)".into())
+            ));
+        }
+    }
+    let links = |v: &Violin| -> BTreeMap<(String, String), Option<String>> {
+        v.links
+            .iter()
+            .flatten()
+            .map(|l| {
+                let (a, b) = (&v.members[l.a].name, &v.members[l.b].name);
+                let k = if a < b {
+                    (a.clone(), b.clone())
+                } else {
+                    (b.clone(), a.clone())
+                };
+                (k, l.rate.map(|r| format!("{} bit/s", r.bytes_per_sec * 8)))
+            })
+            .collect()
+    };
+    let (lo, ln) = (links(old), links(new));
+    if old.links.is_some() != new.links.is_some() {
+        out.push(match new.links {
+            Some(_) => "~ links: only the listed pairs may talk now".into(),
+            None => "~ links: every pair may talk now".into(),
+        });
+    }
+    for (k, r) in &ln {
+        match lo.get(k) {
+            None => out.push(format!("+ link {}–{}", k.0, k.1)),
+            Some(o) if o != r => out.push(format!(
+                "~ link {}–{} rate {} → {}",
+                k.0,
+                k.1,
+                o.as_deref().unwrap_or("uncapped"),
+                r.as_deref().unwrap_or("uncapped")
+            )),
+            _ => {}
+        }
+    }
+    for k in lo.keys().filter(|k| !ln.contains_key(*k)) {
+        out.push(format!("- link {}–{}", k.0, k.1));
+    }
+    out
+}
+
+/// `violin apply SPEC`: bring a running Violin to this spec (or create it).
+pub fn apply_file(st: &ClusterState, path: &PathBuf, timeout: Duration) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v = parse_text(st, &text, &path.display().to_string())?;
+    if current(st, &v.name)?.is_none() {
+        return up(st, path, timeout);
+    }
+    apply(st, &v, &text, timeout)?;
+    print_summary(st, &v.name)
+}
+
+fn apply(st: &ClusterState, v: &Violin, text: &str, timeout: Duration) -> Result<()> {
+    let old = current(st, &v.name)?.ok_or_else(|| anyhow!("no Violin named {:?}", v.name))?;
+    if old.vni != v.vni {
+        bail!(
+            "vni: a running Violin's VNI cannot change ({} → {}); `violin down {}` and up again",
+            old.vni,
+            v.vni,
+            v.name
+        );
+    }
+    let changes = plan(&old, v);
+    if changes.is_empty() {
+        eprintln!("Violin {}: no changes", v.name);
+        save_spec(st, &v.name, text)?;
+        return Ok(());
+    }
+    eprintln!("Applying to Violin {}:", v.name);
+    for c in &changes {
+        eprintln!("  {c}");
+    }
+    let pb = spinner("  ");
+    let r = program(st, Some(&old), v, &[], &pb);
+    pb.finish_and_clear();
+    let applied = r?;
+    save_spec(st, &v.name, text)?;
+    let added: BTreeSet<String> = applied.values().flat_map(|a| a.added.clone()).collect();
+    wait_attached(st, v, &added, timeout)
+}
+
+/// Parses `name=e,host=h2,ip=10.0.0.5/24` into a `[[guest]]` table; values are TOML
+/// values where they parse as one (numbers), strings otherwise.
+pub fn guest_table(arg: &str) -> Result<toml::Table> {
+    let mut t = toml::Table::new();
+    for kv in arg.split(',').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').ok_or_else(|| {
+            anyhow!("--add: {kv:?} is not key=value (e.g. name=e,host=h2,ip=10.0.0.5/24)")
+        })?;
+        let value = format!("x = {v}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut x| x.remove("x"))
+            .unwrap_or_else(|| toml::Value::String(v.to_string()));
+        t.insert(k.trim().to_string(), value);
+    }
+    Ok(t)
+}
+
+/// `violin scale VIOLIN --add GUEST-SPEC [--link PEER]...`
+pub fn scale(
+    st: &ClusterState,
+    name: &str,
+    add: &str,
+    links: &[String],
+    timeout: Duration,
+) -> Result<()> {
+    let mut doc: toml::Table = load_spec(st, name)?
+        .parse()
+        .context("the saved spec is not TOML")?;
+    let g = guest_table(add)?;
+    let gname = g
+        .get("name")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| anyhow!("--add needs name=..."))?
+        .to_string();
+    push_table(&mut doc, "guest", g)?;
+    let has_links = doc.contains_key("link");
+    for peer in links {
+        if !has_links {
+            bail!(
+                "--link {peer}: Violin {name} has no [[link]] table, so every pair already talks"
+            );
+        }
+        let mut l = toml::Table::new();
+        l.insert(
+            "between".into(),
+            toml::Value::Array(vec![gname.clone().into(), peer.clone().into()]),
+        );
+        push_table(&mut doc, "link", l)?;
+    }
+    let text = toml::to_string(&doc)?;
+    let v = parse_text(st, &text, &format!("{name} with --add {add}"))?;
+    apply(st, &v, &text, timeout)?;
+    print_summary(st, name)
+}
+
+fn push_table(doc: &mut toml::Table, key: &str, t: toml::Table) -> Result<()> {
+    match doc.entry(key).or_insert_with(|| toml::Value::Array(vec![])) {
+        toml::Value::Array(a) => {
+            a.push(toml::Value::Table(t));
+            Ok(())
+        }
+        _ => bail!("the saved spec's {key} is not an array of tables"),
+    }
+}
+
+/// What `violin migrate` did and measured.
+#[derive(Debug, serde::Serialize)]
+pub struct Migration {
+    pub guest: String,
+    pub from: String,
+    pub to: String,
+    /// From the first host switching to the target announcing the guest.
+    pub control_ms: f64,
+    /// The peer guest that pinged the moving one, if any.
+    pub probed_from: Option<String>,
+    /// Longest time without replies at that peer.
+    pub outage_ms: Option<f64>,
+    pub probes_sent: Option<u64>,
+    pub probes_lost: Option<u64>,
+    pub resumed: Option<bool>,
+}
+
+/// `violin migrate VIOLIN GUEST --to HOST`: every host but the target switches first
+/// (the guest leaves its old host), then the target re-creates it with the same MAC
+/// and IP and announces it with a gratuitous ARP. Returns what a peer measured.
+pub fn migrate(
+    st: &ClusterState,
+    name: &str,
+    guest: &str,
+    to: &str,
+    timeout: Duration,
+) -> Result<Migration> {
+    let old = current(st, name)?.ok_or_else(|| anyhow!("no Violin named {name:?}"))?;
+    let i = old
+        .member(guest)
+        .ok_or_else(|| anyhow!("Violin {name} has no guest {guest:?}"))?;
+    let MemberKind::Guest { host, ip, kind, .. } = &old.members[i].kind else {
+        bail!("{guest} is an external member: it lives outside the cluster");
+    };
+    if host == to {
+        bail!("{guest} already runs on {to}");
+    }
+    if st.host(to).is_none() {
+        bail!("host {to:?} is not in cluster {}", st.name);
+    }
+    if *kind != GuestKind::Netns {
+        bail!("{guest} is a {kind:?} guest: only netns guests migrate for now (they are re-created on the target with the same MAC and IP)");
+    }
+    let mut doc: toml::Table = load_spec(st, name)?
+        .parse()
+        .context("the saved spec is not TOML")?;
+    let g = doc
+        .get_mut("guest")
+        .and_then(|g| g.as_array_mut())
+        .and_then(|a| {
+            a.iter_mut()
+                .find(|g| g.get("name").and_then(|n| n.as_str()) == Some(guest))
+        })
+        .and_then(|g| g.as_table_mut())
+        .ok_or_else(|| anyhow!("guest {guest} is not in the saved spec"))?;
+    g.insert("host".into(), to.into());
+    let text = toml::to_string(&doc)?;
+    let v = parse_text(st, &text, &format!("{name} with {guest} on {to}"))?;
+    // A peer that pings the guest through the move measures the outage.
+    let peer = probe_peer(&old, i);
+    let prober = match &peer {
+        Some(p) => Some(probe::Prober::start(
+            &st.guest_netns(name, p),
+            *ip,
+            Duration::from_millis(5),
+        )?),
+        None => None,
+    };
+    if let Some(p) = &prober {
+        p.wait_first_reply(Duration::from_secs(3));
+    }
+    eprintln!("Migrating {guest} of Violin {name}: {host} → {to}");
+    let t0 = Instant::now();
+    let pb = spinner("  ");
+    let r = program(st, Some(&old), &v, &[to], &pb);
+    pb.finish_and_clear();
+    r?;
+    save_spec(st, name, &text)?;
+    wait_attached(st, &v, &[guest.to_string()].into(), timeout)?;
+    // Announce once every host agrees where the guest lives.
+    let target = st.host(to).unwrap();
+    control::call::<Applied>(
+        &target.control,
+        &Request::ApplyViolin {
+            violin: v.clone(),
+            announce: vec![guest.to_string()],
+        },
+    )?;
+    let switched = t0.elapsed();
+    let outage = match prober {
+        Some(p) => {
+            let o = p.finish(Duration::from_millis(300), Duration::from_secs(5));
+            Some(o)
+        }
+        None => None,
+    };
+    match (&outage, &peer) {
+        (Some(o), Some(p)) => eprintln!(
+            "  · {guest} now on {to}; control path took {:.0} ms; outage seen by {p}: {}",
+            switched.as_secs_f64() * 1e3,
+            o
+        ),
+        _ => eprintln!(
+            "  · {guest} now on {to}; control path took {:.0} ms (no netns peer to measure the outage from)",
+            switched.as_secs_f64() * 1e3
+        ),
+    }
+    Ok(Migration {
+        guest: guest.into(),
+        from: host.clone(),
+        to: to.into(),
+        control_ms: switched.as_secs_f64() * 1e3,
+        probed_from: peer,
+        outage_ms: outage.as_ref().map(|o| o.gap.as_secs_f64() * 1e3),
+        probes_sent: outage.as_ref().map(|o| o.sent),
+        probes_lost: outage.as_ref().map(|o| o.sent.saturating_sub(o.received)),
+        resumed: outage.as_ref().map(|o| o.resumed),
+    })
+}
+
+/// A netns guest (other than `i`) allowed to talk to member `i`.
+fn probe_peer(v: &Violin, i: usize) -> Option<String> {
+    let allowed = |j: usize| match &v.links {
+        None => true,
+        Some(ls) => ls
+            .iter()
+            .any(|l| (l.a, l.b) == (i, j) || (l.b, l.a) == (i, j)),
+    };
+    v.members
+        .iter()
+        .enumerate()
+        .find(|(j, m)| {
+            *j != i
+                && allowed(*j)
+                && matches!(
+                    m.kind,
+                    MemberKind::Guest {
+                        kind: GuestKind::Netns,
+                        ..
+                    }
+                )
+        })
+        .map(|(_, m)| m.name.clone())
+}
+
+pub fn print_summary(st: &ClusterState, name: &str) -> Result<()> {
+    println!(
+        "{:<10} {:<6} {:<7} {:<18} {:<18} STATE",
+        "GUEST", "HOST", "KIND", "IP", "MAC"
+    );
+    for s in statuses(st)? {
+        for x in s.violins.iter().filter(|x| x.name == name) {
+            for g in &x.guests {
+                let state = if g.connected { "attached" } else { "waiting" };
+                let kind = format!("{:?}", g.kind).to_lowercase();
+                println!(
+                    "{:<10} {:<6} {:<7} {:<18} {:<18} {}",
+                    g.name, s.host, kind, g.ip, g.mac, state
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `violin down NAME`: removes the Violin from every host that has it, then anything a
+/// half-finished `up` may have left (guest namespaces of the saved spec).
+pub fn down(st: &ClusterState, name: &str) -> Result<()> {
+    let mut found = false;
+    let mut errors = Vec::new();
+    for (h, s) in st.hosts.iter().zip(statuses(st)?) {
+        if s.violins.iter().any(|x| x.name == name) {
+            found = true;
+            if let Err(e) = control::call::<serde_json::Value>(
+                &h.control,
+                &Request::RemoveViolin { name: name.into() },
+            ) {
+                errors.push(format!("{}: {e:#}", h.name));
+            }
+        }
+    }
+    let saved = load_spec(st, name).ok();
+    if let Some(text) = &saved {
+        if let Ok(v) = parse_text(st, text, "saved spec") {
+            for g in guest_names(&v) {
+                let ns = st.guest_netns(name, &g);
+                if crate::netns::exists(&ns) {
+                    found = true;
+                    if let Err(e) = crate::netns::delete(&ns) {
+                        errors.push(format!("{ns}: {e:#}"));
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_file(spec_path(st, name));
+        found |= saved.is_some();
+    }
+    if !found {
+        bail!("no Violin named {name:?} on cluster {}", st.name);
+    }
+    if !errors.is_empty() {
+        bail!("removing {name}: {}", errors.join("; "));
+    }
+    eprintln!("Violin {name} removed");
+    Ok(())
+}
