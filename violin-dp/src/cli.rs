@@ -311,6 +311,10 @@ fn violin_exec(st: &ClusterState, violin: &str, guest: &str, cmd: &[String]) -> 
             g.socket
         )
     })?;
+    // Commands run inside the guest's limits, like the guest's own processes.
+    if let Some(cg) = crate::cgroup::GuestCgroup::open(&ns) {
+        cg.add(std::process::id())?;
+    }
     crate::netns::enter(&ns)?;
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();

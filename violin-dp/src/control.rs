@@ -83,6 +83,9 @@ pub struct GuestStatus {
     pub ip: String,
     pub mac: String,
     pub counters: PortCounters,
+    /// Processes the OOM killer ended inside the guest's cgroup (guests with limits).
+    #[serde(default)]
+    pub oom_kills: Option<u64>,
 }
 
 /// A Violin's counters on one host.

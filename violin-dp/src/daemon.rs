@@ -6,6 +6,7 @@
 //! their transports, then serve control requests. Between bursts the loop sleeps in
 //! `epoll_wait`; a half-second tick reaps and restarts lightweight-guest processes.
 
+use crate::cgroup::GuestCgroup;
 use crate::config::{DataplaneChoice, HostConfig};
 use crate::control::{
     Applied, GuestStatus, HostStatus, HostViolinStats, Request, Response, ViolinStatus,
@@ -67,6 +68,8 @@ struct PortState {
     netns: Option<String>,
     /// Announce the guest with a gratuitous ARP once its port connects (after a move).
     announce: Option<(EthernetAddress, Ipv4Addr)>,
+    /// A netns guest's resource limits.
+    cgroup: Option<GuestCgroup>,
 }
 
 /// A lightweight guest's relay process, supervised.
@@ -79,6 +82,8 @@ struct GuestProc {
     child: Option<Child>,
     restart_at: Option<Instant>,
     restarts: u32,
+    /// The guest's cgroup, which the relay joins.
+    cgroup: Option<String>,
 }
 
 pub struct Daemon {
@@ -601,6 +606,7 @@ impl Daemon {
                 ip: ps.ip.clone(),
                 mac: ps.mac.clone(),
                 counters: ps.port.counters(),
+                oom_kills: ps.cgroup.as_ref().map(|c| c.oom_kills()),
             })
             .collect()
     }
@@ -631,6 +637,7 @@ impl Daemon {
                 kind,
                 framing,
                 port: port_kind,
+                limits,
                 ..
             } = &member.kind
             else {
@@ -641,7 +648,15 @@ impl Daemon {
             if self.ports.len() <= p as usize {
                 self.ports.resize_with(p as usize + 1, || None);
             }
-            let state = |port: Port, xdp_link: Option<XdpLinkId>| PortState {
+            let cgroup = match &netns {
+                Some(ns) if limits.millicpus.is_some() || limits.memory.is_some() => Some(
+                    GuestCgroup::create(ns, limits)
+                        .with_context(|| format!("limiting guest {}", member.name))?,
+                ),
+                _ => None,
+            };
+            let cgroup_name = cgroup.as_ref().and(netns.clone());
+            let state = |port: Port, xdp_link: Option<XdpLinkId>, cgroup| PortState {
                 port,
                 xdp_link,
                 violin: v.name.clone(),
@@ -651,6 +666,7 @@ impl Daemon {
                 mac: member.mac.0.to_string(),
                 netns: netns.clone(),
                 announce: None,
+                cgroup,
             };
             if *port_kind == PortKind::Xdp {
                 // A fast port: the daemon drives the host end of the guest's veth.
@@ -675,7 +691,7 @@ impl Daemon {
                     port_token(p),
                     Interest::READABLE,
                 )?;
-                self.ports[p as usize] = Some(state(Port::Xdp(Box::new(xp)), Some(link)));
+                self.ports[p as usize] = Some(state(Port::Xdp(Box::new(xp)), Some(link), cgroup));
                 continue;
             }
             let path = self.cfg.guest_socket(&v.name, &member.name);
@@ -686,7 +702,7 @@ impl Daemon {
                 port_token(p),
                 Interest::READABLE,
             )?;
-            self.ports[p as usize] = Some(state(Port::Sock(Box::new(port)), None));
+            self.ports[p as usize] = Some(state(Port::Sock(Box::new(port)), None, cgroup));
             if let Some(ns) = netns {
                 let cmd = vec![
                     self.exe.clone(),
@@ -717,6 +733,7 @@ impl Daemon {
                     child: None,
                     restart_at: None,
                     restarts: 0,
+                    cgroup: cgroup_name,
                 };
                 // A relay left by a daemon that crashed still holds the guest's tap.
                 crate::guest::kill_stale_relays(&g.netns);
@@ -880,6 +897,9 @@ impl Daemon {
             .deregister(&mut SourceFd(&ps.port.socket_fd()));
         if let Some(fd) = ps.port.conn_fd() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        }
+        if let Some(cg) = ps.cgroup.take() {
+            cg.remove();
         }
         info!(violin = %ps.violin, guest = %ps.guest, "guest removed from this host");
     }
@@ -1160,6 +1180,11 @@ impl GuestProc {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting guest {}/{}", self.violin, self.guest))?;
+        if let Some(cg) = self.cgroup.as_deref().and_then(GuestCgroup::open) {
+            if let Err(e) = cg.add(child.id()) {
+                warn!(violin = %self.violin, guest = %self.guest, "moving the relay into its cgroup: {e:#}");
+            }
+        }
         self.child = Some(child);
         self.restart_at = None;
         Ok(())

@@ -8,6 +8,7 @@
 //!   lightweight guests ([`guest`]), the simulated cluster ([`cluster`]) and the CLI
 //!   ([`cli`]).
 
+pub mod cgroup;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -53,6 +53,20 @@ struct RawGuest {
     burst: Option<String>,
     #[serde(default)]
     pps: Option<i64>,
+    #[serde(default)]
+    cpus: Option<f64>,
+    #[serde(default)]
+    memory: Option<String>,
+    #[serde(default)]
+    kernel: Option<String>,
+    #[serde(default)]
+    initrd: Option<String>,
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    packages: Option<Vec<String>>,
+    #[serde(default)]
+    append: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,7 +111,37 @@ pub enum GuestKind {
     Netns,
     /// Only the socket: whoever the user starts (a QEMU VM, a test) attaches to it.
     Socket,
+    /// A QEMU virtual machine the daemon starts, attached with `-netdev stream|dgram`.
+    Qemu,
 }
+
+/// Resource limits of a guest: a cgroup for netns guests, `-smp`/`-m` for QEMU guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Limits {
+    /// CPU, in thousandths of a core (netns: a CFS quota; qemu: whole vCPUs).
+    pub millicpus: Option<u32>,
+    /// Memory in bytes (netns: the cgroup's limit, OOM inside it; qemu: guest RAM).
+    pub memory: Option<u64>,
+}
+
+/// What a QEMU guest boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VmSpec {
+    /// Kernel and initramfs; default: the image `scripts/build-guest-image.sh` builds.
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    /// A disk image attached as the guest's virtio disk (opened read-only, writes go to
+    /// a throw-away overlay).
+    pub image: Option<String>,
+    /// Extra Debian packages in the guest's initramfs (built once per package set).
+    pub packages: Vec<String>,
+    /// Extra kernel command line.
+    pub append: Option<String>,
+}
+
+/// Least memory a QEMU guest boots with here (notes: `-m 96`), and its default.
+pub const QEMU_MIN_MEMORY: u64 = 96 << 20;
+pub const QEMU_DEFAULT_MEMORY: u64 = 128 << 20;
 
 /// How a lightweight guest's NIC reaches the switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -140,6 +184,10 @@ pub enum MemberKind {
         framing: Framing,
         #[serde(default)]
         port: PortKind,
+        #[serde(default)]
+        limits: Limits,
+        #[serde(default)]
+        vm: Option<VmSpec>,
     },
     External {
         underlay: Ipv4Addr,
@@ -454,6 +502,131 @@ fn rate_of(
     })
 }
 
+fn limits_of(c: &mut Collector, f: &str, g: &RawGuest, kind: GuestKind) -> Limits {
+    let millicpus = match g.cpus {
+        None => None,
+        Some(x) if kind == GuestKind::Socket => {
+            c.err(
+                format!("{f}.cpus"),
+                format!("{x}: a socket guest runs outside Violin; limit it where it runs"),
+            );
+            None
+        }
+        Some(x) if !(x > 0.0 && x <= 64.0) => {
+            c.err(
+                format!("{f}.cpus"),
+                format!("{x} is out of range (more than 0, at most 64)"),
+            );
+            None
+        }
+        Some(x) if kind == GuestKind::Qemu && x.fract() != 0.0 => {
+            c.err(format!("{f}.cpus"), format!("{x}: a VM has whole vCPUs"));
+            None
+        }
+        Some(x) if x < 0.01 => {
+            c.err(
+                format!("{f}.cpus"),
+                format!("{x} is less than 0.01 of a core"),
+            );
+            None
+        }
+        Some(x) => Some((x * 1000.0).round() as u32),
+    };
+    let memory = match &g.memory {
+        None => None,
+        Some(m) if kind == GuestKind::Socket => {
+            c.err(
+                format!("{f}.memory"),
+                format!("{m}: a socket guest runs outside Violin; limit it where it runs"),
+            );
+            None
+        }
+        Some(m) => match parse_size(m) {
+            Ok(b) if kind == GuestKind::Qemu && b < QEMU_MIN_MEMORY => {
+                c.err(
+                    format!("{f}.memory"),
+                    format!("{m} is less than a VM boots with here (96mb)"),
+                );
+                None
+            }
+            Ok(b) if b < 4 << 20 => {
+                c.err(
+                    format!("{f}.memory"),
+                    format!("{m} is less than 4mb: the guest's own tools would not start"),
+                );
+                None
+            }
+            Ok(b) => Some(b),
+            Err(e) => {
+                c.err(format!("{f}.memory"), e);
+                None
+            }
+        },
+    };
+    Limits { millicpus, memory }
+}
+
+fn vm_of(c: &mut Collector, f: &str, g: &RawGuest, kind: GuestKind) -> Option<VmSpec> {
+    let given = [
+        ("kernel", g.kernel.is_some()),
+        ("initrd", g.initrd.is_some()),
+        ("image", g.image.is_some()),
+        ("packages", g.packages.is_some()),
+        ("append", g.append.is_some()),
+    ];
+    if kind != GuestKind::Qemu {
+        for (field, _) in given.iter().filter(|(_, set)| *set) {
+            c.err(
+                format!("{f}.{field}"),
+                "only for QEMU guests (kind = \"qemu\")",
+            );
+        }
+        return None;
+    }
+    for (field, path) in [
+        ("kernel", &g.kernel),
+        ("initrd", &g.initrd),
+        ("image", &g.image),
+    ] {
+        if let Some(p) = path {
+            if !std::path::Path::new(p).is_absolute() {
+                c.err(
+                    format!("{f}.{field}"),
+                    format!("{p:?} must be an absolute path (the daemon opens it)"),
+                );
+            }
+        }
+    }
+    if g.initrd.is_some() && g.kernel.is_none() {
+        c.err(format!("{f}.initrd"), "an initrd needs a kernel");
+    }
+    let packages = g.packages.clone().unwrap_or_default();
+    for (i, p) in packages.iter().enumerate() {
+        let ok = !p.is_empty()
+            && p.chars()
+                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "+-.".contains(ch));
+        if !ok {
+            c.err(
+                format!("{f}.packages[{i}]"),
+                format!("{p:?} is not a Debian package name"),
+            );
+        }
+    }
+    if !packages.is_empty() && g.kernel.is_some() {
+        c.err(
+            format!("{f}.packages"),
+            "packages go into the default image; with your own kernel/initrd, put them there",
+        );
+    }
+    Some(VmSpec {
+        kernel: g.kernel.clone(),
+        initrd: g.initrd.clone(),
+        image: g.image.clone(),
+        packages,
+        append: g.append.clone(),
+    })
+}
+
 /// Parses and validates a spec. `hosts` maps each host of the cluster to its underlay
 /// address; a guest on any other host is an error.
 pub fn parse(text: &str, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, SpecError> {
@@ -574,7 +747,11 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
             &f,
             "kind",
             &g.kind,
-            &[("netns", GuestKind::Netns), ("socket", GuestKind::Socket)],
+            &[
+                ("netns", GuestKind::Netns),
+                ("socket", GuestKind::Socket),
+                ("qemu", GuestKind::Qemu),
+            ],
         );
         let framing = c.choice(
             &f,
@@ -598,6 +775,8 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
             p => p,
         };
         let rate = rate_of(&mut c, &f, &g.rate, &g.burst, g.pps, max_frame);
+        let limits = limits_of(&mut c, &f, g, kind);
+        let vm = vm_of(&mut c, &f, g, kind);
         members.push(Member {
             name: g.name.clone(),
             mac: EthernetAddressSerde(mac),
@@ -608,6 +787,8 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
                 kind,
                 framing,
                 port,
+                limits,
+                vm,
             },
             rate,
         });
@@ -966,6 +1147,64 @@ mac = "02:aa:00:00:00:50"
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn limits_and_vms() {
+        let v = parse(
+            &ISSUE_SPEC
+                .replace(
+                    "ip = \"10.0.0.1/24\"",
+                    "ip = \"10.0.0.1/24\"\ncpus = 0.5\nmemory = \"64mb\"",
+                )
+                .replace(
+                    "ip = \"10.0.0.2/24\"",
+                    "ip = \"10.0.0.2/24\"\nkind = \"qemu\"\ncpus = 2\npackages = [\"iperf3\"]",
+                ),
+            &hosts(),
+        )
+        .unwrap();
+        let MemberKind::Guest { limits, vm, .. } = &v.members[0].kind else {
+            panic!()
+        };
+        assert_eq!(
+            *limits,
+            Limits {
+                millicpus: Some(500),
+                memory: Some(64 << 20)
+            }
+        );
+        assert!(vm.is_none());
+        let MemberKind::Guest {
+            limits, vm, kind, ..
+        } = &v.members[1].kind
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (*kind, limits.millicpus, limits.memory),
+            (GuestKind::Qemu, Some(2000), None)
+        );
+        assert_eq!(vm.as_ref().unwrap().packages, vec!["iperf3".to_string()]);
+
+        let e = errors_of(&ISSUE_SPEC.replace(
+            "ip = \"10.0.0.1/24\"",
+            "ip = \"10.0.0.1/24\"\ncpus = 0\nmemory = \"1kb\"\npackages = [\"x\"]",
+        ).replace(
+            "ip = \"10.0.0.2/24\"",
+            "ip = \"10.0.0.2/24\"\nkind = \"qemu\"\ncpus = 1.5\nmemory = \"64mb\"\nkernel = \"vmlinux\"\npackages = [\"Bad Name\"]",
+        ));
+        for f in [
+            "guest[0].cpus",
+            "guest[0].memory",
+            "guest[0].packages",
+            "guest[1].cpus",
+            "guest[1].memory",
+            "guest[1].kernel",
+            "guest[1].packages[0]",
+        ] {
+            assert!(e.mentions(f), "{f} not named in {e}");
+        }
     }
 
     #[test]

@@ -282,3 +282,74 @@ fn up_is_idempotent() {
         "{table}"
     );
 }
+
+#[test]
+fn a_netns_guest_over_its_memory_limit_is_contained() {
+    use violin_dp::cgroup::GuestCgroup;
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "udp", &[]);
+    let spec = PAIRS.replace(
+        "name = \"a\"\nhost = \"h1\"\nip = \"10.0.0.1/24\"",
+        "name = \"a\"\nhost = \"h1\"\nip = \"10.0.0.1/24\"\nmemory = \"32mb\"\ncpus = 0.5",
+    );
+    c.up_spec("blue.toml", &spec);
+    let ns = c.guest_ns("blue", "a");
+    let cg = GuestCgroup::open(&ns).expect("a has a cgroup");
+    assert_eq!(cg.memory_limit(), Some(32 << 20));
+    assert_eq!(cg.cpu_quota(), Some((50_000, 100_000)));
+    assert!(
+        GuestCgroup::open(&c.guest_ns("blue", "b")).is_none(),
+        "b has no limits"
+    );
+
+    // 256 MiB inside a 32 MiB guest: the OOM killer ends it, inside the guest only.
+    let hog = ["sh", "-c", "head -c 256m /dev/zero | tail > /dev/null"];
+    let mut args = vec!["exec", "blue", "a", "--"];
+    args.extend_from_slice(&hog);
+    let o = c.cmd(&args);
+    assert!(!o.status.success(), "the hog should have been killed");
+    assert!(cg.oom_kills() >= 1, "no OOM kill inside a's cgroup");
+    let s = c.stats("blue");
+    let a = s
+        .hosts
+        .iter()
+        .flat_map(|h| &h.ports)
+        .find(|p| p.name == "a")
+        .unwrap();
+    assert!(a.oom_kills.unwrap_or(0) >= 1, "violin stats reports it");
+    // Outside the guest the same allocation is fine, and the Violin still works.
+    let o = std::process::Command::new(hog[0])
+        .args(&hog[1..])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "the same command outside any guest");
+    assert!(c.ping("blue", "a", "10.0.0.2", 2), "a still talks to b");
+    assert!(c.ping("blue", "b", "10.0.0.1", 2), "b still talks to a");
+
+    // Half a core: a busy loop is throttled.
+    let before = cg.cpu_throttled();
+    let o = c.cmd(&[
+        "exec",
+        "blue",
+        "a",
+        "--",
+        "timeout",
+        "1",
+        "sh",
+        "-c",
+        "while :; do :; done",
+    ]);
+    assert_eq!(o.status.code(), Some(124), "timeout ends the loop");
+    assert!(
+        cg.cpu_throttled() > before,
+        "a busy loop in a 0.5-cpu guest was never throttled"
+    );
+
+    c.ok(&["down", "blue"]);
+    assert!(
+        GuestCgroup::open(&ns).is_none(),
+        "the cgroup is removed with the guest"
+    );
+}

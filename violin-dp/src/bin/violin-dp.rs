@@ -60,6 +60,9 @@ fn run() -> Result<()> {
                 cfg.dataplane = d;
             }
             let mut daemon = Daemon::new(cfg)?;
+            if let Err(e) = violin_dp::cgroup::prepare() {
+                tracing::warn!("guest limits unavailable: {e:#}");
+            }
             daemon.restore();
             if let Err(e) = daemon.drop_capabilities() {
                 tracing::warn!("keeping all capabilities: {e:#}");
