@@ -4,6 +4,7 @@ use crate::cluster::{self, ClusterState, UpOptions};
 use crate::config::DataplaneChoice;
 use crate::control::{self, HostViolinStats, Request};
 use crate::lifecycle::{self, statuses};
+use crate::profile;
 use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
@@ -92,6 +93,24 @@ pub enum Cmd {
         guest: String,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// The traffic matrix: who sends how much to whom, with rates over an interval.
+    Profile {
+        violin: String,
+        /// Seconds between the two samples the rates come from.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        #[arg(long, conflicts_with_all = ["dot", "svg"])]
+        json: bool,
+        /// A Graphviz digraph (edge width: rate).
+        #[arg(long, conflicts_with = "svg")]
+        dot: bool,
+        /// An SVG drawing (edge width: rate).
+        #[arg(long)]
+        svg: bool,
+        /// Refresh every interval until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// Per-edge traffic and drops by reason, summed over the hosts.
     Stats {
@@ -230,6 +249,28 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Exec { violin, guest, cmd } => {
             violin_exec(&cluster::load(run_dir, name)?, &violin, &guest, &cmd)
         }
+        Cmd::Profile {
+            violin,
+            interval,
+            json,
+            dot,
+            svg,
+            watch,
+        } => {
+            let format = match (json, dot, svg) {
+                (true, _, _) => ProfileFormat::Json,
+                (_, true, _) => ProfileFormat::Dot,
+                (_, _, true) => ProfileFormat::Svg,
+                _ => ProfileFormat::Table,
+            };
+            violin_profile(
+                &cluster::load(run_dir, name)?,
+                &violin,
+                interval,
+                format,
+                watch,
+            )
+        }
         Cmd::Stats { violin, json } => violin_stats(&cluster::load(run_dir, name)?, &violin, json),
     }
 }
@@ -319,6 +360,62 @@ fn violin_exec(st: &ClusterState, violin: &str, guest: &str, cmd: &[String]) -> 
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
     bail!("running {:?} in {ns}: {err}", cmd[0])
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ProfileFormat {
+    Table,
+    Json,
+    Dot,
+    Svg,
+}
+
+fn edge_sample(st: &ClusterState, violin: &str) -> Result<profile::Sample> {
+    Ok(gather_stats(st, violin)?
+        .edges
+        .into_iter()
+        .map(|e| ((e.from, e.to), (e.packets, e.bytes)))
+        .collect())
+}
+
+fn violin_profile(
+    st: &ClusterState,
+    violin: &str,
+    interval: f64,
+    format: ProfileFormat,
+    watch: bool,
+) -> Result<()> {
+    if !(interval > 0.0 && interval <= 3600.0) {
+        bail!("--interval must be between 0 and 3600 seconds, not {interval}");
+    }
+    let spec = lifecycle::current(st, violin)?
+        .ok_or_else(|| anyhow!("no Violin named {violin:?} on cluster {}", st.name))?;
+    let members: Vec<String> = spec.members.iter().map(|m| m.name.clone()).collect();
+    let mut before = edge_sample(st, violin)?;
+    let mut t0 = std::time::Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_secs_f64(interval));
+        let after = edge_sample(st, violin)?;
+        let now = std::time::Instant::now();
+        let p = profile::Profile::between(violin, members.clone(), &before, &after, now - t0);
+        let out = match format {
+            ProfileFormat::Table => p.table(),
+            ProfileFormat::Json => serde_json::to_string(&p)? + "\n",
+            ProfileFormat::Dot => p.dot(),
+            ProfileFormat::Svg => p.svg(),
+        };
+        if watch && format == ProfileFormat::Table {
+            // Clear the screen and home the cursor, like watch(1).
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{out}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        if !watch {
+            return Ok(());
+        }
+        (before, t0) = (after, now);
+    }
 }
 
 /// A Violin's counters summed over every host.

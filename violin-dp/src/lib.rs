@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod netlink;
 pub mod netns;
 pub mod probe;
+pub mod profile;
 pub mod spec;
 pub mod transport;
 pub mod xdp;

@@ -353,3 +353,159 @@ fn a_netns_guest_over_its_memory_limit_is_contained() {
         "the cgroup is removed with the guest"
     );
 }
+
+/// Sends `count` datagrams of `size` bytes from inside `ns`, pacing so that no queue
+/// on the way drops any; a receiver in `to_ns` counts them. Returns datagrams received.
+fn send_counted(from_ns: &str, to_ns: &str, dst: &str, size: usize, count: usize) -> usize {
+    let (to_ns2, dst2) = (to_ns.to_string(), dst.to_string());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        violin_dp::netns::enter(&to_ns2).unwrap();
+        let s = std::net::UdpSocket::bind(&dst2).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        tx.send(()).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut n = 0;
+        while s.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    });
+    rx.recv().unwrap();
+    let (from_ns, dst) = (from_ns.to_string(), dst.to_string());
+    std::thread::spawn(move || {
+        violin_dp::netns::enter(&from_ns).unwrap();
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let buf = vec![0x5au8; size];
+        for i in 0..count {
+            s.send_to(&buf, &dst).unwrap();
+            if i % 10 == 9 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    receiver.join().unwrap()
+}
+
+#[test]
+fn profile_matrix_matches_what_was_sent() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "udp", &[]);
+    c.up_spec("blue.toml", PAIRS);
+    let ns = |g| c.guest_ns("blue", g);
+    // Static ARP entries: only the datagrams cross, so the expected bytes are exact.
+    let mac = |g| violin_dp::spec::derive_mac(101, g).to_string();
+    for (g, ip, peer) in [
+        ("a", "10.0.0.2", "b"),
+        ("b", "10.0.0.3", "c"),
+        ("b", "10.0.0.1", "a"),
+        ("c", "10.0.0.2", "b"),
+    ] {
+        c.ok(&[
+            "exec",
+            "blue",
+            g,
+            "--",
+            "ip",
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            &mac(peer),
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    let got_ab = send_counted(&ns("a"), &ns("b"), "10.0.0.2:7000", 1000, 1000);
+    let got_bc = send_counted(&ns("b"), &ns("c"), "10.0.0.3:7001", 200, 500);
+    assert_eq!((got_ab, got_bc), (1000, 500), "datagrams received");
+    // Each datagram is a frame of payload + UDP 8 + IPv4 20 + Ethernet 14.
+    let (want_ab, want_bc) = (1000 * (1000 + 42), 500 * (200 + 42));
+
+    let out = c.ok(&["profile", "blue", "--json", "--interval", "0.5"]);
+    let p: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let flow = |f: &str, t: &str| {
+        p["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["from"] == f && x["to"] == t)
+            .cloned()
+    };
+    for (f, t, want) in [("a", "b", want_ab), ("b", "c", want_bc)] {
+        let x = flow(f, t).unwrap_or_else(|| panic!("no {f}→{t} edge in {p}"));
+        let bytes = x["bytes"].as_u64().unwrap();
+        let err = (bytes as f64 - want as f64).abs() / want as f64;
+        assert!(
+            err <= 0.01,
+            "{f}→{t}: {bytes} bytes, sent {want} ({:.2} % off)",
+            err * 100.0
+        );
+        assert_eq!(
+            x["bits_per_sec"].as_f64(),
+            Some(0.0),
+            "nothing moved during the interval"
+        );
+    }
+    assert!(
+        flow("a", "c").is_none() && flow("c", "a").is_none(),
+        "no link, no traffic"
+    );
+
+    // While a sends, the a→b rate is positive.
+    let (na, nb) = (ns("a"), ns("b"));
+    let sender = std::thread::spawn(move || send_counted(&na, &nb, "10.0.0.2:7002", 1000, 3000));
+    std::thread::sleep(Duration::from_millis(100));
+    let out = c.ok(&["profile", "blue", "--json", "--interval", "0.3"]);
+    sender.join().unwrap();
+    let p: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ab = p["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["from"] == "a" && x["to"] == "b")
+        .unwrap()
+        .clone();
+    assert!(ab["bits_per_sec"].as_f64().unwrap() > 1e6, "{ab}");
+
+    // The table and the drawings.
+    let table = c.ok(&["profile", "blue", "--interval", "0.1"]);
+    assert!(
+        table.contains("FROM \\ TO") && table.contains("RATE"),
+        "{table}"
+    );
+    let dot = c.ok(&["profile", "blue", "--dot", "--interval", "0.1"]);
+    assert!(
+        dot.starts_with("digraph \"blue\"") && dot.contains("\"a\" -> \"b\""),
+        "{dot}"
+    );
+    let svg = c.ok(&["profile", "blue", "--svg", "--interval", "0.1"]);
+    let doc = roxmltree::Document::parse(&svg).expect("the SVG is well-formed XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let edges: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.attribute("class") == Some("edge"))
+        .map(|n| {
+            (
+                n.attribute("data-from").unwrap().to_string(),
+                n.attribute("data-to").unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        edges.contains(&("a".into(), "b".into())) && edges.contains(&("b".into(), "c".into())),
+        "{edges:?}"
+    );
+    let nodes = doc
+        .descendants()
+        .filter(|n| n.attribute("class") == Some("node"))
+        .count();
+    assert_eq!(nodes, 3);
+}
