@@ -281,11 +281,18 @@ fn print_cluster(st: &ClusterState) {
         st.name, st.bridge, st.subnet, st.dataplane
     );
     println!(
-        "{:<6} {:<16} {:<16} DAEMON PID",
-        "HOST", "NETNS", "UNDERLAY"
+        "{:<6} {:<16} {:<16} {:<10} METRICS (from the host's namespace)",
+        "HOST", "NETNS", "UNDERLAY", "DAEMON PID"
     );
     for h in &st.hosts {
-        println!("{:<6} {:<16} {:<16} {}", h.name, h.netns, h.underlay, h.pid);
+        println!(
+            "{:<6} {:<16} {:<16} {:<10} {}",
+            h.name,
+            h.netns,
+            h.underlay,
+            h.pid,
+            h.metrics.as_deref().unwrap_or("-")
+        );
     }
 }
 

@@ -40,6 +40,9 @@ pub struct HostEntry {
     pub config: PathBuf,
     pub log: PathBuf,
     pub pid: u32,
+    /// Where the daemon serves Prometheus metrics (inside the host's namespace).
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 impl ClusterState {
@@ -220,6 +223,7 @@ pub fn up(
                 netns_prefix: format!("{name}-"),
                 dataplane: opts.dataplane,
                 xdp_socket_per_violin: !opts.xdp_single_socket,
+                metrics_port: Some(crate::config::DEFAULT_METRICS_PORT),
             };
             let cfg_path = dir.join(format!("{host}.toml"));
             std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
@@ -234,6 +238,9 @@ pub fn up(
                 config: cfg_path,
                 log,
                 pid,
+                metrics: cfg
+                    .metrics_port
+                    .map(|p| format!("http://{underlay}:{p}/metrics")),
             });
             std::fs::write(
                 state_file(run_dir, name),

@@ -42,7 +42,14 @@ pub struct HostConfig {
     /// queue for every Violin.
     #[serde(default = "yes")]
     pub xdp_socket_per_violin: bool,
+    /// Serve Prometheus metrics over HTTP on this TCP port (all of the host's own
+    /// addresses; nothing is reachable from guests, which live in other namespaces).
+    #[serde(default)]
+    pub metrics_port: Option<u16>,
 }
+
+/// The metrics port `violin cluster up` gives each host.
+pub const DEFAULT_METRICS_PORT: u16 = 9464;
 
 fn yes() -> bool {
     true

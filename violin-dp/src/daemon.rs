@@ -42,6 +42,7 @@ use violin_common::Verdict;
 const UNDERLAY: Token = Token(0);
 const CONTROL: Token = Token(1);
 const WAKER: Token = Token(2);
+const METRICS: Token = Token(3);
 const PORT_BASE: usize = 16;
 /// Tokens of the Violins' AF_XDP sockets: XSK_BASE + slot.
 const XSK_BASE: usize = 1 << 40;
@@ -110,6 +111,8 @@ pub struct Daemon {
     exe: String,
     shutdown: Arc<AtomicBool>,
     waker: Arc<Waker>,
+    /// Prometheus metrics over HTTP, when configured.
+    metrics: Option<mio::net::TcpListener>,
 }
 
 impl Daemon {
@@ -166,7 +169,18 @@ impl Daemon {
             CONTROL,
             Interest::READABLE,
         )?;
-        info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane = underlay.name(), "violin-dp ready");
+        let metrics = match cfg.metrics_port {
+            Some(port) => {
+                let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+                let mut l = mio::net::TcpListener::bind(addr)
+                    .with_context(|| format!("binding the metrics port {addr}"))?;
+                poll.registry()
+                    .register(&mut l, METRICS, Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
+        info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane = underlay.name(), metrics = ?cfg.metrics_port, "violin-dp ready");
         Ok(Daemon {
             cfg,
             poll,
@@ -186,6 +200,7 @@ impl Daemon {
             exe: own_binary()?,
             shutdown: Arc::new(AtomicBool::new(false)),
             waker,
+            metrics,
         })
     }
 
@@ -296,6 +311,7 @@ impl Daemon {
         match t {
             UNDERLAY => self.underlay_rx(),
             CONTROL => self.control_accept(),
+            METRICS => self.metrics_accept(),
             WAKER => {}
             Token(n) if n >= XSK_BASE => self.xsk_rx(n - XSK_BASE),
             Token(n) if n >= PORT_BASE => {
@@ -533,22 +549,69 @@ impl Daemon {
                 serde_json::Value::Null
             }
             Request::Stats { name } => {
-                let stats = self
-                    .switch
-                    .stats(&name)
-                    .ok_or_else(|| anyhow!("no Violin named {name:?} on host {}", self.cfg.name))?;
-                let ports = self.guest_statuses(&name);
-                serde_json::to_value(HostViolinStats {
-                    host: self.cfg.name.clone(),
-                    stats,
-                    ports,
-                    host_drops: self.switch.host_drops(),
-                    dataplane: self.underlay.name().to_string(),
-                    udp_rx_frames: self.udp_rx_frames,
-                    xdp: self.xdp_stats(&name),
-                })?
+                serde_json::to_value(self.host_violin_stats(&name).ok_or_else(|| {
+                    anyhow!("no Violin named {name:?} on host {}", self.cfg.name)
+                })?)?
             }
         })
+    }
+
+    fn host_violin_stats(&mut self, name: &str) -> Option<HostViolinStats> {
+        let stats = self.switch.stats(name)?;
+        Some(HostViolinStats {
+            host: self.cfg.name.clone(),
+            stats,
+            ports: self.guest_statuses(name),
+            host_drops: self.switch.host_drops(),
+            dataplane: self.underlay.name().to_string(),
+            udp_rx_frames: self.udp_rx_frames,
+            xdp: self.xdp_stats(name),
+        })
+    }
+
+    /// Answers metrics scrapes: one short request per connection, answered at once.
+    fn metrics_accept(&mut self) {
+        loop {
+            let Some(l) = &self.metrics else { return };
+            let (stream, _) = match l.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("metrics accept: {e}");
+                    return;
+                }
+            };
+            let mut stream = std::net::TcpStream::from(stream);
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
+            let mut req = Vec::with_capacity(512);
+            let mut buf = [0u8; 512];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                match std::io::Read::read(&mut stream, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let resp = crate::metrics::http_response(&req, || {
+                let names: Vec<String> = self.switch.violins().map(|v| v.name.clone()).collect();
+                let all: Vec<HostViolinStats> = names
+                    .iter()
+                    .filter_map(|n| self.host_violin_stats(n))
+                    .collect();
+                let host_drops = self.switch.host_drops();
+                crate::metrics::render(
+                    &crate::metrics::HostCounters {
+                        host: &self.cfg.name,
+                        dataplane: self.underlay.name(),
+                        host_drops: &host_drops,
+                        udp_rx_frames: self.udp_rx_frames,
+                    },
+                    &all,
+                )
+            });
+            let _ = stream.write_all(&resp);
+        }
     }
 
     fn xdp_stats(&mut self, violin: &str) -> Option<XdpHostStats> {

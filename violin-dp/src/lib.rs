@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod fastpath;
 pub mod guest;
 pub mod lifecycle;
+pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod probe;

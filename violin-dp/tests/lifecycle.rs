@@ -509,3 +509,87 @@ fn profile_matrix_matches_what_was_sent() {
         .count();
     assert_eq!(nodes, 3);
 }
+
+/// GET /metrics from inside namespace `ns`.
+fn scrape(ns: &str, url_host: &str) -> std::io::Result<String> {
+    let addr = format!("{url_host}:9464");
+    violin_dp::netns::run_in(ns, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .map_err(|e| std::io::Error::other(format!("{e:#}")))
+}
+
+#[test]
+fn daemons_serve_prometheus_metrics_inside_their_host() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "xdp", &[]);
+    c.up_spec("blue.toml", BLUE);
+    assert!(c.ping("blue", "a", "10.0.0.2", 3));
+    // A unicast frame to c, which a has no link to: dropped and counted.
+    let mac_c = violin_dp::spec::derive_mac(101, "c").to_string();
+    c.ok(&[
+        "exec", "blue", "a", "--", "ip", "neigh", "replace", "10.0.0.3", "lladdr", &mac_c, "dev",
+        "eth0",
+    ]);
+    assert!(
+        !c.ping("blue", "a", "10.0.0.3", 1),
+        "no link: counted as a drop"
+    );
+    let info = c.info();
+    assert_eq!(
+        info.hosts[0].metrics.as_deref(),
+        Some("http://172.31.0.1:9464/metrics")
+    );
+    // From h2's namespace, over the underlay, to h1's daemon.
+    let h2 = &info.hosts[1].netns;
+    let text = scrape(h2, "172.31.0.1").expect("scraping h1 from h2");
+    assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+    assert!(text.contains("Content-Type: text/plain; version=0.0.4"));
+    let sample = |name: &str, labels: &str| -> u64 {
+        let prefix = format!("{name}{{{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        sample(
+            "violin_edge_packets_total",
+            "host=\"h1\",violin=\"blue\",from=\"a\",to=\"b\""
+        ) >= 3
+    );
+    assert!(
+        sample(
+            "violin_drops_total",
+            "host=\"h1\",violin=\"blue\",reason=\"no_link\""
+        ) >= 1
+    );
+    assert_eq!(
+        sample("violin_guests_attached", "host=\"h1\",violin=\"blue\""),
+        1
+    );
+    assert!(
+        sample(
+            "violin_port_rx_frames_total",
+            "host=\"h1\",violin=\"blue\",guest=\"a\""
+        ) >= 3
+    );
+    assert!(
+        sample(
+            "violin_xdp_verdicts_total",
+            "host=\"h1\",verdict=\"forward\""
+        ) >= 3
+    );
+    assert!(sample("violin_xdp_rx_frames_total", "host=\"h1\"") >= 3);
+    // Guests live in other namespaces: the metrics port is not reachable from them.
+    assert!(scrape(&c.guest_ns("blue", "a"), "172.31.0.1").is_err());
+}

@@ -1,0 +1,392 @@
+//! Prometheus text exposition (format 0.0.4) of one host's counters: per Violin, per
+//! edge, drops by reason, guest ports and AF_XDP rings. The daemon serves it over HTTP
+//! on its metrics port, inside the host's own namespace.
+
+use crate::control::HostViolinStats;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// Host-wide counters that belong to no Violin.
+pub struct HostCounters<'a> {
+    pub host: &'a str,
+    pub dataplane: &'a str,
+    pub host_drops: &'a BTreeMap<String, u64>,
+    pub udp_rx_frames: u64,
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: impl std::fmt::Display) {
+        let l: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .collect();
+        let _ = writeln!(self.out, "{name}{{{}}} {v}", l.join(","));
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders every metric of this host; `violins` holds each Violin's stats here.
+pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
+    let mut out = String::new();
+    let mut f = Family { out: &mut out };
+    let host = h.host;
+    f.head(
+        "violin_host_info",
+        "gauge",
+        "This host's daemon (always 1).",
+    );
+    f.sample(
+        "violin_host_info",
+        &[("host", host), ("dataplane", h.dataplane)],
+        1,
+    );
+
+    f.head("violin_guests", "gauge", "Guests of a Violin on this host.");
+    for v in violins {
+        f.sample(
+            "violin_guests",
+            &[("host", host), ("violin", &v.stats.name)],
+            v.ports.len(),
+        );
+    }
+    f.head(
+        "violin_guests_attached",
+        "gauge",
+        "Guests whose port is connected.",
+    );
+    for v in violins {
+        let n = v.ports.iter().filter(|p| p.connected).count();
+        f.sample(
+            "violin_guests_attached",
+            &[("host", host), ("violin", &v.stats.name)],
+            n,
+        );
+    }
+
+    for (name, help, get) in [
+        (
+            "violin_edge_packets_total",
+            "Frames sent from one member to another, counted where the sender is policed.",
+            (|e: &crate::fastpath::switch::EdgeStats| e.packets) as fn(&_) -> u64,
+        ),
+        (
+            "violin_edge_bytes_total",
+            "Bytes (Ethernet frames) sent from one member to another.",
+            |e| e.bytes,
+        ),
+    ] {
+        f.head(name, "counter", help);
+        for v in violins {
+            for e in &v.stats.edges {
+                f.sample(
+                    name,
+                    &[
+                        ("host", host),
+                        ("violin", &v.stats.name),
+                        ("from", &e.from),
+                        ("to", &e.to),
+                    ],
+                    get(e),
+                );
+            }
+        }
+    }
+
+    f.head(
+        "violin_drops_total",
+        "counter",
+        "Frames of a Violin dropped, by reason.",
+    );
+    for v in violins {
+        for (reason, n) in &v.stats.drops {
+            f.sample(
+                "violin_drops_total",
+                &[
+                    ("host", host),
+                    ("violin", &v.stats.name),
+                    ("reason", reason),
+                ],
+                n,
+            );
+        }
+    }
+    f.head(
+        "violin_host_drops_total",
+        "counter",
+        "Frames dropped before any Violin was known (bad outer headers, unknown VNI), by reason.",
+    );
+    for (reason, n) in h.host_drops {
+        f.sample(
+            "violin_host_drops_total",
+            &[("host", host), ("reason", reason)],
+            n,
+        );
+    }
+
+    type PortGet = fn(&crate::transport::guest::PortCounters) -> u64;
+    let port: [(&str, &str, PortGet); 5] = [
+        (
+            "violin_port_rx_frames_total",
+            "Frames received from a guest's port.",
+            |c| c.rx_frames,
+        ),
+        (
+            "violin_port_rx_bytes_total",
+            "Bytes received from a guest's port.",
+            |c| c.rx_bytes,
+        ),
+        (
+            "violin_port_tx_frames_total",
+            "Frames delivered to a guest's port.",
+            |c| c.tx_frames,
+        ),
+        (
+            "violin_port_tx_bytes_total",
+            "Bytes delivered to a guest's port.",
+            |c| c.tx_bytes,
+        ),
+        (
+            "violin_port_connects_total",
+            "Connections accepted on a guest's port.",
+            |c| c.connects,
+        ),
+    ];
+    for (name, help, get) in port {
+        f.head(name, "counter", help);
+        for v in violins {
+            for p in &v.ports {
+                f.sample(
+                    name,
+                    &[
+                        ("host", host),
+                        ("violin", &v.stats.name),
+                        ("guest", &p.name),
+                    ],
+                    get(&p.counters),
+                );
+            }
+        }
+    }
+    f.head(
+        "violin_guest_oom_kills_total",
+        "counter",
+        "Processes the OOM killer ended inside a guest's cgroup.",
+    );
+    for v in violins {
+        for p in &v.ports {
+            if let Some(n) = p.oom_kills {
+                f.sample(
+                    "violin_guest_oom_kills_total",
+                    &[
+                        ("host", host),
+                        ("violin", &v.stats.name),
+                        ("guest", &p.name),
+                    ],
+                    n,
+                );
+            }
+        }
+    }
+
+    f.head(
+        "violin_udp_rx_frames_total",
+        "counter",
+        "VXLAN frames received through the kernel's UDP socket.",
+    );
+    f.sample(
+        "violin_udp_rx_frames_total",
+        &[("host", host)],
+        h.udp_rx_frames,
+    );
+
+    // The xdp data plane: classifier verdicts and rings are per host; sockets per Violin.
+    if let Some(x) = violins.iter().find_map(|v| v.xdp.as_ref()) {
+        f.head(
+            "violin_xdp_verdicts_total",
+            "counter",
+            "Verdicts of the XDP classifier on the underlay interface.",
+        );
+        for (verdict, n) in &x.verdicts {
+            f.sample(
+                "violin_xdp_verdicts_total",
+                &[("host", host), ("verdict", verdict)],
+                n,
+            );
+        }
+        let r = &x.rings;
+        for (name, help, v) in [
+            (
+                "violin_xdp_rx_frames_total",
+                "Frames received through AF_XDP.",
+                r.counters.rx_frames,
+            ),
+            (
+                "violin_xdp_tx_frames_total",
+                "Frames sent through AF_XDP.",
+                r.counters.tx_frames,
+            ),
+            (
+                "violin_xdp_tx_ring_full_total",
+                "Frames dropped: the TX ring had no room.",
+                r.counters.tx_ring_full,
+            ),
+            (
+                "violin_xdp_pool_empty_total",
+                "Frames dropped: no free frame in the TX pool.",
+                r.counters.pool_empty,
+            ),
+            (
+                "violin_xdp_fill_retry_total",
+                "Fill-ring refills refused and retried.",
+                r.counters.fill_retry,
+            ),
+            (
+                "violin_xdp_rx_bad_total",
+                "Frames on AF_XDP that were not valid VXLAN.",
+                r.rx_bad,
+            ),
+            (
+                "violin_xdp_neighbour_miss_total",
+                "Frames sent through the kernel for want of a neighbour entry.",
+                r.neighbour_miss,
+            ),
+        ] {
+            f.head(name, "counter", help);
+            f.sample(name, &[("host", host)], v);
+        }
+        f.head(
+            "violin_xdp_pool_free_frames",
+            "gauge",
+            "Free frames in the shared UMEM's TX pool.",
+        );
+        f.sample(
+            "violin_xdp_pool_free_frames",
+            &[("host", host)],
+            r.free_frames,
+        );
+        f.head(
+            "violin_xdp_socket_rx_ring_full_total",
+            "counter",
+            "Frames the kernel dropped: the Violin's RX ring was full.",
+        );
+        for v in violins {
+            if let Some(s) = v.xdp.as_ref().and_then(|x| x.socket.as_ref()) {
+                f.sample(
+                    "violin_xdp_socket_rx_ring_full_total",
+                    &[("host", host), ("violin", &v.stats.name)],
+                    s.rx_ring_full,
+                );
+            }
+        }
+    }
+    out
+}
+
+/// A complete HTTP/1.0 response carrying `body` (or a 404 for other paths).
+pub fn http_response(request: &[u8], body: impl FnOnce() -> String) -> Vec<u8> {
+    let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = if method == "GET" && (path == "/metrics" || path == "/") {
+        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body())
+    } else {
+        (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "try GET /metrics\n".to_string(),
+        )
+    };
+    format!(
+        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fastpath::switch::{EdgeStats, ViolinStats};
+
+    #[test]
+    fn exposition_format() {
+        let drops: BTreeMap<String, u64> = [("unknown_vni".to_string(), 3)].into();
+        let v = HostViolinStats {
+            host: "h1".into(),
+            stats: ViolinStats {
+                name: "blue".into(),
+                vni: 101,
+                edges: vec![EdgeStats {
+                    from: "a".into(),
+                    to: "b".into(),
+                    packets: 2,
+                    bytes: 200,
+                }],
+                drops: [("no_link".to_string(), 5)].into(),
+                learned_macs: 0,
+            },
+            ports: vec![],
+            host_drops: drops.clone(),
+            dataplane: "udp".into(),
+            udp_rx_frames: 7,
+            xdp: None,
+        };
+        let text = render(
+            &HostCounters {
+                host: "h1",
+                dataplane: "udp",
+                host_drops: &drops,
+                udp_rx_frames: 7,
+            },
+            &[v],
+        );
+        for want in [
+            "# TYPE violin_edge_bytes_total counter",
+            "violin_edge_bytes_total{host=\"h1\",violin=\"blue\",from=\"a\",to=\"b\"} 200",
+            "violin_drops_total{host=\"h1\",violin=\"blue\",reason=\"no_link\"} 5",
+            "violin_host_drops_total{host=\"h1\",reason=\"unknown_vni\"} 3",
+            "violin_udp_rx_frames_total{host=\"h1\"} 7",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        // Every sample line belongs to a family declared before it.
+        let mut declared = std::collections::HashSet::new();
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                declared.insert(rest.split(' ').next().unwrap().to_string());
+            } else if !l.starts_with('#') {
+                let name = l.split('{').next().unwrap();
+                assert!(declared.contains(name), "{name} has no TYPE line");
+            }
+        }
+        assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
+    }
+
+    #[test]
+    fn http() {
+        let r = http_response(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", || {
+            "x 1\n".into()
+        });
+        let r = String::from_utf8(r).unwrap();
+        assert!(
+            r.starts_with("HTTP/1.0 200 OK\r\n") && r.ends_with("\r\n\r\nx 1\n"),
+            "{r}"
+        );
+        assert!(r.contains("Content-Length: 4\r\n"));
+        let r = http_response(b"GET /nope HTTP/1.1\r\n\r\n", || unreachable!());
+        assert!(String::from_utf8(r).unwrap().starts_with("HTTP/1.0 404"));
+    }
+}
