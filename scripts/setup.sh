@@ -4,9 +4,10 @@
 #
 #   scripts/setup.sh            # as root (CI runs it as root)
 #
-# Steps: Debian packages, the nightly toolchain's rust-src (for the eBPF build), and
+# Steps: Debian packages, the nightly toolchain's rust-src (for the eBPF build),
 # bpf-linker built against the nightly rustc's own libLLVM (no prebuilt binary can be
-# downloaded here; see ../shared/notes/toolchain.md).
+# downloaded here; see ../shared/notes/toolchain.md), and the default image of QEMU
+# guests (a Debian kernel + busybox initramfs, scripts/build-guest-image.sh).
 set -euo pipefail
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
@@ -15,7 +16,8 @@ SUDO=""
 
 # --- 1. Debian packages -----------------------------------------------------------------
 PKGS=(build-essential pkg-config m4 clang libelf-dev zlib1g-dev
-      iproute2 ethtool iputils-ping tcpdump iperf3 procps fonts-dejavu-core libfontconfig1-dev)
+      iproute2 ethtool iputils-ping tcpdump iperf3 procps fonts-dejavu-core libfontconfig1-dev
+      qemu-system-x86 busybox-static cpio xz-utils)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -63,5 +65,9 @@ else
   bpf-linker --version
   echo "$want_feature" > "$stamp"
 fi
+
+# --- 4. the default image of QEMU guests ------------------------------------------------------
+IMAGES=${VIOLIN_IMAGES_DIR:-/var/cache/violin/images}
+bash "$(dirname "$0")/build-guest-image.sh" "$IMAGES/default"
 
 say "done"

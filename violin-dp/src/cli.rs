@@ -2,7 +2,7 @@
 
 use crate::cluster::{self, ClusterState, UpOptions};
 use crate::config::DataplaneChoice;
-use crate::control::{self, HostViolinStats, Request};
+use crate::control::{self, GuestStatus, HostViolinStats, Request};
 use crate::lifecycle::{self, statuses};
 use crate::profile;
 use anyhow::{anyhow, bail, Result};
@@ -87,7 +87,10 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run a command inside a guest.
+    /// Attach to a VM's serial console (Ctrl-] leaves).
+    Console { violin: String, guest: String },
+    /// Run a command inside a guest (VMs: through an agent; output is stdout and stderr
+    /// merged, the exit status is the command's).
     Exec {
         violin: String,
         guest: String,
@@ -246,6 +249,9 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Down { name: v } => lifecycle::down(&cluster::load(run_dir, name)?, &v),
         Cmd::Ls { json } => violin_ls(&cluster::load(run_dir, name)?, json),
+        Cmd::Console { violin, guest } => {
+            violin_console(&cluster::load(run_dir, name)?, &violin, &guest)
+        }
         Cmd::Exec { violin, guest, cmd } => {
             violin_exec(&cluster::load(run_dir, name)?, &violin, &guest, &cmd)
         }
@@ -345,14 +351,23 @@ fn violin_ls(st: &ClusterState, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn violin_exec(st: &ClusterState, violin: &str, guest: &str, cmd: &[String]) -> Result<()> {
-    let g = statuses(st)?
+fn find_guest(st: &ClusterState, violin: &str, guest: &str) -> Result<GuestStatus> {
+    statuses(st)?
         .into_iter()
         .flat_map(|s| s.violins)
         .filter(|x| x.name == violin)
         .flat_map(|x| x.guests)
         .find(|g| g.name == guest)
-        .ok_or_else(|| anyhow!("no guest {guest:?} in Violin {violin:?}"))?;
+        .ok_or_else(|| anyhow!("no guest {guest:?} in Violin {violin:?}"))
+}
+
+fn violin_exec(st: &ClusterState, violin: &str, guest: &str, cmd: &[String]) -> Result<()> {
+    let g = find_guest(st, violin, guest)?;
+    if let Some(agent) = &g.agent {
+        // A VM: through its agent on a virtio serial port.
+        let status = crate::vm::exec(std::path::Path::new(agent), cmd, &mut std::io::stdout())?;
+        std::process::exit(status);
+    }
     let ns = g.netns.ok_or_else(|| {
         anyhow!(
             "guest {guest} is a socket guest: attach to {} instead",
@@ -367,6 +382,16 @@ fn violin_exec(st: &ClusterState, violin: &str, guest: &str, cmd: &[String]) -> 
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
     bail!("running {:?} in {ns}: {err}", cmd[0])
+}
+
+fn violin_console(st: &ClusterState, violin: &str, guest: &str) -> Result<()> {
+    let g = find_guest(st, violin, guest)?;
+    match &g.console {
+        Some(c) => crate::vm::console(std::path::Path::new(c)),
+        None => {
+            bail!("guest {guest} is not a VM: use `violin exec {violin} {guest} -- sh` for a shell")
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -77,6 +77,10 @@ impl HostConfig {
             .join(violin)
             .join(format!("{guest}.sock"))
     }
+    /// A VM's own directory: console and agent sockets, logs.
+    pub fn vm_dir(&self, violin: &str, guest: &str) -> PathBuf {
+        self.run_dir.join("vms").join(violin).join(guest)
+    }
     pub fn guest_netns(&self, violin: &str, guest: &str) -> String {
         format!("{}{violin}-{guest}", self.netns_prefix)
     }

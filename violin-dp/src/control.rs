@@ -86,6 +86,13 @@ pub struct GuestStatus {
     /// Processes the OOM killer ended inside the guest's cgroup (guests with limits).
     #[serde(default)]
     pub oom_kills: Option<u64>,
+    /// A VM's serial console and `violin exec` agent sockets, and its accelerator.
+    #[serde(default)]
+    pub console: Option<String>,
+    #[serde(default)]
+    pub agent: Option<String>,
+    #[serde(default)]
+    pub accel: Option<String>,
 }
 
 /// A Violin's counters on one host.

@@ -71,13 +71,20 @@ struct PortState {
     announce: Option<(EthernetAddress, Ipv4Addr)>,
     /// A netns guest's resource limits.
     cgroup: Option<GuestCgroup>,
+    /// A VM's directory and accelerator.
+    vm: Option<(std::path::PathBuf, String)>,
 }
 
-/// A lightweight guest's relay process, supervised.
+/// A guest's process, supervised: a lightweight guest's relay, or a VM's QEMU.
 struct GuestProc {
     violin: String,
     guest: String,
-    netns: String,
+    /// A lightweight guest's namespace (deleted with it).
+    netns: Option<String>,
+    /// A VM's directory (removed with it).
+    vm_dir: Option<std::path::PathBuf>,
+    /// Run as this user and group (QEMU: unprivileged).
+    uid: Option<(u32, u32)>,
     cmd: Vec<String>,
     log: std::path::PathBuf,
     child: Option<Child>,
@@ -207,7 +214,8 @@ impl Daemon {
     /// Keeps only the capabilities the running daemon needs: NET_ADMIN (links, XDP
     /// attachment, AF_XDP binds), NET_RAW (AF_XDP sockets), IPC_LOCK (pinning the UMEMs
     /// of fast ports opened later) and SYS_ADMIN (guest network namespaces, BPF map and
-    /// link operations). Everything else is dropped from every
+    /// link operations), SETUID/SETGID/CHOWN/KILL (starting, and stopping, QEMU as an
+    /// unprivileged user that owns only its VM's files). Everything else is dropped from every
     /// set, the bounding set included, so guest relays cannot regain it either.
     pub fn drop_capabilities(&self) -> Result<()> {
         use caps::{CapSet, Capability};
@@ -216,6 +224,10 @@ impl Daemon {
             Capability::CAP_NET_RAW,
             Capability::CAP_IPC_LOCK,
             Capability::CAP_SYS_ADMIN,
+            Capability::CAP_SETUID,
+            Capability::CAP_SETGID,
+            Capability::CAP_CHOWN,
+            Capability::CAP_KILL,
         ];
         let mut dropped = 0;
         for cap in caps::all() {
@@ -235,7 +247,7 @@ impl Daemon {
         }
         info!(
             dropped,
-            kept = "CAP_NET_ADMIN CAP_NET_RAW CAP_IPC_LOCK CAP_SYS_ADMIN",
+            kept = "CAP_NET_ADMIN CAP_NET_RAW CAP_IPC_LOCK CAP_SYS_ADMIN CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL",
             "capabilities dropped after setup"
         );
         Ok(())
@@ -670,6 +682,15 @@ impl Daemon {
                 mac: ps.mac.clone(),
                 counters: ps.port.counters(),
                 oom_kills: ps.cgroup.as_ref().map(|c| c.oom_kills()),
+                console: ps
+                    .vm
+                    .as_ref()
+                    .map(|(d, _)| crate::vm::console_socket(d).display().to_string()),
+                agent: ps
+                    .vm
+                    .as_ref()
+                    .map(|(d, _)| crate::vm::agent_socket(d).display().to_string()),
+                accel: ps.vm.as_ref().map(|(_, a)| a.clone()),
             })
             .collect()
     }
@@ -730,6 +751,7 @@ impl Daemon {
                 netns: netns.clone(),
                 announce: None,
                 cgroup,
+                vm: None,
             };
             if *port_kind == PortKind::Xdp {
                 // A fast port: the daemon drives the host end of the guest's veth.
@@ -766,6 +788,17 @@ impl Daemon {
                 Interest::READABLE,
             )?;
             self.ports[p as usize] = Some(state(Port::Sock(Box::new(port)), None, cgroup));
+            if *kind == GuestKind::Qemu {
+                let g = self.vm_proc(v, m, &path)?;
+                if let Some(ps) = self.ports[p as usize].as_mut() {
+                    ps.vm = g
+                        .vm_dir
+                        .clone()
+                        .map(|d| (d, crate::vm::accelerator().0.into()));
+                }
+                self.guests.push(g);
+                continue;
+            }
             if let Some(ns) = netns {
                 let cmd = vec![
                     self.exe.clone(),
@@ -790,7 +823,9 @@ impl Daemon {
                 let mut g = GuestProc {
                     violin: v.name.clone(),
                     guest: member.name.clone(),
-                    netns: ns,
+                    netns: Some(ns.clone()),
+                    vm_dir: None,
+                    uid: None,
                     cmd,
                     log,
                     child: None,
@@ -799,12 +834,70 @@ impl Daemon {
                     cgroup: cgroup_name,
                 };
                 // A relay left by a daemon that crashed still holds the guest's tap.
-                crate::guest::kill_stale_relays(&g.netns);
+                crate::guest::kill_stale_relays(&ns);
                 g.spawn()?;
                 self.guests.push(g);
             }
         }
         Ok(())
+    }
+
+    /// Starts member `m`'s VM, attached to its port socket at `socket`.
+    fn vm_proc(&mut self, v: &Violin, m: usize, socket: &std::path::Path) -> Result<GuestProc> {
+        let member = &v.members[m];
+        let MemberKind::Guest {
+            ip,
+            prefix_len,
+            framing,
+            limits,
+            vm: Some(vm),
+            ..
+        } = &member.kind
+        else {
+            bail!("guest {} is not a VM", member.name);
+        };
+        let (kernel, initrd) = crate::vm::boot_files(vm);
+        for f in std::iter::once(&kernel).chain(initrd.as_ref()) {
+            if !f.exists() {
+                bail!("guest {}: {} does not exist (`violin up` builds the default image; or run scripts/build-guest-image.sh {})", member.name, f.display(), f.parent().map(|p| p.display().to_string()).unwrap_or_default());
+            }
+        }
+        let dir = self.cfg.vm_dir(&v.name, &member.name);
+        crate::vm::kill_stale(&dir);
+        crate::vm::prepare_dir(&dir)?;
+        // QEMU runs unprivileged: it gets its port socket, nothing else of ours.
+        crate::vm::chown(socket)?;
+        let (accel, why) = crate::vm::accelerator();
+        info!(violin = %v.name, guest = %member.name, accel, reason = %why, "starting VM");
+        let cmd = crate::vm::command(&crate::vm::VmConfig {
+            violin: &v.name,
+            guest: &member.name,
+            vm,
+            limits,
+            mac: member.mac.0,
+            ip: *ip,
+            prefix_len: *prefix_len,
+            mtu: v.mtu,
+            framing: *framing,
+            socket,
+            dir: &dir,
+            accel,
+        });
+        let mut g = GuestProc {
+            violin: v.name.clone(),
+            guest: member.name.clone(),
+            netns: None,
+            vm_dir: Some(dir.clone()),
+            uid: Some((crate::vm::QEMU_UID, crate::vm::QEMU_GID)),
+            cmd,
+            log: dir.join("qemu.log"),
+            child: None,
+            restart_at: None,
+            restarts: 0,
+            cgroup: None,
+        };
+        g.spawn()?;
+        Ok(g)
     }
 
     /// The underlay addresses the classifier accepts this Violin's frames from.
@@ -938,8 +1031,13 @@ impl Daemon {
         {
             let mut g = self.guests.swap_remove(i);
             g.stop();
-            if let Err(e) = netns::delete(&g.netns) {
-                warn!("deleting {}: {e:#}", g.netns);
+            if let Some(ns) = &g.netns {
+                if let Err(e) = netns::delete(ns) {
+                    warn!("deleting {ns}: {e:#}");
+                }
+            }
+            if let Some(d) = &g.vm_dir {
+                let _ = std::fs::remove_dir_all(d);
             }
         }
         if let (Port::Xdp(x), Some(link)) = (&ps.port, ps.xdp_link.take()) {
@@ -1235,7 +1333,20 @@ impl GuestProc {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(&self.cmd[0])
+        let mut cmd = Command::new(&self.cmd[0]);
+        if let Some((uid, gid)) = self.uid {
+            cmd.uid(uid).gid(gid);
+            // The user's sockets (a VM's dgram end) must be writable by the daemon, which
+            // has no CAP_DAC_OVERRIDE; their directory (0770) keeps everyone else out.
+            // SAFETY: umask(2) is async-signal-safe and touches no memory.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::umask(0);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(&self.cmd[1..])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -1264,8 +1375,18 @@ impl GuestProc {
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            if let Err(e) = c.kill() {
+                warn!(violin = %self.violin, guest = %self.guest, "killing the guest's process: {e}");
+            }
+            // Never block the event loop on a process that will not die.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            error!(violin = %self.violin, guest = %self.guest, pid = c.id(), "the guest's process survived SIGKILL; leaving it");
         }
     }
 }

@@ -145,21 +145,27 @@ pub fn run(args: GuestArgs) -> Result<()> {
 /// Kills relay processes (`violin-dp guest --netns NS …`) of the guest namespace `ns`
 /// that this daemon did not start (left by a daemon that crashed).
 pub fn kill_stale_relays(ns: &str) {
+    kill_stale(|args| {
+        args.get(1) == Some(&&b"guest"[..])
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"--netns" && w[1] == ns.as_bytes())
+    });
+}
+
+/// SIGKILLs every other process whose argument list `matches`, and waits until each
+/// is gone (so its tap, sockets and locks are released).
+pub fn kill_stale(matches: impl Fn(&[&[u8]]) -> bool) {
     for pid in netns::other_pids() {
         let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             continue;
         };
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        let is_relay = args.get(1) == Some(&&b"guest"[..])
-            && args
-                .windows(2)
-                .any(|w| w[0] == b"--netns" && w[1] == ns.as_bytes());
-        if is_relay {
+        if matches(&args) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            // Wait until it is gone, so its tap is too.
             for _ in 0..100 {
                 if !alive(pid) {
                     break;

@@ -24,4 +24,5 @@ pub mod probe;
 pub mod profile;
 pub mod spec;
 pub mod transport;
+pub mod vm;
 pub mod xdp;

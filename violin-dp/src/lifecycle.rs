@@ -186,7 +186,7 @@ fn wait_attached(
         for s in statuses(st)? {
             for x in s.violins.iter().filter(|x| x.name == v.name) {
                 for g in x.guests.iter().filter(|g| guests.contains(&g.name)) {
-                    if g.connected || g.kind == GuestKind::Socket {
+                    if ready(g) {
                         up += 1;
                     } else {
                         waiting.push(format!("{}@{}", g.name, s.host));
@@ -221,6 +221,40 @@ fn wait_attached(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Attached, and for a VM booted: its init announces itself with a first frame.
+fn ready(g: &crate::control::GuestStatus) -> bool {
+    match g.kind {
+        GuestKind::Socket => true,
+        GuestKind::Qemu => g.connected && g.counters.rx_frames > 0,
+        GuestKind::Netns => g.connected,
+    }
+}
+
+/// Builds the default images the Violin's VMs boot, where missing.
+fn ensure_images(v: &Violin) -> Result<()> {
+    let sets: BTreeSet<Vec<String>> = v
+        .members
+        .iter()
+        .filter_map(|m| match &m.kind {
+            MemberKind::Guest { vm: Some(vm), .. } if vm.kernel.is_none() => {
+                Some(vm.packages.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    for p in sets {
+        let dir = crate::vm::image_dir(&p);
+        if !dir.join("manifest").exists() {
+            eprintln!(
+                "  · building the guest image {} (once; downloads a Debian kernel)",
+                dir.display()
+            );
+            crate::vm::ensure_image(&p)?;
+        }
+    }
+    Ok(())
 }
 
 fn guest_names(v: &Violin) -> BTreeSet<String> {
@@ -266,6 +300,7 @@ pub fn up(st: &ClusterState, path: &PathBuf, timeout: Duration) -> Result<()> {
         guest_names(&v).len(),
         v.hosts.len()
     );
+    ensure_images(&v)?;
     let pb = spinner("  ");
     let r = program(st, None, &v, &[], &pb);
     pb.finish_and_clear();
@@ -385,6 +420,7 @@ fn apply(st: &ClusterState, v: &Violin, text: &str, timeout: Duration) -> Result
     for c in &changes {
         eprintln!("  {c}");
     }
+    ensure_images(v)?;
     let pb = spinner("  ");
     let r = program(st, Some(&old), v, &[], &pb);
     pb.finish_and_clear();
@@ -607,16 +643,24 @@ fn probe_peer(v: &Violin, i: usize) -> Option<String> {
 
 pub fn print_summary(st: &ClusterState, name: &str) -> Result<()> {
     println!(
-        "{:<10} {:<6} {:<7} {:<18} {:<18} STATE",
+        "{:<10} {:<6} {:<9} {:<18} {:<18} STATE",
         "GUEST", "HOST", "KIND", "IP", "MAC"
     );
     for s in statuses(st)? {
         for x in s.violins.iter().filter(|x| x.name == name) {
             for g in &x.guests {
-                let state = if g.connected { "attached" } else { "waiting" };
-                let kind = format!("{:?}", g.kind).to_lowercase();
+                let state = match (ready(g), g.connected) {
+                    (true, _) if g.kind == GuestKind::Qemu => "running",
+                    (true, _) => "attached",
+                    (false, true) => "booting",
+                    (false, false) => "waiting",
+                };
+                let mut kind = format!("{:?}", g.kind).to_lowercase();
+                if let Some(a) = &g.accel {
+                    kind = format!("{kind}/{a}");
+                }
                 println!(
-                    "{:<10} {:<6} {:<7} {:<18} {:<18} {}",
+                    "{:<10} {:<6} {:<9} {:<18} {:<18} {}",
                     g.name, s.host, kind, g.ip, g.mac, state
                 );
             }

@@ -1,0 +1,472 @@
+//! QEMU guests: images, the accelerator, the QEMU command line, and the two host-side
+//! endpoints of a VM — its serial console and the agent behind `violin exec`.
+//!
+//! A VM attaches to its host's daemon exactly like any socket guest (`-netdev stream`
+//! or `-netdev dgram` on the guest's UNIX socket): no tap, and QEMU runs as an
+//! unprivileged user. Its own files (console and agent sockets, logs) live in a
+//! directory that user owns.
+
+use crate::spec::{Framing, Limits, VmSpec, QEMU_DEFAULT_MEMORY};
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use violin_common::wire::EthernetAddress;
+
+/// The script that builds guest images (also in `scripts/`).
+const BUILD_SCRIPT: &str = include_str!("../../scripts/build-guest-image.sh");
+
+/// Where guest images are kept (`VIOLIN_IMAGES_DIR`, default /var/cache/violin/images).
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("VIOLIN_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/violin/images"))
+}
+
+/// The default image's directory for a set of extra packages.
+pub fn image_dir(packages: &[String]) -> PathBuf {
+    if packages.is_empty() {
+        return images_dir().join("default");
+    }
+    let mut p: Vec<&str> = packages.iter().map(String::as_str).collect();
+    p.sort_unstable();
+    p.dedup();
+    // FNV-1a of the sorted list: a stable name per package set.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in p.join(" ").bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    images_dir().join(format!("pkgs-{h:016x}"))
+}
+
+/// The kernel and initramfs a VM boots.
+pub fn boot_files(vm: &VmSpec) -> (PathBuf, Option<PathBuf>) {
+    match &vm.kernel {
+        Some(k) => (PathBuf::from(k), vm.initrd.as_ref().map(PathBuf::from)),
+        None => {
+            let d = image_dir(&vm.packages);
+            (d.join("vmlinux"), Some(d.join("initramfs.cpio.gz")))
+        }
+    }
+}
+
+/// Builds the default image for `packages` unless it exists (minutes the first time:
+/// it downloads a Debian kernel). `log` receives the script's progress lines.
+pub fn ensure_image(packages: &[String]) -> Result<PathBuf> {
+    let dir = image_dir(packages);
+    if dir.join("manifest").exists() {
+        return Ok(dir);
+    }
+    let mut child = std::process::Command::new("bash")
+        .arg("-s")
+        .arg("--")
+        .arg(&dir)
+        .args(packages)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running bash to build the guest image")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(BUILD_SCRIPT.as_bytes())?;
+    let st = child.wait()?;
+    if !st.success() {
+        bail!("building the guest image {} failed ({st})", dir.display());
+    }
+    Ok(dir)
+}
+
+/// Which accelerator VMs use here, and why.
+pub fn accelerator() -> (&'static str, String) {
+    match std::env::var("VIOLIN_QEMU_ACCEL").as_deref() {
+        Ok("kvm") => return ("kvm", "VIOLIN_QEMU_ACCEL=kvm".into()),
+        Ok("tcg") => return ("tcg", "VIOLIN_QEMU_ACCEL=tcg".into()),
+        _ => {}
+    }
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let hw = ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| Path::new("/sys/module").join(m).exists());
+    if kvm && hw {
+        ("kvm", "/dev/kvm with hardware virtualisation".into())
+    } else if kvm && Path::new("/sys/module/kvm_pvm").exists() {
+        (
+            "tcg",
+            "/dev/kvm is the PVM variant (kvm_pvm), which stock guests cannot use".into(),
+        )
+    } else if kvm {
+        ("tcg", "/dev/kvm has no kvm_intel/kvm_amd behind it".into())
+    } else {
+        ("tcg", "no usable /dev/kvm".into())
+    }
+}
+
+/// The host's TSC frequency in kHz: microvm has no HPET or PM timer to calibrate
+/// against, and without it a share of boots hang under load.
+fn tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info.lines().find_map(|l| {
+        l.strip_prefix("cpu MHz")?
+            .split(':')
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
+    })?;
+    Some((mhz * 1000.0) as u64)
+}
+
+/// Everything the QEMU command line is made from.
+pub struct VmConfig<'a> {
+    pub violin: &'a str,
+    pub guest: &'a str,
+    pub vm: &'a VmSpec,
+    pub limits: &'a Limits,
+    pub mac: EthernetAddress,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub mtu: u16,
+    pub framing: Framing,
+    /// The guest's port socket on the daemon.
+    pub socket: &'a Path,
+    /// The VM's own directory (console, agent, logs), owned by the QEMU user.
+    pub dir: &'a Path,
+    pub accel: &'a str,
+}
+
+pub fn console_socket(dir: &Path) -> PathBuf {
+    dir.join("console.sock")
+}
+pub fn agent_socket(dir: &Path) -> PathBuf {
+    dir.join("agent.sock")
+}
+
+/// The QEMU command line (program first).
+pub fn command(c: &VmConfig<'_>) -> Vec<String> {
+    let (kernel, initrd) = boot_files(c.vm);
+    let smp = c.limits.millicpus.map_or(1, |m| (m / 1000).max(1));
+    let mem_mib = c.limits.memory.unwrap_or(QEMU_DEFAULT_MEMORY) >> 20;
+    let mut append = vec![
+        "console=ttyS0".to_string(),
+        "quiet".into(),
+        "panic=-1".into(),
+        "rdinit=/init".into(),
+        format!("violin.ip={}/{}", c.ip, c.prefix_len),
+        format!("violin.mtu={}", c.mtu),
+        format!("violin.hostname={}", c.guest),
+    ];
+    if let Some(k) = tsc_khz() {
+        append.push(format!("tsc_early_khz={k}"));
+    }
+    if c.vm.image.is_some() {
+        append.push("violin.disk=/dev/vda".into());
+    }
+    if let Some(a) = &c.vm.append {
+        append.push(a.clone());
+    }
+    let path = |p: &Path| p.display().to_string();
+    let mut a: Vec<String> = vec![
+        "qemu-system-x86_64".into(),
+        "-name".into(),
+        format!("{}/{},process=violin-vm", c.violin, c.guest),
+        "-machine".into(),
+        "microvm,rtc=on".into(),
+        "-accel".into(),
+        c.accel.into(),
+        "-cpu".into(),
+        "max".into(),
+        "-smp".into(),
+        smp.to_string(),
+        "-m".into(),
+        mem_mib.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        path(&kernel),
+        "-append".into(),
+        append.join(" "),
+        "-chardev".into(),
+        format!(
+            "socket,id=con,path={},server=on,wait=off,logfile={},logappend=on",
+            path(&console_socket(c.dir)),
+            path(&c.dir.join("console.log"))
+        ),
+        "-serial".into(),
+        "chardev:con".into(),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            path(&agent_socket(c.dir))
+        ),
+        "-device".into(),
+        "virtserialport,chardev=agent,name=violin.exec".into(),
+        "-netdev".into(),
+        match c.framing {
+            Framing::Stream => format!(
+                "stream,id=n0,server=off,addr.type=unix,addr.path={}",
+                path(c.socket)
+            ),
+            Framing::Dgram => format!(
+                "dgram,id=n0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                path(&c.dir.join("net.sock")),
+                path(c.socket)
+            ),
+        },
+        "-device".into(),
+        format!("virtio-net-device,netdev=n0,mac={}", c.mac),
+    ];
+    if let Some(i) = initrd {
+        a.extend(["-initrd".into(), path(&i)]);
+    }
+    if let Some(img) = &c.vm.image {
+        a.extend([
+            "-drive".into(),
+            format!("id=disk0,file={img},if=none,snapshot=on"),
+            "-device".into(),
+            "virtio-blk-device,drive=disk0".into(),
+        ]);
+    }
+    a
+}
+
+/// The unprivileged user QEMU runs as: `nobody`.
+pub const QEMU_UID: u32 = 65534;
+pub const QEMU_GID: u32 = 65534;
+
+/// Creates the VM's directory, emptied of stale sockets: owned by the QEMU user, group
+/// root, mode 0770, so the daemon (which has no CAP_DAC_OVERRIDE) can clean it up.
+pub fn prepare_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Mode first: once the directory is not ours, changing it needs CAP_FOWNER.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
+        .with_context(|| format!("chmod {}", dir.display()))?;
+    nix::unistd::chown(
+        dir,
+        Some(nix::unistd::Uid::from_raw(QEMU_UID)),
+        Some(nix::unistd::Gid::from_raw(0)),
+    )
+    .with_context(|| format!("handing {} to uid {QEMU_UID}", dir.display()))
+}
+
+/// Hands a file to the QEMU user.
+pub fn chown(p: &Path) -> Result<()> {
+    nix::unistd::chown(
+        p,
+        Some(nix::unistd::Uid::from_raw(QEMU_UID)),
+        Some(nix::unistd::Gid::from_raw(QEMU_GID)),
+    )
+    .with_context(|| format!("handing {} to uid {QEMU_UID}", p.display()))
+}
+
+/// Kills QEMU processes of this VM directory left by a daemon that crashed.
+pub fn kill_stale(dir: &Path) {
+    let needle = dir.display().to_string();
+    crate::guest::kill_stale(|args| {
+        args.iter().any(|a| {
+            std::str::from_utf8(a).is_ok_and(|s| s.contains(&needle) && s.contains("agent.sock"))
+        })
+    });
+}
+
+/// Quotes an argument for `sh -c`.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Runs `cmd` in the VM through its agent, streaming its output (stdout and stderr,
+/// merged) to `out`. Returns the command's exit status.
+pub fn exec(agent: &Path, cmd: &[String], out: &mut impl Write) -> Result<i32> {
+    use base64::Engine;
+    // One command at a time per VM: the agent serves one port.
+    let lock = std::fs::File::create(agent.with_extension("lock"))
+        .with_context(|| format!("locking {}", agent.display()))?;
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow!("locking the agent: {e}"))
+        .map(|l| {
+            // Held until the end of this function.
+            std::mem::forget(l);
+        })?;
+    let mut s = UnixStream::connect(agent).with_context(|| {
+        format!(
+            "connecting to the VM's agent at {} (is the VM running?)",
+            agent.display()
+        )
+    })?;
+    let line: Vec<String> = cmd.iter().map(|a| shell_quote(a)).collect();
+    let nonce = format!(
+        "v{:x}{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    );
+    let b64 = base64::engine::general_purpose::STANDARD.encode(line.join(" "));
+    s.write_all(format!("{nonce} {b64}\n").as_bytes())?;
+    let marker = format!("\n{nonce} exit ");
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            bail!("the VM's agent closed the connection before the command finished");
+        }
+        pending.extend_from_slice(&buf[..n]);
+        if let Some(at) = find(&pending, marker.as_bytes()) {
+            let rest = &pending[at + marker.len()..];
+            if let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+                out.write_all(&pending[..at])?;
+                out.flush()?;
+                let status = std::str::from_utf8(&rest[..nl])
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+                    .ok_or_else(|| anyhow!("the agent sent a malformed exit status"))?;
+                return Ok(status);
+            }
+            continue;
+        }
+        // Keep back what could be the start of the marker.
+        let keep = marker.len().min(pending.len());
+        let flush = pending.len() - keep;
+        out.write_all(&pending[..flush])?;
+        out.flush()?;
+        pending.drain(..flush);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Attaches the terminal to the VM's serial console until Ctrl-] is typed.
+pub fn console(sock: &Path) -> Result<()> {
+    use nix::sys::termios;
+    let s = UnixStream::connect(sock).with_context(|| {
+        format!(
+            "connecting to the console at {} (is the VM running?)",
+            sock.display()
+        )
+    })?;
+    let stdin = std::io::stdin();
+    let saved = termios::tcgetattr(&stdin).ok();
+    if let Some(t) = &saved {
+        let mut raw = t.clone();
+        termios::cfmakeraw(&mut raw);
+        termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw)?;
+    }
+    struct Restore(Option<termios::Termios>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(t) = &self.0 {
+                let _ = termios::tcsetattr(std::io::stdin(), termios::SetArg::TCSANOW, t);
+            }
+        }
+    }
+    let _restore = Restore(saved);
+    eprint!("Connected to {} (Ctrl-] leaves)\r\n", sock.display());
+    let mut from_vm = s.try_clone()?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut out = std::io::stdout();
+        while let Ok(n) = from_vm.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut to_vm = s;
+    let mut buf = [0u8; 1024];
+    let mut input = std::io::stdin();
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(i) = buf[..n].iter().position(|b| *b == 0x1d) {
+            to_vm.write_all(&buf[..i])?;
+            break;
+        }
+        to_vm.write_all(&buf[..n])?;
+    }
+    eprint!("\r\nLeft the console.\r\n");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("ping"), "ping");
+        assert_eq!(shell_quote("10.0.0.1"), "10.0.0.1");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn image_dirs_depend_on_the_package_set_only() {
+        let a = image_dir(&["iperf3".into(), "curl".into()]);
+        let b = image_dir(&["curl".into(), "iperf3".into(), "curl".into()]);
+        assert_eq!(a, b);
+        assert_ne!(a, image_dir(&["curl".into()]));
+        assert!(image_dir(&[]).ends_with("default"));
+    }
+
+    #[test]
+    fn command_line() {
+        let vm = VmSpec::default();
+        let limits = Limits {
+            millicpus: Some(2000),
+            memory: Some(256 << 20),
+        };
+        let c = VmConfig {
+            violin: "blue",
+            guest: "q",
+            vm: &vm,
+            limits: &limits,
+            mac: EthernetAddress([2, 0, 0, 0, 0, 9]),
+            ip: Ipv4Addr::new(10, 0, 0, 9),
+            prefix_len: 24,
+            mtu: 1450,
+            framing: Framing::Stream,
+            socket: Path::new("/run/x/q.sock"),
+            dir: Path::new("/run/x/vm"),
+            accel: "tcg",
+        };
+        let a = command(&c);
+        let s = a.join(" ");
+        for want in [
+            "-smp 2",
+            "-m 256",
+            "-accel tcg",
+            "violin.ip=10.0.0.9/24",
+            "violin.mtu=1450",
+            "stream,id=n0,server=off,addr.type=unix,addr.path=/run/x/q.sock",
+            "virtio-net-device,netdev=n0,mac=02:00:00:00:00:09",
+            "path=/run/x/vm/agent.sock",
+        ] {
+            assert!(s.contains(want), "{want:?} not in {s}");
+        }
+        assert!(!s.contains("tap"), "no tap device");
+    }
+}

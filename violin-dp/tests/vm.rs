@@ -1,0 +1,167 @@
+//! QEMU guests on a simulated cluster (root): real VMs (TCG here) attached to their
+//! host's daemon through `-netdev stream|dgram` on their UNIX socket, beside netns guests.
+//! Kept small: two tiny VMs.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// One VM and one netns guest on two hosts; `vm_host` runs the VM.
+fn spec(name: &str, vni: u32, vm_host: &str, n_host: &str, framing: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+vni = {vni}
+[[guest]]
+name = "vm"
+host = "{vm_host}"
+ip = "10.0.0.1/24"
+kind = "qemu"
+socket = "{framing}"
+memory = "128mb"
+[[guest]]
+name = "n"
+host = "{n_host}"
+ip = "10.0.0.2/24"
+"#
+    )
+}
+
+/// `violin exec` in a guest: (exit status, output).
+fn exec(c: &Cluster, violin: &str, guest: &str, cmd: &[&str]) -> (i32, String) {
+    let mut args = vec!["exec", violin, guest, "--"];
+    args.extend_from_slice(cmd);
+    let o = c.cmd(&args);
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
+fn rx_packets(c: &Cluster, violin: &str) -> u64 {
+    let (st, out) = exec(
+        c,
+        violin,
+        "vm",
+        &["cat", "/sys/class/net/eth0/statistics/rx_packets"],
+    );
+    assert_eq!(st, 0, "{out}");
+    out.trim().parse().unwrap_or_else(|_| panic!("{out:?}"))
+}
+
+fn vm_pids() -> Vec<(i32, u32)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            String::from_utf8_lossy(&cmd)
+                .contains("process=violin-vm")
+                .then_some((pid, uid))
+        })
+        .collect()
+}
+
+#[test]
+fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "xdp", &[]);
+    let before: Vec<i32> = vm_pids().iter().map(|p| p.0).collect();
+    let t0 = Instant::now();
+    c.up_spec("blue.toml", &spec("blue", 101, "h1", "h2", "stream"));
+    c.up_spec("red.toml", &spec("red", 102, "h2", "h1", "dgram"));
+    eprintln!("two VMs booted in {:.1} s", t0.elapsed().as_secs_f64());
+    let ls = c.ok(&["ls"]);
+    assert!(ls.contains("blue") && ls.contains("red"), "{ls}");
+
+    // QEMU runs unprivileged, under TCG here (the PVM /dev/kvm takes no stock guests).
+    let vms: Vec<(i32, u32)> = vm_pids()
+        .into_iter()
+        .filter(|(p, _)| !before.contains(p))
+        .collect();
+    assert_eq!(vms.len(), 2, "{vms:?}");
+    assert!(
+        vms.iter().all(|(_, uid)| *uid == 65534),
+        "QEMU not running as nobody: {vms:?}"
+    );
+    let s = c.stats("blue");
+    let vm = s
+        .hosts
+        .iter()
+        .flat_map(|h| &h.ports)
+        .find(|p| p.name == "vm")
+        .unwrap();
+    assert!(vm.accel.is_some(), "the accelerator is reported");
+
+    // Both ways, in both Violins, with the same addresses.
+    for v in ["blue", "red"] {
+        let (st, out) = exec(&c, v, "vm", &["ping", "-c", "3", "-W", "2", "10.0.0.2"]);
+        assert_eq!(st, 0, "{v}: vm → n: {out}");
+        assert!(c.ping(v, "n", "10.0.0.1", 3), "{v}: n → vm");
+    }
+    let (st, out) = exec(&c, "blue", "vm", &["sh", "-c", "hostname; exit 7"]);
+    assert_eq!(
+        (st, out.trim()),
+        (7, "vm"),
+        "exit status and output come back"
+    );
+    c.assert_dataplane("blue", "xdp");
+
+    // Blue floods broadcasts at its VM; red's VM, same IP and subnet, sees none of it.
+    let (blue0, red0) = (rx_packets(&c, "blue"), rx_packets(&c, "red"));
+    udp_send(&c.guest_ns("blue", "n"), "10.0.0.255:9", 200, 100, true);
+    std::thread::sleep(Duration::from_millis(300));
+    let (blue1, red1) = (rx_packets(&c, "blue"), rx_packets(&c, "red"));
+    assert!(
+        blue1 - blue0 >= 100,
+        "blue's VM got {} of 100 broadcasts",
+        blue1 - blue0
+    );
+    assert!(
+        red1 - red0 <= 2,
+        "red's VM received {} frames while blue flooded",
+        red1 - red0
+    );
+
+    // The serial console: a shell on ttyS0.
+    let mut con = c
+        .command(&["console", "red", "vm"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = con.stdin.take().unwrap();
+    stdin.write_all(b"\necho console-$((40+2))\n").unwrap();
+    let mut lines = BufReader::new(con.stdout.take().unwrap()).lines();
+    let saw = lines.any(|l| l.is_ok_and(|l| l.trim_end() == "console-42"));
+    assert!(saw, "the console ran the command");
+    stdin.write_all(&[0x1d]).unwrap();
+    assert!(con.wait().unwrap().success());
+
+    // Down removes the VMs.
+    c.ok(&["down", "blue"]);
+    c.ok(&["down", "red"]);
+    let t = Instant::now();
+    while vm_pids().iter().any(|(p, _)| vms.iter().any(|v| v.0 == *p)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "QEMU still running after down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
