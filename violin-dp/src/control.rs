@@ -27,6 +27,9 @@ pub enum Request {
         violin: Violin,
         #[serde(default)]
         announce: Vec<String>,
+        /// VMs that start here waiting for a live migration (`-incoming`).
+        #[serde(default)]
+        incoming: Vec<String>,
     },
     RemoveViolin {
         name: String,
@@ -93,6 +96,11 @@ pub struct GuestStatus {
     pub agent: Option<String>,
     #[serde(default)]
     pub accel: Option<String>,
+    /// A VM's QMP socket, and where it waits for an incoming migration (if it does).
+    #[serde(default)]
+    pub qmp: Option<String>,
+    #[serde(default)]
+    pub incoming: Option<String>,
 }
 
 /// A Violin's counters on one host.

@@ -120,6 +120,8 @@ pub struct Daemon {
     waker: Arc<Waker>,
     /// Prometheus metrics over HTTP, when configured.
     metrics: Option<mio::net::TcpListener>,
+    /// During an apply: VMs to start waiting for a live migration.
+    incoming: Vec<String>,
 }
 
 impl Daemon {
@@ -208,6 +210,7 @@ impl Daemon {
             shutdown: Arc::new(AtomicBool::new(false)),
             waker,
             metrics,
+            incoming: Vec::new(),
         })
     }
 
@@ -553,8 +556,17 @@ impl Daemon {
                 self.add_violin(&violin)?;
                 serde_json::Value::Null
             }
-            Request::ApplyViolin { violin, announce } => {
-                serde_json::to_value(self.apply_violin(&violin, &announce)?)?
+            Request::ApplyViolin {
+                violin,
+                announce,
+                incoming,
+            } => {
+                self.incoming = incoming;
+                let r = self.apply_violin(&violin, &announce);
+                let incoming = std::mem::take(&mut self.incoming);
+                let applied = r?;
+                self.finish_incoming(&violin.name, &incoming);
+                serde_json::to_value(applied)?
             }
             Request::RemoveViolin { name } => {
                 self.remove_violin(&name)?;
@@ -691,6 +703,17 @@ impl Daemon {
                     .as_ref()
                     .map(|(d, _)| crate::vm::agent_socket(d).display().to_string()),
                 accel: ps.vm.as_ref().map(|(_, a)| a.clone()),
+                qmp: ps
+                    .vm
+                    .as_ref()
+                    .map(|(d, _)| crate::vm::qmp_socket(d).display().to_string()),
+                incoming: ps.vm.as_ref().and_then(|(d, _)| {
+                    self.guests
+                        .iter()
+                        .find(|g| g.violin == ps.violin && g.guest == ps.guest)
+                        .filter(|g| g.cmd.iter().any(|a| a == "-incoming"))
+                        .map(|_| crate::vm::migration_socket(d).display().to_string())
+                }),
             })
             .collect()
     }
@@ -868,8 +891,9 @@ impl Daemon {
         // QEMU runs unprivileged: it gets its port socket, nothing else of ours.
         crate::vm::chown(socket)?;
         let (accel, why) = crate::vm::accelerator();
-        info!(violin = %v.name, guest = %member.name, accel, reason = %why, "starting VM");
-        let cmd = crate::vm::command(&crate::vm::VmConfig {
+        let incoming = self.incoming.contains(&member.name);
+        info!(violin = %v.name, guest = %member.name, accel, reason = %why, incoming, "starting VM");
+        let mut cmd = crate::vm::command(&crate::vm::VmConfig {
             violin: &v.name,
             guest: &member.name,
             vm,
@@ -883,6 +907,9 @@ impl Daemon {
             dir: &dir,
             accel,
         });
+        if incoming {
+            cmd.extend(crate::vm::incoming_args(&dir));
+        }
         let mut g = GuestProc {
             violin: v.name.clone(),
             guest: member.name.clone(),
@@ -898,6 +925,18 @@ impl Daemon {
         };
         g.spawn()?;
         Ok(g)
+    }
+
+    /// A VM that waited for a migration and is not waiting any more starts normally if
+    /// it is ever restarted.
+    fn finish_incoming(&mut self, violin: &str, still: &[String]) {
+        for g in self.guests.iter_mut().filter(|g| g.violin == violin) {
+            if !still.contains(&g.guest) {
+                if let Some(i) = g.cmd.iter().position(|a| a == "-incoming") {
+                    g.cmd.drain(i..i + 2);
+                }
+            }
+        }
     }
 
     /// The underlay addresses the classifier accepts this Violin's frames from.

@@ -100,6 +100,7 @@ fn program(
                 &Request::ApplyViolin {
                     violin: new.clone(),
                     announce: vec![],
+                    incoming: vec![],
                 },
             )
             .map(|a| {
@@ -123,6 +124,7 @@ fn program(
                         &Request::ApplyViolin {
                             violin: o.clone(),
                             announce: vec![],
+                            incoming: vec![],
                         },
                     )
                     .map(|_| ()),
@@ -511,6 +513,9 @@ pub struct Migration {
     pub probes_sent: Option<u64>,
     pub probes_lost: Option<u64>,
     pub resumed: Option<bool>,
+    /// VMs: how long QEMU paused the VM for the final copy, and the whole copy.
+    pub vm_downtime_ms: Option<u64>,
+    pub vm_total_ms: Option<u64>,
 }
 
 /// `violin migrate VIOLIN GUEST --to HOST`: every host but the target switches first
@@ -536,8 +541,8 @@ pub fn migrate(
     if st.host(to).is_none() {
         bail!("host {to:?} is not in cluster {}", st.name);
     }
-    if *kind != GuestKind::Netns {
-        bail!("{guest} is a {kind:?} guest: only netns guests migrate for now (they are re-created on the target with the same MAC and IP)");
+    if *kind == GuestKind::Socket {
+        bail!("{guest} is a socket guest: whoever runs it moves it (Violin only owns its socket)");
     }
     let mut doc: toml::Table = load_spec(st, name)?
         .parse()
@@ -569,6 +574,12 @@ pub fn migrate(
     }
     eprintln!("Migrating {guest} of Violin {name}: {host} → {to}");
     let t0 = Instant::now();
+    let live = if *kind == GuestKind::Qemu {
+        // The VM keeps running on the source until QEMU has copied it over.
+        Some(live_migrate_vm(st, &old, &v, guest, host, to, timeout)?)
+    } else {
+        None
+    };
     let pb = spinner("  ");
     let r = program(st, Some(&old), &v, &[to], &pb);
     pb.finish_and_clear();
@@ -582,6 +593,7 @@ pub fn migrate(
         &Request::ApplyViolin {
             violin: v.clone(),
             announce: vec![guest.to_string()],
+            incoming: vec![],
         },
     )?;
     let switched = t0.elapsed();
@@ -613,7 +625,108 @@ pub fn migrate(
         probes_sent: outage.as_ref().map(|o| o.sent),
         probes_lost: outage.as_ref().map(|o| o.sent.saturating_sub(o.received)),
         resumed: outage.as_ref().map(|o| o.resumed),
+        vm_downtime_ms: live.as_ref().and_then(|l| l.downtime_ms),
+        vm_total_ms: live.as_ref().and_then(|l| l.total_ms),
     })
+}
+
+/// Starts the VM on `to` waiting for its state, has QEMU on `from` send it, and waits
+/// until the copy completes. On failure the target's copy is removed again.
+fn live_migrate_vm(
+    st: &ClusterState,
+    old: &Violin,
+    new: &Violin,
+    guest: &str,
+    from: &str,
+    to: &str,
+    timeout: Duration,
+) -> Result<crate::vm::LiveMigration> {
+    let target = st.host(to).unwrap();
+    let pb = spinner("  ");
+    pb.set_message(format!("starting {guest} on {to}, waiting for its state"));
+    control::call::<Applied>(
+        &target.control,
+        &Request::ApplyViolin {
+            violin: new.clone(),
+            announce: vec![],
+            incoming: vec![guest.to_string()],
+        },
+    )?;
+    let undo = || {
+        let r = match old.hosts.contains_key(to) {
+            true => control::call::<Applied>(
+                &target.control,
+                &Request::ApplyViolin {
+                    violin: old.clone(),
+                    announce: vec![],
+                    incoming: vec![],
+                },
+            )
+            .map(|_| ()),
+            false => control::call::<serde_json::Value>(
+                &target.control,
+                &Request::RemoveViolin {
+                    name: old.name.clone(),
+                },
+            )
+            .map(|_| ()),
+        };
+        if let Err(e) = r {
+            eprintln!("warning: removing the target's copy of {guest}: {e:#}");
+        }
+    };
+    let find = |host: &str| -> Result<Option<crate::control::GuestStatus>> {
+        let h = st.host(host).unwrap();
+        let s: HostStatus = control::call(&h.control, &Request::Status)?;
+        Ok(s.violins
+            .into_iter()
+            .filter(|x| x.name == new.name)
+            .flat_map(|x| x.guests)
+            .find(|g| g.name == guest))
+    };
+    let r = (|| -> Result<crate::vm::LiveMigration> {
+        let t0 = Instant::now();
+        let incoming = loop {
+            let g = find(to)?;
+            if let Some(p) = g.as_ref().and_then(|g| g.incoming.clone()) {
+                if std::path::Path::new(&p).exists() {
+                    break p;
+                }
+            }
+            if t0.elapsed() > timeout {
+                bail!(
+                    "the target VM on {to} did not start listening for its state within {} s",
+                    timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let qmp = find(from)?
+            .and_then(|g| g.qmp)
+            .ok_or_else(|| anyhow!("{guest} on {from} has no QMP socket"))?;
+        pb.set_message(format!("copying {guest} {from} → {to}"));
+        crate::vm::live_migrate(
+            std::path::Path::new(&qmp),
+            std::path::Path::new(&incoming),
+            timeout,
+        )
+    })();
+    pb.finish_and_clear();
+    match r {
+        Ok(m) => {
+            eprintln!(
+                "  · QEMU live migration done: {} ms in all, paused {} ms, {} KiB copied",
+                m.total_ms.unwrap_or(0),
+                m.downtime_ms.unwrap_or(0),
+                m.ram_transferred.unwrap_or(0) / 1024
+            );
+            Ok(m)
+        }
+        Err(e) => {
+            undo();
+            Err(e.context(format!("{guest} keeps running on {from}")))
+        }
+    }
 }
 
 /// A netns guest (other than `i`) allowed to talk to member `i`.

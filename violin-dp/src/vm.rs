@@ -146,6 +146,21 @@ pub fn console_socket(dir: &Path) -> PathBuf {
 pub fn agent_socket(dir: &Path) -> PathBuf {
     dir.join("agent.sock")
 }
+pub fn qmp_socket(dir: &Path) -> PathBuf {
+    dir.join("qmp.sock")
+}
+/// Where a VM started for an incoming live migration listens for its state.
+pub fn migration_socket(dir: &Path) -> PathBuf {
+    dir.join("migrate.sock")
+}
+
+/// Extra arguments of a VM that waits for a live migration.
+pub fn incoming_args(dir: &Path) -> [String; 2] {
+    [
+        "-incoming".into(),
+        format!("unix:{}", migration_socket(dir).display()),
+    ]
+}
 
 /// The QEMU command line (program first).
 pub fn command(c: &VmConfig<'_>) -> Vec<String> {
@@ -210,6 +225,8 @@ pub fn command(c: &VmConfig<'_>) -> Vec<String> {
         ),
         "-device".into(),
         "virtserialport,chardev=agent,name=violin.exec".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", path(&qmp_socket(c.dir))),
         "-netdev".into(),
         match c.framing {
             Framing::Stream => format!(
@@ -278,6 +295,108 @@ pub fn kill_stale(dir: &Path) {
             std::str::from_utf8(a).is_ok_and(|s| s.contains(&needle) && s.contains("agent.sock"))
         })
     });
+}
+
+/// A QMP (QEMU Machine Protocol) connection: one JSON object per line.
+pub struct Qmp {
+    reader: std::io::BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Result<Qmp> {
+        let s = UnixStream::connect(path)
+            .with_context(|| format!("connecting to QMP at {}", path.display()))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        let mut q = Qmp {
+            reader: std::io::BufReader::new(s.try_clone()?),
+            writer: s,
+        };
+        q.read()?; // the greeting
+        q.execute("qmp_capabilities", None)?;
+        Ok(q)
+    }
+
+    fn read(&mut self) -> Result<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("QMP closed the connection");
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Runs a command; events that arrive meanwhile are skipped.
+    pub fn execute(
+        &mut self,
+        cmd: &str,
+        args: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let mut req = serde_json::json!({ "execute": cmd });
+        if let Some(a) = args {
+            req["arguments"] = a;
+        }
+        self.writer.write_all(format!("{req}\n").as_bytes())?;
+        loop {
+            let r = self.read()?;
+            if let Some(ret) = r.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(e) = r.get("error") {
+                bail!("QMP {cmd}: {}", e["desc"].as_str().unwrap_or("error"));
+            }
+        }
+    }
+}
+
+/// What QEMU reports of a finished live migration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveMigration {
+    /// The time the VM was paused (QEMU's own measure), in ms.
+    pub downtime_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+    pub ram_transferred: Option<u64>,
+}
+
+/// Live-migrates the VM behind `source_qmp` into the VM waiting at `target` (a unix
+/// socket its `-incoming` listens on), and waits until it completes.
+pub fn live_migrate(
+    source_qmp: &Path,
+    target: &Path,
+    timeout: std::time::Duration,
+) -> Result<LiveMigration> {
+    let mut q = Qmp::connect(source_qmp)?;
+    q.execute(
+        "migrate",
+        Some(serde_json::json!({ "uri": format!("unix:{}", target.display()) })),
+    )?;
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = q.execute("query-migrate", None)?;
+        match r["status"].as_str().unwrap_or("") {
+            "completed" => {
+                return Ok(LiveMigration {
+                    downtime_ms: r["downtime"].as_u64(),
+                    total_ms: r["total-time"].as_u64(),
+                    ram_transferred: r["ram"]["transferred"].as_u64(),
+                })
+            }
+            s @ ("failed" | "cancelled") => {
+                bail!(
+                    "live migration {s}: {}",
+                    r["error-desc"].as_str().unwrap_or("no reason given")
+                )
+            }
+            _ if t0.elapsed() > timeout => {
+                let _ = q.execute("migrate_cancel", None);
+                bail!(
+                    "live migration did not complete within {} s; cancelled",
+                    timeout.as_secs()
+                );
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
 }
 
 /// Quotes an argument for `sh -c`.

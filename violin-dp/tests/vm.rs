@@ -52,6 +52,10 @@ fn rx_packets(c: &Cluster, violin: &str) -> u64 {
     out.trim().parse().unwrap_or_else(|_| panic!("{out:?}"))
 }
 
+fn c_run_dir(c: &Cluster) -> String {
+    c.run_dir.join(&c.name).display().to_string()
+}
+
 fn vm_pids() -> Vec<(i32, u32)> {
     std::fs::read_dir("/proc")
         .unwrap()
@@ -164,4 +168,71 @@ fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_vm_live_migrates_to_another_host_while_a_peer_pings_it() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(3, "udp", &[]);
+    c.up_spec("blue.toml", &spec("blue", 101, "h1", "h2", "stream"));
+    // State that only a live migration keeps: a file in the VM's RAM.
+    let (st, out) = exec(
+        &c,
+        "blue",
+        "vm",
+        &["sh", "-c", "echo kept-$$ > /tmp/state; cat /tmp/state"],
+    );
+    assert_eq!(st, 0, "{out}");
+    let state = out.trim().to_string();
+    let out = c.ok(&["migrate", "blue", "vm", "--to", "h3", "--json"]);
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    eprintln!("VM migration: {m}");
+    assert_eq!(m["probed_from"], "n");
+    assert_eq!(m["resumed"], true, "{m}");
+    assert!(m["outage_ms"].as_f64().unwrap() < 1000.0, "{m}");
+    assert!(
+        m["vm_downtime_ms"].as_u64().is_some(),
+        "QEMU reports its downtime: {m}"
+    );
+    // The same VM, now on h3.
+    let (st, out) = exec(&c, "blue", "vm", &["cat", "/tmp/state"]);
+    assert_eq!(
+        (st, out.trim()),
+        (0, state.as_str()),
+        "the VM's memory came along"
+    );
+    let s = c.stats("blue");
+    let hosts: Vec<&str> = s
+        .hosts
+        .iter()
+        .filter(|h| h.ports.iter().any(|p| p.name == "vm"))
+        .map(|h| h.host.as_str())
+        .collect();
+    assert_eq!(hosts, vec!["h3"]);
+    assert!(
+        c.ping("blue", "n", "10.0.0.1", 3),
+        "n reaches the VM on its new host"
+    );
+    let (st, out) = exec(
+        &c,
+        "blue",
+        "vm",
+        &["ping", "-c", "2", "-W", "2", "10.0.0.2"],
+    );
+    assert_eq!(st, 0, "{out}");
+    // Nothing left on h1.
+    let h1 = c.run_dir.join(&c.name).join("h1");
+    assert!(
+        !h1.join("vms").join("blue").join("vm").exists(),
+        "h1 kept the VM's directory"
+    );
+    let dir = c_run_dir(&c);
+    let ours = |p: &i32| {
+        std::fs::read(format!("/proc/{p}/cmdline"))
+            .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(&dir))
+    };
+    let left: Vec<i32> = vm_pids().into_iter().map(|(p, _)| p).filter(ours).collect();
+    assert_eq!(left.len(), 1, "exactly one QEMU for the VM: {left:?}");
 }
