@@ -38,10 +38,27 @@ KVER=${KPKG#linux-image-}
 say "kernel $KPKG, busybox-static${PACKAGES:+, extra: ${PACKAGES[*]}}"
 EXTRA=()
 if [ ${#PACKAGES[@]} -gt 0 ]; then
-  # The packages and everything they depend on, minus what every Debian system has.
-  mapfile -t EXTRA < <(apt-cache depends --recurse --no-recommends --no-suggests \
-      --no-conflicts --no-breaks --no-replaces --no-enhances "${PACKAGES[@]}" \
-    | awk '/^[a-z0-9]/ {print $1}' | grep -v ':' | sort -u)
+  # The packages and the shared libraries they need, transitively: Depends on lib*
+  # packages only (maintainer-script tooling such as debconf, adduser or perl has no
+  # use in a guest without dpkg).
+  declare -A seen=()
+  queue=("${PACKAGES[@]}")
+  while [ ${#queue[@]} -gt 0 ]; do
+    p=${queue[0]}; queue=("${queue[@]:1}")
+    [ -n "${seen[$p]:-}" ] && continue
+    seen[$p]=1
+    apt-cache show "$p" >/dev/null 2>&1 || die "no Debian package named $p"
+    while read -r dep; do
+      case $dep in
+        lib*-perl|libperl*|libpam*|libaudit*|libsemanage*|libselinux*|libdebian-installer*) ;;
+        lib*) [ -n "${seen[$dep]:-}" ] || queue+=("$dep") ;;
+      esac
+    done < <(apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
+               --no-replaces --no-enhances --no-pre-depends "$p" 2>/dev/null \
+             | awk '$1 == "Depends:" && $2 !~ /^</ {print $2}')
+  done
+  mapfile -t EXTRA < <(printf '%s\n' "${!seen[@]}" | sort)
+  say "with dependencies: ${EXTRA[*]}"
 fi
 mkdir debs && cd debs
 # _apt cannot write into a private directory: download as root, quietly.

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// One VM and one netns guest on two hosts; `vm_host` runs the VM.
-fn spec(name: &str, vni: u32, vm_host: &str, n_host: &str, framing: &str) -> String {
+fn spec(name: &str, vni: u32, vm_host: &str, n_host: &str, framing: &str, extra: &str) -> String {
     format!(
         r#"
 name = "{name}"
@@ -22,6 +22,7 @@ ip = "10.0.0.1/24"
 kind = "qemu"
 socket = "{framing}"
 memory = "128mb"
+{extra}
 [[guest]]
 name = "n"
 host = "{n_host}"
@@ -86,8 +87,38 @@ fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
     let c = Cluster::up(2, "xdp", &[]);
     let before: Vec<i32> = vm_pids().iter().map(|p| p.0).collect();
     let t0 = Instant::now();
-    c.up_spec("blue.toml", &spec("blue", 101, "h1", "h2", "stream"));
-    c.up_spec("red.toml", &spec("red", 102, "h2", "h1", "dgram"));
+    // Blue's VM gets a disk image too: an ext4 filesystem with a marker file.
+    struct RmDir(std::path::PathBuf);
+    impl Drop for RmDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("violin-disk-{}", c.name));
+    let _rm = RmDir(dir.clone());
+    std::fs::create_dir_all(dir.join("content")).unwrap();
+    std::fs::write(dir.join("content/marker"), "from-the-disk\n").unwrap();
+    let img = dir.join("disk.img");
+    let o = std::process::Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(dir.join("content"))
+        .arg(&img)
+        .arg("8M")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let image = format!("image = \"{}\"", img.display());
+    c.up_spec(
+        "blue.toml",
+        &spec("blue", 101, "h1", "h2", "stream", &image),
+    );
+    c.up_spec("red.toml", &spec("red", 102, "h2", "h1", "dgram", ""));
+    let (st, out) = exec(&c, "blue", "vm", &["cat", "/mnt/disk/marker"]);
+    assert_eq!(
+        (st, out.trim()),
+        (0, "from-the-disk"),
+        "the disk image is the VM's /dev/vda"
+    );
     eprintln!("two VMs booted in {:.1} s", t0.elapsed().as_secs_f64());
     let ls = c.ok(&["ls"]);
     assert!(ls.contains("blue") && ls.contains("red"), "{ls}");
@@ -176,7 +207,11 @@ fn a_vm_live_migrates_to_another_host_while_a_peer_pings_it() {
         return;
     }
     let c = Cluster::up(3, "udp", &[]);
-    c.up_spec("blue.toml", &spec("blue", 101, "h1", "h2", "stream"));
+    // This VM boots an image with an extra Debian package (built once, then cached).
+    let pk = "packages = [\"iperf3\"]\ncpus = 1";
+    c.up_spec("blue.toml", &spec("blue", 101, "h1", "h2", "stream", pk));
+    let (st, out) = exec(&c, "blue", "vm", &["iperf3", "--version"]);
+    assert!(st == 0 && out.starts_with("iperf 3"), "{out}");
     // State that only a live migration keeps: a file in the VM's RAM.
     let (st, out) = exec(
         &c,
