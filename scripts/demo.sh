@@ -34,3 +34,25 @@ say "violin stats blue"
 $V stats blue
 say "violin stats red"
 $V stats red
+say "violin profile blue   (the traffic matrix: who sent how much to whom)"
+$V profile blue --interval 0.5
+say "violin apply: blue gets a link a–c at 10 Mbit/s (b keeps its connection)"
+sed 's/^\[\[external\]\]/[[link]]\nbetween = ["a", "c"]\nrate = "10mbit"\n\n[[external]]/' examples/blue.toml > /tmp/violin-demo-blue2.toml
+$V apply /tmp/violin-demo-blue2.toml
+$V exec blue a -- ping -c 2 -i 0.2 10.0.0.3
+say "violin scale blue --add name=d,host=h2,ip=10.0.0.4/24 --link a"
+$V scale blue --add name=d,host=h2,ip=10.0.0.4/24 --link a
+say "violin migrate blue a --to h2   (re-created there; b measures the outage)"
+$V migrate blue a --to h2
+say "violin up examples/vms.toml   (two QEMU VMs and a cgroup-limited lightweight guest)"
+$V up examples/vms.toml
+say "vms: vm1 (a VM on h1) pings vm2 (a VM on h2) and n (netns, h2)"
+$V exec vms vm1 -- ping -c 3 -W 2 10.1.0.2
+$V exec vms vm1 -- ping -c 3 -W 2 10.1.0.3
+say "violin migrate vms vm1 --to h2   (QEMU live migration while n pings it)"
+$V migrate vms vm1 --to h2
+$V exec vms vm1 -- sh -c 'echo "vm1 is up $(cut -d" " -f1 /proc/uptime) s, now on h2"'
+say "Prometheus metrics of h1 (http://172.31.0.1:9464/metrics, inside the host's namespace)"
+ip netns exec "$VIOLIN_CLUSTER-h1" bash -c 'exec 3<>/dev/tcp/172.31.0.1/9464; printf "GET /metrics HTTP/1.0\r\n\r\n" >&3; cat <&3' \
+  | grep -E '^violin_(edge_bytes_total|drops_total|guests_attached)' | head -12
+rm -f /tmp/violin-demo-blue2.toml
