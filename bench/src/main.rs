@@ -10,6 +10,7 @@
 //! Run it through `cargo xtask bench [--quick]` (root: it makes namespaces).
 
 mod charts;
+mod hpl;
 mod load;
 mod testbed;
 
@@ -49,6 +50,9 @@ struct Plan {
     share_secs: f64,
     mem_violins: usize,
     mem_guests: usize,
+    hpl_hosts: Vec<usize>,
+    hpl_n: u32,
+    hpl_rounds: usize,
 }
 
 impl Plan {
@@ -68,6 +72,9 @@ impl Plan {
                 share_secs: 1.0,
                 mem_violins: 2,
                 mem_guests: 4,
+                hpl_hosts: vec![2, 4],
+                hpl_n: 1000,
+                hpl_rounds: 1,
             }
         } else {
             Plan {
@@ -84,6 +91,9 @@ impl Plan {
                 share_secs: 4.0,
                 mem_violins: 16,
                 mem_guests: 32,
+                hpl_hosts: vec![2, 4],
+                hpl_n: 3000,
+                hpl_rounds: 2,
             }
         }
     }
@@ -100,6 +110,8 @@ struct Results {
     packet_rate: BTreeMap<String, load::Flood>,
     /// Figure 2: TCP goodput, Gbit/s, by streams.
     tcp_gbps: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Figure 2b: TCP goodput, Gbit/s, 1 stream, with the underlay shaped to 1 Gbit/s.
+    tcp_shaped_gbps: BTreeMap<String, f64>,
     /// Figure 3: round-trip latency.
     latency: BTreeMap<String, load::Latency>,
     icmp_avg_us: BTreeMap<String, f64>,
@@ -112,6 +124,8 @@ struct Results {
     sharing: BTreeMap<String, Vec<Sharing>>,
     /// Daemon memory per guest beyond what it held with no Violin (the frame pool).
     memory: Option<Memory>,
+    /// Figure 6: HPL by config and number of hosts (one rank per host), median Gflops.
+    hpl: BTreeMap<String, BTreeMap<String, hpl::Hpl>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -244,6 +258,32 @@ fn main() -> Result<()> {
                 .insert(format!("{streams}"), median(x));
         }
     }
+
+    say("figure 2b: TCP throughput, 1 stream, underlay shaped to 1 Gbit/s");
+    tu.shape_underlay(Some("1gbit"))?;
+    tx.shape_underlay(Some("1gbit"))?;
+    let shaped = (|| -> Result<()> {
+        let mut v: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for _ in 0..plan.rounds {
+            for p in &pairs {
+                let bps = load::tcp_throughput(
+                    &p.client.ns,
+                    &p.server.ns,
+                    p.server.ip,
+                    1,
+                    plan.tcp_secs,
+                )?;
+                v.entry(p.config).or_default().push(bps / 1e9);
+            }
+        }
+        for (c, x) in v {
+            r.tcp_shaped_gbps.insert(c.into(), median(x));
+        }
+        Ok(())
+    })();
+    tu.shape_underlay(None)?;
+    tx.shape_underlay(None)?;
+    shaped?;
 
     say("figure 3: round-trip latency");
     for p in &pairs {
@@ -400,6 +440,40 @@ fn main() -> Result<()> {
     });
     drop(tx);
     drop(tu);
+    say("figure 6: HPL, one MPI rank per host, physical vs in a Violin");
+    for &hosts in &plan.hpl_hosts {
+        let tb = Testbed::up_hosts(&format!("bh{id}"), "xdp", hosts)?;
+        let configs = [
+            ("physical", tb.hosts(), "172.31.0.0/24".to_string()),
+            (
+                "violin-xdp",
+                tb.violin_per_host("hpl", 600, 70, "socket")?,
+                "10.70.0.0/24".into(),
+            ),
+            (
+                "violin-xdp-fast",
+                tb.violin_per_host("hplf", 601, 71, "xdp")?,
+                "10.71.0.0/24".into(),
+            ),
+        ];
+        let work = tb.run_dir.join("hpl");
+        let mut runs: BTreeMap<&str, Vec<hpl::Hpl>> = BTreeMap::new();
+        for _ in 0..plan.hpl_rounds {
+            for (c, ranks, subnet) in &configs {
+                let h = hpl::run(ranks, subnet, plan.hpl_n, 128, &work)
+                    .with_context(|| format!("HPL on {c} with {hosts} hosts"))?;
+                runs.entry(c).or_default().push(h);
+            }
+        }
+        for (c, mut v) in runs {
+            v.sort_by(|a, b| a.gflops.total_cmp(&b.gflops));
+            let mid = v[v.len() / 2];
+            r.hpl
+                .entry(c.into())
+                .or_default()
+                .insert(format!("{hosts}"), mid);
+        }
+    }
     r.seconds = t0.elapsed().as_secs_f64();
 
     std::fs::create_dir_all(&cli.out)?;
@@ -508,6 +582,42 @@ fn draw_charts(r: &Results, dir: &std::path::Path) -> Result<Vec<PathBuf>> {
             series: &series,
         },
     )?);
+    // Figure 6 like the paper's Figure 2: HPL relative to physical, by number of hosts.
+    let hpl_cats: Vec<String> = ["violin-xdp", "violin-xdp-fast"]
+        .iter()
+        .filter(|c| r.hpl.contains_key(**c))
+        .map(|c| c.to_string())
+        .collect();
+    let host_counts: Vec<String> = r
+        .hpl
+        .get("physical")
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let series: Vec<Series> = host_counts
+        .iter()
+        .map(|h| Series {
+            name: format!("{h} hosts"),
+            values: hpl_cats
+                .iter()
+                .map(|c| {
+                    let g = |c: &str| r.hpl.get(c).and_then(|m| m.get(h)).map(|x| x.gflops);
+                    rel(g(c), g("physical"))
+                })
+                .collect(),
+        })
+        .collect();
+    if !hpl_cats.is_empty() {
+        files.extend(charts::draw(
+            dir,
+            "fig6-hpl",
+            &Chart::Bars {
+                title: "HPL Gflops in a Violin relative to physical",
+                y_label: "ratio",
+                categories: &hpl_cats,
+                series: &series,
+            },
+        )?);
+    }
     let lines: Vec<(String, Vec<(f64, f64)>)> = r
         .configs
         .iter()
@@ -632,9 +742,18 @@ fn tables(r: &Results) -> String {
     let _ = writeln!(o, "\n1. 64-byte UDP packet rate, guest → remote guest");
     let _ = writeln!(
         o,
-        "{:<17} {:>10} {:>8} {:>9} {:>11} {:>14}",
-        "config", "pps", "/phys", "/kernel", "CPU µs/pkt", "dp CPU s/Mpkt"
+        "   (kpps/core: packets per second of machine CPU, generator and sink included: the\n    cost per packet with the 2 cores' sharing taken out)"
     );
+    let _ = writeln!(
+        o,
+        "{:<17} {:>10} {:>8} {:>9} {:>11} {:>10} {:>9} {:>14}",
+        "config", "pps", "/phys", "/kernel", "CPU µs/pkt", "kpps/core", "/kernel", "dp CPU s/Mpkt"
+    );
+    let kern_core = r
+        .packet_rate
+        .get("kernel")
+        .map(|f| 1e3 / f.cpu_us_per_packet)
+        .unwrap_or(f64::NAN);
     for c in &r.configs {
         if let Some(f) = r.packet_rate.get(c) {
             let dp = if f.dp_cpu_s_per_mpkt.is_finite() && f.dp_cpu_s_per_mpkt > 0.0 {
@@ -642,14 +761,17 @@ fn tables(r: &Results) -> String {
             } else {
                 "-".into()
             };
+            let per_core = 1e3 / f.cpu_us_per_packet;
             let _ = writeln!(
                 o,
-                "{:<17} {:>10.0} {:>8} {:>9} {:>11.2} {:>14}",
+                "{:<17} {:>10.0} {:>8} {:>9} {:>11.2} {:>10.0} {:>9} {:>14}",
                 c,
                 f.received_pps,
                 ratio(f.received_pps, phys),
                 ratio(f.received_pps, kern),
                 f.cpu_us_per_packet,
+                per_core,
+                ratio(per_core, kern_core),
                 dp
             );
         }
@@ -682,6 +804,20 @@ fn tables(r: &Results) -> String {
                 b,
                 ratio(b, pt("4"))
             );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\n2b. TCP throughput, 1 stream, underlay shaped to 1 Gbit/s (tc tbf), Gbit/s"
+    );
+    let ps = r
+        .tcp_shaped_gbps
+        .get("physical")
+        .copied()
+        .unwrap_or(f64::NAN);
+    for c in &r.configs {
+        if let Some(v) = r.tcp_shaped_gbps.get(c) {
+            let _ = writeln!(o, "{:<17} {:>9.3} {:>7}", c, v, ratio(*v, ps));
         }
     }
     let _ = writeln!(
@@ -751,12 +887,41 @@ fn tables(r: &Results) -> String {
     if let Some(m) = &r.memory {
         let _ = writeln!(
             o,
-            "\n6. Memory with {} Violins x {} guests ({} guests)",
+            "\n8. Memory with {} Violins x {} guests ({} guests)",
             m.violins,
             m.guests / m.violins.max(1),
             m.guests
         );
         let _ = writeln!(o, "daemons (both) empty {} KiB, loaded {} KiB: {:.1} KiB per guest beyond the frame pool; relays {:.0} KiB each", m.daemons_empty_kib, m.daemons_loaded_kib, m.daemon_kib_per_guest, m.relay_kib_per_guest);
+    }
+    let _ = writeln!(
+        o,
+        "\n6. HPL (hpcc), one MPI rank per host over TCP, Gflops (median of rounds)"
+    );
+    let _ = writeln!(
+        o,
+        "{:<17} {:>5} {:>6} {:>9} {:>7} {:>10}",
+        "config", "hosts", "N", "Gflops", "/phys", "HPL s"
+    );
+    for c in ["physical", "violin-xdp", "violin-xdp-fast"] {
+        for (hosts, h) in r.hpl.get(c).into_iter().flatten() {
+            let base = r
+                .hpl
+                .get("physical")
+                .and_then(|m| m.get(hosts))
+                .map(|p| p.gflops)
+                .unwrap_or(f64::NAN);
+            let _ = writeln!(
+                o,
+                "{:<17} {:>5} {:>6} {:>9.3} {:>7} {:>10.2}",
+                c,
+                hosts,
+                h.n,
+                h.gflops,
+                ratio(h.gflops, base),
+                h.hpl_seconds
+            );
+        }
     }
     let _ = writeln!(
         o,
@@ -795,6 +960,9 @@ fn check(r: &Results) -> Result<()> {
         {
             problems.push(format!("latency of {c}"));
         }
+        if !r.tcp_shaped_gbps.get(c).is_some_and(|v| *v > 0.0) {
+            problems.push(format!("TCP over the shaped underlay of {c}"));
+        }
         if !r.icmp_avg_us.get(c).is_some_and(|v| *v > 0.0) {
             problems.push(format!("ICMP of {c}"));
         }
@@ -825,6 +993,14 @@ fn check(r: &Results) -> Result<()> {
             && m.relay_kib_per_guest > 0.0
     }) {
         problems.push("memory".into());
+    }
+    for c in ["physical", "violin-xdp", "violin-xdp-fast"] {
+        let ok = r.hpl.get(c).is_some_and(|m| {
+            !m.is_empty() && m.values().all(|h| h.gflops > 0.0 && h.hpl_seconds > 0.0)
+        });
+        if !ok {
+            problems.push(format!("HPL of {c}"));
+        }
     }
     if r.idle_cpu_percent.len() != 2 || r.idle_cpu_percent.values().any(|v| !v.is_finite()) {
         problems.push("idle CPU".into());

@@ -46,6 +46,10 @@ pub fn violin_bin() -> PathBuf {
 
 impl Testbed {
     pub fn up(name: &str, dataplane: &'static str) -> Result<Testbed> {
+        Testbed::up_hosts(name, dataplane, 2)
+    }
+
+    pub fn up_hosts(name: &str, dataplane: &'static str, hosts: usize) -> Result<Testbed> {
         let run_dir = std::env::temp_dir().join(format!("violin-bench-{name}"));
         let _ = cluster::down(&run_dir, name, &|_| {});
         let dp = match dataplane {
@@ -53,7 +57,7 @@ impl Testbed {
             _ => DataplaneChoice::Udp,
         };
         let opts = UpOptions {
-            hosts: 2,
+            hosts,
             subnet: "172.31.0.0/24".into(),
             dataplane: dp,
             mtu: 1500,
@@ -201,6 +205,68 @@ impl Testbed {
             },
             daemons: self.daemons(),
         })
+    }
+
+    /// Shapes every host's underlay egress to `rate` (tc's units, e.g. "1gbit") with a
+    /// token bucket filter, or removes the shaping (`None`). The paper's cluster network
+    /// was the bottleneck: this is how the simulated underlay becomes one. (tc's TBF
+    /// options have no rtnetlink builder, so this runs `tc`.)
+    pub fn shape_underlay(&self, rate: Option<&str>) -> Result<()> {
+        for h in &self.state.hosts {
+            let mut c = crate::load::ns_command(&h.netns, "tc")?;
+            match rate {
+                Some(r) => c.args([
+                    "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", r, "burst", "256kb",
+                    "latency", "20ms",
+                ]),
+                None => c.args(["qdisc", "del", "dev", "eth0", "root"]),
+            };
+            let o = c.output().context("running tc")?;
+            anyhow::ensure!(
+                o.status.success() || rate.is_none(),
+                "tc on {}: {}",
+                h.name,
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Every host namespace, at its underlay address.
+    pub fn hosts(&self) -> Vec<Endpoint> {
+        self.state
+            .hosts
+            .iter()
+            .map(|h| Endpoint {
+                ns: h.netns.clone(),
+                ip: h.underlay,
+            })
+            .collect()
+    }
+
+    /// A Violin `name` with one guest per host (g1 on h1, …) at 10.SUBNET.0.i/24, every
+    /// pair allowed, on `port` ports.
+    pub fn violin_per_host(
+        &self,
+        name: &str,
+        vni: u32,
+        subnet: u8,
+        port: &str,
+    ) -> Result<Vec<Endpoint>> {
+        let mut spec = format!("name = \"{name}\"\nvni = {vni}\n");
+        let n = self.state.hosts.len();
+        for i in 1..=n {
+            spec += &format!(
+                "[[guest]]\nname = \"g{i}\"\nhost = \"h{i}\"\nip = \"10.{subnet}.0.{i}/24\"\nport = \"{port}\"\n"
+            );
+        }
+        self.up_spec(name, &spec)?;
+        Ok((1..=n)
+            .map(|i| Endpoint {
+                ns: self.guest_ns(name, &format!("g{i}")),
+                ip: Ipv4Addr::new(10, subnet, 0, i as u8),
+            })
+            .collect())
     }
 
     /// The kernel overlay: bridge + vxlan per host, a guest namespace on each bridge.
