@@ -195,9 +195,12 @@ fn main() -> Result<()> {
     say("bringing up two simulated 2-host clusters (udp and xdp data planes)");
     let tu = Testbed::up(&format!("bu{id}"), "udp")?;
     let tx = Testbed::up(&format!("bx{id}"), "xdp")?;
+    say("bringing up Open vSwitch (userspace datapath, VXLAN) on a third cluster");
+    let mut to = Testbed::up(&format!("bo{id}"), "udp")?;
     let pairs: Vec<Pair> = vec![
         tu.physical(),
         tu.kernel_overlay()?,
+        to.ovs_overlay()?,
         tu.violin_pair("perf", 100, 1, "socket", None)?,
         tx.violin_pair("perf", 100, 1, "socket", None)?,
         tx.violin_pair("fast", 101, 2, "xdp", None)?,
@@ -262,6 +265,7 @@ fn main() -> Result<()> {
     say("figure 2b: TCP throughput, 1 stream, underlay shaped to 1 Gbit/s");
     tu.shape_underlay(Some("1gbit"))?;
     tx.shape_underlay(Some("1gbit"))?;
+    to.shape_underlay(Some("1gbit"))?;
     let shaped = (|| -> Result<()> {
         let mut v: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         for _ in 0..plan.rounds {
@@ -283,6 +287,7 @@ fn main() -> Result<()> {
     })();
     tu.shape_underlay(None)?;
     tx.shape_underlay(None)?;
+    to.shape_underlay(None)?;
     shaped?;
 
     say("figure 3: round-trip latency");
@@ -440,6 +445,7 @@ fn main() -> Result<()> {
     });
     drop(tx);
     drop(tu);
+    drop(to);
     say("figure 6: HPL, one MPI rank per host, physical vs in a Violin");
     for &hosts in &plan.hpl_hosts {
         let tb = Testbed::up_hosts(&format!("bh{id}"), "xdp", hosts)?;

@@ -38,6 +38,8 @@ pub struct Testbed {
     pub run_dir: PathBuf,
     pub state: ClusterState,
     pub dataplane: &'static str,
+    /// Open vSwitch instances started here (stopped on drop).
+    ovs_dirs: Vec<PathBuf>,
 }
 
 pub fn violin_bin() -> PathBuf {
@@ -69,6 +71,7 @@ impl Testbed {
             run_dir,
             state,
             dataplane,
+            ovs_dirs: Vec::new(),
         })
     }
 
@@ -232,6 +235,146 @@ impl Testbed {
         Ok(())
     }
 
+    /// Open vSwitch with its userspace datapath (`datapath_type=netdev`) and a VXLAN
+    /// tunnel port per host, a guest namespace on a veth port: the other peer a user
+    /// might deploy. Per host an ovsdb-server and an ovs-vswitchd run inside the host's
+    /// namespace, and the underlay address moves to OVS's `br-phy` (userspace tunnels
+    /// route through it), so this testbed serves OVS alone. Driven with OVS's own tools.
+    pub fn ovs_overlay(&mut self) -> Result<Pair> {
+        let h = self.state.hosts.clone();
+        let mut ends = Vec::new();
+        let mut pids = Vec::new();
+        for (i, host) in h.iter().enumerate() {
+            let dir = self.run_dir.join(format!("ovs-{}", host.name));
+            std::fs::create_dir_all(&dir)?;
+            self.ovs_dirs.push(dir.clone());
+            let d = |f: &str| dir.join(f).display().to_string();
+            let db = format!("unix:{}", d("db.sock"));
+            let sh = |args: &[&str]| -> Result<()> {
+                let mut c = crate::load::ns_command(&host.netns, args[0])?;
+                c.args(&args[1..])
+                    .env("OVS_RUNDIR", &dir)
+                    .env("OVS_DBDIR", &dir);
+                let o = c.output().with_context(|| format!("running {}", args[0]))?;
+                anyhow::ensure!(
+                    o.status.success(),
+                    "{:?}: {}",
+                    args,
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                Ok(())
+            };
+            sh(&[
+                "ovsdb-tool",
+                "create",
+                &d("conf.db"),
+                "/usr/share/openvswitch/vswitch.ovsschema",
+            ])
+            .context("Open vSwitch is needed for the ovs peer (scripts/setup.sh installs it)")?;
+            sh(&[
+                "ovsdb-server",
+                &d("conf.db"),
+                &format!("--remote=p{db}"),
+                &format!("--pidfile={}", d("ovsdb.pid")),
+                "--detach",
+                &format!("--log-file={}", d("ovsdb.log")),
+                &format!("--unixctl={}", d("ovsdb.ctl")),
+            ])?;
+            sh(&["ovs-vsctl", &format!("--db={db}"), "--no-wait", "init"])?;
+            sh(&[
+                "ovs-vswitchd",
+                &db,
+                &format!("--pidfile={}", d("vswitchd.pid")),
+                "--detach",
+                &format!("--log-file={}", d("vswitchd.log")),
+                &format!("--unixctl={}", d("vswitchd.ctl")),
+            ])?;
+            for f in ["ovsdb.pid", "vswitchd.pid"] {
+                if let Some(p) = std::fs::read_to_string(dir.join(f))
+                    .ok()
+                    .and_then(|t| t.trim().parse::<u32>().ok())
+                {
+                    pids.push(p);
+                }
+            }
+            let vs = |args: &[&str]| {
+                let mut a = vec!["ovs-vsctl", "--timeout=10"];
+                let dbarg = format!("--db={db}");
+                a.push(&dbarg);
+                a.extend_from_slice(args);
+                sh(&a)
+            };
+            let (ip, other) = (host.underlay, h[1 - i].underlay);
+            vs(&[
+                "add-br",
+                "br-phy",
+                "--",
+                "set",
+                "bridge",
+                "br-phy",
+                "datapath_type=netdev",
+            ])?;
+            vs(&["add-port", "br-phy", "eth0"])?;
+            netns::run_in(&host.netns, || {
+                netlink::with_handle(|hd| async move {
+                    netlink::flush_addrs(&hd, "eth0").await?;
+                    netlink::add_addr(&hd, "br-phy", ip, 24).await?;
+                    netlink::set_up(&hd, "br-phy").await
+                })
+            })?;
+            vs(&[
+                "add-br",
+                "br-int",
+                "--",
+                "set",
+                "bridge",
+                "br-int",
+                "datapath_type=netdev",
+            ])?;
+            vs(&[
+                "add-port",
+                "br-int",
+                "vx0",
+                "--",
+                "set",
+                "interface",
+                "vx0",
+                "type=vxlan",
+                &format!("options:remote_ip={other}"),
+                "options:key=4243",
+                "options:dst_port=4791",
+            ])?;
+            let gns = format!("{}-og{}", self.name, i + 1);
+            let gip = Ipv4Addr::new(10, 251, 0, i as u8 + 1);
+            netns::create(&gns)?;
+            let gfile = netns::open(&gns)?;
+            netns::run_in(&host.netns, || {
+                netlink::with_handle(|hd| async move {
+                    netlink::add_veth(&hd, "ovh", "ovg").await?;
+                    netlink::set_up(&hd, "ovh").await?;
+                    netlink::move_to_netns(&hd, "ovg", &gfile).await
+                })
+            })?;
+            vs(&["add-port", "br-int", "ovh"])?;
+            netns::run_in(&gns, || {
+                netlink::with_handle(|hd| async move {
+                    netlink::rename(&hd, "ovg", "eth0").await?;
+                    netlink::set_mtu(&hd, "eth0", 1450).await?;
+                    netlink::add_addr(&hd, "eth0", gip, 24).await?;
+                    netlink::set_up(&hd, "eth0").await?;
+                    netlink::set_up(&hd, "lo").await
+                })
+            })?;
+            ends.push(Endpoint { ns: gns, ip: gip });
+        }
+        Ok(Pair {
+            config: "ovs",
+            client: ends[0].clone(),
+            server: ends[1].clone(),
+            daemons: pids,
+        })
+    }
+
     /// Every host namespace, at its underlay address.
     pub fn hosts(&self) -> Vec<Endpoint> {
         self.state
@@ -321,6 +464,19 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        for dir in &self.ovs_dirs {
+            for f in ["vswitchd.pid", "ovsdb.pid"] {
+                if let Some(p) = std::fs::read_to_string(dir.join(f))
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
         if let Err(e) = cluster::down(&self.run_dir, &self.name, &|_| {}) {
             eprintln!("warning: removing bench cluster {}: {e:#}", self.name);
         }

@@ -360,7 +360,11 @@ pub fn plan(old: &Violin, new: &Violin) -> Vec<String> {
                 } else {
                     (b.clone(), a.clone())
                 };
-                (k, l.rate.map(|r| format!("{} bit/s", r.bytes_per_sec * 8)))
+                (
+                    k,
+                    l.rate
+                        .map(|r| crate::profile::human_rate(r.bytes_per_sec as f64 * 8.0)),
+                )
             })
             .collect()
     };
@@ -822,4 +826,69 @@ pub fn down(st: &ClusterState, name: &str) -> Result<()> {
     }
     eprintln!("Violin {name} removed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts() -> BTreeMap<String, Ipv4Addr> {
+        [
+            ("h1".to_string(), Ipv4Addr::new(172, 31, 0, 1)),
+            ("h2".to_string(), Ipv4Addr::new(172, 31, 0, 2)),
+        ]
+        .into()
+    }
+
+    const BASE: &str = r#"
+name = "blue"
+vni = 101
+[[guest]]
+name = "a"
+host = "h1"
+ip = "10.0.0.1/24"
+[[guest]]
+name = "b"
+host = "h2"
+ip = "10.0.0.2/24"
+[[link]]
+between = ["a", "b"]
+rate = "50mbit"
+"#;
+
+    #[test]
+    fn plan_lists_every_change() {
+        let old = spec::parse(BASE, &hosts()).unwrap();
+        assert!(plan(&old, &old).is_empty());
+        let text = BASE
+            .replace("rate = \"50mbit\"", "rate = \"10mbit\"")
+            .replace("name = \"b\"\nhost = \"h2\"", "name = \"b\"\nhost = \"h1\"")
+            + "[[guest]]\nname = \"c\"\nhost = \"h2\"\nip = \"10.0.0.3/24\"\n[[link]]\nbetween = [\"b\", \"c\"]\n";
+        let new = spec::parse(&text, &hosts()).unwrap();
+        let p = plan(&old, &new);
+        assert_eq!(
+            p,
+            vec![
+                "~ guest b moves h2 → h1",
+                "+ guest c on h2",
+                "~ link a–b rate 50.00 Mbit/s → 10.00 Mbit/s",
+                "+ link b–c",
+            ],
+            "{p:#?}"
+        );
+        let back = plan(&new, &old);
+        assert!(back.contains(&"- guest c on h2".to_string()), "{back:?}");
+        assert!(back.contains(&"- link b–c".to_string()), "{back:?}");
+    }
+
+    #[test]
+    fn guest_tables_from_the_command_line() {
+        let t = guest_table("name=e,host=h2,ip=10.0.0.5/24,cpus=0.5,pps=1000").unwrap();
+        assert_eq!(t["name"].as_str(), Some("e"));
+        assert_eq!(t["ip"].as_str(), Some("10.0.0.5/24"));
+        assert_eq!(t["cpus"].as_float(), Some(0.5));
+        assert_eq!(t["pps"].as_integer(), Some(1000));
+        let e = guest_table("name=e,host").unwrap_err().to_string();
+        assert!(e.contains("\"host\" is not key=value"), "{e}");
+    }
 }

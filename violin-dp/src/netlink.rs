@@ -137,6 +137,28 @@ pub async fn add_addr(h: &Handle, name: &str, ip: Ipv4Addr, prefix_len: u8) -> R
         .with_context(|| format!("adding {ip}/{prefix_len} to {name}"))
 }
 
+/// Removes every address of a link.
+pub async fn flush_addrs(h: &Handle, name: &str) -> Result<()> {
+    let idx = require_index(h, name).await?;
+    let mut addrs = h.address().get().set_link_index_filter(idx).execute();
+    let mut all = Vec::new();
+    while let Some(a) = addrs
+        .try_next()
+        .await
+        .with_context(|| format!("listing the addresses of {name}"))?
+    {
+        all.push(a);
+    }
+    for a in all {
+        h.address()
+            .del(a)
+            .execute()
+            .await
+            .with_context(|| format!("removing an address of {name}"))?;
+    }
+    Ok(())
+}
+
 /// Deletes a link if it exists.
 pub async fn del_link(h: &Handle, name: &str) -> Result<()> {
     if let Some(idx) = index(h, name).await? {
