@@ -26,6 +26,10 @@ use violin_common::Verdict;
 /// Bytes a stream port queues for a guest that is not reading.
 pub const TX_QUEUE: usize = 64 * 1024;
 const RX_BUF: usize = 4 + MAX_RECORD;
+/// Stream buffers start this small and double, up to their bounds, only when traffic
+/// needs it (a full read, a record or a backlog that does not fit): a quiet guest costs
+/// a few KiB, a busy one reads and queues in 64 KiB batches.
+const BUF_START: usize = 4096;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortCounters {
@@ -37,9 +41,9 @@ pub struct PortCounters {
     pub connects: u64,
 }
 
-/// A fixed-capacity byte queue of pending stream output.
+/// A bounded byte queue of pending stream output (at most `TX_QUEUE` bytes).
 struct TxQueue {
-    buf: Box<[u8]>,
+    buf: Vec<u8>,
     head: usize,
     len: usize,
 }
@@ -47,7 +51,7 @@ struct TxQueue {
 impl TxQueue {
     fn new() -> TxQueue {
         TxQueue {
-            buf: vec![0u8; TX_QUEUE].into_boxed_slice(),
+            buf: vec![0u8; BUF_START],
             head: 0,
             len: 0,
         }
@@ -58,8 +62,12 @@ impl TxQueue {
     /// Appends all of `parts` or nothing.
     fn push(&mut self, parts: &[&[u8]]) -> bool {
         let n: usize = parts.iter().map(|p| p.len()).sum();
-        if self.len + n > self.buf.len() {
+        if self.len + n > TX_QUEUE {
             return false;
+        }
+        if self.len + n > self.buf.len() {
+            let want = (self.len + n).next_power_of_two().min(TX_QUEUE);
+            self.buf.resize(want, 0);
         }
         if self.head + self.len + n > self.buf.len() {
             self.buf.copy_within(self.head..self.head + self.len, 0);
@@ -221,7 +229,7 @@ impl GuestPort {
                     }
                     *conn = Some(StreamConn {
                         stream,
-                        rx: vec![0u8; RX_BUF],
+                        rx: vec![0u8; BUF_START],
                         rx_start: 0,
                         rx_end: 0,
                         tx: TxQueue::new(),
@@ -322,9 +330,21 @@ impl GuestPort {
                         c.rx_end -= c.rx_start;
                         c.rx_start = 0;
                     }
+                    // No room (a record bigger than the buffer), or the last read
+                    // filled it (a backlog): read in bigger batches from now on.
+                    if c.rx_end == c.rx.len() && c.rx.len() < RX_BUF {
+                        let grown = (c.rx.len() * 2).min(RX_BUF);
+                        c.rx.resize(grown, 0);
+                    }
                     match c.stream.read(&mut c.rx[c.rx_end..]) {
                         Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                        Ok(n) => c.rx_end += n,
+                        Ok(n) => {
+                            c.rx_end += n;
+                            if c.rx_end == c.rx.len() && c.rx.len() < RX_BUF {
+                                let grown = (c.rx.len() * 2).min(RX_BUF);
+                                c.rx.resize(grown, 0);
+                            }
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(e),
@@ -469,6 +489,44 @@ mod tests {
         };
         // SAFETY: one valid pollfd for the duration of the call.
         unsafe { libc::poll(&mut pfd, 1, 2000) };
+    }
+
+    #[test]
+    fn stream_buffers_grow_for_big_records_and_backlogs() {
+        let (_dir, path) = tmp("grow");
+        let mut port = GuestPort::bind(&path, Framing::Stream).unwrap();
+        let mut guest = UnixStream::connect(&path).unwrap();
+        wait_readable(port.socket_fd());
+        port.accept().unwrap();
+        // One record far bigger than the starting buffer, then 50 small ones.
+        let big: Vec<u8> = (0..60_000u32).map(|i| i as u8).collect();
+        let mut bytes = (big.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&big);
+        for i in 0..50u8 {
+            bytes.extend_from_slice(&[0, 0, 0, 3, i, i, i]);
+        }
+        let writer = std::thread::spawn(move || {
+            guest.write_all(&bytes).unwrap();
+            guest
+        });
+        let mut frames = Vec::new();
+        let t0 = std::time::Instant::now();
+        while frames.len() < 51 && t0.elapsed() < Duration::from_secs(5) {
+            let (f, d, _) = drain(&mut port);
+            assert!(d.is_empty(), "{d:?}");
+            frames.extend(f);
+        }
+        assert_eq!(frames.len(), 51);
+        assert_eq!(frames[0], big, "the big record arrived whole");
+        assert_eq!(frames[50], vec![49, 49, 49]);
+        // The daemon → guest queue grows past its start, up to its bound.
+        let mut guest = writer.join().unwrap();
+        let frame = vec![7u8; 1500];
+        let queued = (0..100).filter(|_| port.send(&frame).is_ok()).count();
+        assert!(queued * 1504 > BUF_START, "queued {queued}");
+        let mut got = vec![0u8; 1504];
+        guest.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..4], &1500u32.to_be_bytes());
     }
 
     #[test]
