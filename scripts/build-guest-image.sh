@@ -12,13 +12,16 @@
 # (a half-built image is never seen). Idempotent: an existing complete image is kept.
 set -euo pipefail
 
+# Bump when what goes into an image changes: older images are then rebuilt.
+IMAGE_VERSION=2
+
 say() { printf '\033[1m[guest-image]\033[0m %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 [ $# -ge 1 ] || die "usage: $0 OUT_DIR [PACKAGE...]"
 OUT=$1; shift
 PACKAGES=("$@")
-if [ -f "$OUT/manifest" ] && [ -f "$OUT/vmlinux" ] && [ -f "$OUT/initramfs.cpio.gz" ]; then
+if grep -qx "version=$IMAGE_VERSION" "$OUT/manifest" 2>/dev/null && [ -f "$OUT/vmlinux" ] && [ -f "$OUT/initramfs.cpio.gz" ]; then
   say "image present: $OUT"
   exit 0
 fi
@@ -114,7 +117,7 @@ mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 mount -t tmpfs tmp /tmp
 mount -t tmpfs run /run
 for m in $(cat /etc/violin/modules); do insmod /lib/modules/$m.ko 2>/dev/null; done
-IP= GW= MTU= HN=guest ROUTES= ROOT=
+IP= GW= MTU= HN=guest ROUTES= ROOT= NEWROOT=
 for a in $(cat /proc/cmdline); do
   case $a in
     violin.ip=*) IP=${a#violin.ip=} ;;
@@ -123,6 +126,7 @@ for a in $(cat /proc/cmdline); do
     violin.hostname=*) HN=${a#violin.hostname=} ;;
     violin.route=*) ROUTES="$ROUTES ${a#violin.route=}" ;;
     violin.disk=*) ROOT=${a#violin.disk=} ;;
+    violin.root=*) NEWROOT=${a#violin.root=} ;;
   esac
 done
 hostname "$HN"; echo "$HN" > /etc/hostname
@@ -135,7 +139,17 @@ ip link set eth0 up
 for r in $ROUTES; do ip route add "${r%%,*}" via "${r#*,}"; done
 # A gratuitous ARP: the daemon sees the guest's first frame, peers learn its MAC.
 [ -n "$IP" ] && arping -q -U -c 1 -I eth0 "${IP%/*}" 2>/dev/null
-if [ -n "$ROOT" ]; then
+if [ -n "$NEWROOT" ]; then
+  # Boot the disk image's own userland: the network stays as configured above.
+  mkdir -p /newroot
+  if mount "$NEWROOT" /newroot 2>/dev/null && [ -x /newroot/sbin/init ]; then
+    echo "violin: $HN up (${IP:-no address}), switching to $NEWROOT" > /dev/console
+    umount /dev/pts /tmp /run /sys /proc 2>/dev/null
+    umount /dev 2>/dev/null
+    exec switch_root /newroot /sbin/init
+  fi
+  echo "violin: $NEWROOT has no /sbin/init; staying in the initramfs" > /dev/console
+elif [ -n "$ROOT" ]; then
   mkdir -p /mnt/disk && mount -o ro "$ROOT" /mnt/disk 2>/dev/null
 fi
 echo "violin: $HN up (${IP:-no address})" > /dev/console
@@ -170,6 +184,7 @@ mkdir -p "$(dirname "$OUT")"
 STAGE=$(mktemp -d "$(dirname "$OUT")/.building.XXXXXX")
 mv vmlinux initramfs.cpio.gz "$STAGE"/
 {
+  echo "version=$IMAGE_VERSION"
   echo "kernel=$KPKG"
   echo "packages=${PACKAGES[*]}"
   echo "built=$(date -u +%FT%TZ)"

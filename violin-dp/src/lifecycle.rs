@@ -248,7 +248,7 @@ fn ensure_images(v: &Violin) -> Result<()> {
         .collect();
     for p in sets {
         let dir = crate::vm::image_dir(&p);
-        if !dir.join("manifest").exists() {
+        if !crate::vm::image_ready(&dir) {
             eprintln!(
                 "  · building the guest image {} (once; downloads a Debian kernel)",
                 dir.display()

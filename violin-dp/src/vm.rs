@@ -51,11 +51,22 @@ pub fn boot_files(vm: &VmSpec) -> (PathBuf, Option<PathBuf>) {
     }
 }
 
-/// Builds the default image for `packages` unless it exists (minutes the first time:
-/// it downloads a Debian kernel). `log` receives the script's progress lines.
+/// Whether `dir` holds a complete image built by this version of the script.
+pub fn image_ready(dir: &Path) -> bool {
+    let version = BUILD_SCRIPT
+        .lines()
+        .find_map(|l| l.strip_prefix("IMAGE_VERSION="))
+        .unwrap_or("?");
+    std::fs::read_to_string(dir.join("manifest"))
+        .is_ok_and(|m| m.lines().any(|l| l == format!("version={version}")))
+        && dir.join("vmlinux").exists()
+}
+
+/// Builds the default image for `packages` unless it exists (a minute the first time:
+/// it downloads a Debian kernel); the script's progress goes to stderr.
 pub fn ensure_image(packages: &[String]) -> Result<PathBuf> {
     let dir = image_dir(packages);
-    if dir.join("manifest").exists() {
+    if image_ready(&dir) {
         return Ok(dir);
     }
     let mut child = std::process::Command::new("bash")

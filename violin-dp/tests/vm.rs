@@ -112,7 +112,61 @@ fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
         "blue.toml",
         &spec("blue", 101, "h1", "h2", "stream", &image),
     );
-    c.up_spec("red.toml", &spec("red", 102, "h2", "h1", "dgram", ""));
+    // Red's VM boots its disk's own userland: the default initramfs configures the
+    // network, then switches root to /dev/vda, whose /sbin/init is the disk's.
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let initramfs = violin_dp::vm::image_dir(&[]).join("initramfs.cpio.gz");
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "gzip -dc {} | cpio -idm --quiet",
+            initramfs.display()
+        ))
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::create_dir_all(root.join("sbin")).unwrap();
+    std::fs::write(
+        root.join("sbin/init"),
+        "#!/bin/sh\nmount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+         mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; mount -t tmpfs tmp /tmp\n\
+         echo disk > /etc/booted-from\n\
+         ( while :; do /bin/violin-agent; sleep 0.2; done ) &\n\
+         while :; do setsid cttyhack sh -l; sleep 0.2; done\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        root.join("sbin/init"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let root_img = dir.join("root.img");
+    let o = std::process::Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&root)
+        .arg(&root_img)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::set_permissions(&root_img, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let boot_disk = format!(
+        "image = \"{}\"\nappend = \"violin.root=/dev/vda\"",
+        root_img.display()
+    );
+    c.up_spec(
+        "red.toml",
+        &spec("red", 102, "h2", "h1", "dgram", &boot_disk),
+    );
+    let (st, out) = exec(&c, "red", "vm", &["cat", "/etc/booted-from"]);
+    assert_eq!(
+        (st, out.trim()),
+        (0, "disk"),
+        "red's VM runs its disk's userland"
+    );
     let (st, out) = exec(&c, "blue", "vm", &["cat", "/mnt/disk/marker"]);
     assert_eq!(
         (st, out.trim()),
