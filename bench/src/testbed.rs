@@ -356,6 +356,20 @@ impl Testbed {
                 })
             })?;
             vs(&["add-port", "br-int", "ovh"])?;
+            // The userspace datapath takes no TSO/GSO super-frames or partial checksums
+            // from its ports (userspace TSO is experimental): TCP stalls unless the
+            // guest's veth computes checksums and segments itself, as OVS documents.
+            for (ns, dev) in [(host.netns.as_str(), "ovh"), (gns.as_str(), "ovg")] {
+                let o = crate::load::ns_command(ns, "ethtool")?
+                    .args(["-K", dev, "tx", "off", "tso", "off", "gso", "off"])
+                    .output()
+                    .context("running ethtool")?;
+                anyhow::ensure!(
+                    o.status.success(),
+                    "ethtool -K {dev}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
             netns::run_in(&gns, || {
                 netlink::with_handle(|hd| async move {
                     netlink::rename(&hd, "ovg", "eth0").await?;
