@@ -210,25 +210,28 @@ impl Testbed {
         })
     }
 
-    /// Shapes every host's underlay egress to `rate` (tc's units, e.g. "1gbit") with a
+    /// Shapes every host's underlay link to `rate` (tc's units, e.g. "1gbit") with a
     /// token bucket filter, or removes the shaping (`None`). The paper's cluster network
-    /// was the bottleneck: this is how the simulated underlay becomes one. (tc's TBF
-    /// options have no rtnetlink builder, so this runs `tc`.)
+    /// was the bottleneck: this is how the simulated underlay becomes one. The filter sits
+    /// on the bridge side of each host's veth (traffic *to* the host): AF_XDP transmits
+    /// straight to the driver, past any qdisc on the host's own `eth0`, so shaping there
+    /// would leave the xdp data plane unshaped. (tc's TBF options have no rtnetlink
+    /// builder, so this runs `tc`.)
     pub fn shape_underlay(&self, rate: Option<&str>) -> Result<()> {
-        for h in &self.state.hosts {
-            let mut c = crate::load::ns_command(&h.netns, "tc")?;
+        for i in 1..=self.state.hosts.len() {
+            let dev = format!("v{}h{i}", self.name);
+            let mut c = std::process::Command::new("tc");
             match rate {
                 Some(r) => c.args([
-                    "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", r, "burst", "256kb",
+                    "qdisc", "replace", "dev", &dev, "root", "tbf", "rate", r, "burst", "256kb",
                     "latency", "20ms",
                 ]),
-                None => c.args(["qdisc", "del", "dev", "eth0", "root"]),
+                None => c.args(["qdisc", "del", "dev", &dev, "root"]),
             };
             let o = c.output().context("running tc")?;
             anyhow::ensure!(
                 o.status.success() || rate.is_none(),
-                "tc on {}: {}",
-                h.name,
+                "tc on {dev}: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
         }
