@@ -243,24 +243,11 @@ fn main() -> Result<()> {
 
     say("figure 2: TCP throughput, 1 and 4 streams");
     for streams in [1u32, 4] {
-        let mut v: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-        for _ in 0..plan.rounds {
-            for p in &pairs {
-                let bps = load::tcp_throughput(
-                    &p.client.ns,
-                    &p.server.ns,
-                    p.server.ip,
-                    streams,
-                    plan.tcp_secs,
-                )?;
-                v.entry(p.config).or_default().push(bps / 1e9);
-            }
-        }
-        for (c, x) in v {
+        for (c, g) in tcp_medians(&pairs, streams, &plan)? {
             r.tcp_gbps
                 .entry(c.into())
                 .or_default()
-                .insert(format!("{streams}"), median(x));
+                .insert(format!("{streams}"), g);
         }
     }
 
@@ -268,25 +255,9 @@ fn main() -> Result<()> {
     tu.shape_underlay(Some("1gbit"))?;
     tx.shape_underlay(Some("1gbit"))?;
     to.shape_underlay(Some("1gbit"))?;
-    let shaped = (|| -> Result<()> {
-        let mut v: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-        for _ in 0..plan.rounds {
-            for p in &pairs {
-                let bps = load::tcp_throughput(
-                    &p.client.ns,
-                    &p.server.ns,
-                    p.server.ip,
-                    1,
-                    plan.tcp_secs,
-                )?;
-                v.entry(p.config).or_default().push(bps / 1e9);
-            }
-        }
-        for (c, x) in v {
-            r.tcp_shaped_gbps.insert(c.into(), median(x));
-        }
-        Ok(())
-    })();
+    let shaped = tcp_medians(&pairs, 1, &plan).map(|m| {
+        r.tcp_shaped_gbps = m.into_iter().map(|(c, g)| (c.to_string(), g)).collect();
+    });
     tu.shape_underlay(None)?;
     tx.shape_underlay(None)?;
     to.shape_underlay(None)?;
@@ -512,6 +483,24 @@ fn main() -> Result<()> {
         r.seconds
     ));
     Ok(())
+}
+
+/// TCP goodput in Gbit/s per configuration, the median of alternating rounds.
+fn tcp_medians<'a>(pairs: &'a [Pair], streams: u32, plan: &Plan) -> Result<BTreeMap<&'a str, f64>> {
+    let mut v: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..plan.rounds {
+        for p in pairs {
+            let bps = load::tcp_throughput(
+                &p.client.ns,
+                &p.server.ns,
+                p.server.ip,
+                streams,
+                plan.tcp_secs,
+            )?;
+            v.entry(p.config).or_default().push(bps / 1e9);
+        }
+    }
+    Ok(v.into_iter().map(|(c, x)| (c, median(x))).collect())
 }
 
 /// Floods the capped a→b link with UDP, then runs TCP over it; rates from the switch's

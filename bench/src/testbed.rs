@@ -373,15 +373,7 @@ impl Testbed {
                     String::from_utf8_lossy(&o.stderr)
                 );
             }
-            netns::run_in(&gns, || {
-                netlink::with_handle(|hd| async move {
-                    netlink::rename(&hd, "ovg", "eth0").await?;
-                    netlink::set_mtu(&hd, "eth0", 1450).await?;
-                    netlink::add_addr(&hd, "eth0", gip, 24).await?;
-                    netlink::set_up(&hd, "eth0").await?;
-                    netlink::set_up(&hd, "lo").await
-                })
-            })?;
+            guest_end(&gns, "ovg", gip)?;
             ends.push(Endpoint { ns: gns, ip: gip });
         }
         Ok(Pair {
@@ -459,15 +451,7 @@ impl Testbed {
                     netlink::move_to_netns(&hd, "kvg", &gfile).await
                 })
             })?;
-            netns::run_in(&gns, || {
-                netlink::with_handle(|hd| async move {
-                    netlink::rename(&hd, "kvg", "eth0").await?;
-                    netlink::set_mtu(&hd, "eth0", 1450).await?;
-                    netlink::add_addr(&hd, "eth0", gip, 24).await?;
-                    netlink::set_up(&hd, "eth0").await?;
-                    netlink::set_up(&hd, "lo").await
-                })
-            })?;
+            guest_end(&gns, "kvg", gip)?;
             ends.push(Endpoint { ns: gns, ip: gip });
         }
         Ok(Pair {
@@ -477,6 +461,19 @@ impl Testbed {
             daemons: vec![],
         })
     }
+}
+
+/// Inside a peer's guest namespace: its veth end becomes `eth0` at `ip`/24, MTU 1450.
+fn guest_end(ns: &str, dev: &'static str, ip: Ipv4Addr) -> Result<()> {
+    netns::run_in(ns, || {
+        netlink::with_handle(|hd| async move {
+            netlink::rename(&hd, dev, "eth0").await?;
+            netlink::set_mtu(&hd, "eth0", 1450).await?;
+            netlink::add_addr(&hd, "eth0", ip, 24).await?;
+            netlink::set_up(&hd, "eth0").await?;
+            netlink::set_up(&hd, "lo").await
+        })
+    })
 }
 
 impl Drop for Testbed {
