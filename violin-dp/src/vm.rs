@@ -428,12 +428,9 @@ pub fn exec(agent: &Path, cmd: &[String], out: &mut impl Write) -> Result<i32> {
     // One command at a time per VM: the agent serves one port.
     let lock = std::fs::File::create(agent.with_extension("lock"))
         .with_context(|| format!("locking {}", agent.display()))?;
-    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| anyhow!("locking the agent: {e}"))
-        .map(|l| {
-            // Held until the end of this function.
-            std::mem::forget(l);
-        })?;
+    // Held until this function returns (unlocked on drop).
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow!("locking the agent: {e}"))?;
     let mut s = UnixStream::connect(agent).with_context(|| {
         format!(
             "connecting to the VM's agent at {} (is the VM running?)",
