@@ -378,7 +378,8 @@ fn violin_exec(st: &ClusterState, violin: &str, guest: &str, cmd: &[String]) -> 
     if let Some(cg) = crate::cgroup::GuestCgroup::open(&ns) {
         cg.add(std::process::id())?;
     }
-    crate::netns::enter(&ns)?;
+    // Root in the guest, the guest's own unprivileged uid on the host.
+    crate::netns::enter_guest(&ns)?;
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
     bail!("running {:?} in {ns}: {err}", cmd[0])

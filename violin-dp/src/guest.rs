@@ -104,7 +104,7 @@ pub fn run(args: GuestArgs) -> Result<()> {
     let prefix: u8 = prefix.parse().context("--ip prefix")?;
     let mac = EthernetAddress::parse(&args.mac).context("--mac is not a MAC address")?;
     if !netns::exists(&args.netns) {
-        netns::create(&args.netns)?;
+        netns::create_guest(&args.netns)?;
     }
     // Single-threaded here: the whole process moves into the guest's namespace.
     netns::enter(&args.netns)?;
@@ -336,7 +336,7 @@ pub fn setup_veth_guest(
     mtu: u16,
 ) -> Result<()> {
     if !netns::exists(ns) {
-        netns::create(ns)?;
+        netns::create_guest(ns)?;
     }
     let tmp = format!("{host_if}g");
     let nsf = netns::open(ns)?;

@@ -5,7 +5,7 @@
 //!   move bytes to and from the switch and nothing else.
 //! - Control path: the spec ([`spec`]), the daemon's event loop and control socket
 //!   ([`daemon`], [`control`]), namespaces and netlink ([`netns`], [`netlink`]),
-//!   lightweight guests ([`guest`]), the simulated cluster ([`cluster`]) and the CLI
+//!   lightweight guests ([`guest`]) and their host uids ([`uids`]), the simulated cluster ([`cluster`]) and the CLI
 //!   ([`cli`]).
 
 pub mod cgroup;
@@ -24,5 +24,6 @@ pub mod probe;
 pub mod profile;
 pub mod spec;
 pub mod transport;
+pub mod uids;
 pub mod vm;
 pub mod xdp;

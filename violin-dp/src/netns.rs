@@ -3,11 +3,17 @@
 //! A namespace is created on a short-lived thread that unshares its own network
 //! namespace and bind-mounts it: the calling thread and process never move. Work inside
 //! a namespace runs on a scoped thread that `setns`es into it ([`run_in`]).
+//!
+//! A guest's namespace is owned by a user namespace of its own ([`create_guest`]): root
+//! inside maps to an unprivileged uid range outside, distinct per guest, so what runs in
+//! a guest ([`enter_guest`]) administers its own network and is nobody on the host.
 
 use anyhow::{bail, Context, Result};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use std::fs::{self, File};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 pub const NETNS_DIR: &str = "/run/netns";
@@ -43,21 +49,7 @@ fn prepare_dir() -> Result<()> {
 
 /// Creates the named namespace; an existing one of that name is an error.
 pub fn create(name: &str) -> Result<()> {
-    if name.is_empty() || name.contains('/') || name.len() > 64 {
-        bail!("bad network namespace name {name:?}");
-    }
-    prepare_dir()?;
-    let p = path(name);
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&p)
-        .with_context(|| {
-            format!(
-                "creating {} (does the namespace exist already?)",
-                p.display()
-            )
-        })?;
+    let p = new_mount_point(name)?;
     let target = p.clone();
     let result = std::thread::spawn(move || -> Result<()> {
         unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET) (are you root?)")?;
@@ -80,6 +72,157 @@ pub fn create(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks the name and creates the empty file a namespace is bind-mounted on.
+fn new_mount_point(name: &str) -> Result<PathBuf> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') || name.len() > 64 {
+        bail!("bad network namespace name {name:?}");
+    }
+    prepare_dir()?;
+    let p = path(name);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .with_context(|| {
+            format!(
+                "creating {} (does the namespace exist already?)",
+                p.display()
+            )
+        })?;
+    Ok(p)
+}
+
+/// Creates a guest's network namespace, owned by a new user namespace that maps uids and
+/// gids 0–65535 inside to a range outside that no other guest uses ([`crate::uids`]).
+/// Returns the first outer uid. Needs root (CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID).
+pub fn create_guest(name: &str) -> Result<u32> {
+    crate::uids::locked(|| {
+        let p = new_mount_point(name)?;
+        let made = crate::uids::allocate(name, &p).and_then(|first| {
+            unshare_owned(&p, first)?;
+            Ok(first)
+        });
+        if made.is_err() {
+            let _ = fs::remove_file(&p);
+            crate::uids::release(name);
+        }
+        made.with_context(|| format!("creating guest namespace {name}"))
+    })
+}
+
+/// The first outer uid of a guest namespace's range, if it has one.
+pub fn guest_uid(name: &str) -> Option<u32> {
+    crate::uids::lookup(name)
+}
+
+/// Forks a child that unshares a user and a network namespace (the user namespace comes
+/// first and owns the other), maps its ids to `base..base+65536` from here, bind-mounts
+/// its network namespace on `target` and lets it exit. The bind mount keeps the network
+/// namespace alive, and the network namespace its user namespace.
+fn unshare_owned(target: &Path, base: u32) -> Result<()> {
+    use nix::unistd::{fork, pipe2, ForkResult};
+    let (ready_r, ready_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (go_r, go_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: the child of a possibly multithreaded parent only makes async-signal-safe
+    // system calls (unshare, write, read, _exit) on descriptors it already holds, and
+    // never returns into Rust code or runs destructors.
+    match unsafe { fork() }.context("fork")? {
+        ForkResult::Child => unsafe {
+            // Our copy of the write end would keep the read below from seeing EOF.
+            libc::close(go_w.as_raw_fd());
+            let flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNET;
+            let errno: i32 = if libc::unshare(flags) == 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            };
+            let b = errno.to_ne_bytes();
+            libc::write(ready_w.as_raw_fd(), b.as_ptr().cast(), b.len());
+            // Wait until the parent has mapped the ids and bind-mounted the namespace
+            // (it closes its end: read returns 0).
+            let mut x = [0u8; 1];
+            libc::read(go_r.as_raw_fd(), x.as_mut_ptr().cast(), 1);
+            libc::_exit(0)
+        },
+        ForkResult::Parent { child } => {
+            drop((ready_w, go_r));
+            let reaper = Reaper(Some(go_w), child);
+            let mut b = [0u8; 4];
+            nix::unistd::read(&ready_r, &mut b).context("waiting for the namespace child")?;
+            let errno = i32::from_ne_bytes(b);
+            if errno != 0 {
+                return Err(std::io::Error::from_raw_os_error(errno))
+                    .context("unshare(CLONE_NEWUSER | CLONE_NEWNET)");
+            }
+            let map = format!("0 {base} {}\n", crate::uids::RANGE);
+            for f in ["uid_map", "gid_map"] {
+                fs::write(format!("/proc/{child}/{f}"), &map)
+                    .with_context(|| format!("writing /proc/{child}/{f} (needs CAP_SETUID)"))?;
+            }
+            mount(
+                Some(format!("/proc/{child}/ns/net").as_str()),
+                target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .context("bind-mounting the new namespace")?;
+            drop(reaper);
+            Ok(())
+        }
+    }
+}
+
+/// Lets the namespace child exit (closes its pipe) and reaps it.
+struct Reaper(Option<OwnedFd>, nix::unistd::Pid);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        drop(self.0.take());
+        let _ = nix::sys::wait::waitpid(self.1, None);
+    }
+}
+
+/// `ioctl(NS_GET_USERNS)`: the user namespace owning a namespace (linux/nsfs.h).
+const NS_GET_USERNS: libc::c_ulong = 0xb701;
+
+/// Moves the calling process into a guest: into the user namespace owning its network
+/// namespace (when that is not ours) as root there, then into the network namespace.
+/// Afterwards the process is root in the guest and the guest's unprivileged uid on the
+/// host. The process must be single-threaded (a kernel rule for joining a user namespace).
+pub fn enter_guest(name: &str) -> Result<()> {
+    let net = open(name)?;
+    // SAFETY: NS_GET_USERNS takes no argument and returns a new descriptor or -1.
+    let fd = unsafe { libc::ioctl(net.as_raw_fd(), NS_GET_USERNS as _) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("finding the user namespace of {name}"));
+    }
+    // SAFETY: the ioctl returned a fresh descriptor that nothing else owns.
+    let user = unsafe { OwnedFd::from_raw_fd(fd) };
+    let ours = fs::metadata("/proc/self/ns/user")?.ino();
+    let owned = File::from(user.try_clone()?).metadata()?.ino() != ours;
+    if owned {
+        setns(user.as_fd(), CloneFlags::CLONE_NEWUSER)
+            .with_context(|| format!("entering the user namespace of {name}"))?;
+    }
+    setns(&net, CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering network namespace {name}"))?;
+    if owned {
+        use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+        setgroups(&[]).context("dropping supplementary groups")?;
+        setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+            .context("becoming the guest's root group")?;
+        setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+            .context("becoming the guest's root")?;
+        // A working directory the guest cannot enter would only confuse its commands.
+        if nix::unistd::access(".", nix::unistd::AccessFlags::X_OK).is_err() {
+            nix::unistd::chdir("/")?;
+        }
+    }
+    Ok(())
+}
+
 /// Deletes the named namespace; a missing one is not an error. Processes still inside
 /// keep it alive until they exit.
 pub fn delete(name: &str) -> Result<()> {
@@ -89,6 +232,7 @@ pub fn delete(name: &str) -> Result<()> {
     }
     let _ = umount2(&p, MntFlags::MNT_DETACH);
     fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    crate::uids::release(name);
     Ok(())
 }
 

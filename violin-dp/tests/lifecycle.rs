@@ -593,3 +593,159 @@ fn daemons_serve_prometheus_metrics_inside_their_host() {
     // Guests live in other namespaces: the metrics port is not reachable from them.
     assert!(scrape(&c.guest_ns("blue", "a"), "172.31.0.1").is_err());
 }
+
+/// The outer uids of a process (`Uid:` line of /proc/PID/status: real, effective, saved, fs).
+fn outer_uids(pid: u32) -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    Some(
+        line[4..]
+            .split_whitespace()
+            .map(|u| u.parse().unwrap())
+            .collect(),
+    )
+}
+
+#[test]
+fn a_guest_is_root_inside_and_nobody_outside() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "xdp", &[]);
+    // a and b have socket ports (relay + tap), c a fast port (veth driven by AF_XDP).
+    c.up_spec(
+        "blue.toml",
+        r#"
+name = "blue"
+vni = 101
+[[guest]]
+name = "a"
+host = "h1"
+ip = "10.0.0.1/24"
+[[guest]]
+name = "b"
+host = "h2"
+ip = "10.0.0.2/24"
+[[guest]]
+name = "c"
+host = "h2"
+ip = "10.0.0.3/24"
+port = "xdp"
+[[link]]
+between = ["a", "b"]
+[[link]]
+between = ["a", "c"]
+"#,
+    );
+    let uid = |g| {
+        violin_dp::netns::guest_uid(&c.guest_ns("blue", g))
+            .unwrap_or_else(|| panic!("{g} has no uid range"))
+    };
+    let (ua, ub, uc) = (uid("a"), uid("b"), uid("c"));
+    assert!(ua != ub && ub != uc && ua != uc, "ranges {ua} {ub} {uc}");
+    for (g, base) in [("a", ua), ("b", ub), ("c", uc)] {
+        assert!(base >= 0x8_0000, "{g}'s range starts at {base}");
+        assert_eq!(c.ok(&["exec", "blue", g, "--", "id", "-u"]).trim(), "0");
+        let map = c.ok(&["exec", "blue", g, "--", "cat", "/proc/self/uid_map"]);
+        let map: Vec<&str> = map.split_whitespace().collect();
+        assert_eq!(map, ["0", &base.to_string(), "65536"], "{g}'s uid map");
+        // The daemon still configures the namespace it no longer owns.
+        let v6 = ["cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6"];
+        let mut args = vec!["exec", "blue", g, "--"];
+        args.extend_from_slice(&v6);
+        assert_eq!(c.ok(&args).trim(), "1", "{g} has IPv6 off");
+    }
+
+    // Root inside administers the guest's own network.
+    assert!(
+        c.ping("blue", "a", "10.0.0.2", 2),
+        "a pings b (socket port)"
+    );
+    assert!(c.ping("blue", "a", "10.0.0.3", 2), "a pings c (fast port)");
+    c.ok(&[
+        "exec", "blue", "c", "--", "ip", "link", "set", "eth0", "mtu", "1400",
+    ]);
+    c.ok(&[
+        "exec", "blue", "c", "--", "ip", "link", "set", "eth0", "mtu", "1450",
+    ]);
+    assert!(c.ping("blue", "c", "10.0.0.1", 2), "c pings a");
+
+    // Outside, a's processes run as a's first uid.
+    let mut sleeper = c
+        .command(&["exec", "blue", "a", "--", "sleep", "30"])
+        .spawn()
+        .unwrap();
+    let pid = sleeper.id();
+    let t0 = std::time::Instant::now();
+    // Until the CLI has entered the guest and exec'd, the process is still root.
+    while outer_uids(pid) != Some(vec![ua; 4]) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        outer_uids(pid),
+        Some(vec![ua; 4]),
+        "sleep's uids on the host"
+    );
+    // Another guest's root cannot signal it, nor can a's root write a root-owned file or
+    // reach the daemon's control socket.
+    let o = c.cmd(&["exec", "blue", "b", "--", "kill", &pid.to_string()]);
+    assert!(!o.status.success(), "b's root killed a's process");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not permitted"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(outer_uids(pid).is_some(), "a's sleep is still there");
+    let file = c.write_spec("root-owned", "root's\n");
+    let o = c.cmd(&[
+        "exec",
+        "blue",
+        "a",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo guest >> {file}"),
+    ]);
+    assert!(
+        !o.status.success(),
+        "a's root appended to a root-owned file"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "root's\n");
+    let control = c.info().hosts[0].control.display().to_string();
+    let connect = format!(
+        "use IO::Socket::UNIX; IO::Socket::UNIX->new(Peer => '{control}') or die \"$!\\n\""
+    );
+    let o = c.cmd(&["exec", "blue", "a", "--", "perl", "-e", &connect]);
+    assert!(
+        !o.status.success(),
+        "a's root connected to h1's control socket"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The same connection from the host works (the test is not vacuous).
+    let o = std::process::Command::new("perl")
+        .args(["-e", &connect])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+
+    c.ok(&["down", "blue"]);
+    for g in ["a", "b", "c"] {
+        let ns = c.guest_ns("blue", g);
+        assert!(!violin_dp::netns::exists(&ns), "{ns} is left");
+        assert!(
+            violin_dp::netns::guest_uid(&ns).is_none(),
+            "{ns}'s uid range is still recorded"
+        );
+    }
+}
