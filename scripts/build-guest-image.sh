@@ -13,7 +13,7 @@
 set -euo pipefail
 
 # Bump when what goes into an image changes: older images are then rebuilt.
-IMAGE_VERSION=2
+IMAGE_VERSION=3
 
 say() { printf '\033[1m[guest-image]\033[0m %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -86,10 +86,16 @@ for d in debs/*.deb; do
   case $d in debs/linux-image-*) continue ;; esac
   dpkg-deb -x "$d" $R
 done
-# Merged /usr: make /bin, /lib... of packages reachable both ways.
+# Merged /usr, as Debian 12 has it: /bin, /lib... are links into /usr (copies would
+# double the initramfs, and it must fit in a small VM's memory).
 for d in bin sbin lib lib64; do
-  if [ -d $R/usr/$d ] && [ ! -L $R/$d ]; then cp -a $R/usr/$d/. $R/$d/ 2>/dev/null || true; fi
+  if [ -d $R/$d ] && [ ! -L $R/$d ]; then
+    mkdir -p $R/usr/$d && cp -a $R/$d/. $R/usr/$d/ && rm -rf "${R:?}/$d"
+  fi
+  if [ -d $R/usr/$d ]; then ln -s usr/$d $R/$d; fi
 done
+# What a guest without dpkg, locales or iconv has no use for.
+rm -rf $R/usr/share/{doc,man,info,locale,lintian,bug} $R/usr/lib/x86_64-linux-gnu/gconv
 cp $R/bin/busybox $R/bin/busybox.static 2>/dev/null || true
 for applet in $($R/bin/busybox --list); do
   [ -e $R/bin/$applet ] || [ -e $R/sbin/$applet ] || [ -e $R/usr/bin/$applet ] || ln -s busybox $R/bin/$applet
@@ -161,8 +167,8 @@ chmod 755 $R/init
 cat > $R/bin/violin-agent <<'AGENT'
 #!/bin/sh
 # Runs commands for `violin exec` on the virtio port named violin.exec: each request is
-# one line "NONCE BASE64-COMMAND"; the reply is the command's output (stdout and stderr)
-# followed by "\nNONCE exit STATUS\n".
+# one line "NONCE BASE64-COMMAND"; the reply is "NONCE start\n" at once, then the
+# command's output (stdout and stderr) followed by "\nNONCE exit STATUS\n".
 port=
 for p in /sys/class/virtio-ports/*; do
   [ "$(cat "$p/name" 2>/dev/null)" = violin.exec ] && port=/dev/${p##*/}
@@ -172,6 +178,7 @@ exec 3<>"$port"
 while read -r nonce b64 <&3; do
   [ -n "$nonce" ] || continue
   cmd=$(echo "$b64" | base64 -d)
+  printf '%s start\n' "$nonce" >&3
   (cd /root && sh -c "$cmd") </dev/null >&3 2>&3
   printf '\n%s exit %d\n' "$nonce" $? >&3
 done

@@ -412,6 +412,8 @@ pub fn down(run_dir: &Path, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
             errors.push(format!("removing {}: {e}", dir.display()));
         }
     }
+    // The VMs' uid ranges (the namespaces' went with them).
+    crate::uids::release_prefix(&prefix);
     if !errors.is_empty() {
         bail!(
             "cluster {name} was not removed cleanly:\n  {}",

@@ -887,9 +887,15 @@ impl Daemon {
         }
         let dir = self.cfg.vm_dir(&v.name, &member.name);
         crate::vm::kill_stale(&dir);
-        crate::vm::prepare_dir(&dir)?;
-        // QEMU runs unprivileged: it gets its port socket, nothing else of ours.
-        crate::vm::chown(socket)?;
+        // QEMU runs unprivileged, as a uid of the guest's own: it gets its directory and
+        // port socket, nothing else of ours.
+        let ns = self.cfg.guest_netns(&v.name, &member.name);
+        let key = crate::vm::uid_key(&ns, &self.cfg.name);
+        let uid = crate::uids::locked(|| {
+            crate::vm::prepare_dir(&dir)?;
+            crate::uids::allocate(&key, &dir)
+        })?;
+        crate::vm::hand_over(&dir, socket, uid)?;
         let (accel, why) = crate::vm::accelerator();
         let incoming = self.incoming.contains(&member.name);
         info!(violin = %v.name, guest = %member.name, accel, reason = %why, incoming, "starting VM");
@@ -915,7 +921,7 @@ impl Daemon {
             guest: member.name.clone(),
             netns: None,
             vm_dir: Some(dir.clone()),
-            uid: Some((crate::vm::QEMU_UID, crate::vm::QEMU_GID)),
+            uid: Some((uid, uid)),
             cmd,
             log: dir.join("qemu.log"),
             child: None,
@@ -1077,6 +1083,8 @@ impl Daemon {
             }
             if let Some(d) = &g.vm_dir {
                 let _ = std::fs::remove_dir_all(d);
+                let ns = self.cfg.guest_netns(&g.violin, &g.guest);
+                crate::uids::release(&crate::vm::uid_key(&ns, &self.cfg.name));
             }
         }
         if let (Port::Xdp(x), Some(link)) = (&ps.port, ps.xdp_link.take()) {

@@ -267,35 +267,32 @@ pub fn command(c: &VmConfig<'_>) -> Vec<String> {
     a
 }
 
-/// The unprivileged user QEMU runs as: `nobody`.
-pub const QEMU_UID: u32 = 65534;
-pub const QEMU_GID: u32 = 65534;
-
-/// Creates the VM's directory, emptied of stale sockets: owned by the QEMU user, group
-/// root, mode 0770, so the daemon (which has no CAP_DAC_OVERRIDE) can clean it up.
+/// Creates the VM's directory, emptied of stale sockets, mode 0770 (group root, so the
+/// daemon, which has no CAP_DAC_OVERRIDE, can clean it up once QEMU's uid owns it).
 pub fn prepare_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Mode first: once the directory is not ours, changing it needs CAP_FOWNER.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
-        .with_context(|| format!("chmod {}", dir.display()))?;
-    nix::unistd::chown(
-        dir,
-        Some(nix::unistd::Uid::from_raw(QEMU_UID)),
-        Some(nix::unistd::Gid::from_raw(0)),
-    )
-    .with_context(|| format!("handing {} to uid {QEMU_UID}", dir.display()))
+        .with_context(|| format!("chmod {}", dir.display()))
 }
 
-/// Hands a file to the QEMU user.
-pub fn chown(p: &Path) -> Result<()> {
-    nix::unistd::chown(
-        p,
-        Some(nix::unistd::Uid::from_raw(QEMU_UID)),
-        Some(nix::unistd::Gid::from_raw(QEMU_GID)),
-    )
-    .with_context(|| format!("handing {} to uid {QEMU_UID}", p.display()))
+/// Hands the VM's directory (group root) and its port socket to the uid QEMU runs as:
+/// the first of the guest's own range ([`crate::uids`]), shared with no other guest.
+pub fn hand_over(dir: &Path, socket: &Path, uid: u32) -> Result<()> {
+    use nix::unistd::{chown, Gid, Uid};
+    for (p, gid) in [(dir, 0), (socket, uid)] {
+        chown(p, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+            .with_context(|| format!("handing {} to uid {uid}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// The key of a VM's uid range, beside the netns guests' (which are their namespaces):
+/// per host, as a VM being live-migrated runs on two at once.
+pub fn uid_key(netns_name: &str, host: &str) -> String {
+    format!("{netns_name}@{host}.vm")
 }
 
 /// Kills QEMU processes of this VM directory left by a daemon that crashed.
@@ -421,9 +418,22 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// How long the agent of a running VM may take to acknowledge a command.
+const AGENT_ANSWER: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Runs `cmd` in the VM through its agent, streaming its output (stdout and stderr,
 /// merged) to `out`. Returns the command's exit status.
 pub fn exec(agent: &Path, cmd: &[String], out: &mut impl Write) -> Result<i32> {
+    exec_within(agent, cmd, out, AGENT_ANSWER)
+}
+
+/// [`exec`], waiting at most `answer` for the agent to acknowledge.
+fn exec_within(
+    agent: &Path,
+    cmd: &[String],
+    out: &mut impl Write,
+    answer: std::time::Duration,
+) -> Result<i32> {
     use base64::Engine;
     // One command at a time per VM: the agent serves one port.
     let lock = std::fs::File::create(agent.with_extension("lock"))
@@ -448,15 +458,44 @@ pub fn exec(agent: &Path, cmd: &[String], out: &mut impl Write) -> Result<i32> {
     );
     let b64 = base64::engine::general_purpose::STANDARD.encode(line.join(" "));
     s.write_all(format!("{nonce} {b64}\n").as_bytes())?;
-    let marker = format!("\n{nonce} exit ");
+    // The agent acknowledges at once; a VM whose agent never came up must not leave
+    // `violin exec` hanging.
+    let ack = format!("{nonce} start\n");
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 4096];
-    loop {
-        let n = s.read(&mut buf)?;
+    s.set_read_timeout(Some(answer))?;
+    let at = loop {
+        if let Some(at) = find(&pending, ack.as_bytes()) {
+            break at;
+        }
+        let n = match s.read(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!(
+                    "the VM's agent did not answer within {:.1} s: the VM may not have booted \
+                     (see {})",
+                    answer.as_secs_f64(),
+                    agent.with_file_name("console.log").display()
+                )
+            }
+            Err(e) => return Err(e).context("reading from the VM's agent"),
+        };
         if n == 0 {
-            bail!("the VM's agent closed the connection before the command finished");
+            bail!("the VM's agent closed the connection before starting the command");
         }
         pending.extend_from_slice(&buf[..n]);
+    };
+    // Whatever came before the acknowledgement belongs to an earlier, abandoned command.
+    pending.drain(..at + ack.len());
+    s.set_read_timeout(None)?;
+    let marker = format!("\n{nonce} exit ");
+    loop {
+        // What arrived with the acknowledgement may already hold the whole reply.
         if let Some(at) = find(&pending, marker.as_bytes()) {
             let rest = &pending[at + marker.len()..];
             if let Some(nl) = rest.iter().position(|b| *b == b'\n') {
@@ -468,14 +507,19 @@ pub fn exec(agent: &Path, cmd: &[String], out: &mut impl Write) -> Result<i32> {
                     .ok_or_else(|| anyhow!("the agent sent a malformed exit status"))?;
                 return Ok(status);
             }
-            continue;
+        } else {
+            // Keep back what could be the start of the marker.
+            let keep = marker.len().min(pending.len());
+            let flush = pending.len() - keep;
+            out.write_all(&pending[..flush])?;
+            out.flush()?;
+            pending.drain(..flush);
         }
-        // Keep back what could be the start of the marker.
-        let keep = marker.len().min(pending.len());
-        let flush = pending.len() - keep;
-        out.write_all(&pending[..flush])?;
-        out.flush()?;
-        pending.drain(..flush);
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            bail!("the VM's agent closed the connection before the command finished");
+        }
+        pending.extend_from_slice(&buf[..n]);
     }
 }
 
@@ -595,5 +639,67 @@ mod tests {
             assert!(s.contains(want), "{want:?} not in {s}");
         }
         assert!(!s.contains("tap"), "no tap device");
+    }
+
+    /// A fake agent on a socket in a fresh directory: `reply` gets the request line and
+    /// answers with the bytes it returns (None: answer nothing, keep the line open).
+    fn fake_agent(
+        tag: &str,
+        reply: impl FnOnce(&str) -> Option<Vec<u8>> + Send + 'static,
+    ) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("violin-agent-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut c), &mut line).unwrap();
+            match reply(&line) {
+                Some(bytes) => c.write_all(&bytes).unwrap(),
+                None => std::thread::sleep(std::time::Duration::from_millis(500)),
+            }
+        });
+        (path, t)
+    }
+
+    #[test]
+    fn exec_streams_output_and_passes_the_exit_status_back() {
+        let (path, t) = fake_agent("ok", |line| {
+            let (nonce, b64) = line.trim_end().split_once(' ').unwrap();
+            use base64::Engine;
+            let cmd = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
+            assert_eq!(cmd, b"echo 'a b'");
+            // Output an earlier, abandoned command left behind comes first.
+            Some(
+                format!("old output\nvX exit 0\n{nonce} start\na b\n\n{nonce} exit 3\n")
+                    .into_bytes(),
+            )
+        });
+        let mut out = Vec::new();
+        let cmd = ["echo".to_string(), "a b".to_string()];
+        let status = exec_within(&path, &cmd, &mut out, std::time::Duration::from_secs(5));
+        t.join().unwrap();
+        assert_eq!(status.unwrap(), 3);
+        assert_eq!(String::from_utf8(out).unwrap(), "a b\n");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn exec_gives_up_on_an_agent_that_never_answers() {
+        let (path, t) = fake_agent("silent", |_| None);
+        let t0 = std::time::Instant::now();
+        let cmd = ["true".to_string()];
+        let wait = std::time::Duration::from_millis(200);
+        let e = exec_within(&path, &cmd, &mut Vec::new(), wait).unwrap_err();
+        assert!(t0.elapsed() < std::time::Duration::from_secs(2));
+        let msg = format!("{e:#}");
+        assert!(msg.contains("did not answer within 0.2 s"), "{msg}");
+        assert!(msg.contains("console.log"), "{msg}");
+        t.join().unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

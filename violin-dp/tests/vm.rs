@@ -183,10 +183,19 @@ fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
         .filter(|(p, _)| !before.contains(p))
         .collect();
     assert_eq!(vms.len(), 2, "{vms:?}");
-    assert!(
-        vms.iter().all(|(_, uid)| *uid == 65534),
-        "QEMU not running as nobody: {vms:?}"
-    );
+    // Each as the first uid of its guest's own range: no VM can signal or trace another.
+    let mut expected: Vec<u32> = [("blue", "h1"), ("red", "h2")]
+        .iter()
+        .map(|(v, host)| {
+            let key = violin_dp::vm::uid_key(&c.guest_ns(v, "vm"), host);
+            violin_dp::uids::lookup(&key).unwrap_or_else(|| panic!("{v}'s VM has no uids"))
+        })
+        .collect();
+    let mut uids: Vec<u32> = vms.iter().map(|(_, uid)| *uid).collect();
+    expected.sort();
+    uids.sort();
+    assert_eq!(uids, expected, "QEMU's uids: {vms:?}");
+    assert!(expected[0] != expected[1] && expected[0] >= 0x8_0000);
     let s = c.stats("blue");
     let vm = s
         .hosts
@@ -317,6 +326,15 @@ fn a_vm_live_migrates_to_another_host_while_a_peer_pings_it() {
         !h1.join("vms").join("blue").join("vm").exists(),
         "h1 kept the VM's directory"
     );
+    let key = |host| violin_dp::vm::uid_key(&c.guest_ns("blue", "vm"), host);
+    assert!(
+        violin_dp::uids::lookup(&key("h1")).is_none(),
+        "h1 kept the VM's uid range"
+    );
+    assert!(
+        violin_dp::uids::lookup(&key("h3")).is_some(),
+        "the VM on h3 has no uid range"
+    );
     let dir = c_run_dir(&c);
     let ours = |p: &i32| {
         std::fs::read(format!("/proc/{p}/cmdline"))
@@ -324,4 +342,6 @@ fn a_vm_live_migrates_to_another_host_while_a_peer_pings_it() {
     };
     let left: Vec<i32> = vm_pids().into_iter().map(|(p, _)| p).filter(ours).collect();
     assert_eq!(left.len(), 1, "exactly one QEMU for the VM: {left:?}");
+    let uid = vm_pids().into_iter().find(|(p, _)| ours(p)).map(|(_, u)| u);
+    assert_eq!(uid, violin_dp::uids::lookup(&key("h3")), "QEMU's uid on h3");
 }
