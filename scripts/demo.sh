@@ -10,7 +10,7 @@ export VIOLIN_CLUSTER=${VIOLIN_CLUSTER:-demo}
 V=./target/debug/violin
 
 say() { printf '\n\033[1m▶ %s\033[0m\n' "$*"; }
-trap 'say "violin cluster down"; $V cluster down' EXIT
+trap 'say "violin cluster down"; rm -f /tmp/violin-demo-root-file /tmp/violin-demo-blue2.toml; $V cluster down' EXIT
 
 say "violin cluster up --hosts 2   (host namespaces on a bridge, a violin-dp in each)"
 $V cluster up --hosts 2
@@ -26,6 +26,9 @@ say "red: a (h1) pings c (h2) — same address, other Violin"
 $V exec red a -- ping -c 3 -i 0.2 10.0.0.3
 say "blue: a → c has no link, so nothing gets through"
 $V exec blue a -- ping -c 2 -W 1 10.0.0.3 || echo "(no reply, as the topology says)"
+say "blue: a is root in its own network, an unprivileged uid on the host"
+install -m 0644 /dev/null /tmp/violin-demo-root-file
+$V exec blue a -- sh -c 'echo "inside: uid $(id -u); uid_map: $(cat /proc/self/uid_map)"; ip link set eth0 up && echo "ip link set works (CAP_NET_ADMIN in its netns)"; echo x >> /tmp/violin-demo-root-file || echo "(a root-owned host file is not writable)"'
 say "blue: iperf3 offers 200 Mbit/s of UDP from a to b; the a–b link is policed to 50"
 $V exec blue b -- iperf3 -s -1 -D
 sleep 0.5

@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Where the spec text of each Violin lives.
@@ -188,6 +188,22 @@ fn wait_attached(
         for s in statuses(st)? {
             for x in s.violins.iter().filter(|x| x.name == v.name) {
                 for g in x.guests.iter().filter(|g| guests.contains(&g.name)) {
+                    if let Some(log) = g
+                        .console
+                        .as_ref()
+                        .map(|c| Path::new(c).with_file_name("console.log"))
+                    {
+                        let text = std::fs::read_to_string(&log).unwrap_or_default();
+                        if let Some(why) = crate::vm::boot_failure(&text) {
+                            pb.abandon();
+                            bail!(
+                                "guest {}@{} did not boot: {why} (its console: {})",
+                                g.name,
+                                s.host,
+                                log.display()
+                            );
+                        }
+                    }
                     if ready(g) {
                         up += 1;
                     } else {

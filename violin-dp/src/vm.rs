@@ -418,6 +418,29 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// The line of a VM's console log that says its boot failed, with advice where there is
+/// some; None while nothing says so. (A kernel that merely could not unpack part of an
+/// initramfs may still boot: only running out of room counts.)
+pub fn boot_failure(console_log: &str) -> Option<String> {
+    let line = console_log
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .find(|l| {
+            l.contains("Kernel panic - not syncing")
+                || l.contains("Initramfs unpacking failed: write error")
+        })?;
+    // Drop the kernel's "[    1.234567] " timestamp.
+    let text = match line.split_once("] ") {
+        Some((stamp, rest)) if stamp.trim_start().starts_with('[') => rest,
+        _ => line,
+    };
+    Some(if text.contains("write error") {
+        format!("{text:?}: the initramfs does not fit in the VM's memory; raise `memory`")
+    } else {
+        format!("{text:?}")
+    })
+}
+
 /// How long the agent of a running VM may take to acknowledge a command.
 const AGENT_ANSWER: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -686,6 +709,28 @@ mod tests {
         assert_eq!(status.unwrap(), 3);
         assert_eq!(String::from_utf8(out).unwrap(), "a b\n");
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn boot_failures_are_found_in_the_console_log() {
+        let ok = "[    0.650347] PCI: Fatal: No config space access function found\n\
+                  [    1.000000] Initramfs unpacking failed: Decoding failed\n\
+                  violin: vm up (10.0.0.1/24)\n";
+        assert_eq!(boot_failure(ok), None);
+        let full = "[    3.781437] Initramfs unpacking failed: write error\r\n\
+                    sh: write error: No space left on device\n";
+        let why = boot_failure(full).unwrap();
+        assert!(
+            why.starts_with("\"Initramfs unpacking failed: write error\""),
+            "{why}"
+        );
+        assert!(why.contains("raise `memory`"), "{why}");
+        let panic = "[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs on \
+                     unknown-block(0,0)\n";
+        assert_eq!(
+            boot_failure(panic).unwrap(),
+            "\"Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\""
+        );
     }
 
     #[test]

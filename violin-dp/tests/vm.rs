@@ -345,3 +345,45 @@ fn a_vm_live_migrates_to_another_host_while_a_peer_pings_it() {
     let uid = vm_pids().into_iter().find(|(p, _)| ours(p)).map(|(_, u)| u);
     assert_eq!(uid, violin_dp::uids::lookup(&key("h3")), "QEMU's uid on h3");
 }
+
+#[test]
+fn a_vm_that_does_not_boot_fails_up_with_its_console_line_and_leaves_nothing() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(1, "udp", &[]);
+    // The default kernel with an initrd that is no archive: the kernel panics (no root).
+    let junk = c.write_spec("junk.img", &"not an initramfs\n".repeat(512));
+    let kernel = violin_dp::vm::image_dir(&[]).join("vmlinux");
+    let boot = format!("kernel = \"{}\"\ninitrd = \"{junk}\"", kernel.display());
+    let spec = c.write_spec("blue.toml", &spec("blue", 101, "h1", "h1", "stream", &boot));
+    let t0 = Instant::now();
+    let o = c.cmd(&["up", &spec]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "up succeeded: {err}");
+    assert!(err.contains("guest vm@h1 did not boot"), "{err}");
+    assert!(err.contains("Kernel panic - not syncing"), "{err}");
+    assert!(err.contains("console.log"), "{err}");
+    eprintln!("up failed after {:.1} s", t0.elapsed().as_secs_f64());
+    // Well before the attach timeout, and nothing is left: no QEMU, no VM directory.
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    let dir = c_run_dir(&c);
+    let left: Vec<i32> = vm_pids()
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(&dir))
+        })
+        .collect();
+    assert!(left.is_empty(), "QEMU left running: {left:?}");
+    let vms = c
+        .run_dir
+        .join(&c.name)
+        .join("h1")
+        .join("vms")
+        .join("blue")
+        .join("vm");
+    assert!(!vms.exists(), "{} is left", vms.display());
+    assert!(!c.ok(&["ls"]).contains("blue"));
+}
