@@ -64,6 +64,7 @@ impl Testbed {
             dataplane: dp,
             mtu: 1500,
             xdp_single_socket: false,
+            queues: 1,
         };
         let state = cluster::up(&run_dir, name, &opts, &|_| {})?;
         Ok(Testbed {

@@ -42,11 +42,14 @@ pub enum Verdict {
     TunnelTxError = 15,
     /// Destination is the sender itself.
     Hairpin = 16,
+    /// Violin traffic that arrived on an rx queue without AF_XDP sockets: handed to the
+    /// kernel (XDP_PASS), whose UDP socket the daemon reads as well (the slow path).
+    OtherQueue = 17,
 }
 
 impl Verdict {
     /// Number of verdicts: the length of every counter array.
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 18;
 
     pub const ALL: [Verdict; Verdict::COUNT] = [
         Verdict::Forward,
@@ -66,10 +69,11 @@ impl Verdict {
         Verdict::QueueFull,
         Verdict::TunnelTxError,
         Verdict::Hairpin,
+        Verdict::OtherQueue,
     ];
 
     pub const fn is_drop(self) -> bool {
-        !matches!(self, Verdict::Forward | Verdict::Pass)
+        !matches!(self, Verdict::Forward | Verdict::Pass | Verdict::OtherQueue)
     }
 
     /// A stable snake_case name for logs, JSON and metrics.
@@ -92,6 +96,7 @@ impl Verdict {
             Verdict::QueueFull => "queue_full",
             Verdict::TunnelTxError => "tunnel_tx_error",
             Verdict::Hairpin => "hairpin",
+            Verdict::OtherQueue => "other_queue",
         }
     }
 
@@ -121,6 +126,7 @@ mod tests {
         }
         assert_eq!(Verdict::from_u32(Verdict::COUNT as u32), None);
         assert!(!Verdict::Forward.is_drop() && !Verdict::Pass.is_drop());
+        assert!(!Verdict::OtherQueue.is_drop());
         assert!(Verdict::NoLink.is_drop());
     }
 

@@ -140,6 +140,10 @@ pub enum ClusterCmd {
         /// back to where a driver refuses shared UMEM), instead of one per Violin.
         #[arg(long)]
         xdp_single_socket: bool,
+        /// Rx/tx queues of each host's NIC (a veth): more than one simulates a multi-queue
+        /// NIC, whose other queues the xdp data plane serves through the kernel socket.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+        queues: u32,
     },
     /// Show the bridge, subnet and each host's namespace and underlay address.
     Info {
@@ -170,6 +174,7 @@ pub fn run(cli: Cli) -> Result<()> {
             dataplane,
             mtu,
             xdp_single_socket,
+            queues,
         }) => {
             eprintln!("Bringing up cluster {name} ({hosts} hosts)");
             let st = cluster::up(
@@ -181,6 +186,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     dataplane,
                     mtu,
                     xdp_single_socket,
+                    queues,
                 },
                 &progress,
             )?;

@@ -138,6 +138,8 @@ pub struct UpOptions {
     pub mtu: u32,
     /// xdp: one AF_XDP socket per queue for all Violins instead of one per Violin.
     pub xdp_single_socket: bool,
+    /// Rx/tx queues of each host's veth.
+    pub queues: u32,
 }
 
 /// Brings a cluster up; on any failure, removes what it made.
@@ -198,8 +200,9 @@ pub fn up(
             let (outer, inner) = (format!("v{name}h{i}"), format!("u{name}h{i}"));
             let nsfile = netns::open(&ns)?;
             let (o, inn, br) = (outer.clone(), inner.clone(), bridge.clone());
+            let queues = opts.queues;
             netlink::with_handle(|h| async move {
-                netlink::add_veth(&h, &o, &inn).await?;
+                netlink::add_veth_queues(&h, &o, &inn, queues).await?;
                 netlink::set_mtu(&h, &o, mtu).await?;
                 netlink::set_master(&h, &o, &br).await?;
                 netlink::set_up(&h, &o).await?;

@@ -63,6 +63,22 @@ pub async fn add_veth(h: &Handle, name: &str, peer: &str) -> Result<()> {
         .with_context(|| format!("creating veth {name}/{peer}"))
 }
 
+/// Creates a veth pair whose ends have `queues` rx and tx queues each (a multi-queue
+/// NIC, as far as XDP's rx queue index goes).
+pub async fn add_veth_queues(h: &Handle, name: &str, peer: &str, queues: u32) -> Result<()> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    h.link()
+        .add(
+            LinkVeth::new(name, peer)
+                .append_extra_attribute(LinkAttribute::NumRxQueues(queues))
+                .append_extra_attribute(LinkAttribute::NumTxQueues(queues))
+                .build(),
+        )
+        .execute()
+        .await
+        .with_context(|| format!("creating veth {name}/{peer} with {queues} queues"))
+}
+
 /// Moves a link into the namespace `ns` (an open /run/netns file).
 pub async fn move_to_netns(h: &Handle, name: &str, ns: &impl AsRawFd) -> Result<()> {
     let idx = require_index(h, name).await?;

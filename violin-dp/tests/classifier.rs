@@ -90,7 +90,8 @@ fn classifier_fixture_table() {
 fn run_table() {
     use violin_dp::netlink;
     netlink::with_handle(|h| async move {
-        netlink::add_veth(&h, "xa", "xb").await?;
+        // Two rx queues: the daemon serves queue 0 only (see the end of the table).
+        netlink::add_veth_queues(&h, "xa", "xb", 2).await?;
         netlink::set_up(&h, "xa").await?;
         netlink::set_up(&h, "xb").await
     })
@@ -177,6 +178,34 @@ fn run_table() {
             .filter(|v| after[*v as usize] != before[*v as usize])
             .collect();
         assert_eq!(moved, vec![verdict], "{what}: counters");
+    }
+    // The same good frame on rx queue 1 of xa, where no socket is: to the kernel (the
+    // daemon's UDP socket), not into slot 0 × 1 + 1, which is another Violin's.
+    let xa =
+        netlink::with_handle(|h| async move { netlink::require_index(&h, "xa").await }).unwrap();
+    for (queue, action, verdict) in [(0, XDP_REDIRECT, Forward), (1, XDP_PASS, OtherQueue)] {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex (test_run wants data 0 and data_end the packet's length).
+        let md: Vec<u8> = [0, good.len() as u32, 0, xa, queue, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        let before = cls.verdicts();
+        let r = cls
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(&good),
+                ctx_in: Some(&md),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("rx queue {queue}: test_run failed: {e}"));
+        let after = cls.verdicts();
+        assert_eq!(r.return_value, action, "rx queue {queue}: action");
+        assert_eq!(
+            after[verdict as usize],
+            before[verdict as usize] + 1,
+            "rx queue {queue}: {verdict:?} counted"
+        );
     }
     // A frame shorter than an Ethernet header: the kernel refuses to run the program on
     // it (test_run needs 14 bytes), so it is checked by the Truncated rows above instead.

@@ -810,6 +810,50 @@ fn xdp_one_socket_per_queue_still_separates_violins() {
     assert!(log.contains("one AF_XDP socket per queue"), "{log}");
 }
 
+/// A host NIC with two rx queues: the daemon binds AF_XDP on queue 0; tunnelled frames
+/// the NIC puts on queue 1 reach the daemon through the kernel's UDP socket instead of
+/// being dropped (or redirected into another Violin's slot).
+#[test]
+fn xdp_on_a_multi_queue_nic_serves_every_queue() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "xdp", &["--queues", "2"]);
+    // Sixteen guest pairs across the hosts: sixteen outer UDP source ports, which the
+    // bridge spreads over both queues by flow hash.
+    let mut spec = String::from("name = \"blue\"\nvni = 101\n");
+    for i in 1..=8 {
+        let host = if i <= 4 { "h1" } else { "h2" };
+        spec += &format!("[[guest]]\nname = \"g{i}\"\nhost = \"{host}\"\nip = \"10.0.0.{i}/24\"\n");
+    }
+    c.up_spec("blue.toml", &spec);
+    for i in 1..=4 {
+        for j in 5..=8 {
+            let ip = format!("10.0.0.{j}");
+            assert!(c.ping("blue", &format!("g{i}"), &ip, 1), "g{i} → g{j}");
+        }
+    }
+    let s = c.stats("blue");
+    for h in &s.hosts {
+        let v = &h.xdp.as_ref().expect("xdp counters").verdicts;
+        let (fwd, other) = (v["forward"], v["other_queue"]);
+        eprintln!(
+            "{}: forward {fwd}, other_queue {other}, kernel socket {}",
+            h.host, h.udp_rx_frames
+        );
+        assert!(
+            fwd > 0 && other > 0,
+            "host {}: both queues carried frames: {v:?}",
+            h.host
+        );
+        assert!(
+            h.udp_rx_frames >= other,
+            "host {}: the kernel socket got them",
+            h.host
+        );
+    }
+}
+
 /// `auto` takes XDP where the classifier loads, and says why not where it does not.
 #[test]
 fn auto_dataplane_uses_xdp_where_it_can_and_says_why_not() {

@@ -4,7 +4,7 @@
 //! Ethernet → IPv4 → UDP to the VXLAN port → VXLAN header with the I flag → VNI in
 //! `VNIS` → outer source in `MEMBERS` for that VNI → redirect to
 //! `XSKS[slot × queues + rx queue]`. Not Violin traffic (ARP, IPv6, VLAN-tagged, other
-//! UDP, fragments): XDP_PASS. Truncated or malformed headers, an unknown VNI or a
+//! UDP, fragments), or Violin traffic on an rx queue beyond the served ones: XDP_PASS. Truncated or malformed headers, an unknown VNI or a
 //! non-member source: XDP_DROP. Each outcome is counted per CPU by `Verdict`, the list
 //! user space counts with too. Header layouts come from `violin_common::wire`.
 //!
@@ -47,7 +47,7 @@ pub fn violin_xdp(ctx: XdpContext) -> u32 {
         Err(v) => {
             count(v);
             match v {
-                Verdict::Pass => xdp_action::XDP_PASS,
+                Verdict::Pass | Verdict::OtherQueue => xdp_action::XDP_PASS,
                 _ => xdp_action::XDP_DROP,
             }
         }
@@ -142,7 +142,13 @@ fn classify(ctx: &XdpContext) -> Result<u32, Verdict> {
         return Err(Verdict::NotMember);
     }
     let queues = CONFIG.get(CONFIG_QUEUES).copied().unwrap_or(1).max(1);
-    let slot = entry.slot * queues + ctx.rx_queue_index();
+    let queue = ctx.rx_queue_index();
+    if queue >= queues {
+        // No sockets on this queue (and slot × queues + queue would be another Violin's
+        // slot): the kernel's UDP socket takes it, and the daemon reads that too.
+        return Err(Verdict::OtherQueue);
+    }
+    let slot = entry.slot * queues + queue;
     count(Verdict::Forward);
     // No socket in the slot (the daemon is restarting): the frame is dropped.
     Ok(XSKS
