@@ -88,6 +88,9 @@ struct GuestProc {
     cmd: Vec<String>,
     log: std::path::PathBuf,
     child: Option<Child>,
+    /// A process a previous daemon started that this one took over (not our child): a
+    /// VM on a `dgram` socket, which needs no reconnect, survives a daemon restart.
+    adopted: Option<i32>,
     restart_at: Option<Instant>,
     restarts: u32,
     /// The guest's cgroup, which the relay joins.
@@ -803,8 +806,14 @@ impl Daemon {
                 continue;
             }
             let path = self.cfg.guest_socket(&v.name, &member.name);
-            let port = GuestPort::bind(&path, *framing)
+            let mut port = GuestPort::bind(&path, *framing)
                 .with_context(|| format!("creating {}", path.display()))?;
+            if *kind == GuestKind::Qemu {
+                // Known before the VM sends anything: after a daemon restart, a VM that
+                // kept running may have nothing to say until it is spoken to.
+                let dir = self.cfg.vm_dir(&v.name, &member.name);
+                port.set_default_peer(&crate::vm::net_socket(&dir));
+            }
             self.poll.registry().register(
                 &mut SourceFd(&port.socket_fd()),
                 port_token(p),
@@ -852,6 +861,7 @@ impl Daemon {
                     cmd,
                     log,
                     child: None,
+                    adopted: None,
                     restart_at: None,
                     restarts: 0,
                     cgroup: cgroup_name,
@@ -886,19 +896,10 @@ impl Daemon {
             }
         }
         let dir = self.cfg.vm_dir(&v.name, &member.name);
-        crate::vm::kill_stale(&dir);
-        // QEMU runs unprivileged, as a uid of the guest's own: it gets its directory and
-        // port socket, nothing else of ours.
         let ns = self.cfg.guest_netns(&v.name, &member.name);
         let key = crate::vm::uid_key(&ns, &self.cfg.name);
-        let uid = crate::uids::locked(|| {
-            crate::vm::prepare_dir(&dir)?;
-            crate::uids::allocate(&key, &dir)
-        })?;
-        crate::vm::hand_over(&dir, socket, uid)?;
         let (accel, why) = crate::vm::accelerator();
         let incoming = self.incoming.contains(&member.name);
-        info!(violin = %v.name, guest = %member.name, accel, reason = %why, incoming, "starting VM");
         let mut cmd = crate::vm::command(&crate::vm::VmConfig {
             violin: &v.name,
             guest: &member.name,
@@ -921,14 +922,38 @@ impl Daemon {
             guest: member.name.clone(),
             netns: None,
             vm_dir: Some(dir.clone()),
-            uid: Some((uid, uid)),
+            uid: None,
             cmd,
             log: dir.join("qemu.log"),
             child: None,
+            adopted: None,
             restart_at: None,
             restarts: 0,
             cgroup: None,
         };
+        // A VM on a datagram socket that a previous daemon started with this very
+        // command line keeps running: it sends to the socket's path, which this daemon
+        // has just bound again. (A stream VM cannot reconnect: it is restarted.)
+        let running = (*framing == crate::spec::Framing::Dgram && !incoming)
+            .then(|| crate::vm::find_running(&g.cmd))
+            .flatten();
+        if let (Some(pid), Some(uid)) = (running, crate::uids::lookup(&key)) {
+            crate::vm::hand_over(&dir, socket, uid)?;
+            info!(violin = %v.name, guest = %member.name, pid, "VM still running: taking it over");
+            g.uid = Some((uid, uid));
+            g.adopted = Some(pid);
+            return Ok(g);
+        }
+        crate::vm::kill_stale(&dir);
+        // QEMU runs unprivileged, as a uid of the guest's own: it gets its directory and
+        // port socket, nothing else of ours.
+        let uid = crate::uids::locked(|| {
+            crate::vm::prepare_dir(&dir)?;
+            crate::uids::allocate(&key, &dir)
+        })?;
+        crate::vm::hand_over(&dir, socket, uid)?;
+        info!(violin = %v.name, guest = %member.name, accel, reason = %why, incoming, "starting VM");
+        g.uid = Some((uid, uid));
         g.spawn()?;
         Ok(g)
     }
@@ -1278,6 +1303,13 @@ impl Daemon {
 
     fn supervise_guests(&mut self) {
         for g in &mut self.guests {
+            if let Some(pid) = g.adopted {
+                if !crate::guest::alive(pid) {
+                    warn!(violin = %g.violin, guest = %g.guest, pid, "taken-over guest process exited; restarting");
+                    g.adopted = None;
+                    g.restart_at = Some(Instant::now());
+                }
+            }
             if let Some(c) = &mut g.child {
                 if let Ok(Some(status)) = c.try_wait() {
                     warn!(violin = %g.violin, guest = %g.guest, %status, "guest process exited; restarting");
@@ -1288,7 +1320,10 @@ impl Daemon {
                     );
                 }
             }
-            if g.child.is_none() && g.restart_at.is_some_and(|t| Instant::now() >= t) {
+            if g.child.is_none()
+                && g.adopted.is_none()
+                && g.restart_at.is_some_and(|t| Instant::now() >= t)
+            {
                 g.restarts += 1;
                 if let Err(e) = g.spawn() {
                     error!(violin = %g.violin, guest = %g.guest, "restarting guest: {e:#}");
@@ -1412,6 +1447,9 @@ impl GuestProc {
     }
 
     fn stop(&mut self) {
+        if let Some(pid) = self.adopted.take() {
+            crate::guest::terminate(pid);
+        }
         if let Some(mut c) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(c.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

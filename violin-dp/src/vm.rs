@@ -246,7 +246,7 @@ pub fn command(c: &VmConfig<'_>) -> Vec<String> {
             ),
             Framing::Dgram => format!(
                 "dgram,id=n0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
-                path(&c.dir.join("net.sock")),
+                path(&net_socket(c.dir)),
                 path(c.socket)
             ),
         },
@@ -265,6 +265,11 @@ pub fn command(c: &VmConfig<'_>) -> Vec<String> {
         ]);
     }
     a
+}
+
+/// A `dgram` VM's own end of its network socket (the daemon sends there).
+pub fn net_socket(dir: &Path) -> PathBuf {
+    dir.join("net.sock")
 }
 
 /// Creates the VM's directory, emptied of stale sockets, mode 0770 (group root, so the
@@ -293,6 +298,24 @@ pub fn hand_over(dir: &Path, socket: &Path, uid: u32) -> Result<()> {
 /// per host, as a VM being live-migrated runs on two at once.
 pub fn uid_key(netns_name: &str, host: &str) -> String {
     format!("{netns_name}@{host}.vm")
+}
+
+/// The pid of a running QEMU whose argument list is `cmd` (apart from an `-incoming`
+/// it was started with: a VM that arrived by live migration).
+pub fn find_running(cmd: &[String]) -> Option<i32> {
+    crate::netns::other_pids().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            let mut args: Vec<&[u8]> = c
+                .strip_suffix(&[0])
+                .unwrap_or(&c)
+                .split(|b| *b == 0)
+                .collect();
+            if let Some(i) = args.iter().position(|a| *a == b"-incoming") {
+                args.drain(i..(i + 2).min(args.len()));
+            }
+            args.len() == cmd.len() && args.iter().zip(cmd).all(|(a, b)| *a == b.as_bytes())
+        }) && crate::guest::alive(*pid)
+    })
 }
 
 /// Kills QEMU processes of this VM directory left by a daemon that crashed.

@@ -251,7 +251,46 @@ fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
     stdin.write_all(&[0x1d]).unwrap();
     assert!(con.wait().unwrap().success());
 
-    // Down removes the VMs.
+    // h2's daemon crashes and restarts: red's VM (dgram: nothing to reconnect) keeps
+    // running, the new daemon takes it over; blue's n (a netns guest) reconnects.
+    let uptime = |c: &Cluster| -> f64 {
+        let (st, out) = exec(c, "red", "vm", &["cut", "-d", " ", "-f1", "/proc/uptime"]);
+        assert_eq!(st, 0, "{out}");
+        out.trim().parse().unwrap()
+    };
+    let red_qemu = |c: &Cluster| -> Vec<i32> {
+        let dir = c_run_dir(c);
+        vm_pids()
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|cmd| {
+                    let cmd = String::from_utf8_lossy(&cmd);
+                    cmd.contains(&dir) && cmd.contains("/h2/vms/red/")
+                })
+            })
+            .collect()
+    };
+    let (before, pids) = (uptime(&c), red_qemu(&c));
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    c.ok(&["cluster", "restart", "h2", "--hard"]);
+    assert_eq!(red_qemu(&c), pids, "red's QEMU was replaced");
+    assert!(c
+        .host_log("h2")
+        .contains("VM still running: taking it over"));
+    let after = uptime(&c);
+    assert!(
+        after > before,
+        "red's VM rebooted: uptime {before} → {after}"
+    );
+    assert!(
+        c.ping("red", "n", "10.0.0.1", 3),
+        "red: n → vm after the restart"
+    );
+    let (st, out) = exec(&c, "red", "vm", &["ping", "-c", "2", "-W", "2", "10.0.0.2"]);
+    assert_eq!(st, 0, "red: vm → n after the restart: {out}");
+
+    // Down removes the VMs (also the one taken over).
     c.ok(&["down", "blue"]);
     c.ok(&["down", "red"]);
     let t = Instant::now();

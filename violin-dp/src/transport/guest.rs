@@ -355,6 +355,14 @@ impl GuestPort {
     }
 
     /// Sends one frame to the guest without blocking.
+    /// Where a `dgram` port sends until its guest has sent something (then: to where
+    /// the guest sends from). No effect on a `stream` port.
+    pub fn set_default_peer(&mut self, to: &Path) {
+        if let Sock::Dgram { default_peer, .. } = &mut self.sock {
+            *default_peer = to.to_path_buf();
+        }
+    }
+
     pub fn send(&mut self, frame: &[u8]) -> Result<(), Verdict> {
         let r = match &mut self.sock {
             Sock::Stream { conn: None, .. } => Err(Verdict::PortDown),
