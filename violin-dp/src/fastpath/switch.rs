@@ -50,6 +50,9 @@ pub enum Egress {
 
 /// Most learned MACs one Violin keeps for its external members.
 pub const MAX_LEARNED: usize = 256;
+/// A learned MAC idle this long gives its place to a new one when the table is full
+/// (the Linux bridge's default ageing time).
+pub const LEARNED_AGE_NS: u64 = 300_000_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Location {
@@ -83,7 +86,8 @@ pub struct ViolinTable {
     max_frame: usize,
     loc: Vec<Location>,
     macs: HashMap<EthernetAddress, usize>,
-    learned: usize,
+    /// MACs learned behind external members: when each was last seen (ns).
+    learned: HashMap<EthernetAddress, u64>,
     /// n × n; `None` when every pair may talk.
     allowed: Option<Vec<bool>>,
     /// Per direction: index src × n + dst. Only for local senders and externals.
@@ -211,21 +215,26 @@ impl ViolinTable {
                     Location::External(a) => a == src,
                     Location::Local(_) => false,
                 };
-                if !ok {
-                    return self.drop(Verdict::Spoofed);
+                match self.learned.get_mut(&smac) {
+                    Some(seen) if ok => {
+                        *seen = now;
+                        s
+                    }
+                    // A learned MAC now behind another external VTEP has moved there.
+                    Some(_) if sender_external => match self.learn(smac, src, now) {
+                        Ok(x) => x,
+                        Err(v) => return self.drop(v),
+                    },
+                    _ if ok => s,
+                    _ => return self.drop(Verdict::Spoofed),
                 }
-                s
             }
             // An unknown MAC behind an external VTEP (e.g. a bridge behind a kernel
             // vxlan device): learn it as that member, up to a bound.
-            None if sender_external && self.learned < MAX_LEARNED => {
-                let Some(x) = self.loc.iter().position(|l| *l == Location::External(src)) else {
-                    return self.drop(Verdict::NotMember);
-                };
-                self.macs.insert(smac, x);
-                self.learned += 1;
-                x
-            }
+            None if sender_external => match self.learn(smac, src, now) {
+                Ok(x) => x,
+                Err(v) => return self.drop(v),
+            },
             None => return self.drop(Verdict::Spoofed),
         };
         // Guests on other hosts were policed there; an external is policed here.
@@ -241,6 +250,31 @@ impl ViolinTable {
             };
         }
         self.flood(s, frame.len(), now, out, police_here)
+    }
+
+    /// Learns (or moves) `mac` as the external member at `src`. When the table is full,
+    /// the entry idle longest gives way if it has been idle for [`LEARNED_AGE_NS`].
+    fn learn(&mut self, mac: EthernetAddress, src: Ipv4Addr, now: u64) -> Result<usize, Verdict> {
+        let Some(x) = self.loc.iter().position(|l| *l == Location::External(src)) else {
+            return Err(Verdict::NotMember);
+        };
+        if !self.learned.contains_key(&mac) && self.learned.len() >= MAX_LEARNED {
+            let idlest = self
+                .learned
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(m, t)| (*m, *t));
+            match idlest {
+                Some((m, t)) if now.saturating_sub(t) >= LEARNED_AGE_NS => {
+                    self.learned.remove(&m);
+                    self.macs.remove(&m);
+                }
+                _ => return Err(Verdict::Spoofed),
+            }
+        }
+        self.macs.insert(mac, x);
+        self.learned.insert(mac, now);
+        Ok(x)
     }
 
     fn unicast(
@@ -580,12 +614,17 @@ impl Switch {
                 kept.or_else(|| Policer::new(rate, now))
             })
             .collect();
-        let macs = spec
+        let mut macs: HashMap<EthernetAddress, usize> = spec
             .members
             .iter()
             .enumerate()
             .map(|(i, m)| (m.mac.0, i))
             .collect();
+        // Learning never allocates on the fast path: room for every learned MAC up front
+        // (only where there are externals to learn behind).
+        let externals = loc.iter().any(|l| matches!(l, Location::External(_)));
+        let room = if externals { MAX_LEARNED } else { 0 };
+        macs.reserve(room);
         let mut edges = vec![Counter::default(); n * n];
         if let Some(o) = old {
             for s in 0..n {
@@ -604,7 +643,7 @@ impl Switch {
             loc,
             macs,
             // MACs learned behind externals are learned again.
-            learned: 0,
+            learned: HashMap::with_capacity(room),
             allowed,
             link_police,
             guest_police,
@@ -760,7 +799,7 @@ fn stats_of(t: &ViolinTable) -> ViolinStats {
         vni: t.spec.vni,
         edges,
         drops: drops_map(&t.drops),
-        learned_macs: t.learned,
+        learned_macs: t.learned.len(),
     }
 }
 

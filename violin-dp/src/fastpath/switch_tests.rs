@@ -382,6 +382,104 @@ fn learning_is_bounded() {
 }
 
 #[test]
+fn learned_macs_idle_for_the_ageing_time_make_room() {
+    let mut f = fixture(SPEC);
+    let mut out = Vec::new();
+    let a = mac(&f, "a");
+    let from_x = Ingress::Tunnel { src: X, vni: VNI };
+    let learned = |i: u32| {
+        let b = i.to_be_bytes();
+        EthernetAddress([0x02, 0x77, b[0], b[1], b[2], b[3]])
+    };
+    for i in 0..MAX_LEARNED as u32 {
+        f.sw.process(from_x, &frame(a, learned(i), 64), 0, &mut out);
+    }
+    let newcomer = EthernetAddress([0x02, 0x88, 0, 0, 0, 1]);
+    // Full, and nobody idle long enough yet.
+    assert_eq!(
+        f.sw.process(
+            from_x,
+            &frame(a, newcomer, 64),
+            LEARNED_AGE_NS - 1,
+            &mut out
+        ),
+        Verdict::Spoofed
+    );
+    // learned(0) speaks again; later, the newcomer takes an idle entry's place.
+    let later = LEARNED_AGE_NS + 1;
+    assert_eq!(
+        f.sw.process(from_x, &frame(a, learned(0), 64), later, &mut out),
+        Verdict::Forward
+    );
+    assert_eq!(
+        f.sw.process(from_x, &frame(a, newcomer, 64), later, &mut out),
+        Verdict::Forward
+    );
+    assert_eq!(f.sw.stats("blue").unwrap().learned_macs, MAX_LEARNED);
+    // Both are reachable: replies to them go to x.
+    for m in [learned(0), newcomer] {
+        assert_eq!(
+            f.sw.process(Ingress::Port(f.pa), &frame(m, a, 64), later, &mut out),
+            Verdict::Forward
+        );
+        assert_eq!(out, vec![Egress::Tunnel { dst: X, vni: VNI }]);
+    }
+    // Exactly one of the idle ones was forgotten: frames to it are flooded (unknown
+    // unicast), not sent to x alone.
+    let to_x = vec![Egress::Tunnel { dst: X, vni: VNI }];
+    let forgotten = (1..MAX_LEARNED as u32)
+        .filter(|i| {
+            f.sw.process(
+                Ingress::Port(f.pa),
+                &frame(learned(*i), a, 64),
+                later,
+                &mut out,
+            );
+            out != to_x
+        })
+        .count();
+    assert_eq!(forgotten, 1);
+}
+
+#[test]
+fn a_learned_mac_moves_to_another_external_vtep_at_once() {
+    const Y: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 51);
+    let text = SPEC.to_string()
+        + "[[external]]\nname = \"y\"\nunderlay = \"172.31.0.51\"\nmac = \"02:aa:00:00:00:51\"\n\
+           [[link]]\nbetween = [\"a\", \"y\"]\n";
+    let mut f = fixture(&text);
+    let mut out = Vec::new();
+    let a = mac(&f, "a");
+    let (from_x, from_y) = (
+        Ingress::Tunnel { src: X, vni: VNI },
+        Ingress::Tunnel { src: Y, vni: VNI },
+    );
+    assert_eq!(
+        f.sw.process(from_x, &frame(a, STRANGER, 64), 0, &mut out),
+        Verdict::Forward
+    );
+    // The machine behind x moved behind y: its next frame from there moves it.
+    assert_eq!(
+        f.sw.process(from_y, &frame(a, STRANGER, 64), 1, &mut out),
+        Verdict::Forward
+    );
+    f.sw.process(Ingress::Port(f.pa), &frame(STRANGER, a, 64), 2, &mut out);
+    assert_eq!(out, vec![Egress::Tunnel { dst: Y, vni: VNI }]);
+    assert_eq!(f.sw.stats("blue").unwrap().learned_macs, 1);
+    // A guest host still cannot claim it, nor can a VTEP claim a configured member.
+    let from_h2 = Ingress::Tunnel { src: H2, vni: VNI };
+    assert_eq!(
+        f.sw.process(from_h2, &frame(a, STRANGER, 64), 3, &mut out),
+        Verdict::Spoofed
+    );
+    let b = mac(&f, "b");
+    assert_eq!(
+        f.sw.process(from_y, &frame(a, b, 64), 4, &mut out),
+        Verdict::Spoofed
+    );
+}
+
+#[test]
 fn link_is_policed_per_direction_with_time_passed_in() {
     let mut f = fixture(SPEC);
     let mut out = Vec::new();
