@@ -613,30 +613,10 @@ fn a_guest_is_root_inside_and_nobody_outside() {
     }
     let c = Cluster::up(2, "xdp", &[]);
     // a and b have socket ports (relay + tap), c a fast port (veth driven by AF_XDP).
-    c.up_spec(
-        "blue.toml",
-        r#"
-name = "blue"
-vni = 101
-[[guest]]
-name = "a"
-host = "h1"
-ip = "10.0.0.1/24"
-[[guest]]
-name = "b"
-host = "h2"
-ip = "10.0.0.2/24"
-[[guest]]
-name = "c"
-host = "h2"
-ip = "10.0.0.3/24"
-port = "xdp"
-[[link]]
-between = ["a", "b"]
-[[link]]
-between = ["a", "c"]
-"#,
-    );
+    let spec = PAIRS
+        .replace("10.0.0.3/24\"", "10.0.0.3/24\"\nport = \"xdp\"")
+        .replace("[\"b\", \"c\"]", "[\"a\", \"c\"]");
+    c.up_spec("blue.toml", &spec);
     let uid = |g| {
         violin_dp::netns::guest_uid(&c.guest_ns("blue", g))
             .unwrap_or_else(|| panic!("{g} has no uid range"))

@@ -79,6 +79,20 @@ fn vm_pids() -> Vec<(i32, u32)> {
         .collect()
 }
 
+/// QEMUs of this cluster whose command line also contains `part`: (pid, uid).
+fn cluster_vms(c: &Cluster, part: &str) -> Vec<(i32, u32)> {
+    let dir = c_run_dir(c);
+    vm_pids()
+        .into_iter()
+        .filter(|(p, _)| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|cmd| {
+                let cmd = String::from_utf8_lossy(&cmd);
+                cmd.contains(&dir) && cmd.contains(part)
+            })
+        })
+        .collect()
+}
+
 #[test]
 fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
     if !can_run() {
@@ -259,16 +273,9 @@ fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
         out.trim().parse().unwrap()
     };
     let red_qemu = |c: &Cluster| -> Vec<i32> {
-        let dir = c_run_dir(c);
-        vm_pids()
+        cluster_vms(c, "/h2/vms/red/")
             .into_iter()
             .map(|(p, _)| p)
-            .filter(|p| {
-                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|cmd| {
-                    let cmd = String::from_utf8_lossy(&cmd);
-                    cmd.contains(&dir) && cmd.contains("/h2/vms/red/")
-                })
-            })
             .collect()
     };
     let (before, pids) = (uptime(&c), red_qemu(&c));
@@ -374,14 +381,9 @@ fn a_vm_live_migrates_to_another_host_while_a_peer_pings_it() {
         violin_dp::uids::lookup(&key("h3")).is_some(),
         "the VM on h3 has no uid range"
     );
-    let dir = c_run_dir(&c);
-    let ours = |p: &i32| {
-        std::fs::read(format!("/proc/{p}/cmdline"))
-            .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(&dir))
-    };
-    let left: Vec<i32> = vm_pids().into_iter().map(|(p, _)| p).filter(ours).collect();
+    let left = cluster_vms(&c, "");
     assert_eq!(left.len(), 1, "exactly one QEMU for the VM: {left:?}");
-    let uid = vm_pids().into_iter().find(|(p, _)| ours(p)).map(|(_, u)| u);
+    let uid = left.first().map(|(_, u)| *u);
     assert_eq!(uid, violin_dp::uids::lookup(&key("h3")), "QEMU's uid on h3");
 }
 
@@ -406,23 +408,9 @@ fn a_vm_that_does_not_boot_fails_up_with_its_console_line_and_leaves_nothing() {
     eprintln!("up failed after {:.1} s", t0.elapsed().as_secs_f64());
     // Well before the attach timeout, and nothing is left: no QEMU, no VM directory.
     assert!(t0.elapsed() < Duration::from_secs(60));
-    let dir = c_run_dir(&c);
-    let left: Vec<i32> = vm_pids()
-        .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(&dir))
-        })
-        .collect();
+    let left = cluster_vms(&c, "");
     assert!(left.is_empty(), "QEMU left running: {left:?}");
-    let vms = c
-        .run_dir
-        .join(&c.name)
-        .join("h1")
-        .join("vms")
-        .join("blue")
-        .join("vm");
+    let vms = c.run_dir.join(&c.name).join("h1/vms/blue/vm");
     assert!(!vms.exists(), "{} is left", vms.display());
     assert!(!c.ok(&["ls"]).contains("blue"));
 }

@@ -365,6 +365,12 @@ fn a_learned_mac_is_a_member_and_moves_with_its_vtep_only() {
     );
 }
 
+/// The `i`th MAC behind external x in the learning tests.
+fn learned_mac(i: u32) -> EthernetAddress {
+    let b = i.to_be_bytes();
+    EthernetAddress([0x02, 0x77, b[0], b[1], b[2], b[3]])
+}
+
 #[test]
 fn learning_is_bounded() {
     let mut f = fixture(SPEC);
@@ -372,9 +378,7 @@ fn learning_is_bounded() {
     let a = mac(&f, "a");
     let from_x = Ingress::Tunnel { src: X, vni: VNI };
     for i in 0..(MAX_LEARNED as u32 + 10) {
-        let b = i.to_be_bytes();
-        let src = EthernetAddress([0x02, 0x77, b[0], b[1], b[2], b[3]]);
-        f.sw.process(from_x, &frame(a, src, 64), 0, &mut out);
+        f.sw.process(from_x, &frame(a, learned_mac(i), 64), 0, &mut out);
     }
     let s = f.sw.stats("blue").unwrap();
     assert_eq!(s.learned_macs, MAX_LEARNED);
@@ -387,10 +391,7 @@ fn learned_macs_idle_for_the_ageing_time_make_room() {
     let mut out = Vec::new();
     let a = mac(&f, "a");
     let from_x = Ingress::Tunnel { src: X, vni: VNI };
-    let learned = |i: u32| {
-        let b = i.to_be_bytes();
-        EthernetAddress([0x02, 0x77, b[0], b[1], b[2], b[3]])
-    };
+    let learned = learned_mac;
     for i in 0..MAX_LEARNED as u32 {
         f.sw.process(from_x, &frame(a, learned(i), 64), 0, &mut out);
     }
