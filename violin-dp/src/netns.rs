@@ -127,6 +127,8 @@ fn unshare_owned(target: &Path, base: u32) -> Result<()> {
     // system calls (unshare, write, read, _exit) on descriptors it already holds, and
     // never returns into Rust code or runs destructors.
     match unsafe { fork() }.context("fork")? {
+        // SAFETY: raw system calls on descriptors this process holds, on buffers that
+        // live on this stack; _exit ends the child without unwinding.
         ForkResult::Child => unsafe {
             // Our copy of the write end would keep the read below from seeing EOF.
             libc::close(go_w.as_raw_fd());
