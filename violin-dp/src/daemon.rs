@@ -93,8 +93,6 @@ struct GuestProc {
     adopted: Option<i32>,
     restart_at: Option<Instant>,
     restarts: u32,
-    /// The guest's cgroup, which the relay joins.
-    cgroup: Option<String>,
 }
 
 pub struct Daemon {
@@ -765,7 +763,6 @@ impl Daemon {
                 ),
                 _ => None,
             };
-            let cgroup_name = cgroup.as_ref().and(netns.clone());
             let state = |port: Port, xdp_link: Option<XdpLinkId>, cgroup| PortState {
                 port,
                 xdp_link,
@@ -864,7 +861,6 @@ impl Daemon {
                     adopted: None,
                     restart_at: None,
                     restarts: 0,
-                    cgroup: cgroup_name,
                 };
                 // A relay left by a daemon that crashed still holds the guest's tap.
                 crate::guest::kill_stale_relays(&ns);
@@ -929,7 +925,6 @@ impl Daemon {
             adopted: None,
             restart_at: None,
             restarts: 0,
-            cgroup: None,
         };
         // A VM on a datagram socket that a previous daemon started with this very
         // command line keeps running: it sends to the socket's path, which this daemon
@@ -1436,11 +1431,6 @@ impl GuestProc {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting guest {}/{}", self.violin, self.guest))?;
-        if let Some(cg) = self.cgroup.as_deref().and_then(GuestCgroup::open) {
-            if let Err(e) = cg.add(child.id()) {
-                warn!(violin = %self.violin, guest = %self.guest, "moving the relay into its cgroup: {e:#}");
-            }
-        }
         self.child = Some(child);
         self.restart_at = None;
         Ok(())

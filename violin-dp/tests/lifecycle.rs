@@ -283,6 +283,19 @@ fn up_is_idempotent() {
     );
 }
 
+/// The pid of the relay (`violin-dp guest --netns NS …`) of guest namespace `ns`.
+fn relay_pid(ns: &str) -> Option<i32> {
+    violin_dp::netns::other_pids().find(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+            let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+            args.get(1) == Some(&&b"guest"[..])
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"--netns" && w[1] == ns.as_bytes())
+        })
+    })
+}
+
 #[test]
 fn a_netns_guest_over_its_memory_limit_is_contained() {
     use violin_dp::cgroup::GuestCgroup;
@@ -302,6 +315,14 @@ fn a_netns_guest_over_its_memory_limit_is_contained() {
     assert!(
         GuestCgroup::open(&c.guest_ns("blue", "b")).is_none(),
         "b has no limits"
+    );
+
+    // a's relay (its NIC, run by the data plane) is outside a's limits.
+    let relay = relay_pid(&ns).expect("a's relay");
+    let cgroups = std::fs::read_to_string(format!("/proc/{relay}/cgroup")).unwrap();
+    assert!(
+        !cgroups.contains(&ns),
+        "the relay is in the guest's cgroup: {cgroups}"
     );
 
     // 256 MiB inside a 32 MiB guest: the OOM killer ends it, inside the guest only.
@@ -325,6 +346,7 @@ fn a_netns_guest_over_its_memory_limit_is_contained() {
         .output()
         .unwrap();
     assert!(o.status.success(), "the same command outside any guest");
+    assert_eq!(relay_pid(&ns), Some(relay), "a's relay was not touched");
     assert!(c.ping("blue", "a", "10.0.0.2", 2), "a still talks to b");
     assert!(c.ping("blue", "b", "10.0.0.1", 2), "b still talks to a");
 
