@@ -145,33 +145,44 @@ pub fn run(args: GuestArgs) -> Result<()> {
 /// Kills relay processes (`violin-dp guest --netns NS …`) of the guest namespace `ns`
 /// that this daemon did not start (left by a daemon that crashed).
 pub fn kill_stale_relays(ns: &str) {
-    kill_stale(|args| {
-        args.get(1) == Some(&&b"guest"[..])
-            && args
-                .windows(2)
-                .any(|w| w[0] == b"--netns" && w[1] == ns.as_bytes())
-    });
+    kill_stale(|args| is_relay_of(args, ns));
+}
+
+/// Whether an argument list is that of the relay of guest namespace `ns`.
+pub fn is_relay_of(args: &[&[u8]], ns: &str) -> bool {
+    args.get(1) == Some(&&b"guest"[..])
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"--netns" && w[1] == ns.as_bytes())
+}
+
+/// Other running processes whose argument list (from /proc/PID/cmdline) `matches`.
+pub fn pids_matching(matches: impl Fn(&[&[u8]]) -> bool) -> impl Iterator<Item = i32> {
+    netns::other_pids().filter(move |pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            let args: Vec<&[u8]> = c
+                .strip_suffix(&[0])
+                .unwrap_or(&c)
+                .split(|b| *b == 0)
+                .collect();
+            matches(&args)
+        }) && alive(*pid)
+    })
 }
 
 /// SIGKILLs every other process whose argument list `matches`, and waits until each
 /// is gone (so its tap, sockets and locks are released).
 pub fn kill_stale(matches: impl Fn(&[&[u8]]) -> bool) {
-    for pid in netns::other_pids() {
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        if matches(&args) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            for _ in 0..100 {
-                if !alive(pid) {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
+    for pid in pids_matching(matches) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        for _ in 0..100 {
+            if !alive(pid) {
+                break;
             }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 }

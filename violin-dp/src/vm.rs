@@ -303,19 +303,14 @@ pub fn uid_key(netns_name: &str, host: &str) -> String {
 /// The pid of a running QEMU whose argument list is `cmd` (apart from an `-incoming`
 /// it was started with: a VM that arrived by live migration).
 pub fn find_running(cmd: &[String]) -> Option<i32> {
-    crate::netns::other_pids().find(|pid| {
-        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-            let mut args: Vec<&[u8]> = c
-                .strip_suffix(&[0])
-                .unwrap_or(&c)
-                .split(|b| *b == 0)
-                .collect();
-            if let Some(i) = args.iter().position(|a| *a == b"-incoming") {
-                args.drain(i..(i + 2).min(args.len()));
-            }
-            args.len() == cmd.len() && args.iter().zip(cmd).all(|(a, b)| *a == b.as_bytes())
-        }) && crate::guest::alive(*pid)
+    crate::guest::pids_matching(|args| {
+        let mut args = args.to_vec();
+        if let Some(i) = args.iter().position(|a| *a == b"-incoming") {
+            args.drain(i..(i + 2).min(args.len()));
+        }
+        args.len() == cmd.len() && args.iter().zip(cmd).all(|(a, b)| *a == b.as_bytes())
     })
+    .next()
 }
 
 /// Kills QEMU processes of this VM directory left by a daemon that crashed.

@@ -285,15 +285,7 @@ fn up_is_idempotent() {
 
 /// The pid of the relay (`violin-dp guest --netns NS …`) of guest namespace `ns`.
 fn relay_pid(ns: &str) -> Option<i32> {
-    violin_dp::netns::other_pids().find(|p| {
-        std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
-            let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-            args.get(1) == Some(&&b"guest"[..])
-                && args
-                    .windows(2)
-                    .any(|w| w[0] == b"--netns" && w[1] == ns.as_bytes())
-        })
-    })
+    violin_dp::guest::pids_matching(|args| violin_dp::guest::is_relay_of(args, ns)).next()
 }
 
 #[test]
