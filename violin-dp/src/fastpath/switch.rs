@@ -215,18 +215,24 @@ impl ViolinTable {
                     Location::External(a) => a == src,
                     Location::Local(_) => false,
                 };
-                match self.learned.get_mut(&smac) {
+                // Learned MACs live behind externals: only their frames look them up.
+                let learned = if sender_external {
+                    self.learned.get_mut(&smac)
+                } else {
+                    None
+                };
+                match learned {
                     Some(seen) if ok => {
                         *seen = now;
                         s
                     }
                     // A learned MAC now behind another external VTEP has moved there.
-                    Some(_) if sender_external => match self.learn(smac, src, now) {
+                    Some(_) => match self.learn(smac, src, now) {
                         Ok(x) => x,
                         Err(v) => return self.drop(v),
                     },
-                    _ if ok => s,
-                    _ => return self.drop(Verdict::Spoofed),
+                    None if ok => s,
+                    None => return self.drop(Verdict::Spoofed),
                 }
             }
             // An unknown MAC behind an external VTEP (e.g. a bridge behind a kernel
