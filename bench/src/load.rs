@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use violin_dp::netns;
+use violin_dp::host::netns;
 
 /// Pins the calling thread to one CPU.
 pub fn pin(cpu: usize) {

@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use violin_dp::cluster::{self, ClusterState, UpOptions};
 use violin_dp::config::DataplaneChoice;
-use violin_dp::{netlink, netns};
+use violin_dp::host::{netlink, netns};
 
 /// One side of a measurement: a namespace and the address to reach it at.
 #[derive(Debug, Clone)]
@@ -130,7 +130,7 @@ impl Testbed {
     /// Pids of the guest relays (`violin-dp guest`) of this cluster.
     pub fn relay_pids(&self) -> Vec<u32> {
         let prefix = format!("{}-", self.name);
-        violin_dp::netns::other_pids()
+        violin_dp::host::netns::other_pids()
             .filter(|pid| {
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();

@@ -371,7 +371,8 @@ fn violin_exec(st: &ClusterState, violin: &str, guest: &str, cmd: &[String]) -> 
     let g = find_guest(st, violin, guest)?;
     if let Some(agent) = &g.agent {
         // A VM: through its agent on a virtio serial port.
-        let status = crate::vm::exec(std::path::Path::new(agent), cmd, &mut std::io::stdout())?;
+        let status =
+            crate::host::vm::exec(std::path::Path::new(agent), cmd, &mut std::io::stdout())?;
         std::process::exit(status);
     }
     let ns = g.netns.ok_or_else(|| {
@@ -381,11 +382,11 @@ fn violin_exec(st: &ClusterState, violin: &str, guest: &str, cmd: &[String]) -> 
         )
     })?;
     // Commands run inside the guest's limits, like the guest's own processes.
-    if let Some(cg) = crate::cgroup::GuestCgroup::open(&ns) {
+    if let Some(cg) = crate::host::cgroup::GuestCgroup::open(&ns) {
         cg.add(std::process::id())?;
     }
     // Root in the guest, the guest's own unprivileged uid on the host.
-    crate::netns::enter_guest(&ns)?;
+    crate::host::netns::enter_guest(&ns)?;
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
     bail!("running {:?} in {ns}: {err}", cmd[0])
@@ -394,7 +395,7 @@ fn violin_exec(st: &ClusterState, violin: &str, guest: &str, cmd: &[String]) -> 
 fn violin_console(st: &ClusterState, violin: &str, guest: &str) -> Result<()> {
     let g = find_guest(st, violin, guest)?;
     match &g.console {
-        Some(c) => crate::vm::console(std::path::Path::new(c)),
+        Some(c) => crate::host::vm::console(std::path::Path::new(c)),
         None => {
             bail!("guest {guest} is not a VM: use `violin exec {violin} {guest} -- sh` for a shell")
         }
@@ -462,7 +463,7 @@ fn violin_profile(
 pub struct ClusterStats {
     pub name: String,
     pub vni: u32,
-    pub edges: Vec<crate::fastpath::switch::EdgeStats>,
+    pub edges: Vec<crate::datapath::fastpath::switch::EdgeStats>,
     pub drops: BTreeMap<String, u64>,
     pub hosts: Vec<HostViolinStats>,
 }
@@ -500,7 +501,7 @@ pub fn gather_stats(st: &ClusterState, violin: &str) -> Result<ClusterStats> {
         edges: edges
             .into_iter()
             .map(
-                |((from, to), (packets, bytes))| crate::fastpath::switch::EdgeStats {
+                |((from, to), (packets, bytes))| crate::datapath::fastpath::switch::EdgeStats {
                     from,
                     to,
                     packets,

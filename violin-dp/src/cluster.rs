@@ -8,7 +8,7 @@
 
 use crate::config::{DataplaneChoice, HostConfig};
 use crate::control::{self, HostStatus, Request};
-use crate::{netlink, netns};
+use crate::host::{netlink, netns};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
@@ -416,7 +416,7 @@ pub fn down(run_dir: &Path, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
         }
     }
     // The VMs' uid ranges (the namespaces' went with them).
-    crate::uids::release_prefix(&prefix);
+    crate::host::uids::release_prefix(&prefix);
     if !errors.is_empty() {
         bail!(
             "cluster {name} was not removed cleanly:\n  {}",

@@ -1,29 +1,27 @@
 //! Violin's per-host data plane (`violin-dp`) and the `violin` CLI.
 //!
-//! - Fast path ([`fastpath`]): switch, policing, encapsulation — per packet.
-//! - Transports ([`transport`]): guest UNIX sockets and the underlay UDP socket; they
-//!   move bytes to and from the switch and nothing else.
-//! - Control path: the spec ([`spec`]), the daemon's event loop and control socket
-//!   ([`daemon`], [`control`]), namespaces and netlink ([`netns`], [`netlink`]),
-//!   lightweight guests ([`guest`]) and their host uids ([`uids`]), the simulated cluster ([`cluster`]) and the CLI
-//!   ([`cli`]).
+//! The daemon is split by job, each in its own folder and thread:
+//! - [`datapath`]: packet workers — switch, policing, encapsulation and the transports;
+//!   per packet, no allocation, locks or logging, time passed in.
+//! - [`host`]: host supervision — namespaces and netlink, guests' relays and VMs,
+//!   cgroups, uid ranges, processes tracked from spawn.
+//! - [`control`]: the control plane — the CLI protocol and its server, the host manager
+//!   (each Violin's record on this host), persistence, neighbours and metrics.
+//! - [`daemon`] starts and joins those threads.
+//!
+//! The rest is shared by the daemon and the CLI: the spec ([`spec`]), the host config
+//! ([`config`]), the XDP classifier's loader ([`xdp`]), the simulated cluster
+//! ([`cluster`]), the CLI itself ([`cli`], [`lifecycle`], [`profile`], [`probe`]).
 
-pub mod cgroup;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod fastpath;
-pub mod guest;
+pub mod datapath;
+pub mod host;
 pub mod lifecycle;
-pub mod metrics;
-pub mod netlink;
-pub mod netns;
 pub mod probe;
 pub mod profile;
 pub mod spec;
-pub mod transport;
-pub mod uids;
-pub mod vm;
 pub mod xdp;

@@ -99,8 +99,6 @@ fn program(
                 &entry.control,
                 &Request::ApplyViolin {
                     violin: new.clone(),
-                    announce: vec![],
-                    incoming: vec![],
                 },
             )
             .map(|a| {
@@ -119,15 +117,10 @@ fn program(
             for d in done.iter().rev() {
                 let c = &st.host(d).unwrap().control;
                 let undo = match old.filter(|o| o.hosts.contains_key(*d)) {
-                    Some(o) => control::call::<Applied>(
-                        c,
-                        &Request::ApplyViolin {
-                            violin: o.clone(),
-                            announce: vec![],
-                            incoming: vec![],
-                        },
-                    )
-                    .map(|_| ()),
+                    Some(o) => {
+                        control::call::<Applied>(c, &Request::ApplyViolin { violin: o.clone() })
+                            .map(|_| ())
+                    }
                     None => control::call::<serde_json::Value>(
                         c,
                         &Request::RemoveViolin {
@@ -194,7 +187,7 @@ fn wait_attached(
                         .map(|c| Path::new(c).with_file_name("console.log"))
                     {
                         let text = std::fs::read_to_string(&log).unwrap_or_default();
-                        if let Some(why) = crate::vm::boot_failure(&text) {
+                        if let Some(why) = crate::host::vm::boot_failure(&text) {
                             pb.abandon();
                             bail!(
                                 "guest {}@{} did not boot: {why} (its console: {})",
@@ -263,13 +256,13 @@ fn ensure_images(v: &Violin) -> Result<()> {
         })
         .collect();
     for p in sets {
-        let dir = crate::vm::image_dir(&p);
-        if !crate::vm::image_ready(&dir) {
+        let dir = crate::host::vm::image_dir(&p);
+        if !crate::host::vm::image_ready(&dir) {
             eprintln!(
                 "  · building the guest image {} (once; downloads a Debian kernel)",
                 dir.display()
             );
-            crate::vm::ensure_image(&p)?;
+            crate::host::vm::ensure_image(&p)?;
         }
     }
     Ok(())
@@ -608,12 +601,11 @@ pub fn migrate(
     wait_attached(st, &v, &[guest.to_string()].into(), timeout)?;
     // Announce once every host agrees where the guest lives.
     let target = st.host(to).unwrap();
-    control::call::<Applied>(
+    control::call::<serde_json::Value>(
         &target.control,
-        &Request::ApplyViolin {
-            violin: v.clone(),
-            announce: vec![guest.to_string()],
-            incoming: vec![],
+        &Request::Announce {
+            name: v.name.clone(),
+            guests: vec![guest.to_string()],
         },
     )?;
     let switched = t0.elapsed();
@@ -660,16 +652,15 @@ fn live_migrate_vm(
     from: &str,
     to: &str,
     timeout: Duration,
-) -> Result<crate::vm::LiveMigration> {
+) -> Result<crate::host::vm::LiveMigration> {
     let target = st.host(to).unwrap();
     let pb = spinner("  ");
     pb.set_message(format!("starting {guest} on {to}, waiting for its state"));
     control::call::<Applied>(
         &target.control,
-        &Request::ApplyViolin {
+        &Request::PrepareIncoming {
             violin: new.clone(),
-            announce: vec![],
-            incoming: vec![guest.to_string()],
+            guests: vec![guest.to_string()],
         },
     )?;
     let undo = || {
@@ -678,8 +669,6 @@ fn live_migrate_vm(
                 &target.control,
                 &Request::ApplyViolin {
                     violin: old.clone(),
-                    announce: vec![],
-                    incoming: vec![],
                 },
             )
             .map(|_| ()),
@@ -704,7 +693,7 @@ fn live_migrate_vm(
             .flat_map(|x| x.guests)
             .find(|g| g.name == guest))
     };
-    let r = (|| -> Result<crate::vm::LiveMigration> {
+    let r = (|| -> Result<crate::host::vm::LiveMigration> {
         let t0 = Instant::now();
         let incoming = loop {
             let g = find(to)?;
@@ -725,7 +714,7 @@ fn live_migrate_vm(
             .and_then(|g| g.qmp)
             .ok_or_else(|| anyhow!("{guest} on {from} has no QMP socket"))?;
         pb.set_message(format!("copying {guest} {from} → {to}"));
-        crate::vm::live_migrate(
+        crate::host::vm::live_migrate(
             std::path::Path::new(&qmp),
             std::path::Path::new(&incoming),
             timeout,
@@ -823,9 +812,9 @@ pub fn down(st: &ClusterState, name: &str) -> Result<()> {
         if let Ok(v) = parse_text(st, text, "saved spec") {
             for g in guest_names(&v) {
                 let ns = st.guest_netns(name, &g);
-                if crate::netns::exists(&ns) {
+                if crate::host::netns::exists(&ns) {
                     found = true;
-                    if let Err(e) = crate::netns::delete(&ns) {
+                    if let Err(e) = crate::host::netns::delete(&ns) {
                         errors.push(format!("{ns}: {e:#}"));
                     }
                 }

@@ -55,7 +55,7 @@ pub struct Prober {
 
 impl Prober {
     pub fn start(netns: &str, target: Ipv4Addr, interval: Duration) -> Result<Prober> {
-        let ns = crate::netns::open(netns)?;
+        let ns = crate::host::netns::open(netns)?;
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Seen::default()));
         let (s2, seen2) = (stop.clone(), seen.clone());

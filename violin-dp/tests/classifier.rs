@@ -78,9 +78,9 @@ fn classifier_fixture_table() {
         return;
     }
     let ns = format!("tcls{}", std::process::id());
-    let _guard = violin_dp::netns::NetnsGuard::create(&ns).unwrap();
+    let _guard = violin_dp::host::netns::NetnsGuard::create(&ns).unwrap();
     // Everything below runs inside the throwaway namespace (the veth and socket live there).
-    violin_dp::netns::run_in(&ns, || {
+    violin_dp::host::netns::run_in(&ns, || {
         run_table();
         Ok(())
     })
@@ -88,7 +88,7 @@ fn classifier_fixture_table() {
 }
 
 fn run_table() {
-    use violin_dp::netlink;
+    use violin_dp::host::netlink;
     netlink::with_handle(|h| async move {
         // Two rx queues: the daemon serves queue 0 only (see the end of the table).
         netlink::add_veth_queues(&h, "xa", "xb", 2).await?;

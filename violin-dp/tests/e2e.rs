@@ -365,7 +365,7 @@ fn malformed_and_foreign_vxlan_on_the_underlay_is_dropped_and_counted(dp: &str) 
     let send_from = |ns: &str, payloads: Vec<Vec<u8>>| {
         let ns = ns.to_string();
         std::thread::spawn(move || {
-            violin_dp::netns::enter(&ns).unwrap();
+            violin_dp::host::netns::enter(&ns).unwrap();
             let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
             for p in payloads {
                 s.send_to(&p, "172.31.0.1:4789").unwrap();
@@ -421,7 +421,7 @@ fn a_linux_kernel_vxlan_device_joins_as_an_external_member(dp: &str) {
     if !can_run() {
         return;
     }
-    use violin_dp::netlink;
+    use violin_dp::host::netlink;
     let c = Cluster::up(2, dp, &[]);
     // The spec plus a link so x may talk to a.
     c.up_spec(
@@ -429,7 +429,7 @@ fn a_linux_kernel_vxlan_device_joins_as_an_external_member(dp: &str) {
         &format!("{BLUE}\n[[link]]\nbetween = [\"a\", \"x\"]\n"),
     );
     let ext = attach_to_underlay(&c, "ext", Ipv4Addr::new(172, 31, 0, 50), 24);
-    violin_dp::netns::run_in(&ext, || {
+    violin_dp::host::netns::run_in(&ext, || {
         netlink::with_handle(|h| async move {
             // ip link add vx0 type vxlan id 101 dstport 4789 local 172.31.0.50 remote 172.31.0.1 nolearning
             let link = rtnetlink::LinkVxlan::new("vx0", 101)
@@ -524,7 +524,7 @@ fn a_bad_spec_is_rejected_whole_and_changes_nothing() {
         c.ok(&["ls", "--json"]).trim() == "[]",
         "nothing was created"
     );
-    assert!(violin_dp::netns::list(&format!("{}-blue-", c.name)).is_empty());
+    assert!(violin_dp::host::netns::list(&format!("{}-blue-", c.name)).is_empty());
     // The good spec still goes up afterwards, and twice is fine.
     c.up_spec("blue.toml", BLUE);
     let again = c.cmd(&["up", &c.write_spec("blue.toml", BLUE)]);
@@ -535,7 +535,7 @@ fn a_bad_spec_is_rejected_whole_and_changes_nothing() {
     );
     // Down removes its guests.
     c.ok(&["down", "blue"]);
-    assert!(violin_dp::netns::list(&format!("{}-blue-", c.name)).is_empty());
+    assert!(violin_dp::host::netns::list(&format!("{}-blue-", c.name)).is_empty());
     assert!(c.ok(&["ls", "--json"]).trim() == "[]");
 }
 
@@ -549,7 +549,7 @@ fn cluster_info_describes_the_underlay() {
     assert_eq!(info.subnet, "172.30.5.0/24");
     assert_eq!(info.hosts.len(), 3);
     assert_eq!(info.hosts[2].underlay, Ipv4Addr::new(172, 30, 5, 3));
-    assert!(violin_dp::netns::exists(&info.hosts[0].netns));
+    assert!(violin_dp::host::netns::exists(&info.hosts[0].netns));
     // Hosts reach each other over the underlay; the bridge itself has no address.
     let o = std::process::Command::new("ip")
         .args([
@@ -780,7 +780,7 @@ fn xdp_fast_ports_switch_police_and_carry_tcp() {
     assert!(port_a.socket.starts_with("xdp:"), "{}", port_a.socket);
     // Removing the Violin removes the fast ports' namespaces and veths.
     c.ok(&["down", "fast"]);
-    assert!(violin_dp::netns::list(&format!("{}-fast-", c.name)).is_empty());
+    assert!(violin_dp::host::netns::list(&format!("{}-fast-", c.name)).is_empty());
 }
 
 /// One socket per queue (the fallback where shared UMEM is refused): Violins share the
@@ -903,7 +903,7 @@ fn auto_dataplane_uses_xdp_where_it_can_and_says_why_not() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("xdp data plane"), "{err}");
     assert!(
-        violin_dp::netns::list(&format!("{name}-")).is_empty(),
+        violin_dp::host::netns::list(&format!("{name}-")).is_empty(),
         "a failed cluster up leaves nothing"
     );
     let _ = std::fs::remove_dir_all(run);
@@ -940,7 +940,7 @@ fn a_daemon_interrupted_with_ctrl_c_cleans_up() {
     assert!(!guest_sock.exists(), "guest socket left behind");
     assert!(!h1.control.exists(), "control socket left behind");
     assert!(
-        !violin_dp::netns::exists(&c.guest_ns("blue", "a")),
+        !violin_dp::host::netns::exists(&c.guest_ns("blue", "a")),
         "guest namespace left behind"
     );
     assert!(c.host_log("h1").contains("shutting down"));

@@ -242,7 +242,7 @@ fn a_failure_halfway_through_up_leaves_nothing_behind() {
     assert!(!c.ok(&["ls"]).contains("blue"));
     for g in ["a", "b", "c"] {
         assert!(
-            !violin_dp::netns::exists(&c.guest_ns("blue", g)),
+            !violin_dp::host::netns::exists(&c.guest_ns("blue", g)),
             "{g}'s namespace left behind"
         );
     }
@@ -259,7 +259,7 @@ fn a_failure_halfway_through_up_leaves_nothing_behind() {
     assert!(c.ping("blue", "a", "10.0.0.2", 1));
     c.ok(&["down", "blue"]);
     for g in ["a", "b", "c"] {
-        assert!(!violin_dp::netns::exists(&c.guest_ns("blue", g)));
+        assert!(!violin_dp::host::netns::exists(&c.guest_ns("blue", g)));
     }
     let o = c.cmd(&["down", "blue"]);
     assert!(!o.status.success(), "a second down says there is nothing");
@@ -285,12 +285,13 @@ fn up_is_idempotent() {
 
 /// The pid of the relay (`violin-dp guest --netns NS …`) of guest namespace `ns`.
 fn relay_pid(ns: &str) -> Option<i32> {
-    violin_dp::guest::pids_matching(|args| violin_dp::guest::is_relay_of(args, ns)).next()
+    violin_dp::host::guest::pids_matching(|args| violin_dp::host::guest::is_relay_of(args, ns))
+        .next()
 }
 
 #[test]
 fn a_netns_guest_over_its_memory_limit_is_contained() {
-    use violin_dp::cgroup::GuestCgroup;
+    use violin_dp::host::cgroup::GuestCgroup;
     if !can_run() {
         return;
     }
@@ -374,7 +375,7 @@ fn send_counted(from_ns: &str, to_ns: &str, dst: &str, size: usize, count: usize
     let (to_ns2, dst2) = (to_ns.to_string(), dst.to_string());
     let (tx, rx) = std::sync::mpsc::channel();
     let receiver = std::thread::spawn(move || {
-        violin_dp::netns::enter(&to_ns2).unwrap();
+        violin_dp::host::netns::enter(&to_ns2).unwrap();
         let s = std::net::UdpSocket::bind(&dst2).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
@@ -389,7 +390,7 @@ fn send_counted(from_ns: &str, to_ns: &str, dst: &str, size: usize, count: usize
     rx.recv().unwrap();
     let (from_ns, dst) = (from_ns.to_string(), dst.to_string());
     std::thread::spawn(move || {
-        violin_dp::netns::enter(&from_ns).unwrap();
+        violin_dp::host::netns::enter(&from_ns).unwrap();
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         let buf = vec![0x5au8; size];
         for i in 0..count {
@@ -527,7 +528,7 @@ fn profile_matrix_matches_what_was_sent() {
 /// GET /metrics from inside namespace `ns`.
 fn scrape(ns: &str, url_host: &str) -> std::io::Result<String> {
     let addr = format!("{url_host}:9464");
-    violin_dp::netns::run_in(ns, move || {
+    violin_dp::host::netns::run_in(ns, move || {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(1))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -632,7 +633,7 @@ fn a_guest_is_root_inside_and_nobody_outside() {
         .replace("[\"b\", \"c\"]", "[\"a\", \"c\"]");
     c.up_spec("blue.toml", &spec);
     let uid = |g| {
-        violin_dp::netns::guest_uid(&c.guest_ns("blue", g))
+        violin_dp::host::netns::guest_uid(&c.guest_ns("blue", g))
             .unwrap_or_else(|| panic!("{g} has no uid range"))
     };
     let (ua, ub, uc) = (uid("a"), uid("b"), uid("c"));
@@ -736,9 +737,9 @@ fn a_guest_is_root_inside_and_nobody_outside() {
     c.ok(&["down", "blue"]);
     for g in ["a", "b", "c"] {
         let ns = c.guest_ns("blue", g);
-        assert!(!violin_dp::netns::exists(&ns), "{ns} is left");
+        assert!(!violin_dp::host::netns::exists(&ns), "{ns} is left");
         assert!(
-            violin_dp::netns::guest_uid(&ns).is_none(),
+            violin_dp::host::netns::guest_uid(&ns).is_none(),
             "{ns}'s uid range is still recorded"
         );
     }

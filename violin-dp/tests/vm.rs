@@ -130,7 +130,7 @@ fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
     // network, then switches root to /dev/vda, whose /sbin/init is the disk's.
     let root = dir.join("root");
     std::fs::create_dir_all(&root).unwrap();
-    let initramfs = violin_dp::vm::image_dir(&[]).join("initramfs.cpio.gz");
+    let initramfs = violin_dp::host::vm::image_dir(&[]).join("initramfs.cpio.gz");
     let o = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -201,8 +201,8 @@ fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
     let mut expected: Vec<u32> = [("blue", "h1"), ("red", "h2")]
         .iter()
         .map(|(v, host)| {
-            let key = violin_dp::vm::uid_key(&c.guest_ns(v, "vm"), host);
-            violin_dp::uids::lookup(&key).unwrap_or_else(|| panic!("{v}'s VM has no uids"))
+            let key = violin_dp::host::vm::uid_key(&c.guest_ns(v, "vm"), host);
+            violin_dp::host::uids::lookup(&key).unwrap_or_else(|| panic!("{v}'s VM has no uids"))
         })
         .collect();
     let mut uids: Vec<u32> = vms.iter().map(|(_, uid)| *uid).collect();
@@ -372,19 +372,23 @@ fn a_vm_live_migrates_to_another_host_while_a_peer_pings_it() {
         !h1.join("vms").join("blue").join("vm").exists(),
         "h1 kept the VM's directory"
     );
-    let key = |host| violin_dp::vm::uid_key(&c.guest_ns("blue", "vm"), host);
+    let key = |host| violin_dp::host::vm::uid_key(&c.guest_ns("blue", "vm"), host);
     assert!(
-        violin_dp::uids::lookup(&key("h1")).is_none(),
+        violin_dp::host::uids::lookup(&key("h1")).is_none(),
         "h1 kept the VM's uid range"
     );
     assert!(
-        violin_dp::uids::lookup(&key("h3")).is_some(),
+        violin_dp::host::uids::lookup(&key("h3")).is_some(),
         "the VM on h3 has no uid range"
     );
     let left = cluster_vms(&c, "");
     assert_eq!(left.len(), 1, "exactly one QEMU for the VM: {left:?}");
     let uid = left.first().map(|(_, u)| *u);
-    assert_eq!(uid, violin_dp::uids::lookup(&key("h3")), "QEMU's uid on h3");
+    assert_eq!(
+        uid,
+        violin_dp::host::uids::lookup(&key("h3")),
+        "QEMU's uid on h3"
+    );
 }
 
 #[test]
@@ -395,7 +399,7 @@ fn a_vm_that_does_not_boot_fails_up_with_its_console_line_and_leaves_nothing() {
     let c = Cluster::up(1, "udp", &[]);
     // The default kernel with an initrd that is no archive: the kernel panics (no root).
     let junk = c.write_spec("junk.img", &"not an initramfs\n".repeat(512));
-    let kernel = violin_dp::vm::image_dir(&[]).join("vmlinux");
+    let kernel = violin_dp::host::vm::image_dir(&[]).join("vmlinux");
     let boot = format!("kernel = \"{}\"\ninitrd = \"{junk}\"", kernel.display());
     let spec = c.write_spec("blue.toml", &spec("blue", 101, "h1", "h1", "stream", &boot));
     let t0 = Instant::now();

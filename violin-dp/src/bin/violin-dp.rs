@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use violin_dp::config::{DataplaneChoice, HostConfig};
 use violin_dp::daemon::Daemon;
-use violin_dp::guest::{self, GuestArgs};
+use violin_dp::host::guest::{self, GuestArgs};
 
 #[derive(Parser)]
 #[command(
@@ -59,11 +59,11 @@ fn run() -> Result<()> {
             if let Some(d) = cli.dataplane {
                 cfg.dataplane = d;
             }
-            let mut daemon = Daemon::new(cfg)?;
-            if let Err(e) = violin_dp::cgroup::prepare() {
+            let daemon = Daemon::new(cfg)?;
+            if let Err(e) = violin_dp::host::cgroup::prepare() {
                 tracing::warn!("guest limits unavailable: {e:#}");
             }
-            daemon.restore();
+            // Before any thread starts: capabilities are per thread.
             if let Err(e) = daemon.drop_capabilities() {
                 tracing::warn!("keeping all capabilities: {e:#}");
             }

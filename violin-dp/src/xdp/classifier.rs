@@ -211,8 +211,8 @@ fn if_index(iface: &str) -> Result<u32> {
 pub fn detach_any(iface: &str) -> Result<()> {
     use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp};
     let iface = iface.to_string();
-    crate::netlink::with_handle(|h| async move {
-        let idx = crate::netlink::require_index(&h, &iface).await?;
+    crate::host::netlink::with_handle(|h| async move {
+        let idx = crate::host::netlink::require_index(&h, &iface).await?;
         for flags in [0u32, 2, 4] {
             let msg = rtnetlink::LinkUnspec::new_with_index(idx)
                 .append_extra_attribute(LinkAttribute::Xdp(vec![

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use violin_dp::cli::ClusterStats;
 use violin_dp::cluster::ClusterState;
-use violin_dp::netns;
+use violin_dp::host::netns;
 
 /// Cluster tests run one at a time: they share two cores and measure rates.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -351,7 +351,7 @@ pub fn udp_send(ns: &str, dst: &str, size: usize, count: usize, broadcast: bool)
 /// Attaches a new namespace `CLUSTER-SUFFIX` to the cluster's underlay bridge with
 /// `ip/prefix` on its `eth0` (removed with the cluster: it carries the cluster prefix).
 pub fn attach_to_underlay(c: &Cluster, suffix: &str, ip: std::net::Ipv4Addr, prefix: u8) -> String {
-    use violin_dp::netlink;
+    use violin_dp::host::netlink;
     let ns = format!("{}-{suffix}", c.name);
     netns::create(&ns).unwrap();
     let bridge = c.info().bridge;

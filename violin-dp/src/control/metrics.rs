@@ -1,6 +1,8 @@
 //! Prometheus text exposition (format 0.0.4) of one host's counters: per Violin, per
 //! edge, drops by reason, guest ports and AF_XDP rings. The daemon serves it over HTTP
-//! on its metrics port, inside the host's own namespace.
+//! (hyper, HTTP/1.1 with keep-alive) on its metrics port, inside the host's own
+//! namespace, from a thread of its own: idle or slow clients cost only their own
+//! connection, and a scrape reads a worker snapshot and the manager's published view.
 
 use crate::control::HostViolinStats;
 use std::collections::BTreeMap;
@@ -79,7 +81,7 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
         (
             "violin_edge_packets_total",
             "Frames sent from one member to another, counted where the sender is policed.",
-            (|e: &crate::fastpath::switch::EdgeStats| e.packets) as fn(&_) -> u64,
+            (|e: &crate::datapath::fastpath::switch::EdgeStats| e.packets) as fn(&_) -> u64,
         ),
         (
             "violin_edge_bytes_total",
@@ -135,7 +137,7 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
         );
     }
 
-    type PortGet = fn(&crate::transport::guest::PortCounters) -> u64;
+    type PortGet = fn(&crate::datapath::transport::guest::PortCounters) -> u64;
     let port: [(&str, &str, PortGet); 5] = [
         (
             "violin_port_rx_frames_total",
@@ -294,32 +296,127 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
     out
 }
 
-/// A complete HTTP/1.0 response carrying `body` (or a 404 for other paths).
-pub fn http_response(request: &[u8], body: impl FnOnce() -> String) -> Vec<u8> {
-    let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = if method == "GET" && (path == "/metrics" || path == "/") {
-        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body())
+/// The status, content type and body of the answer to `METHOD PATH` (`body` renders
+/// the metrics, only when asked for them).
+pub fn route(
+    method: &str,
+    path: &str,
+    body: impl FnOnce() -> String,
+) -> (u16, &'static str, String) {
+    if method == "GET" && (path == "/metrics" || path == "/") {
+        (200, "text/plain; version=0.0.4; charset=utf-8", body())
     } else {
         (
-            "404 Not Found",
+            404,
             "text/plain; charset=utf-8",
             "try GET /metrics\n".to_string(),
         )
-    };
-    format!(
-        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    }
+}
+
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 1024;
+/// A client must send its request headers within this long.
+const HEADER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest a scrape waits for the packet worker's counters.
+const SNAPSHOT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves `/metrics` on `listener` until the process ends.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    ctx: crate::control::server::Ctx,
+) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use std::sync::Arc;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("metrics accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue; // over the limit: closed
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let ctx = ctx.clone();
+                    async move {
+                        let text = match req.uri().path() {
+                            "/metrics" | "/" if req.method() == hyper::Method::GET => {
+                                scrape(&ctx).await
+                            }
+                            _ => None,
+                        };
+                        let (status, ctype, body) = match text {
+                            Some(t) => route("GET", "/metrics", || t),
+                            None if req.method() == hyper::Method::GET
+                                && matches!(req.uri().path(), "/metrics" | "/") =>
+                            {
+                                (
+                                    503,
+                                    "text/plain; charset=utf-8",
+                                    "the packet worker did not answer\n".into(),
+                                )
+                            }
+                            None => route(req.method().as_str(), req.uri().path(), String::new),
+                        };
+                        hyper::Response::builder()
+                            .status(status)
+                            .header(hyper::header::CONTENT_TYPE, ctype)
+                            .body(Full::new(Bytes::from(body)))
+                    }
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_DEADLINE)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+}
+
+/// The exposition text of this host now, or `None` if the worker did not answer.
+async fn scrape(ctx: &crate::control::server::Ctx) -> Option<String> {
+    use crate::datapath::worker::Command;
+    let counters = tokio::time::timeout(
+        SNAPSHOT_DEADLINE,
+        ctx.worker.ask_async(|reply| Command::Snapshot { reply }),
     )
-    .into_bytes()
+    .await
+    .ok()?
+    .ok()?;
+    let view = crate::control::manager::lock(&ctx.view).clone();
+    let verdicts = ctx
+        .classifier
+        .as_ref()
+        .map(|c| crate::control::manager::lock(c).verdicts());
+    let all = view.all_stats(&counters, verdicts.as_ref());
+    Some(render(
+        &HostCounters {
+            host: &view.host,
+            dataplane: &view.dataplane,
+            host_drops: &counters.host_drops,
+            udp_rx_frames: counters.udp_rx_frames,
+        },
+        &all,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fastpath::switch::{EdgeStats, ViolinStats};
+    use crate::datapath::fastpath::switch::{EdgeStats, ViolinStats};
 
     #[test]
     fn exposition_format() {
@@ -376,17 +473,12 @@ mod tests {
     }
 
     #[test]
-    fn http() {
-        let r = http_response(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", || {
-            "x 1\n".into()
-        });
-        let r = String::from_utf8(r).unwrap();
-        assert!(
-            r.starts_with("HTTP/1.0 200 OK\r\n") && r.ends_with("\r\n\r\nx 1\n"),
-            "{r}"
-        );
-        assert!(r.contains("Content-Length: 4\r\n"));
-        let r = http_response(b"GET /nope HTTP/1.1\r\n\r\n", || unreachable!());
-        assert!(String::from_utf8(r).unwrap().starts_with("HTTP/1.0 404"));
+    fn routes() {
+        let (status, ctype, body) = route("GET", "/metrics", || "x 1\n".into());
+        assert_eq!((status, body.as_str()), (200, "x 1\n"));
+        assert!(ctype.starts_with("text/plain; version=0.0.4"));
+        assert_eq!(route("GET", "/", || "y".into()).0, 200);
+        assert_eq!(route("GET", "/nope", || unreachable!()).0, 404);
+        assert_eq!(route("POST", "/metrics", || unreachable!()).0, 404);
     }
 }

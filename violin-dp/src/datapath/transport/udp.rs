@@ -6,7 +6,7 @@
 //! frame). Send: `sendmsg` of two iovecs, the 8-byte VXLAN header and the frame, so the
 //! frame is never copied.
 
-use crate::fastpath::encap;
+use crate::datapath::fastpath::encap;
 use nix::sys::socket::{sendmsg, MsgFlags, SockaddrIn};
 use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};

@@ -93,18 +93,18 @@ fn new_mount_point(name: &str) -> Result<PathBuf> {
 }
 
 /// Creates a guest's network namespace, owned by a new user namespace that maps uids and
-/// gids 0–65535 inside to a range outside that no other guest uses ([`crate::uids`]).
+/// gids 0–65535 inside to a range outside that no other guest uses ([`crate::host::uids`]).
 /// Returns the first outer uid. Needs root (CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID).
 pub fn create_guest(name: &str) -> Result<u32> {
-    crate::uids::locked(|| {
+    crate::host::uids::locked(|| {
         let p = new_mount_point(name)?;
-        let made = crate::uids::allocate(name, &p).and_then(|first| {
+        let made = crate::host::uids::allocate(name, &p).and_then(|first| {
             unshare_owned(&p, first)?;
             Ok(first)
         });
         if made.is_err() {
             let _ = fs::remove_file(&p);
-            crate::uids::release(name);
+            crate::host::uids::release(name);
         }
         made.with_context(|| format!("creating guest namespace {name}"))
     })
@@ -112,7 +112,7 @@ pub fn create_guest(name: &str) -> Result<u32> {
 
 /// The first outer uid of a guest namespace's range, if it has one.
 pub fn guest_uid(name: &str) -> Option<u32> {
-    crate::uids::lookup(name)
+    crate::host::uids::lookup(name)
 }
 
 /// Forks a child that unshares a user and a network namespace (the user namespace comes
@@ -156,7 +156,7 @@ fn unshare_owned(target: &Path, base: u32) -> Result<()> {
                 return Err(std::io::Error::from_raw_os_error(errno))
                     .context("unshare(CLONE_NEWUSER | CLONE_NEWNET)");
             }
-            let map = format!("0 {base} {}\n", crate::uids::RANGE);
+            let map = format!("0 {base} {}\n", crate::host::uids::RANGE);
             for f in ["uid_map", "gid_map"] {
                 fs::write(format!("/proc/{child}/{f}"), &map)
                     .with_context(|| format!("writing /proc/{child}/{f} (needs CAP_SETUID)"))?;
@@ -234,7 +234,7 @@ pub fn delete(name: &str) -> Result<()> {
     }
     let _ = umount2(&p, MntFlags::MNT_DETACH);
     fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-    crate::uids::release(name);
+    crate::host::uids::release(name);
     Ok(())
 }
 

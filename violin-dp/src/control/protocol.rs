@@ -1,10 +1,10 @@
 //! The CLI ↔ daemon control protocol: one JSON request per connection on the daemon's
-//! UNIX control socket, one JSON response back.
+//! UNIX control socket (one line, at most [`MAX_REQUEST`] bytes), one JSON response back.
 
-use crate::fastpath::switch::ViolinStats;
+use crate::datapath::fastpath::switch::ViolinStats;
+use crate::datapath::transport::afxdp::{AfXdpStats, SlotStats};
+use crate::datapath::transport::guest::PortCounters;
 use crate::spec::{GuestKind, Violin};
-use crate::transport::afxdp::{AfXdpStats, SlotStats};
-use crate::transport::guest::PortCounters;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -21,15 +21,20 @@ pub enum Request {
     AddViolin {
         violin: Violin,
     },
-    /// Add the Violin, or bring it to this spec; `announce`: guests that send a
-    /// gratuitous ARP once attached here (a move).
+    /// Add the Violin, or bring it to this spec.
     ApplyViolin {
         violin: Violin,
-        #[serde(default)]
-        announce: Vec<String>,
-        /// VMs that start here waiting for a live migration (`-incoming`).
-        #[serde(default)]
-        incoming: Vec<String>,
+    },
+    /// Bring the Violin to this spec, with the named VMs started here waiting for a
+    /// live migration (`-incoming`) rather than booting.
+    PrepareIncoming {
+        violin: Violin,
+        guests: Vec<String>,
+    },
+    /// The named guests (which moved here) send a gratuitous ARP once attached.
+    Announce {
+        name: String,
+        guests: Vec<String>,
     },
     RemoveViolin {
         name: String,
@@ -39,6 +44,16 @@ pub enum Request {
     },
 }
 
+/// The largest request line the daemon reads; a longer one is refused.
+pub const MAX_REQUEST: usize = 16 << 20;
+
+impl Request {
+    /// Whether the request only reads (answered without waiting for changes in flight).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Request::Status | Request::Stats { .. })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
@@ -46,6 +61,26 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default)]
     pub data: serde_json::Value,
+}
+
+impl Response {
+    pub fn from_result(r: Result<serde_json::Value>) -> Response {
+        match r {
+            Ok(data) => Response {
+                ok: true,
+                error: None,
+                data,
+            },
+            Err(e) => Response::error(format!("{e:#}")),
+        }
+    }
+    pub fn error(msg: String) -> Response {
+        Response {
+            ok: false,
+            error: Some(msg),
+            data: serde_json::Value::Null,
+        }
+    }
 }
 
 /// What an `ApplyViolin` changed on one host (guest names).

@@ -3,7 +3,7 @@
 //!
 //! - [`switch`]: decides where a frame goes (and polices it through [`police`]);
 //! - [`encap`]: VXLAN encapsulation/decapsulation around the switch;
-//! - the transports that move the bytes live in [`crate::transport`].
+//! - the transports that move the bytes live in [`crate::datapath::transport`].
 
 pub mod encap;
 pub mod police;

@@ -12,7 +12,7 @@
 //! neighbour table. Copy mode (veth has no zero-copy), need_wakeup on.
 
 use super::xsk::{XskCore, XskCounters};
-use crate::fastpath::encap::{self, Outer};
+use crate::datapath::fastpath::encap::{self, Outer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -135,6 +135,13 @@ impl AfXdp {
 
     pub fn slot_stats(&self, slot: usize) -> Option<SlotStats> {
         slot_stats(&self.slots.get(slot)?.as_ref()?.rx)
+    }
+
+    /// The kernel's counters of every open slot's socket.
+    pub fn all_slot_stats(&self) -> std::collections::BTreeMap<usize, SlotStats> {
+        (0..self.slots.len())
+            .filter_map(|s| Some((s, self.slot_stats(s)?)))
+            .collect()
     }
 
     /// Receives up to `budget` frames from a slot, calling `f(outer source, VNI, inner)`

@@ -658,6 +658,17 @@ impl Switch {
         })
     }
 
+    /// The ports of a Violin's local guests.
+    pub fn ports_of(&self, name: &str) -> Vec<PortId> {
+        let Some(&slot) = self.by_name.get(name) else {
+            return Vec::new();
+        };
+        (0..self.ports.len())
+            .filter(|&p| matches!(self.ports[p], Some((v, _)) if v == slot))
+            .map(|p| p as PortId)
+            .collect()
+    }
+
     /// Removes a Violin and frees its ports. Returns its final statistics.
     pub fn remove_violin(&mut self, name: &str) -> Option<ViolinStats> {
         let slot = self.by_name.remove(name)?;

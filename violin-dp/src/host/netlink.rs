@@ -1,5 +1,5 @@
 //! Link and address configuration through rtnetlink, for whichever network namespace the
-//! calling thread is in (combine with [`crate::netns::run_in`]).
+//! calling thread is in (combine with [`crate::host::netns::run_in`]).
 //!
 //! Each call opens its own netlink connection on a current-thread runtime: this is
 //! control-path work, done a handful of times per guest or host.

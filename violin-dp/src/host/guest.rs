@@ -3,8 +3,8 @@
 //! NIC. The relay runs as its own process (`violin-dp guest …`), started and supervised
 //! by the host's daemon; it reconnects whenever the socket goes away.
 
-use crate::netlink;
-use crate::netns;
+use crate::host::netlink;
+use crate::host::netns;
 use crate::spec::Framing;
 use anyhow::{Context, Result};
 use nix::sys::socket::{recv, MsgFlags};
@@ -225,7 +225,7 @@ impl Conn {
         Ok(match framing {
             Framing::Stream => Conn::Stream(UnixStream::connect(path)?),
             Framing::Dgram => {
-                let local = crate::transport::guest::peer_path(path);
+                let local = crate::datapath::transport::guest::peer_path(path);
                 let _ = std::fs::remove_file(&local);
                 let s = UnixDatagram::bind(&local)?;
                 s.connect(path)?;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use violin_common::wire::EthernetAddress;
 
 /// The script that builds guest images (also in `scripts/`).
-const BUILD_SCRIPT: &str = include_str!("../../scripts/build-guest-image.sh");
+const BUILD_SCRIPT: &str = include_str!("../../../scripts/build-guest-image.sh");
 
 /// Where guest images are kept (`VIOLIN_IMAGES_DIR`, default /var/cache/violin/images).
 pub fn images_dir() -> PathBuf {
@@ -284,7 +284,7 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
 }
 
 /// Hands the VM's directory (group root) and its port socket to the uid QEMU runs as:
-/// the first of the guest's own range ([`crate::uids`]), shared with no other guest.
+/// the first of the guest's own range ([`crate::host::uids`]), shared with no other guest.
 pub fn hand_over(dir: &Path, socket: &Path, uid: u32) -> Result<()> {
     use nix::unistd::{chown, Gid, Uid};
     for (p, gid) in [(dir, 0), (socket, uid)] {
@@ -300,27 +300,10 @@ pub fn uid_key(netns_name: &str, host: &str) -> String {
     format!("{netns_name}@{host}.vm")
 }
 
-/// The pid of a running QEMU whose argument list is `cmd` (apart from an `-incoming`
-/// it was started with: a VM that arrived by live migration).
-pub fn find_running(cmd: &[String]) -> Option<i32> {
-    crate::guest::pids_matching(|args| {
-        let mut args = args.to_vec();
-        if let Some(i) = args.iter().position(|a| *a == b"-incoming") {
-            args.drain(i..(i + 2).min(args.len()));
-        }
-        args.len() == cmd.len() && args.iter().zip(cmd).all(|(a, b)| *a == b.as_bytes())
-    })
-    .next()
-}
-
-/// Kills QEMU processes of this VM directory left by a daemon that crashed.
-pub fn kill_stale(dir: &Path) {
-    let needle = dir.display().to_string();
-    crate::guest::kill_stale(|args| {
-        args.iter().any(|a| {
-            std::str::from_utf8(a).is_ok_and(|s| s.contains(&needle) && s.contains("agent.sock"))
-        })
-    });
+/// Where the daemon records the pid (and start time) of the VM's QEMU when it starts it
+/// ([`crate::host::procs`]): a later daemon takes the VM over through this file.
+pub fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("qemu.pid")
 }
 
 /// A QMP (QEMU Machine Protocol) connection: one JSON object per line.

@@ -1,0 +1,15 @@
+//! The control plane of one host: the protocol the CLI speaks ([`protocol`]), the
+//! control socket's server ([`server`]: many clients at once, each with a deadline and
+//! a size bound), the host manager that owns every Violin's record on this host and
+//! turns requests into worker commands and host changes ([`manager`]), persistence
+//! for restarts ([`persist`]), the neighbour watcher ([`neighbours`]) and the metrics
+//! server ([`metrics`]). None of it runs on a packet worker's thread.
+
+pub mod manager;
+pub mod metrics;
+pub mod neighbours;
+pub mod persist;
+pub mod protocol;
+pub mod server;
+
+pub use protocol::*;

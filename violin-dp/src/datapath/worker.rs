@@ -1,0 +1,657 @@
+//! A packet worker: the thread that owns one switch, its guest ports and the underlay,
+//! and does nothing but move frames.
+//!
+//! Each wake-up: apply the control commands that arrived (between batches, never in
+//! the middle of one), read ready sockets with a budget each (one busy guest cannot
+//! starve the rest), pass every frame through [`Fabric::switch_and_deliver`], flush.
+//! The worker blocks only in its own `epoll_wait`; it has no timer of its own and no
+//! control work: specs, netlink, processes and persistence happen on the control
+//! thread, which sends [`Command`]s through a [`WorkerHandle`] (a channel and a waker).
+//! Counters leave the worker as [`Counters`] snapshots, on request.
+
+use crate::datapath::fastpath::switch::{
+    AddError, Egress, Ingress, PortId, Switch, Update, ViolinStats,
+};
+use crate::datapath::transport::afxdp::{AfXdpStats, SlotStats};
+use crate::datapath::transport::guest::{PortCounters, RxEvent};
+use crate::datapath::transport::udp::{Received, UdpUnderlay};
+use crate::datapath::transport::underlay::Underlay;
+use crate::datapath::transport::Port;
+use crate::spec::Violin;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::os::fd::RawFd;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+use violin_common::wire::{arp, EthernetAddress};
+use violin_common::Verdict;
+
+const UNDERLAY: Token = Token(0);
+const WAKER: Token = Token(1);
+const PORT_BASE: usize = 16;
+/// Tokens of the Violins' AF_XDP sockets: XSK_BASE + slot.
+const XSK_BASE: usize = 1 << 40;
+/// Frames read from one socket before the worker moves on to the others.
+const BUDGET: usize = 64;
+
+fn port_token(p: PortId) -> Token {
+    Token(PORT_BASE + 2 * p as usize)
+}
+fn conn_token(p: PortId) -> Token {
+    Token(PORT_BASE + 2 * p as usize + 1)
+}
+
+/// Where a command's answer goes: the control thread waits on it (blocking), the
+/// control socket's and metrics' servers await it.
+pub type Reply<T> = oneshot::Sender<T>;
+
+/// A change or a question from the control plane, applied between batches.
+pub enum Command {
+    /// Add the Violin (`Update::added` holds every local guest's port), or bring an
+    /// existing one to this spec. Ports of `removed` guests are detached and returned.
+    Apply {
+        spec: Box<Violin>,
+        local_host: String,
+        reply: Reply<Result<(Update, Vec<Port>), AddError>>,
+    },
+    /// Forget a Violin; its ports are detached and returned for teardown.
+    Remove {
+        name: String,
+        reply: Reply<(Option<ViolinStats>, Vec<Port>)>,
+    },
+    /// Give a port the switch assigned its transport (after the control thread made it).
+    AttachPort {
+        id: PortId,
+        port: Port,
+    },
+    /// The guest behind `port` sends a gratuitous ARP once its port connects (a move).
+    Announce {
+        port: PortId,
+        mac: EthernetAddress,
+        ip: Ipv4Addr,
+    },
+    /// xdp: open the AF_XDP socket of `slot`, or hand back the one that is open.
+    AddSlot {
+        slot: usize,
+        reply: Reply<anyhow::Result<RawFd>>,
+    },
+    RemoveSlot {
+        slot: usize,
+    },
+    /// The underlay's resolved neighbours (xdp builds outer headers from them).
+    Neighbours(Vec<(Ipv4Addr, EthernetAddress)>),
+    Snapshot {
+        reply: Reply<Counters>,
+    },
+    /// Leave the loop; the remaining ports are returned for teardown.
+    Stop {
+        reply: Reply<Vec<Port>>,
+    },
+}
+
+/// One worker's counters at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub violins: Vec<ViolinStats>,
+    /// By port id.
+    pub ports: BTreeMap<PortId, PortSnapshot>,
+    pub host_drops: BTreeMap<String, u64>,
+    /// VXLAN frames received through the kernel's UDP socket.
+    pub udp_rx_frames: u64,
+    pub rings: Option<AfXdpStats>,
+    pub slots: BTreeMap<usize, SlotStats>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PortSnapshot {
+    pub counters: PortCounters,
+    pub connected: bool,
+    pub describe: String,
+}
+
+/// The control side's end of a worker: send commands, wake it.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+/// The worker stopped (it panicked or was stopped): nothing can be applied.
+#[derive(Debug, thiserror::Error)]
+#[error("the packet worker is not running")]
+pub struct WorkerGone;
+
+impl WorkerHandle {
+    pub fn send(&self, c: Command) -> Result<(), WorkerGone> {
+        self.tx.send(c).map_err(|_| WorkerGone)?;
+        self.waker.wake().map_err(|_| WorkerGone)
+    }
+
+    /// Sends a question and waits for the answer (control thread only: it blocks).
+    pub fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, WorkerGone> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.blocking_recv().map_err(|_| WorkerGone)
+    }
+
+    /// The same, for async callers (the control socket's and metrics' servers).
+    pub async fn ask_async<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, WorkerGone> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| WorkerGone)
+    }
+}
+
+/// A guest port as the worker holds it.
+struct WPort {
+    port: Port,
+    /// A gratuitous ARP to send once the port connects.
+    announce: Option<(EthernetAddress, Ipv4Addr)>,
+}
+
+/// The switch and the ports it delivers to: one place where a frame is switched and
+/// handed to its outputs, whichever transport it came from.
+struct Fabric {
+    switch: Switch,
+    ports: Vec<Option<WPort>>,
+    out: Vec<Egress>,
+}
+
+/// Where tunnel outputs go: the underlay the frame did not come from.
+trait TunnelTx {
+    fn tunnel(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict>;
+}
+impl TunnelTx for &UdpUnderlay {
+    fn tunnel(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
+        self.send(dst, vni, frame)
+    }
+}
+impl TunnelTx for &mut Underlay {
+    fn tunnel(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
+        self.send(dst, vni, frame)
+    }
+}
+
+impl Fabric {
+    /// Switches one frame and hands it to each output's transport; failures are
+    /// counted as drops.
+    #[inline]
+    fn switch_and_deliver(
+        &mut self,
+        ingress: Ingress,
+        frame: &[u8],
+        now: u64,
+        mut tx: impl TunnelTx,
+    ) {
+        let Fabric { switch, ports, out } = self;
+        if switch.process(ingress, frame, now, out) != Verdict::Forward {
+            return;
+        }
+        for &e in out.iter() {
+            let r = match e {
+                Egress::Port(q) => match ports.get_mut(q as usize).and_then(Option::as_mut) {
+                    Some(wp) => wp.port.send(frame),
+                    None => Err(Verdict::PortDown),
+                },
+                Egress::Tunnel { dst, vni } => tx.tunnel(dst, vni, frame),
+            };
+            if let Err(v) = r {
+                switch.count_egress_drop(e, v);
+            }
+        }
+    }
+}
+
+pub struct Worker {
+    poll: Poll,
+    fabric: Fabric,
+    underlay: Underlay,
+    commands: Receiver<Command>,
+    scratch: Vec<u8>,
+    again: VecDeque<Token>,
+    udp_rx_frames: u64,
+    start: Instant,
+    stop: Option<Reply<Vec<Port>>>,
+}
+
+impl Worker {
+    /// A worker over `underlay`, and the handle that commands it.
+    pub fn new(underlay: Underlay) -> std::io::Result<(Worker, WorkerHandle)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        poll.registry().register(
+            &mut SourceFd(&underlay.udp().fd()),
+            UNDERLAY,
+            Interest::READABLE,
+        )?;
+        let (tx, rx) = mpsc::channel();
+        let w = Worker {
+            poll,
+            fabric: Fabric {
+                switch: Switch::new(),
+                ports: Vec::new(),
+                out: Vec::with_capacity(64),
+            },
+            underlay,
+            commands: rx,
+            scratch: vec![0u8; 65536 + 64],
+            again: VecDeque::with_capacity(64),
+            udp_rx_frames: 0,
+            start: Instant::now(),
+            stop: None,
+        };
+        Ok((w, WorkerHandle { tx, waker }))
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// The loop; returns when told to stop, or when every handle is gone.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            if !self.apply_commands() {
+                break;
+            }
+            let timeout = (!self.again.is_empty()).then_some(Duration::ZERO);
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                warn!("packet worker: poll failed: {e}");
+                break;
+            }
+            for ev in events.iter() {
+                self.dispatch(ev.token(), ev.is_writable());
+            }
+            for _ in 0..self.again.len() {
+                if let Some(t) = self.again.pop_front() {
+                    self.dispatch(t, false);
+                }
+            }
+            self.underlay.flush();
+            for wp in self.fabric.ports.iter_mut().flatten() {
+                if let Port::Xdp(x) = &mut wp.port {
+                    x.flush();
+                }
+            }
+        }
+        let ports = self.detach_all();
+        if let Some(reply) = self.stop.take() {
+            let _ = reply.send(ports);
+        }
+        info!("packet worker stopped");
+    }
+
+    /// Applies every queued command; false once the worker is to stop.
+    fn apply_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Stop { reply }) => {
+                    self.stop = Some(reply);
+                    return false;
+                }
+                Ok(c) => self.apply(c),
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn apply(&mut self, c: Command) {
+        match c {
+            Command::Apply {
+                spec,
+                local_host,
+                reply,
+            } => {
+                let now = self.now();
+                let sw = &mut self.fabric.switch;
+                let r = if sw.violin(&spec.name).is_some() {
+                    sw.update_violin(&spec, &local_host, now)
+                } else {
+                    sw.add_violin(&spec, &local_host, now).map(|added| Update {
+                        added,
+                        ..Update::default()
+                    })
+                };
+                let r = r.map(|up| {
+                    let gone = up.removed.iter().filter_map(|p| self.detach(*p)).collect();
+                    (up, gone)
+                });
+                let _ = reply.send(r);
+            }
+            Command::Remove { name, reply } => {
+                let mine: Vec<PortId> = self.fabric.switch.ports_of(&name);
+                let stats = self.fabric.switch.remove_violin(&name);
+                let gone = mine.into_iter().filter_map(|p| self.detach(p)).collect();
+                let _ = reply.send((stats, gone));
+            }
+            Command::AttachPort { id, port } => self.attach(id, port),
+            Command::Announce { port, mac, ip } => {
+                let Some(wp) = self.port_mut(port) else {
+                    return;
+                };
+                wp.announce = Some((mac, ip));
+                let waits = matches!(&wp.port, Port::Sock(g) if g.is_stream() && !g.connected());
+                if !waits {
+                    self.announce(port);
+                }
+            }
+            Command::AddSlot { slot, reply } => {
+                let _ = reply.send(self.add_slot(slot));
+            }
+            Command::RemoveSlot { slot } => {
+                if let Some(xsk) = self.underlay.xsk() {
+                    if let Some(fd) = xsk.slot_fd(slot) {
+                        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                    }
+                    xsk.remove_slot(slot);
+                }
+            }
+            Command::Neighbours(n) => {
+                if let Some(xsk) = self.underlay.xsk() {
+                    xsk.set_neighbours(n);
+                }
+            }
+            Command::Snapshot { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Command::Stop { .. } => unreachable!("handled by apply_commands"),
+        }
+    }
+
+    fn port_mut(&mut self, p: PortId) -> Option<&mut WPort> {
+        self.fabric
+            .ports
+            .get_mut(p as usize)
+            .and_then(Option::as_mut)
+    }
+
+    fn attach(&mut self, id: PortId, port: Port) {
+        let i = id as usize;
+        if self.fabric.ports.len() <= i {
+            self.fabric.ports.resize_with(i + 1, || None);
+        }
+        if let Some(old) = self.detach(id) {
+            warn!(
+                port = id,
+                "a port was attached twice; the older transport is closed"
+            );
+            drop(old);
+        }
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&port.socket_fd()),
+            port_token(id),
+            Interest::READABLE,
+        ) {
+            warn!(port = id, "registering a guest port: {e}");
+        }
+        self.fabric.ports[i] = Some(WPort {
+            port,
+            announce: None,
+        });
+        // A dgram or fast port may already hold frames.
+        self.again.push_back(port_token(id));
+    }
+
+    fn detach(&mut self, id: PortId) -> Option<Port> {
+        let wp = self.fabric.ports.get_mut(id as usize)?.take()?;
+        let reg = self.poll.registry();
+        let _ = reg.deregister(&mut SourceFd(&wp.port.socket_fd()));
+        if let Some(fd) = wp.port.conn_fd() {
+            let _ = reg.deregister(&mut SourceFd(&fd));
+        }
+        Some(wp.port)
+    }
+
+    fn detach_all(&mut self) -> Vec<Port> {
+        (0..self.fabric.ports.len() as PortId)
+            .filter_map(|p| self.detach(p))
+            .collect()
+    }
+
+    fn add_slot(&mut self, slot: usize) -> anyhow::Result<RawFd> {
+        let Some(xsk) = self.underlay.xsk() else {
+            anyhow::bail!("this host does not run the xdp data plane");
+        };
+        if let Some(fd) = xsk.slot_fd(slot) {
+            return Ok(fd);
+        }
+        let fd = xsk.add_slot(slot)?;
+        self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(XSK_BASE + slot),
+            Interest::READABLE,
+        )?;
+        Ok(fd)
+    }
+
+    fn snapshot(&mut self) -> Counters {
+        let sw = &self.fabric.switch;
+        let violins = sw.violins().filter_map(|v| sw.stats(&v.name)).collect();
+        let ports = self
+            .fabric
+            .ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, wp)| {
+                let wp = wp.as_ref()?;
+                Some((
+                    i as PortId,
+                    PortSnapshot {
+                        counters: wp.port.counters(),
+                        connected: wp.port.connected(),
+                        describe: wp.port.describe(),
+                    },
+                ))
+            })
+            .collect();
+        let host_drops = sw.host_drops();
+        let (rings, slots) = match self.underlay.xsk() {
+            Some(x) => (Some(x.stats()), x.all_slot_stats()),
+            None => (None, BTreeMap::new()),
+        };
+        Counters {
+            violins,
+            ports,
+            host_drops,
+            udp_rx_frames: self.udp_rx_frames,
+            rings,
+            slots,
+        }
+    }
+
+    fn dispatch(&mut self, t: Token, writable: bool) {
+        match t {
+            UNDERLAY => self.underlay_rx(),
+            WAKER => {}
+            Token(n) if n >= XSK_BASE => self.xsk_rx(n - XSK_BASE),
+            Token(n) if n >= PORT_BASE => {
+                let p = ((n - PORT_BASE) / 2) as PortId;
+                if (n - PORT_BASE).is_multiple_of(2) {
+                    self.port_accept_or_rx(p);
+                } else {
+                    if writable {
+                        if let Some(wp) = self.port_mut(p) {
+                            wp.port.flush();
+                        }
+                    }
+                    self.port_rx(p);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // --- the per-packet path ------------------------------------------------------------
+
+    fn underlay_rx(&mut self) {
+        let now = self.now();
+        let Worker {
+            fabric,
+            underlay,
+            scratch,
+            again,
+            udp_rx_frames,
+            ..
+        } = self;
+        let udp = underlay.udp();
+        for _ in 0..BUDGET {
+            match udp.recv(scratch) {
+                Ok(Some(Received::Frame(src, vni, inner))) => {
+                    *udp_rx_frames += 1;
+                    fabric.switch_and_deliver(Ingress::Tunnel { src, vni }, inner, now, udp);
+                }
+                Ok(Some(Received::Bad(v))) => fabric.switch.count_host_drop(v),
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("underlay receive: {e}");
+                    return;
+                }
+            }
+        }
+        again.push_back(UNDERLAY);
+    }
+
+    fn xsk_rx(&mut self, slot: usize) {
+        let now = self.now();
+        let Worker {
+            fabric,
+            underlay,
+            again,
+            ..
+        } = self;
+        let Underlay::Xdp { udp, xsk } = underlay else {
+            return;
+        };
+        let udp: &UdpUnderlay = udp;
+        // Tunnel → guest only (split horizon): outputs are local ports, or an
+        // external member reached through the kernel's socket.
+        let more = xsk.rx(slot, BUDGET, |src, vni, inner| {
+            fabric.switch_and_deliver(Ingress::Tunnel { src, vni }, inner, now, udp);
+        });
+        if more {
+            again.push_back(Token(XSK_BASE + slot));
+        }
+    }
+
+    fn port_rx(&mut self, p: PortId) {
+        let Some(token) = self
+            .fabric
+            .ports
+            .get(p as usize)
+            .and_then(Option::as_ref)
+            .map(|wp| conn_token_or_port(&wp.port, p))
+        else {
+            return;
+        };
+        if self.underlay.congested() {
+            // Back-pressure: read this guest again once the TX path has drained.
+            self.again.push_back(token);
+            return;
+        }
+        let now = self.now();
+        let Some(mut wp) = self.fabric.ports.get_mut(p as usize).and_then(Option::take) else {
+            return;
+        };
+        let Worker {
+            fabric,
+            underlay,
+            scratch,
+            ..
+        } = self;
+        let mut on_event = |ev: RxEvent<'_>| match ev {
+            RxEvent::Frame(f) => {
+                fabric.switch_and_deliver(Ingress::Port(p), f, now, &mut *underlay)
+            }
+            RxEvent::Drop(v) => fabric.switch.count_port_drop(p, v),
+        };
+        let r = match &mut wp.port {
+            Port::Sock(g) => g.receive(scratch, BUDGET, on_event),
+            Port::Xdp(x) => Ok(x.receive(BUDGET, |f| on_event(RxEvent::Frame(f)))),
+        };
+        match r {
+            Ok(true) => self.again.push_back(conn_token_or_port(&wp.port, p)),
+            Ok(false) => {}
+            Err(e) => {
+                info!(port = p, socket = %wp.port.describe(), "guest disconnected: {e}");
+                if let Some(fd) = wp.port.conn_fd() {
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                }
+                if let Port::Sock(g) = &mut wp.port {
+                    g.disconnect();
+                }
+            }
+        }
+        self.fabric.ports[p as usize] = Some(wp);
+    }
+
+    fn port_accept_or_rx(&mut self, p: PortId) {
+        let Some(wp) = self
+            .fabric
+            .ports
+            .get_mut(p as usize)
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        let Port::Sock(g) = &mut wp.port else {
+            return self.port_rx(p);
+        };
+        if !g.is_stream() {
+            // dgram: the socket itself carries the frames.
+            return self.port_rx(p);
+        }
+        match g.accept() {
+            Ok((_, true)) => {
+                if let Some(fd) = g.conn_fd() {
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if let Err(e) =
+                        self.poll
+                            .registry()
+                            .register(&mut SourceFd(&fd), conn_token(p), interest)
+                    {
+                        warn!("registering a guest connection: {e}");
+                    }
+                }
+                info!(port = p, socket = %g.path().display(), "guest connected");
+                self.announce(p);
+                self.port_rx(p);
+            }
+            Ok((_, false)) => {}
+            Err(e) => warn!("accept on a guest socket: {e}"),
+        }
+    }
+
+    /// Sends the pending gratuitous ARP of port `p` through the switch, as if the
+    /// guest had sent it.
+    fn announce(&mut self, p: PortId) {
+        let Some((mac, ip)) = self.port_mut(p).and_then(|wp| wp.announce.take()) else {
+            return;
+        };
+        let mut garp = [0u8; arp::GRATUITOUS_LEN];
+        arp::emit_gratuitous(&mut garp, mac, ip);
+        let now = self.now();
+        self.fabric
+            .switch_and_deliver(Ingress::Port(p), &garp, now, &mut self.underlay);
+        info!(%ip, %mac, "gratuitous ARP sent");
+    }
+}
+
+fn conn_token_or_port(port: &Port, p: PortId) -> Token {
+    if port.conn_fd().is_some() {
+        conn_token(p)
+    } else {
+        port_token(p)
+    }
+}

@@ -1,0 +1,13 @@
+//! Host supervision: what a Violin's guests are made of on this host, apart from their
+//! packets — network namespaces and netlink, lightweight guests' relays, QEMU VMs,
+//! cgroups, host uid ranges, and the supervisor that starts, tracks (by pidfile from
+//! spawn, never by command line) and stops their processes.
+
+pub mod cgroup;
+pub mod guest;
+pub mod netlink;
+pub mod netns;
+pub mod procs;
+pub mod supervisor;
+pub mod uids;
+pub mod vm;
