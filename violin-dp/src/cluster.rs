@@ -227,6 +227,7 @@ pub fn up(
                 dataplane: opts.dataplane,
                 xdp_socket_per_violin: !opts.xdp_single_socket,
                 metrics_port: Some(crate::config::DEFAULT_METRICS_PORT),
+                control_cpus: None,
             };
             let cfg_path = dir.join(format!("{host}.toml"));
             std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;

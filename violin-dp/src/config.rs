@@ -46,6 +46,13 @@ pub struct HostConfig {
     /// addresses; nothing is reachable from guests, which live in other namespaces).
     #[serde(default)]
     pub metrics_port: Option<u16>,
+    /// CPUs for control work: the control thread and its servers, and the kernel work
+    /// they cause (namespaces, netlink, starting processes), which on a kernel without
+    /// preemption would otherwise delay a packet worker's wake-up by milliseconds.
+    /// Packet workers, relays and VMs keep every CPU. Default: CPU 0 on a machine with
+    /// two CPUs or more; `[]` leaves control work unpinned.
+    #[serde(default)]
+    pub control_cpus: Option<Vec<usize>>,
 }
 
 /// The metrics port `violin cluster up` gives each host.
@@ -63,6 +70,15 @@ fn default_port() -> u16 {
 }
 
 impl HostConfig {
+    /// The CPUs control work is kept to, or none (unpinned).
+    pub fn control_cpus(&self) -> Vec<usize> {
+        match &self.control_cpus {
+            Some(c) => c.clone(),
+            None if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 => vec![0],
+            None => Vec::new(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<HostConfig> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

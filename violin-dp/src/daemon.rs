@@ -15,7 +15,7 @@
 use crate::config::{DataplaneChoice, HostConfig};
 use crate::control::manager::{self, Manager, ManagerMsg, SharedClassifier};
 use crate::control::server::Ctx;
-use crate::datapath::transport::afxdp::AfXdp;
+use crate::datapath::transport::afxdp::{AfXdp, SlotOpener};
 use crate::datapath::transport::udp::UdpUnderlay;
 use crate::datapath::transport::underlay::Underlay;
 use crate::datapath::worker::{Command, Worker, WorkerHandle};
@@ -31,6 +31,7 @@ pub struct Daemon {
     worker: Worker,
     handle: WorkerHandle,
     classifier: Option<SharedClassifier>,
+    opener: Option<SlotOpener>,
     dataplane: &'static str,
     control: UnixListener,
     metrics: Option<std::net::TcpListener>,
@@ -67,15 +68,19 @@ impl Daemon {
                 }
             },
         };
-        let (underlay, classifier) = match xdp {
-            Some((xsk, cls)) => (
-                Underlay::Xdp {
-                    udp,
-                    xsk: Box::new(xsk),
-                },
-                Some(Arc::new(Mutex::new(cls))),
-            ),
-            None => (Underlay::Udp(udp), None),
+        let (underlay, classifier, opener) = match xdp {
+            Some((xsk, cls)) => {
+                let opener = xsk.opener();
+                (
+                    Underlay::Xdp {
+                        udp,
+                        xsk: Box::new(xsk),
+                    },
+                    Some(Arc::new(Mutex::new(cls))),
+                    Some(opener),
+                )
+            }
+            None => (Underlay::Udp(udp), None, None),
         };
         let dataplane = underlay.name();
         let (worker, handle) = Worker::new(underlay).context("creating the packet worker")?;
@@ -100,6 +105,7 @@ impl Daemon {
             worker,
             handle,
             classifier,
+            opener,
             dataplane,
             control,
             metrics,
@@ -113,7 +119,8 @@ impl Daemon {
     /// attachment, AF_XDP binds), NET_RAW (AF_XDP sockets), IPC_LOCK (pinning the UMEMs
     /// of fast ports opened later) and SYS_ADMIN (guest network namespaces, BPF map and
     /// link operations), SETUID/SETGID/CHOWN/KILL (starting, and stopping, QEMU as an
-    /// unprivileged user that owns only its VM's files). Everything else is dropped from every
+    /// unprivileged user that owns only its VM's files), SYS_NICE (the packet worker and
+    /// guests' relays run ahead of control work: [`crate::datapath::PACKET_NICE`]). Everything else is dropped from every
     /// set, the bounding set included, so guest relays cannot regain it either.
     pub fn drop_capabilities(&self) -> Result<()> {
         use caps::{CapSet, Capability};
@@ -126,6 +133,7 @@ impl Daemon {
             Capability::CAP_SETGID,
             Capability::CAP_CHOWN,
             Capability::CAP_KILL,
+            Capability::CAP_SYS_NICE,
         ];
         let mut dropped = 0;
         for cap in caps::all() {
@@ -145,7 +153,7 @@ impl Daemon {
         }
         info!(
             dropped,
-            kept = "CAP_NET_ADMIN CAP_NET_RAW CAP_IPC_LOCK CAP_SYS_ADMIN CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL",
+            kept = "CAP_NET_ADMIN CAP_NET_RAW CAP_IPC_LOCK CAP_SYS_ADMIN CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL CAP_SYS_NICE",
             "capabilities dropped after setup"
         );
         Ok(())
@@ -167,6 +175,7 @@ impl Daemon {
             worker,
             handle,
             classifier,
+            opener,
             dataplane,
             control,
             metrics,
@@ -178,10 +187,22 @@ impl Daemon {
             .name("violin-worker".into())
             .spawn(move || worker.run())
             .context("starting the packet worker")?;
+        // From here on, this thread and the threads and processes it starts do control
+        // work: kept off the CPUs packet work needs (guests' processes get every CPU
+        // back when they start).
+        let control_cpus = cfg.control_cpus();
+        match crate::host::cpus::pin_control(&control_cpus) {
+            Ok(()) if !control_cpus.is_empty() => {
+                info!(cpus = ?control_cpus, "control work kept to these CPUs")
+            }
+            Ok(()) => {}
+            Err(e) => warn!("control work is not pinned: {e:#}"),
+        }
         let mut m = Manager::new(
             cfg.clone(),
             handle.clone(),
             classifier.clone(),
+            opener,
             dataplane,
             exe,
         );

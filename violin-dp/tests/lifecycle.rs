@@ -283,10 +283,16 @@ fn up_is_idempotent() {
     );
 }
 
-/// The pid of the relay (`violin-dp guest --netns NS …`) of guest namespace `ns`.
-fn relay_pid(ns: &str) -> Option<i32> {
-    violin_dp::host::guest::pids_matching(|args| violin_dp::host::guest::is_relay_of(args, ns))
-        .next()
+/// The pid of guest `guest`'s relay on host `host`, from the pidfile its daemon
+/// wrote when it started it (if that process still runs).
+fn relay_pid(c: &Cluster, host: &str, guest: &str) -> Option<i32> {
+    let file = c
+        .run_dir
+        .join(&c.name)
+        .join(host)
+        .join("guests/blue")
+        .join(format!("{guest}.pid"));
+    violin_dp::host::procs::live(&file)
 }
 
 #[test]
@@ -311,7 +317,7 @@ fn a_netns_guest_over_its_memory_limit_is_contained() {
     );
 
     // a's relay (its NIC, run by the data plane) is outside a's limits.
-    let relay = relay_pid(&ns).expect("a's relay");
+    let relay = relay_pid(&c, "h1", "a").expect("a's relay");
     let cgroups = std::fs::read_to_string(format!("/proc/{relay}/cgroup")).unwrap();
     assert!(
         !cgroups.contains(&ns),
@@ -339,7 +345,11 @@ fn a_netns_guest_over_its_memory_limit_is_contained() {
         .output()
         .unwrap();
     assert!(o.status.success(), "the same command outside any guest");
-    assert_eq!(relay_pid(&ns), Some(relay), "a's relay was not touched");
+    assert_eq!(
+        relay_pid(&c, "h1", "a"),
+        Some(relay),
+        "a's relay was not touched"
+    );
     assert!(c.ping("blue", "a", "10.0.0.2", 2), "a still talks to b");
     assert!(c.ping("blue", "b", "10.0.0.1", 2), "b still talks to a");
 

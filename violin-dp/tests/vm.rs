@@ -266,7 +266,9 @@ fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
     assert!(con.wait().unwrap().success());
 
     // h2's daemon crashes and restarts: red's VM (dgram: nothing to reconnect) keeps
-    // running, the new daemon takes it over; blue's n (a netns guest) reconnects.
+    // running, the new daemon takes it over; blue's n (a netns guest) reconnects. The
+    // new daemon would start red's VM with another command line (another TSC rate, as
+    // after a frequency change): it takes the VM over all the same, by its pidfile.
     let uptime = |c: &Cluster| -> f64 {
         let (st, out) = exec(c, "red", "vm", &["cut", "-d", " ", "-f1", "/proc/uptime"]);
         assert_eq!(st, 0, "{out}");
@@ -280,7 +282,18 @@ fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
     };
     let (before, pids) = (uptime(&c), red_qemu(&c));
     assert_eq!(pids.len(), 1, "{pids:?}");
-    c.ok(&["cluster", "restart", "h2", "--hard"]);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(
+        cmdline.contains("tsc_early_khz=") && !cmdline.contains("tsc_early_khz=1234567"),
+        "{cmdline}"
+    );
+    let o = c
+        .command(&["cluster", "restart", "h2", "--hard"])
+        .env("VIOLIN_TSC_KHZ", "1234567")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(red_qemu(&c), pids, "red's QEMU was replaced");
     assert!(c
         .host_log("h2")

@@ -15,7 +15,7 @@ use crate::control::protocol::{
     Applied, GuestStatus, HostStatus, HostViolinStats, Request, ViolinStatus, XdpHostStats,
 };
 use crate::datapath::fastpath::switch::{PortId, Update};
-use crate::datapath::transport::afxdp::{MAX_SLOTS, SHARED_SLOT};
+use crate::datapath::transport::afxdp::{SlotOpener, MAX_SLOTS, SHARED_SLOT};
 use crate::datapath::transport::guest::GuestPort;
 use crate::datapath::transport::xdpport::XdpPort;
 use crate::datapath::transport::Port;
@@ -27,7 +27,7 @@ use crate::spec::{Framing, GuestKind, MemberKind, PortKind, Violin};
 use crate::xdp::classifier::Classifier;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::programs::xdp::XdpLinkId;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -106,6 +106,10 @@ pub struct Manager {
     slots: Vec<Option<String>>,
     /// Per-Violin sockets were refused: every Violin uses the shared socket.
     single_socket: bool,
+    /// Opens Violins' AF_XDP sockets (xdp plane), here rather than on the worker.
+    opener: Option<SlotOpener>,
+    /// Slots whose socket is open (and served by the worker).
+    open_slots: BTreeSet<usize>,
     records: BTreeMap<String, ViolinRecord>,
     supervisor: Supervisor,
     /// This binary, which also runs lightweight guests' relays (`violin-dp guest`).
@@ -122,6 +126,7 @@ impl Manager {
         cfg: HostConfig,
         worker: WorkerHandle,
         classifier: Option<SharedClassifier>,
+        opener: Option<SlotOpener>,
         dataplane: &'static str,
         exe: String,
     ) -> Manager {
@@ -138,6 +143,8 @@ impl Manager {
             dataplane,
             slots: Vec::new(),
             single_socket: false,
+            opener,
+            open_slots: BTreeSet::new(),
             records: BTreeMap::new(),
             supervisor: Supervisor::default(),
             exe,
@@ -173,7 +180,7 @@ impl Manager {
                 serde_json::Value::Null
             }
             Request::RemoveViolin { name } => {
-                self.remove_violin(&name)?;
+                self.remove_violin(&name, true)?;
                 serde_json::Value::Null
             }
             Request::Status | Request::Stats { .. } => {
@@ -184,9 +191,41 @@ impl Manager {
         Ok(r)
     }
 
-    /// Restarts guests' processes that exited.
+    /// Restarts guests' processes that exited; releases VMs that have booted.
     pub fn tick(&mut self) {
         self.supervisor.tick(Instant::now());
+        self.release_booted_vms();
+    }
+
+    /// A VM boots on the control CPUs (booting is control work: under TCG it takes a
+    /// core for seconds) and gets every CPU once its NIC has sent a frame — or after
+    /// [`BOOT_HOLD`], whatever it did.
+    fn release_booted_vms(&mut self) {
+        let held: Vec<(String, String, PortId, Instant)> = self
+            .records
+            .values()
+            .flat_map(|r| r.guests.iter().map(move |(p, g)| (&r.spec.name, p, g)))
+            .filter(|(_, _, g)| g.kind == GuestKind::Qemu)
+            .filter_map(|(v, p, g)| {
+                let since = self.supervisor.get(v, &g.name)?.held_since()?;
+                Some((v.clone(), g.name.clone(), *p, since))
+            })
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let Ok(c) = self.worker.ask(|reply| Command::Snapshot { reply }) else {
+            return;
+        };
+        for (v, g, p, since) in held {
+            let spoke = c.ports.get(&p).is_some_and(|s| s.counters.rx_frames > 0);
+            if spoke || since.elapsed() >= BOOT_HOLD {
+                if let Some(proc_) = self.supervisor.get_mut(&v, &g) {
+                    proc_.release();
+                    info!(violin = %v, guest = %g, booted = spoke, "VM released to every CPU");
+                }
+            }
+        }
     }
 
     fn publish(&self) {
@@ -280,7 +319,7 @@ impl Manager {
                     }
                 }
                 None => {
-                    let _ = self.remove_violin(&v.name);
+                    let _ = self.remove_violin(&v.name, true);
                 }
             }
             return Err(e);
@@ -450,6 +489,7 @@ impl Manager {
                 path.with_extension("log"),
                 path.with_extension("pid"),
             );
+            g.packet_path = true;
             // A relay left by a daemon that crashed still holds the guest's tap.
             g.kill_recorded();
             g.spawn()?;
@@ -581,24 +621,27 @@ impl Manager {
             }
         };
         let per_violin = slot != SHARED_SLOT;
-        let fd = match self
-            .worker
-            .ask(|reply| Command::AddSlot { slot, reply })
-            .map_err(gone)?
-        {
-            Ok(fd) => fd,
-            Err(e) if per_violin => {
-                warn!("a per-Violin AF_XDP socket was refused ({e:#}); falling back to one socket per queue for every Violin");
-                self.single_socket = true;
-                return self.attach_xdp(v, old);
-            }
-            Err(e) => return Err(e.context("opening the AF_XDP socket shared by every Violin")),
-        };
-        // SAFETY: the worker keeps the socket open until it is told to remove the slot,
-        // which happens only after the XskMap entry is cleared below (detach_xdp).
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if !self.open_slots.contains(&slot) {
+            let opener = self
+                .opener
+                .as_ref()
+                .ok_or_else(|| anyhow!("the xdp data plane has no AF_XDP sockets"))?;
+            let socket = match opener.open() {
+                Ok(s) => s,
+                Err(e) if per_violin => {
+                    warn!("a per-Violin AF_XDP socket was refused ({e:#}); falling back to one socket per queue for every Violin");
+                    self.single_socket = true;
+                    return self.attach_xdp(v, old);
+                }
+                Err(e) => return Err(e.context("opening the AF_XDP socket shared by every Violin")),
+            };
+            lock(&cls).set_socket(slot as u32, &socket)?;
+            self.worker
+                .send(Command::AttachSlot { slot, socket })
+                .map_err(gone)?;
+            self.open_slots.insert(slot);
+        }
         let mut c = lock(&cls);
-        c.set_socket(slot as u32, &fd)?;
         if let Some(old) = old {
             let was = self.member_sources(old);
             let gone: Vec<Ipv4Addr> = was.into_iter().filter(|a| !members.contains(a)).collect();
@@ -631,10 +674,15 @@ impl Manager {
         self.slots[slot] = None;
         c.clear_socket(slot as u32);
         drop(c);
-        let _ = self.worker.send(Command::RemoveSlot { slot });
+        self.open_slots.remove(&slot);
+        // Closed here, not on the worker: closing waits for the kernel.
+        let closed = self.worker.ask(|reply| Command::DetachSlot { slot, reply });
+        drop(closed);
     }
 
-    fn remove_violin(&mut self, name: &str) -> Result<()> {
+    /// Removes a Violin from this host; `forget`: also from what the next start
+    /// restores (on request; at shutdown it stays).
+    fn remove_violin(&mut self, name: &str, forget: bool) -> Result<()> {
         let Some(rec) = self.records.get(name) else {
             bail!("no Violin named {name:?} on host {}", self.cfg.name);
         };
@@ -653,7 +701,10 @@ impl Manager {
             self.teardown_guest(name, p);
         }
         self.records.remove(name);
-        persist::forget(&self.cfg, name);
+        let _ = std::fs::remove_dir_all(self.cfg.run_dir.join("guests").join(name));
+        if forget {
+            persist::forget(&self.cfg, name);
+        }
         info!(violin = %name, "violin removed");
         Ok(())
     }
@@ -731,11 +782,11 @@ impl Manager {
         self.publish();
     }
 
-    /// Tears every Violin down (daemon shutdown).
+    /// Tears every Violin down (daemon shutdown); their specs stay for the next start.
     pub fn teardown(&mut self) {
         let names: Vec<String> = self.records.keys().cloned().collect();
         for n in names {
-            let _ = self.remove_violin(&n);
+            let _ = self.remove_violin(&n, false);
         }
     }
 }
@@ -862,6 +913,9 @@ pub enum ManagerMsg {
     /// Tear everything down and stop.
     Stop,
 }
+
+/// The longest a VM is held on the control CPUs while it boots.
+const BOOT_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How often guests' processes are checked (and restarted when they exited).
 const TICK: std::time::Duration = std::time::Duration::from_millis(500);

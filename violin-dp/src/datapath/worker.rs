@@ -12,7 +12,7 @@
 use crate::datapath::fastpath::switch::{
     AddError, Egress, Ingress, PortId, Switch, Update, ViolinStats,
 };
-use crate::datapath::transport::afxdp::{AfXdpStats, SlotStats};
+use crate::datapath::transport::afxdp::{AfXdpStats, Slot, SlotStats};
 use crate::datapath::transport::guest::{PortCounters, RxEvent};
 use crate::datapath::transport::udp::{Received, UdpUnderlay};
 use crate::datapath::transport::underlay::Underlay;
@@ -22,7 +22,6 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv4Addr;
-use std::os::fd::RawFd;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,13 +74,15 @@ pub enum Command {
         mac: EthernetAddress,
         ip: Ipv4Addr,
     },
-    /// xdp: open the AF_XDP socket of `slot`, or hand back the one that is open.
-    AddSlot {
+    /// xdp: serve a Violin's AF_XDP socket (opened by the control thread) as `slot`.
+    AttachSlot {
         slot: usize,
-        reply: Reply<anyhow::Result<RawFd>>,
+        socket: Slot,
     },
-    RemoveSlot {
+    /// xdp: stop serving `slot`; its socket is returned, to be closed off the worker.
+    DetachSlot {
         slot: usize,
+        reply: Reply<Option<Slot>>,
     },
     /// The underlay's resolved neighbours (xdp builds outer headers from them).
     Neighbours(Vec<(Ipv4Addr, EthernetAddress)>),
@@ -257,6 +258,9 @@ impl Worker {
 
     /// The loop; returns when told to stop, or when every handle is gone.
     pub fn run(mut self) {
+        if let Err(e) = crate::datapath::prioritise_packet_work() {
+            warn!("packet worker at the default priority: {e}");
+        }
         let mut events = Events::with_capacity(256);
         loop {
             if !self.apply_commands() {
@@ -347,16 +351,16 @@ impl Worker {
                     self.announce(port);
                 }
             }
-            Command::AddSlot { slot, reply } => {
-                let _ = reply.send(self.add_slot(slot));
-            }
-            Command::RemoveSlot { slot } => {
+            Command::AttachSlot { slot, socket } => self.attach_slot(slot, socket),
+            Command::DetachSlot { slot, reply } => {
+                let mut gone = None;
                 if let Some(xsk) = self.underlay.xsk() {
                     if let Some(fd) = xsk.slot_fd(slot) {
                         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
                     }
-                    xsk.remove_slot(slot);
+                    gone = xsk.take_slot(slot);
                 }
+                let _ = reply.send(gone);
             }
             Command::Neighbours(n) => {
                 if let Some(xsk) = self.underlay.xsk() {
@@ -420,20 +424,28 @@ impl Worker {
             .collect()
     }
 
-    fn add_slot(&mut self, slot: usize) -> anyhow::Result<RawFd> {
+    fn attach_slot(&mut self, slot: usize, socket: Slot) {
+        let fd = socket.fd();
         let Some(xsk) = self.underlay.xsk() else {
-            anyhow::bail!("this host does not run the xdp data plane");
+            warn!(
+                slot,
+                "an AF_XDP socket for a host without the xdp data plane"
+            );
+            return;
         };
-        if let Some(fd) = xsk.slot_fd(slot) {
-            return Ok(fd);
+        if let Err(e) = xsk.insert_slot(slot, socket) {
+            warn!(slot, "attaching an AF_XDP socket: {e:#}");
+            return;
         }
-        let fd = xsk.add_slot(slot)?;
-        self.poll.registry().register(
+        if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&fd),
             Token(XSK_BASE + slot),
             Interest::READABLE,
-        )?;
-        Ok(fd)
+        ) {
+            warn!(slot, "registering an AF_XDP socket: {e}");
+        }
+        // Frames may have arrived between the bind and now.
+        self.again.push_back(Token(XSK_BASE + slot));
     }
 
     fn snapshot(&mut self) -> Counters {

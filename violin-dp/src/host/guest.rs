@@ -124,6 +124,13 @@ pub fn run(args: GuestArgs) -> Result<()> {
         netlink::set_up(&h, "eth0").await
     })?;
     info!(netns = %args.netns, %ip, %mac, "guest up");
+    // Setup was control work, on the daemon's control CPUs; relaying is packet work.
+    if let Err(e) = crate::host::cpus::unpin_all() {
+        warn!("the relay keeps the control CPUs: {e}");
+    }
+    if let Err(e) = crate::datapath::prioritise_packet_work() {
+        warn!("the relay runs at the default priority: {e}");
+    }
     let framing = Framing::from(args.framing);
     let mut backoff = Duration::from_millis(20);
     loop {
@@ -138,51 +145,6 @@ pub fn run(args: GuestArgs) -> Result<()> {
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
-        }
-    }
-}
-
-/// Kills relay processes (`violin-dp guest --netns NS …`) of the guest namespace `ns`
-/// that this daemon did not start (left by a daemon that crashed).
-pub fn kill_stale_relays(ns: &str) {
-    kill_stale(|args| is_relay_of(args, ns));
-}
-
-/// Whether an argument list is that of the relay of guest namespace `ns`.
-pub fn is_relay_of(args: &[&[u8]], ns: &str) -> bool {
-    args.get(1) == Some(&&b"guest"[..])
-        && args
-            .windows(2)
-            .any(|w| w[0] == b"--netns" && w[1] == ns.as_bytes())
-}
-
-/// Other running processes whose argument list (from /proc/PID/cmdline) `matches`.
-pub fn pids_matching(matches: impl Fn(&[&[u8]]) -> bool) -> impl Iterator<Item = i32> {
-    netns::other_pids().filter(move |pid| {
-        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-            let args: Vec<&[u8]> = c
-                .strip_suffix(&[0])
-                .unwrap_or(&c)
-                .split(|b| *b == 0)
-                .collect();
-            matches(&args)
-        }) && alive(*pid)
-    })
-}
-
-/// SIGKILLs every other process whose argument list `matches`, and waits until each
-/// is gone (so its tap, sockets and locks are released).
-pub fn kill_stale(matches: impl Fn(&[&[u8]]) -> bool) {
-    for pid in pids_matching(matches) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        for _ in 0..100 {
-            if !alive(pid) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 }

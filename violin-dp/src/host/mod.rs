@@ -4,6 +4,7 @@
 //! spawn, never by command line) and stops their processes.
 
 pub mod cgroup;
+pub mod cpus;
 pub mod guest;
 pub mod netlink;
 pub mod netns;

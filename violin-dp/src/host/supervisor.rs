@@ -17,6 +17,12 @@ pub struct GuestProc {
     pub guest: String,
     /// Run as this user and group (QEMU: unprivileged).
     pub uid: Option<(u32, u32)>,
+    /// The process is on its guest's packet path (a relay): it starts on the control
+    /// CPUs for its setup, then takes every CPU and the packet workers' priority
+    /// itself. Otherwise (a VM) it boots on the control CPUs until [`GuestProc::release`].
+    pub packet_path: bool,
+    /// Since when a started VM has been held on the control CPUs (it boots there).
+    held: Option<Instant>,
     pub cmd: Vec<String>,
     /// Arguments added while the VM waits for a live migration (`-incoming …`); a
     /// restart after the migration finished starts the VM normally.
@@ -43,6 +49,8 @@ impl GuestProc {
             violin: violin.into(),
             guest: guest.into(),
             uid: None,
+            packet_path: false,
+            held: None,
             cmd,
             incoming: None,
             log,
@@ -105,7 +113,20 @@ impl GuestProc {
         }
         self.child = Some(child);
         self.restart_at = None;
+        self.held = (!self.packet_path).then(Instant::now);
         Ok(())
+    }
+
+    /// Since when the process has been held on the control CPUs while it boots.
+    pub fn held_since(&self) -> Option<Instant> {
+        self.held
+    }
+
+    /// Gives a booted VM every CPU.
+    pub fn release(&mut self) {
+        if let (Some(pid), Some(_)) = (self.pid(), self.held.take()) {
+            crate::host::cpus::release(pid);
+        }
     }
 
     /// Restarts the process if it exited (with back-off).
@@ -137,8 +158,12 @@ impl GuestProc {
         }
     }
 
-    /// SIGTERM, then SIGKILL after 2 s; waits at most 3 s in all.
+    /// SIGTERM, then SIGKILL after 2 s; waits at most 3 s in all. The process ends on
+    /// the control CPUs.
     pub fn stop(&mut self) {
+        if let Some(pid) = self.pid() {
+            crate::host::cpus::to_control(pid);
+        }
         if let Some(pid) = self.adopted.take() {
             crate::host::guest::terminate(pid);
         }

@@ -119,8 +119,15 @@ pub fn accelerator() -> (&'static str, String) {
 }
 
 /// The host's TSC frequency in kHz: microvm has no HPET or PM timer to calibrate
-/// against, and without it a share of boots hang under load.
+/// against, and without it a share of boots hang under load. `VIOLIN_TSC_KHZ` sets it
+/// where /proc/cpuinfo's "cpu MHz" is not the TSC's rate (frequency scaling).
 fn tsc_khz() -> Option<u64> {
+    if let Some(k) = std::env::var("VIOLIN_TSC_KHZ")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return Some(k);
+    }
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info.lines().find_map(|l| {
         l.strip_prefix("cpu MHz")?

@@ -37,7 +37,9 @@ pub struct Cluster {
     pub name: String,
     pub run_dir: PathBuf,
     tmp: PathBuf,
-    _serial: MutexGuard<'static, ()>,
+    /// The owner holds the lock that serialises cluster tests and takes the cluster
+    /// down when dropped; an attached handle ([`Cluster::attach`]) does neither.
+    _serial: Option<MutexGuard<'static, ()>>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -60,7 +62,7 @@ impl Cluster {
             run_dir: tmp.join("run"),
             name,
             tmp,
-            _serial: serial,
+            _serial: Some(serial),
         };
         let hosts = hosts.to_string();
         let mut args = vec!["cluster", "up", "--hosts", &hosts, "--dataplane", dp];
@@ -76,6 +78,17 @@ impl Cluster {
             String::from_utf8_lossy(&o.stderr)
         );
         c
+    }
+
+    /// Another handle on a running cluster (for a thread of the same test): runs
+    /// commands, owns nothing.
+    pub fn attach(name: &str, run_dir: &std::path::Path) -> Cluster {
+        Cluster {
+            name: name.into(),
+            run_dir: run_dir.into(),
+            tmp: run_dir.parent().expect("the test's directory").into(),
+            _serial: None,
+        }
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
@@ -200,6 +213,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self._serial.is_none() {
+            return;
+        }
         let o = self.cmd(&["cluster", "down"]);
         if !o.status.success() {
             eprintln!(

@@ -11,7 +11,7 @@
 //! written here ([`encap::write_outer`]), with destination MACs from the kernel's
 //! neighbour table. Copy mode (veth has no zero-copy), need_wakeup on.
 
-use super::xsk::{XskCore, XskCounters};
+use super::xsk::{XskCore, XskCounters, XskOpener};
 use crate::datapath::fastpath::encap::{self, Outer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -67,9 +67,35 @@ pub fn slot_stats(rx: &RxQueue) -> Option<SlotStats> {
     })
 }
 
-struct Slot {
+/// One Violin's socket on the shared UMEM, opened by a [`SlotOpener`] (on the control
+/// thread) and served by the worker that owns the [`AfXdp`].
+pub struct Slot {
     rx: RxQueue,
     _tx: TxQueue,
+}
+
+impl Slot {
+    /// The socket's fd (for the XskMap and poll).
+    pub fn fd(&self) -> RawFd {
+        self.rx.fd().as_raw_fd()
+    }
+}
+
+impl AsRawFd for Slot {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd()
+    }
+}
+
+/// Opens Violins' sockets on an [`AfXdp`]'s UMEM, away from its worker.
+#[derive(Clone)]
+pub struct SlotOpener(XskOpener);
+
+impl SlotOpener {
+    pub fn open(&self) -> anyhow::Result<Slot> {
+        let (rx, tx) = self.0.share(RX_RING)?;
+        Ok(Slot { rx, _tx: tx })
+    }
 }
 
 /// Why a frame could not go out through AF_XDP.
@@ -105,28 +131,30 @@ impl AfXdp {
         })
     }
 
-    /// Opens the socket of Violin slot `slot`; returns its fd (for the XskMap and poll).
-    pub fn add_slot(&mut self, slot: usize) -> anyhow::Result<RawFd> {
+    pub fn opener(&self) -> SlotOpener {
+        SlotOpener(self.core.opener())
+    }
+
+    /// Serves `socket` as slot `slot` from now on.
+    pub fn insert_slot(&mut self, slot: usize, socket: Slot) -> anyhow::Result<()> {
         anyhow::ensure!(
             slot <= SHARED_SLOT,
             "at most {MAX_SLOTS} Violins per host with a socket each on the xdp data plane"
         );
-        let (rx, tx) = self.core.share(RX_RING)?;
-        let fd = rx.fd().as_raw_fd();
         if self.slots.len() <= slot {
             self.slots.resize_with(slot + 1, || None);
         }
-        self.slots[slot] = Some(Slot { rx, _tx: tx });
-        Ok(fd)
+        anyhow::ensure!(self.slots[slot].is_none(), "slot {slot} is open already");
+        self.slots[slot] = Some(socket);
+        Ok(())
     }
 
-    /// Closes a slot's socket after taking back the frames in its RX ring. Remove it
-    /// from the XskMap first.
-    pub fn remove_slot(&mut self, slot: usize) {
+    /// Stops serving slot `slot` after taking back the frames in its RX ring, and
+    /// returns its socket (to be closed off the worker). Remove it from the XskMap
+    /// first.
+    pub fn take_slot(&mut self, slot: usize) -> Option<Slot> {
         self.rx(slot, usize::MAX, |_, _, _| {});
-        if let Some(s) = self.slots.get_mut(slot) {
-            *s = None;
-        }
+        self.slots.get_mut(slot)?.take()
     }
 
     pub fn slot_fd(&self, slot: usize) -> Option<RawFd> {

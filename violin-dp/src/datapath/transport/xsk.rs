@@ -52,6 +52,29 @@ pub fn socket_config(rx: u32, tx: u32) -> SocketConfig {
         .build()
 }
 
+/// Opens further sockets on a core's UMEM and (interface, queue 0), sharing its fill
+/// and completion rings. Binding and closing an AF_XDP socket wait for the kernel (an
+/// RCU grace period, milliseconds), so the control thread does both, never a packet
+/// worker.
+#[derive(Clone)]
+pub struct XskOpener {
+    umem: Umem,
+    iface: Interface,
+}
+
+impl XskOpener {
+    pub fn share(&self, rx_ring: u32) -> Result<(RxQueue, TxQueue)> {
+        // SAFETY: the UMEM is shared and the (interface, queue) pair is bound already
+        // (by the core's first socket): INHIBIT_PROG_LOAD is set, as xsk-rs requires.
+        let (tx, rx, rings) =
+            unsafe { Socket::new(socket_config(rx_ring, 64), &self.umem, &self.iface, 0) }
+                .map_err(|e| anyhow!("binding an AF_XDP socket on the shared UMEM: {e}"))?;
+        drop(rings); // None: the first socket owns them.
+        set_cloexec(rx.fd().as_raw_fd())?;
+        Ok((rx, tx))
+    }
+}
+
 pub struct XskCore {
     umem: Umem,
     iface: Interface,
@@ -114,16 +137,12 @@ impl XskCore {
         Ok((core, rx))
     }
 
-    /// Another socket on the same UMEM and (interface, queue 0), sharing its rings.
-    pub fn share(&self, rx_ring: u32) -> Result<(RxQueue, TxQueue)> {
-        // SAFETY: the UMEM is shared and the (interface, queue) pair is bound already:
-        // INHIBIT_PROG_LOAD is set, as xsk-rs requires.
-        let (tx, rx, rings) =
-            unsafe { Socket::new(socket_config(rx_ring, 64), &self.umem, &self.iface, 0) }
-                .map_err(|e| anyhow!("binding an AF_XDP socket on the shared UMEM: {e}"))?;
-        drop(rings); // None: the first socket owns them.
-        set_cloexec(rx.fd().as_raw_fd())?;
-        Ok((rx, tx))
+    /// What opens further sockets on this UMEM, from another thread.
+    pub fn opener(&self) -> XskOpener {
+        XskOpener {
+            umem: self.umem.clone(),
+            iface: self.iface.clone(),
+        }
     }
 
     /// Receives up to `budget` frames from `rxq`, calling `f` on each, then returns
