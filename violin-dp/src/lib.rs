@@ -9,7 +9,8 @@
 //!   (each Violin's record on this host), persistence, neighbours and metrics.
 //! - [`daemon`] starts and joins those threads.
 //!
-//! The rest is shared by the daemon and the CLI: the spec ([`spec`]), the host config
+//! The rest is shared by the daemon and the CLI: the spec ([`spec`]), the counters
+//! workers publish ([`stats`]), the host config
 //! ([`config`]), the XDP classifier's loader ([`xdp`]), the simulated cluster
 //! ([`cluster`]), the CLI itself ([`cli`], [`lifecycle`], [`profile`], [`probe`]).
 
@@ -24,4 +25,5 @@ pub mod lifecycle;
 pub mod probe;
 pub mod profile;
 pub mod spec;
+pub mod stats;
 pub mod xdp;

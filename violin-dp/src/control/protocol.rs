@@ -1,10 +1,8 @@
 //! The CLI ↔ daemon control protocol: one JSON request per connection on the daemon's
 //! UNIX control socket (one line, at most [`MAX_REQUEST`] bytes), one JSON response back.
 
-use crate::datapath::fastpath::switch::ViolinStats;
-use crate::datapath::transport::afxdp::{AfXdpStats, SlotStats};
-use crate::datapath::transport::guest::PortCounters;
 use crate::spec::{GuestKind, Violin};
+use crate::stats::{AfXdpStats, PortCounters, SlotStats, ViolinStats};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;

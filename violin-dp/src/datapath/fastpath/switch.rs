@@ -766,26 +766,7 @@ impl Switch {
     }
 }
 
-/// Counters of one Violin on one host.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ViolinStats {
-    pub name: String,
-    pub vni: u32,
-    /// Sent traffic per (from, to), counted where the sender is policed; zero edges omitted.
-    pub edges: Vec<EdgeStats>,
-    /// Drops by reason (`Verdict::name`), zero reasons omitted.
-    pub drops: BTreeMap<String, u64>,
-    /// MACs learned behind external members.
-    pub learned_macs: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EdgeStats {
-    pub from: String,
-    pub to: String,
-    pub packets: u64,
-    pub bytes: u64,
-}
+pub use crate::stats::{EdgeStats, ViolinStats};
 
 fn drops_map(d: &Drops) -> BTreeMap<String, u64> {
     Verdict::ALL

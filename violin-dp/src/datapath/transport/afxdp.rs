@@ -11,9 +11,8 @@
 //! written here ([`encap::write_outer`]), with destination MACs from the kernel's
 //! neighbour table. Copy mode (veth has no zero-copy), need_wakeup on.
 
-use super::xsk::{XskCore, XskCounters, XskOpener};
+use super::xsk::{XskCore, XskOpener};
 use crate::datapath::fastpath::encap::{self, Outer};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -32,29 +31,7 @@ pub const MAX_SLOTS: usize = FILL_FRAMES / RX_RING as usize / 2;
 /// refused (one socket per queue).
 pub const SHARED_SLOT: usize = MAX_SLOTS;
 
-/// Kernel counters of one Violin's socket (`XDP_STATISTICS`).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SlotStats {
-    pub rx_dropped: u64,
-    pub rx_ring_full: u64,
-    pub rx_fill_ring_empty: u64,
-    pub rx_invalid_descs: u64,
-    pub tx_invalid_descs: u64,
-}
-
-/// A snapshot for `violin stats`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AfXdpStats {
-    pub counters: XskCounters,
-    /// Received frames that were not valid VXLAN after all.
-    pub rx_bad: u64,
-    /// Encapsulated frames sent through the kernel instead: no neighbour entry yet.
-    pub neighbour_miss: u64,
-    pub free_frames: usize,
-    pub pool_frames: usize,
-    /// Sent but not yet completed.
-    pub completion_backlog: usize,
-}
+pub use crate::stats::{AfXdpStats, SlotStats};
 
 pub fn slot_stats(rx: &RxQueue) -> Option<SlotStats> {
     let st = rx.fd().xdp_statistics().ok()?;

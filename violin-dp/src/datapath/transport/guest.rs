@@ -15,7 +15,6 @@
 
 use super::MAX_RECORD;
 use crate::spec::Framing;
-use serde::{Deserialize, Serialize};
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
@@ -31,15 +30,7 @@ const RX_BUF: usize = 4 + MAX_RECORD;
 /// a few KiB, a busy one reads and queues in 64 KiB batches.
 const BUF_START: usize = 4096;
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortCounters {
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    /// Connections accepted (stream) or peers seen (dgram).
-    pub connects: u64,
-}
+pub use crate::stats::PortCounters;
 
 /// A bounded byte queue of pending stream output (at most `TX_QUEUE` bytes).
 struct TxQueue {

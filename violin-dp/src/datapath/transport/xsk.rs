@@ -9,7 +9,6 @@
 //! to `pool_frames` whenever the TX path is idle.
 
 use anyhow::{anyhow, ensure, Context, Result};
-use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use violin_common::Verdict;
@@ -21,17 +20,7 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 pub const FRAME_SIZE: u32 = 2048;
 const BATCH: usize = 64;
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct XskCounters {
-    pub rx_frames: u64,
-    pub tx_frames: u64,
-    /// The TX ring had no room for a batch even after a kick (frames dropped).
-    pub tx_ring_full: u64,
-    /// No free frame in the TX pool (frame dropped).
-    pub pool_empty: u64,
-    /// The fill ring refused a refill batch (kept and retried).
-    pub fill_retry: u64,
-}
+pub use crate::stats::XskCounters;
 
 /// libxdp opens AF_XDP sockets without `SOCK_CLOEXEC`: without this, every process the
 /// daemon starts (guest relays) would inherit them and keep them bound after a crash.

@@ -1,0 +1,73 @@
+//! The counters packet workers publish and the control protocol carries: plain
+//! serde types with no dependency on the data path's transports (no aya, no xsk-rs),
+//! so the CLI and the control plane can use them without the fast path.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Counters of one Violin on one host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViolinStats {
+    pub name: String,
+    pub vni: u32,
+    /// Sent traffic per (from, to), counted where the sender is policed; zero edges omitted.
+    pub edges: Vec<EdgeStats>,
+    /// Drops by reason (`Verdict::name`), zero reasons omitted.
+    pub drops: BTreeMap<String, u64>,
+    /// MACs learned behind external members.
+    pub learned_macs: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeStats {
+    pub from: String,
+    pub to: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Kernel counters of one Violin's socket (`XDP_STATISTICS`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotStats {
+    pub rx_dropped: u64,
+    pub rx_ring_full: u64,
+    pub rx_fill_ring_empty: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+}
+
+/// A snapshot for `violin stats`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AfXdpStats {
+    pub counters: XskCounters,
+    /// Received frames that were not valid VXLAN after all.
+    pub rx_bad: u64,
+    /// Encapsulated frames sent through the kernel instead: no neighbour entry yet.
+    pub neighbour_miss: u64,
+    pub free_frames: usize,
+    pub pool_frames: usize,
+    /// Sent but not yet completed.
+    pub completion_backlog: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XskCounters {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    /// The TX ring had no room for a batch even after a kick (frames dropped).
+    pub tx_ring_full: u64,
+    /// No free frame in the TX pool (frame dropped).
+    pub pool_empty: u64,
+    /// The fill ring refused a refill batch (kept and retried).
+    pub fill_retry: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortCounters {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Connections accepted (stream) or peers seen (dgram).
+    pub connects: u64,
+}
