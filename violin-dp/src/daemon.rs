@@ -120,7 +120,7 @@ impl Daemon {
     /// of fast ports opened later) and SYS_ADMIN (guest network namespaces, BPF map and
     /// link operations), SETUID/SETGID/CHOWN/KILL (starting, and stopping, QEMU as an
     /// unprivileged user that owns only its VM's files), SYS_NICE (the packet worker and
-    /// guests' relays run ahead of control work: [`crate::datapath::PACKET_NICE`]). Everything else is dropped from every
+    /// guests' relays run ahead of control work: [`crate::datapath::prioritise_packet_work`]). Everything else is dropped from every
     /// set, the bounding set included, so guest relays cannot regain it either.
     pub fn drop_capabilities(&self) -> Result<()> {
         use caps::{CapSet, Capability};
@@ -161,9 +161,9 @@ impl Daemon {
 
     /// A handle that stops the daemon from another thread (a signal handler).
     pub fn stopper(&self) -> impl Fn() + Send + Sync + 'static {
-        let tx = Mutex::new(self.to_manager.clone());
+        let tx = self.to_manager.clone();
         move || {
-            let _ = manager::lock(&tx).send(ManagerMsg::Stop);
+            let _ = tx.send(ManagerMsg::Stop);
         }
     }
 
@@ -212,6 +212,18 @@ impl Daemon {
             view: m.view(),
             classifier,
         };
+        if let Some(l) = metrics {
+            spawn_runtime(
+                "violin-metrics",
+                crate::control::metrics::serve(l, ctx.clone()),
+            )?;
+        }
+        // The Violins this host had come back before anything from the underlay is
+        // switched or any client is answered (a restart, or a crash).
+        m.restore();
+        handle
+            .send(Command::OpenUnderlay)
+            .map_err(|e| anyhow!("{e}"))?;
         let neighbours = (dataplane == "xdp").then(|| cfg.interface.clone());
         let server_ctx = ctx.clone();
         let nb_worker = handle.clone();
@@ -221,10 +233,6 @@ impl Daemon {
             }
             crate::control::server::serve(control, server_ctx).await
         })?;
-        if let Some(l) = metrics {
-            spawn_runtime("violin-metrics", crate::control::metrics::serve(l, ctx))?;
-        }
-        m.restore();
         manager::run(m, inbox);
         // Every Violin is down: the worker holds no port any more.
         if let Ok(rest) = handle.ask(|reply| Command::Stop { reply }) {

@@ -9,28 +9,6 @@ use std::time::Duration;
 
 const BLUE: &str = include_str!("../../examples/blue.toml");
 
-/// a on h1; b, c on h2; links a–b and b–c only.
-const PAIRS: &str = r#"
-name = "blue"
-vni = 101
-[[guest]]
-name = "a"
-host = "h1"
-ip = "10.0.0.1/24"
-[[guest]]
-name = "b"
-host = "h2"
-ip = "10.0.0.2/24"
-[[guest]]
-name = "c"
-host = "h2"
-ip = "10.0.0.3/24"
-[[link]]
-between = ["a", "b"]
-[[link]]
-between = ["b", "c"]
-"#;
-
 /// Starts `ping -c COUNT -i INTERVAL` from a guest in the background.
 fn background_ping(
     c: &Cluster,
@@ -542,7 +520,7 @@ fn scrape(ns: &str, url_host: &str) -> std::io::Result<String> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(1))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)
@@ -576,7 +554,7 @@ fn daemons_serve_prometheus_metrics_inside_their_host() {
     // From h2's namespace, over the underlay, to h1's daemon.
     let h2 = &info.hosts[1].netns;
     let text = scrape(h2, "172.31.0.1").expect("scraping h1 from h2");
-    assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     assert!(text.contains("Content-Type: text/plain; version=0.0.4"));
     let sample = |name: &str, labels: &str| -> u64 {
         let prefix = format!("{name}{{{labels}}} ");

@@ -12,19 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const BLUE: &str = r#"
-name = "blue"
-vni = 101
-[[guest]]
-name = "a"
-host = "h1"
-ip = "10.0.0.1/24"
-[[guest]]
-name = "b"
-host = "h2"
-ip = "10.0.0.2/24"
-"#;
-
 /// Round trips of one or more `ping -i 0.01` runs from blue's a to b.
 #[derive(Default, Debug)]
 struct Pings {
@@ -204,7 +191,7 @@ fn idle_and_slow_control_clients_cost_a_tenant_nothing(dp: &str) {
         return;
     }
     let c = Cluster::up(2, dp, &[]);
-    c.up_spec("blue.toml", BLUE);
+    c.up_spec("blue.toml", PAIRS);
     assert!(c.ping_until("blue", "a", "10.0.0.2", Duration::from_secs(10)));
     let base = ping(&c, 500);
 
@@ -293,7 +280,7 @@ fn other_violins_going_up_and_down_cost_a_tenant_nothing(dp: &str) {
         return;
     }
     let c = Cluster::up(2, dp, &[]);
-    c.up_spec("blue.toml", BLUE);
+    c.up_spec("blue.toml", PAIRS);
     assert!(c.ping_until("blue", "a", "10.0.0.2", Duration::from_secs(10)));
     let base = ping(&c, 500);
 

@@ -296,23 +296,13 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
     out
 }
 
-/// The status, content type and body of the answer to `METHOD PATH` (`body` renders
-/// the metrics, only when asked for them).
-pub fn route(
-    method: &str,
-    path: &str,
-    body: impl FnOnce() -> String,
-) -> (u16, &'static str, String) {
-    if method == "GET" && (path == "/metrics" || path == "/") {
-        (200, "text/plain; version=0.0.4; charset=utf-8", body())
-    } else {
-        (
-            404,
-            "text/plain; charset=utf-8",
-            "try GET /metrics\n".to_string(),
-        )
-    }
+/// Whether `METHOD PATH` asks for the metrics (anything else gets a 404).
+pub fn wants_metrics(method: &str, path: &str) -> bool {
+    method == "GET" && matches!(path, "/metrics" | "/")
 }
+
+const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
+const PLAIN: &str = "text/plain; charset=utf-8";
 
 /// Connections served at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 1024;
@@ -351,25 +341,17 @@ pub async fn serve(
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let ctx = ctx.clone();
                     async move {
-                        let text = match req.uri().path() {
-                            "/metrics" | "/" if req.method() == hyper::Method::GET => {
-                                scrape(&ctx).await
-                            }
-                            _ => None,
-                        };
-                        let (status, ctype, body) = match text {
-                            Some(t) => route("GET", "/metrics", || t),
-                            None if req.method() == hyper::Method::GET
-                                && matches!(req.uri().path(), "/metrics" | "/") =>
-                            {
-                                (
-                                    503,
-                                    "text/plain; charset=utf-8",
-                                    "the packet worker did not answer\n".into(),
-                                )
-                            }
-                            None => route(req.method().as_str(), req.uri().path(), String::new),
-                        };
+                        let (status, ctype, body) =
+                            if wants_metrics(req.method().as_str(), req.uri().path()) {
+                                match scrape(&ctx).await {
+                                    Some(text) => (200, EXPOSITION, text),
+                                    None => {
+                                        (503, PLAIN, "the packet worker did not answer\n".into())
+                                    }
+                                }
+                            } else {
+                                (404, PLAIN, "try GET /metrics\n".to_string())
+                            };
                         hyper::Response::builder()
                             .status(status)
                             .header(hyper::header::CONTENT_TYPE, ctype)
@@ -379,6 +361,7 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_DEADLINE)
+                .title_case_headers(true)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = conn.await;
             drop(permit);
@@ -474,11 +457,9 @@ mod tests {
 
     #[test]
     fn routes() {
-        let (status, ctype, body) = route("GET", "/metrics", || "x 1\n".into());
-        assert_eq!((status, body.as_str()), (200, "x 1\n"));
-        assert!(ctype.starts_with("text/plain; version=0.0.4"));
-        assert_eq!(route("GET", "/", || "y".into()).0, 200);
-        assert_eq!(route("GET", "/nope", || unreachable!()).0, 404);
-        assert_eq!(route("POST", "/metrics", || unreachable!()).0, 404);
+        assert!(wants_metrics("GET", "/metrics"));
+        assert!(wants_metrics("GET", "/"));
+        assert!(!wants_metrics("GET", "/nope"));
+        assert!(!wants_metrics("POST", "/metrics"));
     }
 }

@@ -84,6 +84,9 @@ pub enum Command {
         slot: usize,
         reply: Reply<Option<Slot>>,
     },
+    /// Start reading the underlay's UDP socket (once every port and membership is
+    /// back after a start); what it queued before is discarded.
+    OpenUnderlay,
     /// The underlay's resolved neighbours (xdp builds outer headers from them).
     Neighbours(Vec<(Ipv4Addr, EthernetAddress)>),
     Snapshot {
@@ -228,11 +231,6 @@ impl Worker {
     pub fn new(underlay: Underlay) -> std::io::Result<(Worker, WorkerHandle)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        poll.registry().register(
-            &mut SourceFd(&underlay.udp().fd()),
-            UNDERLAY,
-            Interest::READABLE,
-        )?;
         let (tx, rx) = mpsc::channel();
         let w = Worker {
             poll,
@@ -362,6 +360,7 @@ impl Worker {
                 }
                 let _ = reply.send(gone);
             }
+            Command::OpenUnderlay => self.open_underlay(),
             Command::Neighbours(n) => {
                 if let Some(xsk) = self.underlay.xsk() {
                     xsk.set_neighbours(n);
@@ -371,6 +370,27 @@ impl Worker {
                 let _ = reply.send(self.snapshot());
             }
             Command::Stop { .. } => unreachable!("handled by apply_commands"),
+        }
+    }
+
+    fn open_underlay(&mut self) {
+        let udp = self.underlay.udp();
+        let mut stale = 0u64;
+        while let Ok(Some(_)) = udp.recv(&mut self.scratch) {
+            stale += 1;
+        }
+        if stale > 0 {
+            info!(
+                datagrams = stale,
+                "discarded what the underlay socket queued before this host was ready"
+            );
+        }
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut SourceFd(&udp.fd()), UNDERLAY, Interest::READABLE)
+        {
+            warn!("registering the underlay socket: {e}");
         }
     }
 

@@ -13,6 +13,28 @@ use violin_dp::cli::ClusterStats;
 use violin_dp::cluster::ClusterState;
 use violin_dp::host::netns;
 
+/// a on h1; b, c on h2; links a–b and b–c only.
+pub const PAIRS: &str = r#"
+name = "blue"
+vni = 101
+[[guest]]
+name = "a"
+host = "h1"
+ip = "10.0.0.1/24"
+[[guest]]
+name = "b"
+host = "h2"
+ip = "10.0.0.2/24"
+[[guest]]
+name = "c"
+host = "h2"
+ip = "10.0.0.3/24"
+[[link]]
+between = ["a", "b"]
+[[link]]
+between = ["b", "c"]
+"#;
+
 /// Cluster tests run one at a time: they share two cores and measure rates.
 static SERIAL: Mutex<()> = Mutex::new(());
 
