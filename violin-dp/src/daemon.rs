@@ -185,7 +185,15 @@ impl Daemon {
         } = self;
         let worker_thread = std::thread::Builder::new()
             .name("violin-worker".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                // A daemon without its data plane must not go on answering requests:
+                // it ends, and is restarted like any crashed daemon.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run())).is_err()
+                {
+                    tracing::error!("the packet worker panicked; the daemon exits");
+                    std::process::exit(70);
+                }
+            })
             .context("starting the packet worker")?;
         // From here on, this thread and the threads and processes it starts do control
         // work: kept off the CPUs packet work needs (guests' processes get every CPU
@@ -215,6 +223,7 @@ impl Daemon {
         if let Some(l) = metrics {
             spawn_runtime(
                 "violin-metrics",
+                false,
                 crate::control::metrics::serve(l, ctx.clone()),
             )?;
         }
@@ -227,7 +236,7 @@ impl Daemon {
         let neighbours = (dataplane == "xdp").then(|| cfg.interface.clone());
         let server_ctx = ctx.clone();
         let nb_worker = handle.clone();
-        spawn_runtime("violin-control", async move {
+        spawn_runtime("violin-control", true, async move {
             if let Some(iface) = neighbours {
                 tokio::spawn(crate::control::neighbours::watch(iface, nb_worker));
             }
@@ -244,9 +253,11 @@ impl Daemon {
     }
 }
 
-/// Runs `fut` on a current-thread tokio runtime in a thread of its own.
+/// Runs `fut` on a current-thread tokio runtime in a thread of its own; if it fails
+/// and is `vital`, the daemon exits (a daemon nobody can reach is restarted).
 fn spawn_runtime(
     name: &str,
+    vital: bool,
     fut: impl std::future::Future<Output = Result<()>> + Send + 'static,
 ) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -259,6 +270,9 @@ fn spawn_runtime(
         .spawn(move || {
             if let Err(e) = rt.block_on(fut) {
                 tracing::error!("{label} stopped: {e:#}");
+                if vital {
+                    std::process::exit(70);
+                }
             }
         })
         .with_context(|| format!("starting {name}"))?;

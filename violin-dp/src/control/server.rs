@@ -118,3 +118,147 @@ async fn read_only(req: Request, ctx: &Ctx) -> Result<serde_json::Value> {
         _ => unreachable!("only read-only requests come here"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The server over a real packet worker (UDP underlay on loopback) and host manager:
+    //! no root, no namespaces.
+    use super::*;
+    use crate::config::HostConfig;
+    use crate::control::manager::{self, Manager};
+    use crate::control::protocol::{call, HostStatus};
+    use crate::datapath::transport::udp::UdpUnderlay;
+    use crate::datapath::transport::underlay::Underlay;
+    use crate::datapath::worker::Worker;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream as StdUnixStream;
+    use std::path::PathBuf;
+    use std::time::Instant;
+
+    struct Host {
+        socket: PathBuf,
+        dir: PathBuf,
+        worker: WorkerHandle,
+    }
+
+    impl Drop for Host {
+        fn drop(&mut self) {
+            let _ = self.worker.send(Command::Stop {
+                reply: oneshot::channel().0,
+            });
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn host(name: &str) -> Host {
+        let dir = std::env::temp_dir().join(format!("violin-srv-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg: HostConfig = toml::from_str(&format!(
+            "name = \"h1\"\nunderlay = \"127.0.0.1\"\nvxlan_port = 0\nrun_dir = \"{}\"\ncontrol_cpus = []\n",
+            dir.display()
+        ))
+        .unwrap();
+        let udp = UdpUnderlay::bind(cfg.underlay, 0).unwrap();
+        let (worker, handle) = Worker::new(Underlay::Udp(udp)).unwrap();
+        std::thread::spawn(move || worker.run());
+        let m = Manager::new(
+            cfg.clone(),
+            handle.clone(),
+            None,
+            None,
+            "udp",
+            "true".into(),
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ctx = Ctx {
+            manager: tx,
+            worker: handle.clone(),
+            view: m.view(),
+            classifier: None,
+        };
+        std::thread::spawn(move || manager::run(m, rx));
+        let socket = cfg.control_socket();
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(serve(listener, ctx))
+        });
+        Host {
+            socket,
+            dir,
+            worker: handle,
+        }
+    }
+
+    #[test]
+    fn silent_and_half_finished_clients_hold_up_nobody() {
+        let h = host("silent");
+        let mut held: Vec<StdUnixStream> = (0..20)
+            .map(|_| StdUnixStream::connect(&h.socket).unwrap())
+            .collect();
+        let mut half = StdUnixStream::connect(&h.socket).unwrap();
+        half.write_all(br#"{"op":"sta"#).unwrap();
+        held.push(half);
+        for _ in 0..3 {
+            let t = Instant::now();
+            let s: HostStatus = call(&h.socket, &Request::Status).unwrap();
+            assert_eq!(s.host, "h1");
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "status took {:?} behind silent clients",
+                t.elapsed()
+            );
+        }
+        // A change the manager refuses is answered with its error, promptly too.
+        let e = call::<serde_json::Value>(
+            &h.socket,
+            &Request::RemoveViolin {
+                name: "nope".into(),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("no Violin named \"nope\""),
+            "{e:#}"
+        );
+        // The half-finished client gets an error once its deadline passes.
+        let mut half = held.pop().unwrap();
+        half.set_read_timeout(Some(REQUEST_DEADLINE + Duration::from_secs(5)))
+            .unwrap();
+        let mut answer = String::new();
+        half.read_to_string(&mut answer).unwrap();
+        assert!(answer.contains("no complete request within"), "{answer}");
+    }
+
+    #[test]
+    fn an_oversized_request_is_refused_and_the_server_goes_on() {
+        let h = host("big");
+        let mut s = StdUnixStream::connect(&h.socket).unwrap();
+        let writer = {
+            let mut s = s.try_clone().unwrap();
+            std::thread::spawn(move || {
+                // Stops at the first error: the server closes after its answer.
+                let chunk = vec![b' '; 1 << 20];
+                for _ in 0..(MAX_REQUEST >> 20) + 2 {
+                    if s.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.contains("request larger than"), "{answer:.200}");
+        drop(s);
+        writer.join().unwrap();
+        let st: HostStatus = call(&h.socket, &Request::Status).unwrap();
+        assert_eq!(st.violins.len(), 0);
+        let bad = call::<serde_json::Value>(&h.socket, &Request::Stats { name: "x".into() });
+        assert!(bad.is_err());
+    }
+}
