@@ -664,17 +664,6 @@ fn a_crashed_daemon_restarts_and_traffic_resumes(dp: &str) {
     );
 }
 
-macro_rules! on_both_dataplanes {
-    ($($name:ident),* $(,)?) => {
-        mod udp {
-            $(#[test] fn $name() { super::$name("udp") })*
-        }
-        mod xdp {
-            $(#[test] fn $name() { super::$name("xdp") })*
-        }
-    };
-}
-
 on_both_dataplanes!(
     two_overlapping_violins_talk_only_within_their_topology,
     a_link_capped_at_50mbit_carries_45_to_55_under_a_flood,

@@ -76,6 +76,19 @@ fn ping_while(c: &Cluster, done: &AtomicBool) -> Pings {
     }
 }
 
+/// A 2-host cluster with blue's a (h1) and b (h2) talking, and their undisturbed
+/// round trips; `None` where the test cannot run here.
+fn blue_pinging(dp: &str) -> Option<(Cluster, Pings)> {
+    if !can_run() {
+        return None;
+    }
+    let c = Cluster::up(2, dp, &[]);
+    c.up_spec("blue.toml", PAIRS);
+    assert!(c.ping_until("blue", "a", "10.0.0.2", Duration::from_secs(10)));
+    let base = ping(&c, 500);
+    Some((c, base))
+}
+
 /// The disturbed run loses nothing and keeps its p99 within 2 × the undisturbed p99
 /// + 1 ms.
 fn assert_undisturbed(what: &str, base: &Pings, under: &Pings) {
@@ -187,13 +200,9 @@ fn dribblers(c: &Cluster, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> 
 }
 
 fn idle_and_slow_control_clients_cost_a_tenant_nothing(dp: &str) {
-    if !can_run() {
+    let Some((c, base)) = blue_pinging(dp) else {
         return;
-    }
-    let c = Cluster::up(2, dp, &[]);
-    c.up_spec("blue.toml", PAIRS);
-    assert!(c.ping_until("blue", "a", "10.0.0.2", Duration::from_secs(10)));
-    let base = ping(&c, 500);
+    };
 
     // The crowd arrives while the ping runs.
     let stop = Arc::new(AtomicBool::new(false));
@@ -276,13 +285,9 @@ memory = "128mb"
 }
 
 fn other_violins_going_up_and_down_cost_a_tenant_nothing(dp: &str) {
-    if !can_run() {
+    let Some((c, base)) = blue_pinging(dp) else {
         return;
-    }
-    let c = Cluster::up(2, dp, &[]);
-    c.up_spec("blue.toml", PAIRS);
-    assert!(c.ping_until("blue", "a", "10.0.0.2", Duration::from_secs(10)));
-    let base = ping(&c, 500);
+    };
 
     let files: Vec<String> = (1..=8)
         .map(|n| c.write_spec(&format!("v{n}.toml"), &other(n, n == 8)))
@@ -311,18 +316,7 @@ fn other_violins_going_up_and_down_cost_a_tenant_nothing(dp: &str) {
     assert_undisturbed(&format!("{dp}, 8 Violins up and down"), &base, &under);
 }
 
-macro_rules! on_both_planes {
-    ($($name:ident),* $(,)?) => {
-        mod udp {
-            $(#[test] fn $name() { super::$name("udp") })*
-        }
-        mod xdp {
-            $(#[test] fn $name() { super::$name("xdp") })*
-        }
-    };
-}
-
-on_both_planes!(
+on_both_dataplanes!(
     idle_and_slow_control_clients_cost_a_tenant_nothing,
     other_violins_going_up_and_down_cost_a_tenant_nothing,
 );

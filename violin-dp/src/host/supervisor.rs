@@ -170,29 +170,29 @@ impl GuestProc {
         if let Some(mut c) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(c.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    let _ = std::fs::remove_file(&self.pidfile);
-                    return;
+            if !exits_within(&mut c, Duration::from_secs(2)) {
+                if let Err(e) = c.kill() {
+                    warn!(violin = %self.violin, guest = %self.guest, "killing the guest's process: {e}");
                 }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if let Err(e) = c.kill() {
-                warn!(violin = %self.violin, guest = %self.guest, "killing the guest's process: {e}");
-            }
-            let deadline = Instant::now() + Duration::from_secs(1);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    let _ = std::fs::remove_file(&self.pidfile);
-                    return;
+                if !exits_within(&mut c, Duration::from_secs(1)) {
+                    error!(violin = %self.violin, guest = %self.guest, pid = c.id(), "the guest's process survived SIGKILL; leaving it");
                 }
-                std::thread::sleep(Duration::from_millis(10));
             }
-            error!(violin = %self.violin, guest = %self.guest, pid = c.id(), "the guest's process survived SIGKILL; leaving it");
         }
         let _ = std::fs::remove_file(&self.pidfile);
     }
+}
+
+/// Waits up to `limit` for our child to exit (reaping it); true if it did.
+fn exits_within(c: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }
 
 /// Every supervised process of this host.

@@ -417,3 +417,17 @@ pub fn attach_to_underlay(c: &Cluster, suffix: &str, ip: std::net::Ipv4Addr, pre
     .unwrap();
     ns
 }
+
+/// Runs each named test function (taking the data plane's name) once per data plane,
+/// as `udp::NAME` and `xdp::NAME`.
+#[macro_export]
+macro_rules! on_both_dataplanes {
+    ($($name:ident),* $(,)?) => {
+        mod udp {
+            $(#[test] fn $name() { super::$name("udp") })*
+        }
+        mod xdp {
+            $(#[test] fn $name() { super::$name("xdp") })*
+        }
+    };
+}
