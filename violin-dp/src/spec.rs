@@ -1057,7 +1057,9 @@ mac = "02:aa:00:00:00:50"
             let e = errors_of(&ISSUE_SPEC.replace("vni = 101", &format!("vni = {bad}")));
             assert!(e.mentions("vni"), "{bad}: {e}");
         }
-        assert!(parse(&ISSUE_SPEC.replace("vni = 101", "vni = 16777215"), &hosts()).is_ok());
+        let top = ISSUE_SPEC.replace("vni = 101", "vni = 16777215");
+        assert_ne!(top, ISSUE_SPEC, "the fixture has `vni = 101`");
+        assert_eq!(parse(&top, &hosts()).unwrap().vni, 16_777_215);
     }
 
     #[test]

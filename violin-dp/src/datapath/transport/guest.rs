@@ -602,8 +602,28 @@ mod tests {
         }
         assert!(full > 0, "the bounded queue overflowed");
         assert!(port.counters.tx_frames < 10_000);
-        // Sending returned promptly each time (we got here), and the queue is bounded.
-        assert!(port.counters.tx_bytes as usize <= 10_000 * 1400);
+        assert_eq!(port.counters.tx_bytes, port.counters.tx_frames * 1400);
+        // What was accepted fits in the kernel's send buffer and the port's own queue:
+        // the rest was refused, not buffered without bound.
+        let fd = port.conn_fd().expect("connected");
+        let mut sndbuf: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into the live c_int `sndbuf`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                &mut sndbuf as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        let accepted = port.counters.tx_bytes as usize;
+        assert!(
+            accepted <= sndbuf as usize + TX_QUEUE,
+            "accepted {accepted} bytes, more than SO_SNDBUF {sndbuf} + TX_QUEUE {TX_QUEUE}"
+        );
     }
 
     #[test]
