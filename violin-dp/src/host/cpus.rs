@@ -62,17 +62,6 @@ pub fn to_control(pid: i32) {
     }
 }
 
-/// Every CPU the daemon was started with, once [`pin_control`] ran.
-pub fn all() -> Option<CpuSet> {
-    ALL.get().copied()
-}
-
-/// Gives the calling process `set` (in a child before `exec`): one system call,
-/// async-signal-safe.
-pub fn unpin(set: &CpuSet) {
-    let _ = sched_setaffinity(Pid::from_raw(0), set);
-}
-
 /// Gives the calling thread every CPU it may use (those its cgroup allows): for a
 /// process the daemon started on the control CPUs, once its setup is done.
 pub fn unpin_all() -> nix::Result<()> {

@@ -149,34 +149,6 @@ pub fn run(args: GuestArgs) -> Result<()> {
     }
 }
 
-/// Ends a process that is not our child: SIGTERM, then SIGKILL after 2 s, waiting at
-/// most 3 s in all.
-pub fn terminate(pid: i32) {
-    use nix::sys::signal::{kill, Signal};
-    let p = nix::unistd::Pid::from_raw(pid);
-    let _ = kill(p, Signal::SIGTERM);
-    for i in 0..300 {
-        if !alive(pid) {
-            return;
-        }
-        if i == 200 {
-            let _ = kill(p, Signal::SIGKILL);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
-/// True while `pid` runs (a zombie has released its tap and sockets: not running).
-pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
 enum Conn {
     Stream(UnixStream),
     Dgram(UnixDatagram),

@@ -27,6 +27,28 @@ fn parse_stat(stat: &str) -> Option<u64> {
     fields.nth(22 - 4)?.parse().ok()
 }
 
+/// True while `pid` runs (a zombie has released its tap and sockets: not running).
+pub fn alive(pid: i32) -> bool {
+    start_time(pid).is_some()
+}
+
+/// Ends a process that is not our child (one taken over after a restart): SIGTERM,
+/// then SIGKILL after 2 s, waiting at most 3 s in all.
+pub fn terminate(pid: i32) {
+    use nix::sys::signal::{kill, Signal};
+    let p = nix::unistd::Pid::from_raw(pid);
+    let _ = kill(p, Signal::SIGTERM);
+    for i in 0..300 {
+        if !alive(pid) {
+            return;
+        }
+        if i == 200 {
+            let _ = kill(p, Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Records `pid` (which must be running) in `path`, atomically.
 pub fn record(path: &Path, pid: i32) -> io::Result<()> {
     let start =
@@ -59,7 +81,7 @@ pub fn kill_recorded(path: &Path) {
             nix::sys::signal::Signal::SIGKILL,
         );
         for _ in 0..100 {
-            if start_time(pid).is_none() {
+            if !alive(pid) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -132,7 +132,7 @@ impl GuestProc {
     /// Restarts the process if it exited (with back-off).
     fn supervise(&mut self, now: Instant) {
         if let Some(pid) = self.adopted {
-            if procs::start_time(pid).is_none() {
+            if !procs::alive(pid) {
                 warn!(violin = %self.violin, guest = %self.guest, pid, "taken-over guest process exited; restarting");
                 self.adopted = None;
                 self.restart_at = Some(now);
@@ -165,7 +165,7 @@ impl GuestProc {
             crate::host::cpus::to_control(pid);
         }
         if let Some(pid) = self.adopted.take() {
-            crate::host::guest::terminate(pid);
+            procs::terminate(pid);
         }
         if let Some(mut c) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(c.id() as i32);
