@@ -308,8 +308,6 @@ const PLAIN: &str = "text/plain; charset=utf-8";
 const MAX_CONNECTIONS: usize = 1024;
 /// A client must send its request headers within this long.
 const HEADER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
-/// The longest a scrape waits for the packet worker's counters.
-const SNAPSHOT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves `/metrics` on `listener` until the process ends.
 pub async fn serve(
@@ -371,26 +369,14 @@ pub async fn serve(
 
 /// The exposition text of this host now, or `None` if the worker did not answer.
 async fn scrape(ctx: &crate::control::server::Ctx) -> Option<String> {
-    use crate::datapath::worker::Command;
-    let counters = tokio::time::timeout(
-        SNAPSHOT_DEADLINE,
-        ctx.worker.ask_async(|reply| Command::Snapshot { reply }),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let view = crate::control::manager::lock(&ctx.view).clone();
-    let verdicts = ctx
-        .classifier
-        .as_ref()
-        .map(|c| crate::control::manager::lock(c).verdicts());
-    let all = view.all_stats(&counters, verdicts.as_ref());
+    let now = ctx.now().await.ok()?;
+    let all = now.view.all_stats(&now.counters, now.verdicts.as_ref());
     Some(render(
         &HostCounters {
-            host: &view.host,
-            dataplane: &view.dataplane,
-            host_drops: &counters.host_drops,
-            udp_rx_frames: counters.udp_rx_frames,
+            host: &now.view.host,
+            dataplane: &now.view.dataplane,
+            host_drops: &now.counters.host_drops,
+            udp_rx_frames: now.counters.udp_rx_frames,
         },
         &all,
     ))

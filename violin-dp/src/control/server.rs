@@ -6,9 +6,9 @@
 //! published view and a worker snapshot, without waiting for changes in flight;
 //! changes go to the manager's thread one at a time, in arrival order.
 
-use crate::control::manager::{lock, ManagerMsg, SharedClassifier, SharedView};
+use crate::control::manager::{lock, HostView, ManagerMsg, SharedClassifier, SharedView};
 use crate::control::protocol::{Request, Response, MAX_REQUEST};
-use crate::datapath::worker::{Command, WorkerHandle};
+use crate::datapath::worker::{Command, Counters, WorkerHandle};
 use anyhow::{anyhow, Result};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, warn};
+use violin_common::Verdict;
 
 /// How long a client has to send its whole request line.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
@@ -32,6 +33,34 @@ pub struct Ctx {
     pub worker: WorkerHandle,
     pub view: SharedView,
     pub classifier: Option<SharedClassifier>,
+}
+
+/// The longest a reader waits for the packet worker's counters.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(2);
+
+/// What this host looks like now: the manager's published view, the worker's counters
+/// and (xdp plane) the classifier's verdicts.
+pub struct Now {
+    pub view: Arc<HostView>,
+    pub counters: Counters,
+    pub verdicts: Option<[u64; Verdict::COUNT]>,
+}
+
+impl Ctx {
+    /// Reads [`Now`], waiting at most [`SNAPSHOT_DEADLINE`] for the worker.
+    pub async fn now(&self) -> Result<Now> {
+        let counters = tokio::time::timeout(
+            SNAPSHOT_DEADLINE,
+            self.worker.ask_async(|reply| Command::Snapshot { reply }),
+        )
+        .await
+        .map_err(|_| anyhow!("the packet worker did not answer within {SNAPSHOT_DEADLINE:?}"))??;
+        Ok(Now {
+            view: lock(&self.view).clone(),
+            counters,
+            verdicts: self.classifier.as_ref().map(|c| lock(c).verdicts()),
+        })
+    }
 }
 
 /// Serves `listener` until the process ends.
@@ -101,15 +130,14 @@ async fn answer(req: Request, ctx: &Ctx) -> Response {
 }
 
 async fn read_only(req: Request, ctx: &Ctx) -> Result<serde_json::Value> {
-    let counters = ctx
-        .worker
-        .ask_async(|reply| Command::Snapshot { reply })
-        .await?;
-    let view = lock(&ctx.view).clone();
+    let Now {
+        view,
+        counters,
+        verdicts,
+    } = ctx.now().await?;
     Ok(match req {
         Request::Status => serde_json::to_value(view.status(&counters))?,
         Request::Stats { name } => {
-            let verdicts = ctx.classifier.as_ref().map(|c| lock(c).verdicts());
             let s = view
                 .violin_stats(&name, &counters, verdicts.as_ref())
                 .ok_or_else(|| anyhow!("no Violin named {name:?} on host {}", view.host))?;
