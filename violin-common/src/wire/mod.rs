@@ -8,8 +8,11 @@
 pub mod arp;
 pub mod checksum;
 pub mod ethernet;
+pub mod gso;
 pub mod ipv4;
+pub mod tcp;
 pub mod udp;
+pub mod virtio;
 pub mod vxlan;
 
 pub use arp::{ArpOperation, ArpPacket, ArpRepr};

@@ -1,0 +1,431 @@
+//! Super-frames: one Ethernet frame standing for many wire segments of a TCP or UDP
+//! flow (what a tap with offloads hands over, and takes back).
+//!
+//! - [`Gso`] describes a super-frame (checked against its own headers, never trusted
+//!   from the virtio header alone) and splits it: [`Gso::segment_header`] writes the
+//!   headers of segment *i* — IPv4 length, ID and checksum or IPv6 payload length, TCP
+//!   sequence number and flags or UDP length, and a complete L4 checksum — and says
+//!   where its payload lies in the super-frame, so a transport can send headers and
+//!   payload from where they are (software TSO/USO, as Linux's `skb_segment` does).
+//! - [`Coalescer`] builds a super-frame back from in-order TCP/IPv4 segments of one
+//!   flow, by Linux GRO's rules: same addresses, ports, ACK, window, options, TTL and
+//!   TOS; contiguous sequence numbers; no flag but ACK and PSH; every segment as long as
+//!   the first but the last. The result carries a partial checksum for the receiver.
+//! - [`complete_checksum`] finishes a plain frame's partial checksum.
+
+use super::checksum;
+use super::ethernet::EtherType;
+use super::tcp::{self, TcpPacket};
+use super::virtio::{GsoType, VirtioNetRepr, F_DATA_VALID, F_NEEDS_CSUM};
+use super::{get_u16, set_u16, Error, Result};
+use core::ops::Range;
+
+const ETH: usize = 14;
+const IPV4_MIN: usize = 20;
+const IPV6_LEN: usize = 40;
+const UDP_LEN: usize = 8;
+/// The largest IPv4 total length (and IPv6 payload length without jumbograms).
+const IP_MAX: usize = 65535;
+
+/// The transport a super-frame segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tcp4,
+    Tcp6,
+    Udp4,
+    Udp6,
+}
+
+impl Kind {
+    fn v6(self) -> bool {
+        matches!(self, Kind::Tcp6 | Kind::Udp6)
+    }
+    fn tcp(self) -> bool {
+        matches!(self, Kind::Tcp4 | Kind::Tcp6)
+    }
+}
+
+/// A checked super-frame layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gso {
+    pub kind: Kind,
+    /// Offset of the L4 header.
+    pub l4: u16,
+    /// Every byte before the payload: Ethernet, IP and L4 headers.
+    pub hdr_len: u16,
+    /// Payload bytes per segment (the last may be shorter).
+    pub seg_size: u16,
+}
+
+impl Gso {
+    /// Reads the layout of `frame` as the virtio header `v` describes it. `Ok(None)` for a
+    /// plain frame. The headers are checked: an untagged IPv4 or IPv6 (no extension
+    /// headers) packet of the transport the GSO type names, a checksum position that is
+    /// that transport's, a non-zero segment size, and a payload.
+    pub fn from_virtio(v: &VirtioNetRepr, frame: &[u8]) -> Result<Option<Gso>> {
+        if v.gso_type == GsoType::None {
+            return Ok(None);
+        }
+        if v.gso_size == 0 {
+            return Err(Error::Malformed);
+        }
+        if frame.len() < ETH + IPV4_MIN {
+            return Err(Error::Truncated);
+        }
+        let ethertype = EtherType(get_u16(frame, 12));
+        let (v6, proto, l4) = match ethertype {
+            EtherType::IPV4 => {
+                let ihl = usize::from(frame[ETH] & 0x0f) * 4;
+                if frame[ETH] >> 4 != 4 || ihl < IPV4_MIN {
+                    return Err(Error::Malformed);
+                }
+                (false, frame[ETH + 9], ETH + ihl)
+            }
+            EtherType::IPV6 => {
+                if frame.len() < ETH + IPV6_LEN {
+                    return Err(Error::Truncated);
+                }
+                if frame[ETH] >> 4 != 6 {
+                    return Err(Error::Malformed);
+                }
+                (true, frame[ETH + 6], ETH + IPV6_LEN)
+            }
+            _ => return Err(Error::Malformed),
+        };
+        let kind = match (v.gso_type, v6, proto) {
+            (GsoType::TcpV4, false, 6) => Kind::Tcp4,
+            (GsoType::TcpV6, true, 6) => Kind::Tcp6,
+            (GsoType::UdpL4, false, 17) => Kind::Udp4,
+            (GsoType::UdpL4, true, 17) => Kind::Udp6,
+            _ => return Err(Error::Malformed),
+        };
+        let l4_len = if kind.tcp() {
+            TcpPacket::new_checked(frame.get(l4..).ok_or(Error::Truncated)?)?.header_len()
+        } else {
+            UDP_LEN
+        };
+        let hdr_len = l4 + l4_len;
+        if frame.len() <= hdr_len {
+            return Err(Error::Truncated);
+        }
+        let csum_offset = if kind.tcp() { 16 } else { 6 };
+        if v.needs_csum() && (usize::from(v.csum_start) != l4 || v.csum_offset != csum_offset) {
+            return Err(Error::Malformed);
+        }
+        let g = Gso {
+            kind,
+            l4: l4 as u16,
+            hdr_len: hdr_len as u16,
+            seg_size: v.gso_size,
+        };
+        // Every segment must be a valid IP packet.
+        if hdr_len - ETH + usize::from(v.gso_size) > IP_MAX {
+            return Err(Error::Malformed);
+        }
+        Ok(Some(g))
+    }
+
+    /// How many segments a `len`-byte super-frame becomes.
+    pub fn segments(&self, len: usize) -> usize {
+        let payload = len.saturating_sub(usize::from(self.hdr_len));
+        payload.div_ceil(usize::from(self.seg_size)).max(1)
+    }
+
+    /// Bytes on the wire (Ethernet frames, no tunnel) of all its segments.
+    pub fn wire_len(&self, len: usize) -> usize {
+        len + (self.segments(len) - 1) * usize::from(self.hdr_len)
+    }
+
+    /// The longest segment's length.
+    pub fn largest(&self, len: usize) -> usize {
+        let payload = len.saturating_sub(usize::from(self.hdr_len));
+        usize::from(self.hdr_len) + payload.min(usize::from(self.seg_size))
+    }
+
+    /// The virtio header that hands the super-frame on unsegmented.
+    pub fn to_virtio(&self) -> VirtioNetRepr {
+        VirtioNetRepr {
+            flags: F_NEEDS_CSUM,
+            gso_type: match self.kind {
+                Kind::Tcp4 => GsoType::TcpV4,
+                Kind::Tcp6 => GsoType::TcpV6,
+                Kind::Udp4 | Kind::Udp6 => GsoType::UdpL4,
+            },
+            ecn: false,
+            hdr_len: self.hdr_len,
+            gso_size: self.seg_size,
+            csum_start: self.l4,
+            csum_offset: if self.kind.tcp() { 16 } else { 6 },
+        }
+    }
+
+    /// Writes the headers of segment `i` of `frame` into `out[..hdr_len]` and returns
+    /// where the segment's payload lies in `frame`. The L4 checksum is complete (it
+    /// covers that payload). `i` must be below [`Gso::segments`].
+    pub fn segment_header(&self, frame: &[u8], i: usize, out: &mut [u8]) -> Range<usize> {
+        let hl = usize::from(self.hdr_len);
+        let l4 = usize::from(self.l4);
+        let seg = usize::from(self.seg_size);
+        let n = self.segments(frame.len());
+        let start = hl + i * seg;
+        let end = (start + seg).min(frame.len());
+        let plen = end - start;
+        let out = &mut out[..hl];
+        out.copy_from_slice(&frame[..hl]);
+        let l4_len = hl - l4 + plen;
+        let pseudo = if self.kind.v6() {
+            set_u16(out, ETH + 4, (l4_len + l4 - ETH - IPV6_LEN) as u16);
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src.copy_from_slice(&out[ETH + 8..ETH + 24]);
+            dst.copy_from_slice(&out[ETH + 24..ETH + 40]);
+            let proto = if self.kind.tcp() { 6 } else { 17 };
+            checksum::pseudo_header_v6(&src, &dst, proto, l4_len as u32)
+        } else {
+            set_u16(out, ETH + 2, (l4 - ETH + l4_len) as u16);
+            let id = get_u16(out, ETH + 4).wrapping_add(i as u16);
+            set_u16(out, ETH + 4, id);
+            set_u16(out, ETH + 10, 0);
+            let c = !checksum::sum(&out[ETH..l4]);
+            set_u16(out, ETH + 10, c);
+            let proto = out[ETH + 9];
+            let src = core::net::Ipv4Addr::new(out[26], out[27], out[28], out[29]);
+            let dst = core::net::Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+            // The checksum's length field is 16 bits; an IPv4 L4 length fits.
+            checksum::pseudo_header(src, dst, proto, l4_len as u16)
+        };
+        let csum_at = if self.kind.tcp() {
+            let mut t = TcpPacket::new_unchecked(&mut out[l4..]);
+            let seq = get_u32(frame, l4 + tcp::field::SEQ).wrapping_add((i * seg) as u32);
+            t.set_seq(seq);
+            let mut f = frame[l4 + tcp::field::FLAGS];
+            if i + 1 < n {
+                f &= !(tcp::flags::FIN | tcp::flags::PSH);
+            }
+            if i > 0 {
+                f &= !tcp::flags::CWR;
+            }
+            t.set_flags(f);
+            l4 + tcp::field::CHECKSUM
+        } else {
+            set_u16(out, l4 + 4, (UDP_LEN + plen) as u16);
+            l4 + 6
+        };
+        set_u16(out, csum_at, 0);
+        let mut c = !checksum::combine(&[
+            pseudo,
+            checksum::sum(&out[l4..]),
+            checksum::sum(&frame[start..end]),
+        ]);
+        if c == 0 && !self.kind.tcp() {
+            c = 0xffff; // UDP: zero means "no checksum"
+        }
+        set_u16(out, csum_at, c);
+        start..end
+    }
+
+    /// Writes segment `i` whole into `out`; returns its length.
+    pub fn write_segment(&self, frame: &[u8], i: usize, out: &mut [u8]) -> usize {
+        let hl = usize::from(self.hdr_len);
+        let p = self.segment_header(frame, i, out);
+        let len = hl + p.len();
+        out[hl..len].copy_from_slice(&frame[p]);
+        len
+    }
+}
+
+#[inline]
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Completes the partial checksum of a plain frame (virtio `NEEDS_CSUM`): the field at
+/// `start + offset` holds the pseudo-header's sum; the checksum runs from `start` to the
+/// end of the frame.
+pub fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> Result<()> {
+    let at = start + offset;
+    if at + 2 > frame.len() {
+        return Err(Error::Truncated);
+    }
+    let mut c = !checksum::sum(&frame[start..]);
+    if c == 0 && offset == 6 {
+        c = 0xffff; // UDP
+    }
+    set_u16(frame, at, c);
+    Ok(())
+}
+
+/// What the coalescer did with a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// It is part of the pending super-frame now.
+    Added,
+    /// It does not continue the pending super-frame: finish that one, then push again.
+    Flush,
+    /// It is not coalescable at all (not TCP/IPv4, flags, no payload, bad checksum):
+    /// finish the pending super-frame, then send this one as it is.
+    Alone,
+}
+
+/// A TCP/IPv4 super-frame being built in a caller's buffer from segments of one flow.
+#[derive(Debug, Clone, Default)]
+pub struct Coalescer {
+    len: usize,
+    hdr_len: usize,
+    seg_size: usize,
+    segs: usize,
+    next_seq: u32,
+    /// A short or PSH segment ended it: nothing more may follow.
+    closed: bool,
+}
+
+/// A segment the coalescer may take: offsets into it.
+struct Seg {
+    hdr_len: usize,
+    end: usize,
+    seq: u32,
+    flags: u8,
+}
+
+/// Checks `f` is a plain, checksummed TCP/IPv4 data segment without IP options.
+fn coalescable(f: &[u8]) -> Option<Seg> {
+    if f.len() < ETH + IPV4_MIN + tcp::HEADER_LEN || EtherType(get_u16(f, 12)) != EtherType::IPV4 {
+        return None;
+    }
+    let ip = &f[ETH..];
+    let total = usize::from(get_u16(ip, 2));
+    // Version 4, no options, TCP, not a fragment, whole.
+    if ip[0] != 0x45 || ip[9] != 6 || get_u16(ip, 6) & 0x3fff != 0 || total > ip.len() {
+        return None;
+    }
+    if checksum::sum(&ip[..IPV4_MIN]) != 0xffff || total < IPV4_MIN + tcp::HEADER_LEN {
+        return None;
+    }
+    let t = TcpPacket::new_checked(&ip[IPV4_MIN..total]).ok()?;
+    let flags = t.flags();
+    if flags & !(tcp::flags::ACK | tcp::flags::PSH) != 0 || flags & tcp::flags::ACK == 0 {
+        return None;
+    }
+    if t.payload().is_empty() {
+        return None;
+    }
+    let src = core::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = core::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let pseudo = checksum::pseudo_header(src, dst, 6, (total - IPV4_MIN) as u16);
+    if !t.verify_checksum(pseudo) {
+        return None;
+    }
+    Some(Seg {
+        hdr_len: ETH + IPV4_MIN + t.header_len(),
+        end: ETH + total,
+        seq: t.seq(),
+        flags,
+    })
+}
+
+impl Coalescer {
+    pub fn is_empty(&self) -> bool {
+        self.segs == 0
+    }
+
+    /// Segments in the pending super-frame.
+    pub fn segments(&self) -> usize {
+        self.segs
+    }
+
+    /// Offers frame `f`; `buf` holds the pending super-frame (the same buffer every
+    /// call, at least 14 + 65535 bytes).
+    pub fn push(&mut self, buf: &mut [u8], f: &[u8]) -> Push {
+        let Some(s) = coalescable(f) else {
+            return Push::Alone;
+        };
+        let plen = s.end - s.hdr_len;
+        if self.segs == 0 {
+            if s.end > buf.len() {
+                return Push::Alone;
+            }
+            buf[..s.end].copy_from_slice(&f[..s.end]);
+            *self = Coalescer {
+                len: s.end,
+                hdr_len: s.hdr_len,
+                seg_size: plen,
+                segs: 1,
+                next_seq: s.seq.wrapping_add(plen as u32),
+                closed: s.flags & tcp::flags::PSH != 0,
+            };
+            return Push::Added;
+        }
+        let h = self.hdr_len;
+        let ip = ETH;
+        let t = ETH + IPV4_MIN;
+        let same = !self.closed
+            && s.hdr_len == h
+            && s.seq == self.next_seq
+            && plen <= self.seg_size
+            && self.len + plen - ETH <= IP_MAX
+            && self.len + plen <= buf.len()
+            // Ethernet addresses and type; IPv4 version, TOS; DF; TTL, protocol; addresses.
+            && buf[..ETH + 2] == f[..ETH + 2]
+            && buf[ip + 6] & 0x40 == f[ip + 6] & 0x40
+            && buf[ip + 8..ip + 10] == f[ip + 8..ip + 10]
+            && buf[ip + 12..ip + 20] == f[ip + 12..ip + 20]
+            // Ports, ACK, data offset, window, options; flags but PSH.
+            && buf[t..t + 4] == f[t..t + 4]
+            && buf[t + 8..t + 13] == f[t + 8..t + 13]
+            && buf[t + 14..t + 16] == f[t + 14..t + 16]
+            && buf[t + tcp::HEADER_LEN..h] == f[t + tcp::HEADER_LEN..h]
+            && (buf[t + 13] ^ s.flags) & !tcp::flags::PSH == 0;
+        if !same {
+            return Push::Flush;
+        }
+        buf[self.len..self.len + plen].copy_from_slice(&f[s.hdr_len..s.end]);
+        self.len += plen;
+        self.segs += 1;
+        self.next_seq = self.next_seq.wrapping_add(plen as u32);
+        if s.flags & tcp::flags::PSH != 0 {
+            buf[t + 13] |= tcp::flags::PSH;
+            self.closed = true;
+        }
+        if plen < self.seg_size {
+            self.closed = true;
+        }
+        Push::Added
+    }
+
+    /// Finishes the pending super-frame in `buf`: its virtio header and length, or
+    /// `None` when nothing is pending. One segment comes back as it arrived (checksum
+    /// verified); more carry IPv4 length and checksum for the whole, and a TCP checksum
+    /// left partial (pseudo-header sum), for the receiver to take as verified.
+    pub fn finish(&mut self, buf: &mut [u8]) -> Option<(VirtioNetRepr, usize)> {
+        if self.segs == 0 {
+            return None;
+        }
+        let c = core::mem::take(self);
+        if c.segs == 1 {
+            let v = VirtioNetRepr {
+                flags: F_DATA_VALID,
+                ..VirtioNetRepr::PLAIN
+            };
+            return Some((v, c.len));
+        }
+        let t = ETH + IPV4_MIN;
+        set_u16(buf, ETH + 2, (c.len - ETH) as u16);
+        set_u16(buf, ETH + 10, 0);
+        let ic = !checksum::sum(&buf[ETH..t]);
+        set_u16(buf, ETH + 10, ic);
+        let src = core::net::Ipv4Addr::new(buf[26], buf[27], buf[28], buf[29]);
+        let dst = core::net::Ipv4Addr::new(buf[30], buf[31], buf[32], buf[33]);
+        let pseudo = checksum::pseudo_header(src, dst, 6, (c.len - t) as u16);
+        set_u16(buf, t + tcp::field::CHECKSUM, pseudo);
+        let g = Gso {
+            kind: Kind::Tcp4,
+            l4: t as u16,
+            hdr_len: c.hdr_len as u16,
+            seg_size: c.seg_size as u16,
+        };
+        Some((g.to_virtio(), c.len))
+    }
+}
+
+#[cfg(test)]
+mod tests;
