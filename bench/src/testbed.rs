@@ -65,6 +65,7 @@ impl Testbed {
             mtu: 1500,
             xdp_single_socket: false,
             queues: 1,
+            xdp_attach: Default::default(),
         };
         let state = cluster::up(&run_dir, name, &opts, &|_| {})?;
         Ok(Testbed {
@@ -194,6 +195,8 @@ impl Testbed {
         self.up_spec(name, &spec)?;
         let config = match (self.dataplane, port) {
             ("xdp", "xdp") => "violin-xdp-fast",
+            ("xdp", "tap") => "violin-xdp-tap",
+            (_, "tap") => "violin-udp-tap",
             ("xdp", _) => "violin-xdp",
             _ => "violin-udp",
         };

@@ -32,6 +32,10 @@ pub const CONFIG_MAP: &str = "CONFIG";
 pub const CONFIG_PORT: u32 = 0;
 /// `CONFIG[CONFIG_QUEUES]`: rx queues of the underlay interface.
 pub const CONFIG_QUEUES: u32 = 1;
+/// `CONFIG[CONFIG_MAX_FRAME]`: the longest single frame the underlay carries, its MTU
+/// plus 14. A longer tunnelled frame is a GSO super-frame (generic XDP sees those
+/// whole) or a jumbo one: the kernel's UDP socket takes it. 0: no limit.
+pub const CONFIG_MAX_FRAME: u32 = 2;
 /// Name of the XskMap of per-(Violin, rx queue) AF_XDP sockets.
 pub const XSK_MAP: &str = "XSKS";
 /// Name of the classifier program in the object.

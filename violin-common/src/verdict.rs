@@ -45,11 +45,15 @@ pub enum Verdict {
     /// Violin traffic that arrived on an rx queue without AF_XDP sockets: handed to the
     /// kernel (XDP_PASS), whose UDP socket the daemon reads as well (the slow path).
     OtherQueue = 17,
+    /// A tunnelled frame larger than the linear buffer XDP sees (a GSO super-frame from
+    /// a veth peer, or a jumbo frame): handed to the kernel (XDP_PASS), whose UDP socket
+    /// takes it whole with GRO.
+    Jumbo = 18,
 }
 
 impl Verdict {
     /// Number of verdicts: the length of every counter array.
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 19;
 
     pub const ALL: [Verdict; Verdict::COUNT] = [
         Verdict::Forward,
@@ -70,10 +74,14 @@ impl Verdict {
         Verdict::TunnelTxError,
         Verdict::Hairpin,
         Verdict::OtherQueue,
+        Verdict::Jumbo,
     ];
 
     pub const fn is_drop(self) -> bool {
-        !matches!(self, Verdict::Forward | Verdict::Pass | Verdict::OtherQueue)
+        !matches!(
+            self,
+            Verdict::Forward | Verdict::Pass | Verdict::OtherQueue | Verdict::Jumbo
+        )
     }
 
     /// A stable snake_case name for logs, JSON and metrics.
@@ -97,6 +105,7 @@ impl Verdict {
             Verdict::TunnelTxError => "tunnel_tx_error",
             Verdict::Hairpin => "hairpin",
             Verdict::OtherQueue => "other_queue",
+            Verdict::Jumbo => "jumbo",
         }
     }
 
@@ -126,7 +135,7 @@ mod tests {
         }
         assert_eq!(Verdict::from_u32(Verdict::COUNT as u32), None);
         assert!(!Verdict::Forward.is_drop() && !Verdict::Pass.is_drop());
-        assert!(!Verdict::OtherQueue.is_drop());
+        assert!(!Verdict::OtherQueue.is_drop() && !Verdict::Jumbo.is_drop());
         assert!(Verdict::NoLink.is_drop());
     }
 

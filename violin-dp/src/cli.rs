@@ -144,6 +144,10 @@ pub enum ClusterCmd {
         /// NIC, whose other queues the xdp data plane serves through the kernel socket.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
         queues: u32,
+        /// xdp: attach the classifier generic (keeps the host's segmentation offload on a
+        /// veth: the default here) or native (in the driver).
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_attach: crate::config::XdpAttach,
     },
     /// Show the bridge, subnet and each host's namespace and underlay address.
     Info {
@@ -175,6 +179,7 @@ pub fn run(cli: Cli) -> Result<()> {
             mtu,
             xdp_single_socket,
             queues,
+            xdp_attach,
         }) => {
             eprintln!("Bringing up cluster {name} ({hosts} hosts)");
             let st = cluster::up(
@@ -187,6 +192,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     mtu,
                     xdp_single_socket,
                     queues,
+                    xdp_attach,
                 },
                 &progress,
             )?;

@@ -140,6 +140,8 @@ pub struct UpOptions {
     pub xdp_single_socket: bool,
     /// Rx/tx queues of each host's veth.
     pub queues: u32,
+    /// xdp: how the classifier attaches to each host's veth.
+    pub xdp_attach: crate::config::XdpAttach,
 }
 
 /// Brings a cluster up; on any failure, removes what it made.
@@ -226,6 +228,7 @@ pub fn up(
                 netns_prefix: format!("{name}-"),
                 dataplane: opts.dataplane,
                 xdp_socket_per_violin: !opts.xdp_single_socket,
+                xdp_attach: opts.xdp_attach,
                 metrics_port: Some(crate::config::DEFAULT_METRICS_PORT),
                 control_cpus: None,
             };

@@ -8,6 +8,10 @@
 //! non-member source: XDP_DROP. Each outcome is counted per CPU by `Verdict`, the list
 //! user space counts with too. Header layouts come from `violin_common::wire`.
 //!
+//! A multi-buffer frame (a GSO super-frame from the veth peer, which keeps GSO because
+//! this program is frags-aware, or a jumbo frame) is handed to the kernel, whose UDP
+//! socket the daemon reads with GRO.
+//!
 //! `violin_port` runs on the host end of fast guest ports (veths driven by AF_XDP) and
 //! hands every frame to that port's socket.
 #![no_std]
@@ -15,11 +19,12 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_xdp_get_buff_len,
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
-use violin_common::maps::{MemberKey, VniEntry, CONFIG_PORT, CONFIG_QUEUES};
+use violin_common::maps::{MemberKey, VniEntry, CONFIG_MAX_FRAME, CONFIG_PORT, CONFIG_QUEUES};
 use violin_common::wire::{ethernet, ipv4, udp, vxlan, EtherType};
 use violin_common::Verdict;
 
@@ -40,14 +45,16 @@ static XSKS: XskMap = XskMap::with_max_entries(1024, 0);
 #[map(name = "VERDICTS")]
 static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Verdict::COUNT as u32, 0);
 
-#[xdp]
+/// Frags-aware (`xdp.frags`): otherwise veth strips GSO from its peer, and every TCP
+/// stream of the host itself would be segmented on its way in.
+#[xdp(frags)]
 pub fn violin_xdp(ctx: XdpContext) -> u32 {
     match classify(&ctx) {
         Ok(action) => action,
         Err(v) => {
             count(v);
             match v {
-                Verdict::Pass | Verdict::OtherQueue => xdp_action::XDP_PASS,
+                Verdict::Pass | Verdict::OtherQueue | Verdict::Jumbo => xdp_action::XDP_PASS,
                 _ => xdp_action::XDP_DROP,
             }
         }
@@ -147,6 +154,15 @@ fn classify(ctx: &XdpContext) -> Result<u32, Verdict> {
         // No sockets on this queue (and slot × queues + queue would be another Violin's
         // slot): the kernel's UDP socket takes it, and the daemon reads that too.
         return Err(Verdict::OtherQueue);
+    }
+    // A multi-buffer frame, or one longer than the underlay's largest (a GSO
+    // super-frame, which generic XDP sees whole, or a jumbo frame), does not fit one
+    // AF_XDP chunk: the kernel's UDP socket takes it, with GRO.
+    // SAFETY: the helper only reads the xdp_md this program was given.
+    let whole = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize;
+    let max = CONFIG.get(CONFIG_MAX_FRAME).copied().unwrap_or(0) as usize;
+    if whole > ctx.data_end() - ctx.data() || (max != 0 && whole > max) {
+        return Err(Verdict::Jumbo);
     }
     let slot = entry.slot * queues + queue;
     count(Verdict::Forward);

@@ -205,6 +205,31 @@ pub async fn mac_of(h: &Handle, name: &str) -> Result<[u8; 6]> {
     Err(anyhow!("link {name} has no MAC address"))
 }
 
+/// A link's MTU and its kind (`veth`, `bridge`…; `None` for a physical NIC).
+pub async fn mtu_and_kind(h: &Handle, name: &str) -> Result<(u32, Option<String>)> {
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkInfo};
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    let link = links
+        .try_next()
+        .await?
+        .ok_or_else(|| anyhow!("no link named {name}"))?;
+    let (mut mtu, mut kind) = (0, None);
+    for a in link.attributes {
+        match a {
+            LinkAttribute::Mtu(m) => mtu = m,
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        kind = Some(k.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((mtu, kind))
+}
+
 /// Resolved IPv4 neighbours on a link: (address, MAC).
 pub async fn neighbours(h: &Handle, name: &str) -> Result<Vec<(Ipv4Addr, [u8; 6])>> {
     use rtnetlink::packet_route::neighbour::{

@@ -2,6 +2,7 @@
 //! keeps its maps in step with the Violins on this host: VNI → socket slot, (VNI, outer
 //! source) membership, and the AF_XDP sockets themselves.
 
+use crate::config::XdpAttach;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
 use aya::programs::xdp::XdpLinkId;
@@ -106,19 +107,42 @@ impl Classifier {
             .unwrap()
     }
 
-    /// Attaches to `iface` in driver mode, replacing a stale XDP program left there (a
-    /// crashed daemon's legacy attachment) instead of failing.
-    pub fn attach(&mut self, iface: &str) -> Result<()> {
-        match self.program().attach(iface, XdpMode::Driver) {
+    /// Attaches to `iface` (generic or in the driver, as `how` and the interface's
+    /// kind say), replacing a stale XDP program left there (a crashed daemon's legacy
+    /// attachment) instead of failing. Returns the mode it attached in.
+    pub fn attach(&mut self, iface: &str, how: XdpAttach) -> Result<&'static str> {
+        let name = iface.to_string();
+        let (mtu, kind) = crate::host::netlink::with_handle(|h| async move {
+            crate::host::netlink::mtu_and_kind(&h, &name).await
+        })?;
+        let generic = match how {
+            XdpAttach::Generic => true,
+            XdpAttach::Native => false,
+            XdpAttach::Auto => kind.as_deref() == Some("veth"),
+        };
+        let mode = if generic {
+            XdpMode::Skb
+        } else {
+            XdpMode::Driver
+        };
+        self.set_config(maps::CONFIG_MAX_FRAME, mtu + 14)?;
+        match self.program().attach(iface, mode) {
             Ok(_) => {}
             Err(first) => {
                 tracing::warn!("attaching to {iface} failed ({first}); removing a stale XDP program and retrying");
                 detach_any(iface)?;
                 self.program()
-                    .attach(iface, XdpMode::Driver)
+                    .attach(iface, mode)
                     .with_context(|| format!("attaching the XDP classifier to {iface}"))?;
             }
         }
+        Ok(if generic { "generic" } else { "native" })
+    }
+
+    fn set_config(&mut self, key: u32, value: u32) -> Result<()> {
+        let mut config: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(maps::CONFIG_MAP).context("CONFIG map")?)?;
+        config.set(key, value, 0)?;
         Ok(())
     }
 
