@@ -199,13 +199,22 @@ fn main() -> Result<()> {
     let tx = Testbed::up(&format!("bx{id}"), "xdp")?;
     say("bringing up Open vSwitch (userspace datapath, VXLAN) on a third cluster");
     let mut to = Testbed::up(&format!("bo{id}"), "udp")?;
+    // The host namespaces of the xdp cluster: the hosts' own traffic with the xdp
+    // plane attached (the udp plane attaches nothing: that is `physical`).
+    let host_xdp = Pair {
+        config: "physical-xdp",
+        ..tx.physical()
+    };
     let pairs: Vec<Pair> = vec![
         tu.physical(),
+        host_xdp,
         tu.kernel_overlay()?,
         to.ovs_overlay()?,
         tu.violin_pair("perf", 100, 1, "socket", None)?,
+        tu.violin_pair("tap", 102, 3, "tap", None)?,
         tx.violin_pair("perf", 100, 1, "socket", None)?,
         tx.violin_pair("fast", 101, 2, "xdp", None)?,
+        tx.violin_pair("tap", 102, 3, "tap", None)?,
     ];
     r.configs = pairs.iter().map(|p| p.config.to_string()).collect();
     for p in &pairs {
@@ -241,8 +250,8 @@ fn main() -> Result<()> {
         );
     }
 
-    say("figure 2: TCP throughput, 1 and 4 streams");
-    for streams in [1u32, 4] {
+    say("figure 2: TCP throughput, 1, 4 and 8 streams");
+    for streams in [1u32, 4, 8] {
         for (c, g) in tcp_medians(&pairs, streams, &plan)? {
             r.tcp_gbps
                 .entry(c.into())
@@ -301,7 +310,8 @@ fn main() -> Result<()> {
         plan.idle_violins
     ));
     for tb in [&tu, &tx] {
-        let existing = 2; // perf (and fast on xdp) are up already
+        // perf and tap (and fast on xdp) are up already.
+        let existing = tb.violin_names()?.len();
         for i in existing..plan.idle_violins {
             tb.violin_pair(
                 &format!("idle{i}"),
@@ -558,7 +568,7 @@ fn draw_charts(r: &Results, dir: &std::path::Path) -> Result<Vec<PathBuf>> {
         },
     )?);
     let tcp = |c: &str, s: &str| r.tcp_gbps.get(c).and_then(|m| m.get(s)).copied();
-    let series: Vec<Series> = ["1", "4"]
+    let series: Vec<Series> = ["1", "4", "8"]
         .iter()
         .map(|s| Series {
             name: format!("{s} stream(s)"),
@@ -776,30 +786,39 @@ fn tables(r: &Results) -> String {
     let _ = writeln!(o, "\n2. TCP throughput (iperf3), Gbit/s");
     let _ = writeln!(
         o,
-        "{:<17} {:>9} {:>7} {:>9} {:>7}",
-        "config", "1 stream", "/phys", "4 streams", "/phys"
+        "{:<17} {:>9} {:>7} {:>8} {:>9} {:>7} {:>8} {:>9} {:>8}",
+        "config",
+        "1 stream",
+        "/phys",
+        "/kernel",
+        "4 streams",
+        "/phys",
+        "/kernel",
+        "8 streams",
+        "/kernel"
     );
-    let pt = |s: &str| {
+    let at = |c: &str, s: &str| {
         r.tcp_gbps
-            .get("physical")
+            .get(c)
             .and_then(|m| m.get(s))
             .copied()
             .unwrap_or(f64::NAN)
     };
     for c in &r.configs {
-        if let Some(m) = r.tcp_gbps.get(c) {
-            let (a, b) = (
-                m.get("1").copied().unwrap_or(f64::NAN),
-                m.get("4").copied().unwrap_or(f64::NAN),
-            );
+        if r.tcp_gbps.contains_key(c) {
+            let (a, b, e) = (at(c, "1"), at(c, "4"), at(c, "8"));
             let _ = writeln!(
                 o,
-                "{:<17} {:>9.2} {:>7} {:>9.2} {:>7}",
+                "{:<17} {:>9.2} {:>7} {:>8} {:>9.2} {:>7} {:>8} {:>9.2} {:>8}",
                 c,
                 a,
-                ratio(a, pt("1")),
+                ratio(a, at("physical", "1")),
+                ratio(a, at("kernel", "1")),
                 b,
-                ratio(b, pt("4"))
+                ratio(b, at("physical", "4")),
+                ratio(b, at("kernel", "4")),
+                e,
+                ratio(e, at("kernel", "8"))
             );
         }
     }
@@ -940,7 +959,7 @@ fn check(r: &Results) -> Result<()> {
             Some(f) if f.received_pps > 0.0 && f.cpu_us_per_packet.is_finite() => {}
             other => problems.push(format!("packet rate of {c}: {other:?}")),
         }
-        for s in ["1", "4"] {
+        for s in ["1", "4", "8"] {
             if !r
                 .tcp_gbps
                 .get(c)

@@ -48,12 +48,19 @@ impl Daemon {
     pub fn new(cfg: HostConfig) -> Result<Daemon> {
         std::fs::create_dir_all(&cfg.run_dir)
             .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
-        let udp = UdpUnderlay::bind(cfg.underlay, cfg.vxlan_port).with_context(|| {
+        let mut udp = UdpUnderlay::bind(cfg.underlay, cfg.vxlan_port).with_context(|| {
             format!(
                 "binding the underlay socket {}:{}",
                 cfg.underlay, cfg.vxlan_port
             )
         })?;
+        let iface = cfg.interface.clone();
+        match crate::host::netlink::with_handle(|h| async move {
+            crate::host::netlink::mtu_and_kind(&h, &iface).await
+        }) {
+            Ok((mtu, _)) => udp.set_mtu(mtu as usize),
+            Err(e) => warn!("the underlay's MTU is unknown ({e:#}): super-frames always go whole"),
+        }
         let xdp = match cfg.dataplane {
             DataplaneChoice::Udp => None,
             DataplaneChoice::Xdp => Some(
@@ -297,8 +304,8 @@ fn setup_xdp(cfg: &HostConfig) -> Result<(AfXdp, Classifier)> {
         port: cfg.vxlan_port,
     };
     let xsk = AfXdp::new(&cfg.interface, outer)?;
-    cls.attach(&cfg.interface)?;
-    info!(interface = %cfg.interface, object = %path.display(), "XDP classifier attached; AF_XDP sockets on queue 0 (copy mode)");
+    let mode = cls.attach(&cfg.interface, cfg.xdp_attach)?;
+    info!(interface = %cfg.interface, object = %path.display(), mode, "XDP classifier attached; AF_XDP sockets on queue 0 (copy mode)");
     if !cfg.xdp_socket_per_violin {
         info!("one AF_XDP socket per queue for every Violin (xdp_socket_per_violin = false)");
     }

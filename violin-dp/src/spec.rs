@@ -153,6 +153,9 @@ pub enum PortKind {
     /// A veth whose host end the daemon drives with AF_XDP (netns guests only; needs the
     /// xdp data plane).
     Xdp,
+    /// A tap the daemon drives itself, with offloads: super-frames both ways, no relay
+    /// (netns guests only; either data plane).
+    Tap,
 }
 
 /// A token-bucket rate: `bytes_per_sec` refilled continuously, `burst_bytes` deep, and
@@ -763,12 +766,17 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
             &f,
             "port",
             &g.port,
-            &[("socket", PortKind::Socket), ("xdp", PortKind::Xdp)],
+            &[
+                ("socket", PortKind::Socket),
+                ("xdp", PortKind::Xdp),
+                ("tap", PortKind::Tap),
+            ],
         ) {
-            PortKind::Xdp if kind != GuestKind::Netns => {
+            p @ (PortKind::Xdp | PortKind::Tap) if kind != GuestKind::Netns => {
+                let name = if p == PortKind::Xdp { "xdp" } else { "tap" };
                 c.err(
                     format!("{f}.port"),
-                    "port = \"xdp\" needs a netns guest (kind = \"netns\")",
+                    format!("port = \"{name}\" needs a netns guest (kind = \"netns\")"),
                 );
                 PortKind::Socket
             }
@@ -1238,11 +1246,28 @@ mac = "02:aa:00:00:00:50"
             "ip = \"10.0.0.1/24\"\nport = \"xdp\"\nkind = \"socket\"",
         ));
         assert!(e.mentions("guest[0].port"), "{e}");
-        let e = errors_of(&ISSUE_SPEC.replace(
-            "ip = \"10.0.0.1/24\"",
-            "ip = \"10.0.0.1/24\"\nport = \"tap\"",
+        let v = parse(
+            &ISSUE_SPEC.replace(
+                "ip = \"10.0.0.1/24\"",
+                "ip = \"10.0.0.1/24\"\nport = \"tap\"",
+            ),
+            &hosts(),
+        )
+        .unwrap();
+        assert!(matches!(
+            v.members[0].kind,
+            MemberKind::Guest {
+                port: PortKind::Tap,
+                ..
+            }
         ));
-        assert!(e.mentions("guest[0].port"), "{e}");
+        for bad in ["port = \"tap\"\nkind = \"socket\"", "port = \"vhost\""] {
+            let e = errors_of(&ISSUE_SPEC.replace(
+                "ip = \"10.0.0.1/24\"",
+                &format!("ip = \"10.0.0.1/24\"\n{bad}"),
+            ));
+            assert!(e.mentions("guest[0].port"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::control::protocol::{
 use crate::datapath::fastpath::switch::{PortId, Update};
 use crate::datapath::transport::afxdp::{SlotOpener, MAX_SLOTS, SHARED_SLOT};
 use crate::datapath::transport::guest::GuestPort;
+use crate::datapath::transport::tap::TapPort;
 use crate::datapath::transport::xdpport::XdpPort;
 use crate::datapath::transport::Port;
 use crate::datapath::worker::{Command, Counters, WorkerGone, WorkerHandle};
@@ -425,6 +426,19 @@ impl Manager {
         incoming: &[String],
     ) -> Result<Port> {
         let member = &v.members[m];
+        if port_kind == PortKind::Tap {
+            // The daemon drives the guest's tap itself: no relay process.
+            let ns = rec.netns.clone().unwrap_or_default();
+            let tap = crate::host::guest::setup_tap_guest(
+                &ns,
+                member.mac.0,
+                rec.ip,
+                rec.prefix_len,
+                v.mtu,
+            )
+            .with_context(|| format!("setting up tap-port guest {}", member.name))?;
+            return Ok(Port::Tap(Box::new(TapPort::new(tap, &ns))));
+        }
         if port_kind == PortKind::Xdp {
             // A fast port: the daemon drives the host end of the guest's veth.
             let ns = rec.netns.clone().unwrap_or_default();

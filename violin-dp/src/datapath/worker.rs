@@ -10,13 +10,13 @@
 //! Counters leave the worker as [`Counters`] snapshots, on request.
 
 use crate::datapath::fastpath::switch::{
-    AddError, Egress, Ingress, PortId, Switch, Update, ViolinStats,
+    AddError, Egress, Ingress, PortId, Size, Switch, Update, ViolinStats,
 };
 use crate::datapath::transport::afxdp::{AfXdpStats, Slot, SlotStats};
 use crate::datapath::transport::guest::{PortCounters, RxEvent};
 use crate::datapath::transport::udp::{Received, UdpUnderlay};
 use crate::datapath::transport::underlay::Underlay;
-use crate::datapath::transport::Port;
+use crate::datapath::transport::{each_segment, Port};
 use crate::spec::Violin;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
+use violin_common::wire::gso::Gso;
 use violin_common::wire::{arp, EthernetAddress};
 use violin_common::Verdict;
 
@@ -167,45 +168,90 @@ struct Fabric {
     switch: Switch,
     ports: Vec<Option<WPort>>,
     out: Vec<Egress>,
+    /// Where a super-frame's segments (or their headers) are built for a transport
+    /// that takes one frame at a time.
+    seg: Box<[u8]>,
 }
+
+/// Bytes for one segment, or for the headers of one `UDP_SEGMENT` send.
+const SEG_BUF: usize = 14 + 65535 + 64 * 128;
 
 /// Where tunnel outputs go: the underlay the frame did not come from.
 trait TunnelTx {
     fn tunnel(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict>;
+    fn tunnel_super(
+        &mut self,
+        dst: Ipv4Addr,
+        vni: u32,
+        g: &Gso,
+        frame: &[u8],
+        seg: &mut [u8],
+    ) -> Result<(), Verdict>;
 }
 impl TunnelTx for &UdpUnderlay {
     fn tunnel(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
         self.send(dst, vni, frame)
+    }
+    fn tunnel_super(
+        &mut self,
+        dst: Ipv4Addr,
+        vni: u32,
+        g: &Gso,
+        frame: &[u8],
+        seg: &mut [u8],
+    ) -> Result<(), Verdict> {
+        self.send_super(dst, vni, g, frame, seg)
     }
 }
 impl TunnelTx for &mut Underlay {
     fn tunnel(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
         self.send(dst, vni, frame)
     }
+    fn tunnel_super(
+        &mut self,
+        dst: Ipv4Addr,
+        vni: u32,
+        g: &Gso,
+        frame: &[u8],
+        seg: &mut [u8],
+    ) -> Result<(), Verdict> {
+        self.send_super(dst, vni, g, frame, seg)
+    }
 }
 
 impl Fabric {
-    /// Switches one frame and hands it to each output's transport; failures are
-    /// counted as drops.
+    /// Switches one frame (a super-frame when `gso` says so) and hands it to each
+    /// output's transport; failures are counted as drops.
     #[inline]
     fn switch_and_deliver(
         &mut self,
         ingress: Ingress,
         frame: &[u8],
+        gso: Option<&Gso>,
         now: u64,
         mut tx: impl TunnelTx,
     ) {
-        let Fabric { switch, ports, out } = self;
-        if switch.process(ingress, frame, now, out) != Verdict::Forward {
+        let Fabric {
+            switch,
+            ports,
+            out,
+            seg,
+        } = self;
+        let size = Size::of(frame, gso);
+        if switch.process_sized(ingress, frame, size, now, out) != Verdict::Forward {
             return;
         }
         for &e in out.iter() {
-            let r = match e {
-                Egress::Port(q) => match ports.get_mut(q as usize).and_then(Option::as_mut) {
-                    Some(wp) => wp.port.send(frame),
+            let r = match (e, gso) {
+                (Egress::Port(q), _) => match ports.get_mut(q as usize).and_then(Option::as_mut) {
+                    Some(wp) => match gso {
+                        None => wp.port.send(frame),
+                        Some(g) => wp.port.send_super(g, frame, seg),
+                    },
                     None => Err(Verdict::PortDown),
                 },
-                Egress::Tunnel { dst, vni } => tx.tunnel(dst, vni, frame),
+                (Egress::Tunnel { dst, vni }, None) => tx.tunnel(dst, vni, frame),
+                (Egress::Tunnel { dst, vni }, Some(g)) => tx.tunnel_super(dst, vni, g, frame, seg),
             };
             if let Err(v) = r {
                 switch.count_egress_drop(e, v);
@@ -220,6 +266,8 @@ pub struct Worker {
     underlay: Underlay,
     commands: Receiver<Command>,
     scratch: Vec<u8>,
+    /// Where a super-frame from a policed sender is split before switching.
+    split: Box<[u8]>,
     again: VecDeque<Token>,
     udp_rx_frames: u64,
     start: Instant,
@@ -238,10 +286,12 @@ impl Worker {
                 switch: Switch::new(),
                 ports: Vec::new(),
                 out: Vec::with_capacity(64),
+                seg: vec![0u8; SEG_BUF].into_boxed_slice(),
             },
+            split: vec![0u8; SEG_BUF].into_boxed_slice(),
             underlay,
             commands: rx,
-            scratch: vec![0u8; 65536 + 64],
+            scratch: vec![0u8; 16 + 14 + 65535 + 64],
             again: VecDeque::with_capacity(64),
             udp_rx_frames: 0,
             start: Instant::now(),
@@ -281,9 +331,12 @@ impl Worker {
                 }
             }
             self.underlay.flush();
-            for wp in self.fabric.ports.iter_mut().flatten() {
-                if let Port::Xdp(x) = &mut wp.port {
-                    x.flush();
+            let Fabric { switch, ports, .. } = &mut self.fabric;
+            for (p, wp) in ports.iter_mut().enumerate() {
+                if let Some(wp) = wp.as_mut().filter(|wp| wp.port.batches()) {
+                    if let Err(v) = wp.port.flush() {
+                        switch.count_egress_drop(Egress::Port(p as PortId), v);
+                    }
                 }
             }
         }
@@ -376,8 +429,8 @@ impl Worker {
     fn open_underlay(&mut self) {
         let udp = self.underlay.udp();
         let mut stale = 0u64;
-        while let Ok(Some(_)) = udp.recv(&mut self.scratch) {
-            stale += 1;
+        while let Ok(n @ 1..) = udp.recv(&mut self.scratch, |_| {}) {
+            stale += n as u64;
         }
         if stale > 0 {
             info!(
@@ -515,7 +568,7 @@ impl Worker {
                 } else {
                     if writable {
                         if let Some(wp) = self.port_mut(p) {
-                            wp.port.flush();
+                            let _ = wp.port.flush();
                         }
                     }
                     self.port_rx(p);
@@ -538,14 +591,19 @@ impl Worker {
             ..
         } = self;
         let udp = underlay.udp();
-        for _ in 0..BUDGET {
-            match udp.recv(scratch) {
-                Ok(Some(Received::Frame(src, vni, inner))) => {
+        let mut taken = 0;
+        while taken < BUDGET {
+            let r = udp.recv(scratch, |r| match r {
+                Received::Frame(src, vni, inner) => {
                     *udp_rx_frames += 1;
-                    fabric.switch_and_deliver(Ingress::Tunnel { src, vni }, inner, now, udp);
+                    let ingress = Ingress::Tunnel { src, vni };
+                    fabric.switch_and_deliver(ingress, inner, None, now, udp);
                 }
-                Ok(Some(Received::Bad(v))) => fabric.switch.count_host_drop(v),
-                Ok(None) => return,
+                Received::Bad(v) => fabric.switch.count_host_drop(v),
+            });
+            match r {
+                Ok(0) => return,
+                Ok(n) => taken += n,
                 Err(e) => {
                     warn!("underlay receive: {e}");
                     return;
@@ -570,7 +628,7 @@ impl Worker {
         // Tunnel → guest only (split horizon): outputs are local ports, or an
         // external member reached through the kernel's socket.
         let more = xsk.rx(slot, BUDGET, |src, vni, inner| {
-            fabric.switch_and_deliver(Ingress::Tunnel { src, vni }, inner, now, udp);
+            fabric.switch_and_deliver(Ingress::Tunnel { src, vni }, inner, None, now, udp);
         });
         if more {
             again.push_back(Token(XSK_BASE + slot));
@@ -600,17 +658,30 @@ impl Worker {
             fabric,
             underlay,
             scratch,
+            split,
             ..
         } = self;
+        let policed = fabric.switch.polices_port(p);
         let mut on_event = |ev: RxEvent<'_>| match ev {
             RxEvent::Frame(f) => {
-                fabric.switch_and_deliver(Ingress::Port(p), f, now, &mut *underlay)
+                fabric.switch_and_deliver(Ingress::Port(p), f, None, now, &mut *underlay)
+            }
+            // A policed sender's super-frame meets its buckets segment by segment.
+            RxEvent::Super(f, g) if policed => {
+                let _ = each_segment(&g, f, split, |s| {
+                    fabric.switch_and_deliver(Ingress::Port(p), s, None, now, &mut *underlay);
+                    Ok(())
+                });
+            }
+            RxEvent::Super(f, g) => {
+                fabric.switch_and_deliver(Ingress::Port(p), f, Some(&g), now, &mut *underlay)
             }
             RxEvent::Drop(v) => fabric.switch.count_port_drop(p, v),
         };
         let r = match &mut wp.port {
             Port::Sock(g) => g.receive(scratch, BUDGET, on_event),
             Port::Xdp(x) => Ok(x.receive(BUDGET, |f| on_event(RxEvent::Frame(f)))),
+            Port::Tap(t) => t.receive(scratch, BUDGET, on_event),
         };
         match r {
             Ok(true) => self.again.push_back(conn_token_or_port(&wp.port, p)),
@@ -675,7 +746,7 @@ impl Worker {
         arp::emit_gratuitous(&mut garp, mac, ip);
         let now = self.now();
         self.fabric
-            .switch_and_deliver(Ingress::Port(p), &garp, now, &mut self.underlay);
+            .switch_and_deliver(Ingress::Port(p), &garp, None, now, &mut self.underlay);
         info!(%ip, %mac, "gratuitous ARP sent");
     }
 }

@@ -286,6 +286,90 @@ fn relay(tap: &File, conn: &Conn) -> io::Error {
     }
 }
 
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUN_F_CSUM: libc::c_ulong = 0x01;
+const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_TSO6: libc::c_ulong = 0x04;
+const TUN_F_USO4: libc::c_ulong = 0x20;
+const TUN_F_USO6: libc::c_ulong = 0x40;
+
+/// Opens (creating, or attaching to the one a previous daemon left) the tap `name` in
+/// the calling thread's namespace with a virtio-net header and a virtio NIC's
+/// offloads: checksum, TSO4/6, and USO4/6 where the kernel has them (6.2+). The tap
+/// persists, so the guest's `eth0` and its addresses outlive a daemon restart.
+pub fn open_offload_tap(name: &str) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/net/tun")
+        .context("opening /dev/net/tun")?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    let fd = f.as_raw_fd();
+    // SAFETY: TUNSETIFF reads an ifreq (name + flags) from a live, correctly sized struct.
+    if unsafe { libc::ioctl(fd, TUNSETIFF, &mut req as *mut IfReq) } < 0 {
+        return Err(io::Error::last_os_error()).context(format!("opening tap {name}"));
+    }
+    let base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+    // SAFETY: TUNSETOFFLOAD and TUNSETPERSIST take an integer argument, no pointer.
+    unsafe {
+        if libc::ioctl(fd, TUNSETOFFLOAD, base | TUN_F_USO4 | TUN_F_USO6) < 0
+            && libc::ioctl(fd, TUNSETOFFLOAD, base) < 0
+        {
+            return Err(io::Error::last_os_error()).context(format!("offloads on tap {name}"));
+        }
+        if libc::ioctl(fd, TUNSETPERSIST, 1 as libc::c_ulong) < 0 {
+            return Err(io::Error::last_os_error()).context(format!("making tap {name} persist"));
+        }
+    }
+    Ok(f)
+}
+
+/// Sets up a tap-port guest: namespace `ns` (created if missing) whose `eth0` is a tap
+/// with offloads that the daemon itself reads and writes (no relay process). Returns
+/// the tap, non-blocking.
+pub fn setup_tap_guest(
+    ns: &str,
+    mac: EthernetAddress,
+    ip: Ipv4Addr,
+    prefix: u8,
+    mtu: u16,
+) -> Result<File> {
+    if !netns::exists(ns) {
+        netns::create_guest(ns)?;
+    }
+    netns::run_in(ns, || {
+        for k in [
+            "net/ipv6/conf/all/disable_ipv6",
+            "net/ipv6/conf/default/disable_ipv6",
+        ] {
+            let _ = netns::sysctl(k, "1");
+        }
+        let tap = match open_offload_tap("eth0") {
+            Ok(t) => t,
+            // Another kind of eth0 (the guest's port kind changed): replace it.
+            Err(_) => {
+                netlink::with_handle(|h| async move { netlink::del_link(&h, "eth0").await })?;
+                open_offload_tap("eth0")?
+            }
+        };
+        netlink::with_handle(|h| async move {
+            netlink::set_up(&h, "lo").await?;
+            netlink::set_mac(&h, "eth0", mac.0).await?;
+            netlink::set_mtu(&h, "eth0", u32::from(mtu)).await?;
+            netlink::add_addr(&h, "eth0", ip, prefix).await?;
+            netlink::set_up(&h, "eth0").await
+        })?;
+        Ok(tap)
+    })
+}
+
 /// Sets up a fast-port guest: namespace `ns` (created if missing) whose `eth0` is one
 /// end of a veth; the other end, `host_if`, stays in the caller's namespace for the
 /// daemon to drive with AF_XDP. No relay process: the daemon is the guest's NIC.

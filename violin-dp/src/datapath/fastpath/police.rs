@@ -99,26 +99,37 @@ impl Policer {
 
     /// Admits a frame of `len` bytes, or leaves both buckets as they were.
     pub fn admit(&mut self, len: usize, now_ns: u64) -> bool {
+        self.admit_n(1, len, now_ns)
+    }
+
+    /// Admits `frames` frames of `bytes` bytes in all (the segments of a super-frame),
+    /// all or nothing.
+    pub fn admit_n(&mut self, frames: u32, bytes: usize, now_ns: u64) -> bool {
         if let Some(p) = &mut self.packets {
-            if !p.take(1, now_ns) {
+            if !p.take(u64::from(frames), now_ns) {
                 return false;
             }
         }
-        if self.bytes.take(len as u64, now_ns) {
+        if self.bytes.take(bytes as u64, now_ns) {
             return true;
         }
         if let Some(p) = &mut self.packets {
-            p.give_back(1);
+            p.give_back(u64::from(frames));
         }
         false
     }
 
-    /// Undoes one `admit` (the frame was then refused by a later check).
-    pub fn refund(&mut self, len: usize) {
-        self.bytes.give_back(len as u64);
+    /// Undoes one `admit_n` (the frames were then refused by a later check).
+    pub fn refund(&mut self, frames: u32, bytes: usize) {
+        self.bytes.give_back(bytes as u64);
         if let Some(p) = &mut self.packets {
-            p.give_back(1);
+            p.give_back(u64::from(frames));
         }
+    }
+
+    /// The most bytes one admission can take.
+    pub fn depth(&self) -> u64 {
+        self.bytes.capacity()
     }
 }
 
@@ -228,7 +239,7 @@ mod tests {
         let before = p.packets.as_ref().unwrap().tokens();
         assert!(!p.admit(1500, 0));
         assert_eq!(p.packets.as_ref().unwrap().tokens(), before);
-        p.refund(1500);
+        p.refund(1, 1500);
         assert!(p.admit(1500, 0));
     }
 }

@@ -22,6 +22,7 @@ use crate::spec::{Member, MemberKind, Rate, Violin};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use violin_common::wire::gso::Gso;
 use violin_common::wire::{EthernetAddress, EthernetFrame};
 use violin_common::Verdict;
 
@@ -71,9 +72,40 @@ pub struct Counter {
 
 impl Counter {
     #[inline]
-    fn add(&mut self, len: usize) {
-        self.packets += 1;
-        self.bytes += len as u64;
+    fn add(&mut self, size: Size) {
+        self.packets += u64::from(size.frames);
+        self.bytes += size.bytes as u64;
+    }
+}
+
+/// What one switched frame stands for on the wire: a plain frame is one frame of its
+/// length; a super-frame is the segments it becomes (their count, their bytes, and the
+/// longest, which is what the Violin's largest frame bounds). Policing and counters
+/// charge these, so a guest that sends super-frames pays what its segments cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    pub frames: u32,
+    pub bytes: usize,
+    pub largest: usize,
+}
+
+impl Size {
+    pub fn plain(len: usize) -> Size {
+        Size {
+            frames: 1,
+            bytes: len,
+            largest: len,
+        }
+    }
+    pub fn of(frame: &[u8], gso: Option<&Gso>) -> Size {
+        match gso {
+            None => Size::plain(frame.len()),
+            Some(g) => Size {
+                frames: g.segments(frame.len()) as u32,
+                bytes: g.wire_len(frame.len()),
+                largest: g.largest(frame.len()),
+            },
+        }
     }
 }
 
@@ -124,17 +156,17 @@ impl ViolinTable {
 
     /// Polices a frame from `s` to `d` (guest bucket, then link bucket).
     #[inline]
-    fn police(&mut self, s: usize, d: usize, len: usize, now: u64) -> Result<(), Verdict> {
+    fn police(&mut self, s: usize, d: usize, len: Size, now: u64) -> Result<(), Verdict> {
         let n = self.n();
         if let Some(g) = &mut self.guest_police[s] {
-            if !g.admit(len, now) {
+            if !g.admit_n(len.frames, len.bytes, now) {
                 return Err(Verdict::PolicedGuest);
             }
         }
         if let Some(l) = &mut self.link_police[s * n + d] {
-            if !l.admit(len, now) {
+            if !l.admit_n(len.frames, len.bytes, now) {
                 if let Some(g) = &mut self.guest_police[s] {
-                    g.refund(len);
+                    g.refund(len.frames, len.bytes);
                 }
                 return Err(Verdict::PolicedLink);
             }
@@ -163,11 +195,18 @@ impl ViolinTable {
     }
 
     /// A frame from local member `s`.
-    fn rx_local(&mut self, s: usize, frame: &[u8], now: u64, out: &mut Vec<Egress>) -> Verdict {
+    fn rx_local(
+        &mut self,
+        s: usize,
+        frame: &[u8],
+        size: Size,
+        now: u64,
+        out: &mut Vec<Egress>,
+    ) -> Verdict {
         if frame.is_empty() {
             return self.drop(Verdict::ZeroLength);
         }
-        if frame.len() > self.max_frame {
+        if size.largest > self.max_frame {
             return self.drop(Verdict::Oversize);
         }
         let Ok(eth) = EthernetFrame::new_checked(frame) else {
@@ -179,10 +218,10 @@ impl ViolinTable {
         let dst = eth.dst_addr();
         if dst.is_unicast() {
             if let Some(&d) = self.macs.get(&dst) {
-                return self.unicast(s, d, frame.len(), now, out, true);
+                return self.unicast(s, d, size, now, out, true);
             }
         }
-        self.flood(s, frame.len(), now, out, true)
+        self.flood(s, size, now, out, true)
     }
 
     /// A decapsulated frame from underlay address `src`.
@@ -190,6 +229,7 @@ impl ViolinTable {
         &mut self,
         src: Ipv4Addr,
         frame: &[u8],
+        size: Size,
         now: u64,
         out: &mut Vec<Egress>,
     ) -> Verdict {
@@ -198,7 +238,7 @@ impl ViolinTable {
         if sender_host.is_none() && !sender_external {
             return self.drop(Verdict::NotMember);
         }
-        if frame.len() > self.max_frame {
+        if size.largest > self.max_frame {
             return self.drop(Verdict::Oversize);
         }
         let Ok(eth) = EthernetFrame::new_checked(frame) else {
@@ -249,13 +289,13 @@ impl ViolinTable {
         if dst.is_unicast() {
             return match self.macs.get(&dst) {
                 Some(&d) if matches!(self.loc[d], Location::Local(_)) => {
-                    self.unicast(s, d, frame.len(), now, out, police_here)
+                    self.unicast(s, d, size, now, out, police_here)
                 }
                 // Split horizon: never tunnel → tunnel. Unknown or remote: not ours.
                 _ => self.drop(Verdict::NoDestination),
             };
         }
-        self.flood(s, frame.len(), now, out, police_here)
+        self.flood(s, size, now, out, police_here)
     }
 
     /// Learns (or moves) `mac` as the external member at `src`. When the table is full,
@@ -287,7 +327,7 @@ impl ViolinTable {
         &mut self,
         s: usize,
         d: usize,
-        len: usize,
+        len: Size,
         now: u64,
         out: &mut Vec<Egress>,
         police: bool,
@@ -314,7 +354,7 @@ impl ViolinTable {
     fn flood(
         &mut self,
         s: usize,
-        len: usize,
+        len: Size,
         now: u64,
         out: &mut Vec<Egress>,
         police: bool,
@@ -691,6 +731,18 @@ impl Switch {
         now: u64,
         out: &mut Vec<Egress>,
     ) -> Verdict {
+        self.process_sized(ingress, frame, Size::plain(frame.len()), now, out)
+    }
+
+    /// The same for a frame that stands for `size` on the wire (a super-frame).
+    pub fn process_sized(
+        &mut self,
+        ingress: Ingress,
+        frame: &[u8],
+        size: Size,
+        now: u64,
+        out: &mut Vec<Egress>,
+    ) -> Verdict {
         out.clear();
         match ingress {
             Ingress::Port(p) => {
@@ -699,7 +751,7 @@ impl Switch {
                     return Verdict::PortDown;
                 };
                 match &mut self.violins[v] {
-                    Some(t) => t.rx_local(m, frame, now, out),
+                    Some(t) => t.rx_local(m, frame, size, now, out),
                     None => Verdict::PortDown,
                 }
             }
@@ -709,11 +761,28 @@ impl Switch {
                     return Verdict::UnknownVni;
                 };
                 match &mut self.violins[v] {
-                    Some(t) => t.rx_tunnel(src, frame, now, out),
+                    Some(t) => t.rx_tunnel(src, frame, size, now, out),
                     None => Verdict::UnknownVni,
                 }
             }
         }
+    }
+
+    /// True when frames from port `p` meet a token bucket (the guest's, or a link's out
+    /// of it): the worker then switches a super-frame from it segment by segment, so
+    /// policing stays per frame, whatever the bucket's depth.
+    pub fn polices_port(&self, p: PortId) -> bool {
+        let Some(&Some((v, m))) = self.ports.get(p as usize) else {
+            return false;
+        };
+        let Some(t) = &self.violins[v] else {
+            return false;
+        };
+        let n = t.n();
+        t.guest_police[m].is_some()
+            || t.link_police[m * n..(m + 1) * n]
+                .iter()
+                .any(Option::is_some)
     }
 
     /// Counts a drop that happened after switching (transport could not deliver).

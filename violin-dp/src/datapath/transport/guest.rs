@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use violin_common::Verdict;
 
 /// Bytes a stream port queues for a guest that is not reading.
-pub const TX_QUEUE: usize = 64 * 1024;
+pub const TX_QUEUE: usize = 256 * 1024;
 const RX_BUF: usize = 4 + MAX_RECORD;
 /// Stream buffers start this small and double, up to their bounds, only when traffic
 /// needs it (a full read, a record or a backlog that does not fit): a quiet guest costs
@@ -114,6 +114,8 @@ enum Sock {
 /// What reading a port produced, frame by frame.
 pub enum RxEvent<'a> {
     Frame(&'a [u8]),
+    /// A super-frame (from a tap with offloads): the segments it stands for.
+    Super(&'a [u8], violin_common::wire::gso::Gso),
     /// A framing error: count it for this port.
     Drop(Verdict),
 }
@@ -474,7 +476,7 @@ mod tests {
         let mut drops = Vec::new();
         let mut scratch = vec![0u8; 70000];
         let r = p.receive(&mut scratch, 64, |e| match e {
-            RxEvent::Frame(f) => frames.push(f.to_vec()),
+            RxEvent::Frame(f) | RxEvent::Super(f, _) => frames.push(f.to_vec()),
             RxEvent::Drop(v) => drops.push(v),
         });
         (frames, drops, r)

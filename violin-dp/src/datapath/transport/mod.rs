@@ -5,10 +5,12 @@
 //! - [`afxdp`]: the underlay through per-Violin AF_XDP sockets (kernel bypass);
 //! - [`underlay`]: whichever of the two the daemon runs;
 //! - [`xdpport`]: a fast guest port, a veth driven by AF_XDP;
+//! - [`tap`]: a lightweight guest's tap, driven by the daemon, super-frames both ways;
 //! - [`xsk`]: the UMEM and ring mechanics both AF_XDP users share.
 
 pub mod afxdp;
 pub mod guest;
+pub mod tap;
 pub mod udp;
 pub mod underlay;
 pub mod xdpport;
@@ -20,6 +22,8 @@ pub const MAX_RECORD: usize = 65535;
 
 use guest::{GuestPort, PortCounters};
 use std::os::fd::RawFd;
+use tap::TapPort;
+use violin_common::wire::gso::Gso;
 use violin_common::Verdict;
 use xdpport::XdpPort;
 
@@ -27,6 +31,23 @@ use xdpport::XdpPort;
 pub enum Port {
     Sock(Box<GuestPort>),
     Xdp(Box<XdpPort>),
+    Tap(Box<TapPort>),
+}
+
+/// Hands each segment of super-frame `frame` to `send`, built in `buf` (software
+/// segmentation, for a transport that takes one frame at a time). Stops at the first
+/// refusal.
+pub fn each_segment(
+    g: &Gso,
+    frame: &[u8],
+    buf: &mut [u8],
+    mut send: impl FnMut(&[u8]) -> Result<(), Verdict>,
+) -> Result<(), Verdict> {
+    for i in 0..g.segments(frame.len()) {
+        let n = g.write_segment(frame, i, buf);
+        send(&buf[..n])?;
+    }
+    Ok(())
 }
 
 impl Port {
@@ -35,23 +56,43 @@ impl Port {
         match self {
             Port::Sock(p) => p.send(frame),
             Port::Xdp(p) => p.send(frame),
+            Port::Tap(p) => p.send(frame),
         }
     }
 
-    /// Writes what is queued (stream output, AF_XDP TX batch).
-    pub fn flush(&mut self) {
+    /// Sends a super-frame: whole to a port that takes them, else segment by segment
+    /// (built in `buf`).
+    pub fn send_super(&mut self, g: &Gso, frame: &[u8], buf: &mut [u8]) -> Result<(), Verdict> {
+        match self {
+            Port::Tap(p) => p.send_super(g, frame),
+            other => each_segment(g, frame, buf, |s| other.send(s)),
+        }
+    }
+
+    /// Writes what is queued (stream output, AF_XDP TX batch, a coalesced super-frame).
+    pub fn flush(&mut self) -> Result<(), Verdict> {
         match self {
             Port::Sock(p) => {
                 let _ = p.flush();
+                Ok(())
             }
-            Port::Xdp(p) => p.flush(),
+            Port::Xdp(p) => {
+                p.flush();
+                Ok(())
+            }
+            Port::Tap(p) => p.flush(),
         }
+    }
+
+    /// True when output waits for the end of the batch ([`Port::flush`]).
+    pub fn batches(&self) -> bool {
+        matches!(self, Port::Xdp(_) | Port::Tap(_))
     }
 
     pub fn connected(&self) -> bool {
         match self {
             Port::Sock(p) => p.connected(),
-            Port::Xdp(_) => true,
+            Port::Xdp(_) | Port::Tap(_) => true,
         }
     }
 
@@ -59,6 +100,7 @@ impl Port {
         match self {
             Port::Sock(p) => p.counters,
             Port::Xdp(p) => p.counters,
+            Port::Tap(p) => p.counters,
         }
     }
 
@@ -67,6 +109,7 @@ impl Port {
         match self {
             Port::Sock(p) => p.socket_fd(),
             Port::Xdp(p) => p.fd(),
+            Port::Tap(p) => p.fd(),
         }
     }
 
@@ -74,15 +117,16 @@ impl Port {
     pub fn conn_fd(&self) -> Option<RawFd> {
         match self {
             Port::Sock(p) => p.conn_fd(),
-            Port::Xdp(_) => None,
+            Port::Xdp(_) | Port::Tap(_) => None,
         }
     }
 
-    /// Where the guest attaches: a socket path, or `xdp:<host veth>`.
+    /// Where the guest attaches: a socket path, `xdp:<host veth>` or `tap:<netns>`.
     pub fn describe(&self) -> String {
         match self {
             Port::Sock(p) => p.path().display().to_string(),
             Port::Xdp(p) => format!("xdp:{}", p.iface()),
+            Port::Tap(p) => format!("tap:{}", p.netns()),
         }
     }
 }

@@ -1,0 +1,276 @@
+//! Tap ports and super-frames end to end, on both data planes: tap guests hand over and
+//! take TCP super-frames (far fewer port frames than wire segments, both ways); a
+//! super-frame to a socket guest or to a Linux kernel vxlan device is segmented with
+//! correct checksums (TCP would stall otherwise); a policed link still holds TCP under
+//! its rate; and the host's own TCP keeps its segmentation offload with the xdp plane
+//! attached.
+mod common;
+
+use common::*;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+use violin_dp::cli::ClusterStats;
+
+/// a (tap, h1) talks to b (tap, h2), s (socket, h2), p (tap, h2, behind a 50 Mbit/s
+/// link) and the kernel vxlan device x.
+const TAP_SPEC: &str = r#"
+name = "tapv"
+vni = 150
+[[guest]]
+name = "a"
+host = "h1"
+ip = "10.5.0.1/24"
+port = "tap"
+[[guest]]
+name = "b"
+host = "h2"
+ip = "10.5.0.2/24"
+port = "tap"
+[[guest]]
+name = "s"
+host = "h2"
+ip = "10.5.0.3/24"
+[[guest]]
+name = "p"
+host = "h2"
+ip = "10.5.0.4/24"
+port = "tap"
+[[link]]
+between = ["a", "b"]
+[[link]]
+between = ["a", "s"]
+[[link]]
+between = ["a", "p"]
+rate = "50mbit"
+[[link]]
+between = ["a", "x"]
+[[external]]
+name = "x"
+underlay = "172.31.0.50"
+mac = "02:aa:00:00:00:50"
+"#;
+
+/// Runs an iperf3 client in `ns` against a one-shot server in `server_ns`; returns the
+/// receiver's bits per second.
+fn iperf(server_ns: &str, client_ns: &str, to: &str, secs: u32, reverse: bool) -> f64 {
+    let run = |ns: &str, args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .expect("running iperf3")
+    };
+    let o = run(server_ns, &["iperf3", "-s", "-1", "-D"]);
+    assert!(o.status.success(), "iperf3 server: {o:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let t = secs.to_string();
+    let mut args = vec!["iperf3", "-c", to, "-t", &t, "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let o = run(client_ns, &args);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("iperf3 {client_ns} → {to}: {e}: {o:?}"));
+    j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 {client_ns} → {to}: {j}"))
+}
+
+fn port(s: &ClusterStats, guest: &str) -> violin_dp::stats::PortCounters {
+    s.hosts
+        .iter()
+        .flat_map(|h| &h.ports)
+        .find(|p| p.name == guest)
+        .unwrap_or_else(|| panic!("no port {guest}"))
+        .counters
+}
+
+fn tap_ports_carry_super_frames_and_interoperate(dp: &str) {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, dp, &[]);
+    c.up_spec("tapv.toml", TAP_SPEC);
+    for to in ["10.5.0.2", "10.5.0.3", "10.5.0.4"] {
+        assert!(c.ping("tapv", "a", to, 3), "a → {to}");
+    }
+    let st = c.stats("tapv");
+    assert!(
+        st.hosts
+            .iter()
+            .flat_map(|h| &h.ports)
+            .any(|p| p.name == "a" && p.socket.starts_with("tap:")),
+        "a is not on a tap port"
+    );
+    let (na, nb, ns, np) = (
+        c.guest_ns("tapv", "a"),
+        c.guest_ns("tapv", "b"),
+        c.guest_ns("tapv", "s"),
+        c.guest_ns("tapv", "p"),
+    );
+
+    // Tap to tap: super-frames both ways.
+    let s0 = c.stats("tapv");
+    let bps = iperf(&nb, &na, "10.5.0.2", 2, false);
+    let s1 = c.stats("tapv");
+    eprintln!("{dp}: TCP a → b, tap to tap: {:.2} Gbit/s", bps / 1e9);
+    assert!(bps > 50e6, "TCP a → b barely moved: {bps}");
+    let segs = c.edge(&s1, "a", "b").0 - c.edge(&s0, "a", "b").0;
+    let read = port(&s1, "a").rx_frames - port(&s0, "a").rx_frames;
+    let written = port(&s1, "b").tx_frames - port(&s0, "b").tx_frames;
+    eprintln!("{dp}: {segs} segments a → b from {read} frames read, {written} written");
+    assert!(
+        segs > 3 * read,
+        "a's tap handed over {read} frames for {segs} segments: no super-frames"
+    );
+    assert!(
+        segs > 3 * written,
+        "b's tap took {written} frames for {segs} segments: nothing coalesced"
+    );
+    let back = iperf(&nb, &na, "10.5.0.2", 2, true);
+    eprintln!("{dp}: TCP b → a, tap to tap: {:.2} Gbit/s", back / 1e9);
+    assert!(back > 50e6, "TCP b → a barely moved: {back}");
+
+    // Tap to socket and back: segmented on the way out, coalesced on the way in.
+    let to_s = iperf(&ns, &na, "10.5.0.3", 2, false);
+    let from_s = iperf(&ns, &na, "10.5.0.3", 2, true);
+    eprintln!(
+        "{dp}: TCP a → s {:.0} Mbit/s, s → a {:.0} Mbit/s",
+        to_s / 1e6,
+        from_s / 1e6
+    );
+    assert!(to_s > 10e6 && from_s > 10e6, "{to_s} / {from_s}");
+
+    // A policed link holds a tap guest's TCP under its rate.
+    let capped = iperf(&np, &na, "10.5.0.4", 3, false);
+    eprintln!(
+        "{dp}: TCP a → p over a 50 Mbit/s link: {:.1} Mbit/s",
+        capped / 1e6
+    );
+    assert!(capped > 0.0 && capped <= 56e6, "{capped}");
+
+    // A Linux kernel vxlan device takes a tap guest's segments and sends it its own.
+    use violin_dp::host::netlink;
+    let ext = attach_to_underlay(&c, "ext", Ipv4Addr::new(172, 31, 0, 50), 24);
+    violin_dp::host::netns::run_in(&ext, || {
+        netlink::with_handle(|h| async move {
+            let link = rtnetlink::LinkVxlan::new("vx0", 150)
+                .port(4789)
+                .local(Ipv4Addr::new(172, 31, 0, 50))
+                .remote(Ipv4Addr::new(172, 31, 0, 1))
+                .learning(false)
+                .build();
+            h.link().add(link).execute().await?;
+            netlink::set_mac(&h, "vx0", mac_bytes("02:aa:00:00:00:50")).await?;
+            netlink::set_mtu(&h, "vx0", 1450).await?;
+            netlink::add_addr(&h, "vx0", Ipv4Addr::new(10, 5, 0, 50), 24).await?;
+            netlink::set_up(&h, "vx0").await
+        })?;
+        // On a veth the kernel leaves the inner TCP checksum to an offload that never
+        // happens (a NIC would compute it): make it compute checksums itself.
+        netlink::disable_tx_checksum("eth0")
+    })
+    .unwrap();
+    assert!(c.ping("tapv", "a", "10.5.0.50", 3), "a → kernel vxlan");
+    let to_x = iperf(&ext, &na, "10.5.0.50", 2, false);
+    let from_x = iperf(&ext, &na, "10.5.0.50", 2, true);
+    eprintln!(
+        "{dp}: TCP a → kernel vxlan {:.2} Gbit/s, back {:.2} Gbit/s",
+        to_x / 1e9,
+        from_x / 1e9
+    );
+    assert!(to_x > 10e6 && from_x > 10e6, "{to_x} / {from_x}");
+    let s = c.stats("tapv");
+    for bad in ["malformed", "truncated", "oversize"] {
+        assert_eq!(
+            s.drops.get(bad).copied().unwrap_or(0),
+            0,
+            "{bad}: {:?}",
+            s.drops
+        );
+    }
+    // Removing the Violin removes the taps with their namespaces.
+    c.ok(&["down", "tapv"]);
+    assert!(violin_dp::host::netns::list(&format!("{}-tapv-", c.name)).is_empty());
+}
+
+/// A guest's tap outlives a daemon crash (it persists), and the restarted daemon takes
+/// it back: the guest keeps its address and its TCP connection.
+fn a_tap_guest_survives_a_daemon_crash(dp: &str) {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, dp, &[]);
+    c.up_spec("tapv.toml", TAP_SPEC);
+    assert!(c.ping("tapv", "a", "10.5.0.2", 3));
+    c.ok(&["cluster", "restart", "h1", "--hard"]);
+    assert!(
+        c.ping_until("tapv", "a", "10.5.0.2", Duration::from_secs(20)),
+        "a → b after h1's daemon crashed and came back"
+    );
+    let (na, nb) = (c.guest_ns("tapv", "a"), c.guest_ns("tapv", "b"));
+    assert!(iperf(&nb, &na, "10.5.0.2", 1, false) > 10e6);
+}
+
+on_both_dataplanes!(
+    tap_ports_carry_super_frames_and_interoperate,
+    a_tap_guest_survives_a_daemon_crash,
+);
+
+/// The xdp plane attaches generic on a veth, so the host's own TCP keeps segmentation
+/// offload; attached native it would arrive segmented. Behaviour, not speed: the veth
+/// peer's TSO feature is what decides.
+#[test]
+fn the_xdp_plane_leaves_the_hosts_own_segmentation_offload_alone() {
+    if !can_run() {
+        return;
+    }
+    let tso_of_peer = |c: &Cluster| {
+        let info = c.info();
+        let ns = &info.hosts[0].netns;
+        // The host's eth0 peer sits on the bridge, in this namespace: find it by index.
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "ip", "-o", "link", "show", "eth0"])
+            .output()
+            .unwrap();
+        let line = String::from_utf8_lossy(&o.stdout).into_owned();
+        let peer = line
+            .split("@if")
+            .nth(1)
+            .and_then(|r| r.split(':').next())
+            .unwrap_or_else(|| panic!("no peer index in {line}"))
+            .to_string();
+        let links = std::process::Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap();
+        let links = String::from_utf8_lossy(&links.stdout).into_owned();
+        let name = links
+            .lines()
+            .find(|l| l.starts_with(&format!("{peer}: ")))
+            .and_then(|l| l.split(": ").nth(1))
+            .and_then(|n| n.split('@').next())
+            .unwrap_or_else(|| panic!("no link {peer}"))
+            .to_string();
+        let k = std::process::Command::new("ethtool")
+            .args(["-k", &name])
+            .output()
+            .unwrap();
+        let k = String::from_utf8_lossy(&k.stdout).into_owned();
+        k.lines()
+            .find(|l| l.trim_start().starts_with("tx-tcp-segmentation:"))
+            .map(|l| l.contains(": on"))
+            .unwrap_or_else(|| panic!("ethtool -k {name}: {k}"))
+    };
+    let c = Cluster::up(2, "xdp", &[]);
+    assert!(
+        tso_of_peer(&c),
+        "generic XDP (the default on a veth) kept TSO"
+    );
+    drop(c);
+    let c = Cluster::up(2, "xdp", &["--xdp-attach", "native"]);
+    assert!(
+        !tso_of_peer(&c),
+        "native XDP on a veth strips TSO from the peer (what generic avoids)"
+    );
+}
