@@ -4,28 +4,30 @@ use core::net::Ipv4Addr;
 
 /// Ones'-complement sum of `data` (odd trailing byte padded with zero), folded to 16 bits.
 ///
-/// Adds 32-bit big-endian words into a 64-bit accumulator (RFC 1071 §2(C): the sum is
-/// the same at any word size once folded), eight bytes per step: super-frames are summed
-/// a segment at a time on the fast path, so this runs over every byte they carry.
+/// Sums native-endian 32-bit words into a 64-bit accumulator and swaps once at the end:
+/// RFC 1071 §2(B) (the sum is independent of byte order, up to one swap) and §2(C) (any
+/// word size folds to the same result). No per-word byte swap, so the loop vectorises;
+/// super-frames are summed on the fast path, so this runs over every byte they carry.
 pub fn sum(data: &[u8]) -> u16 {
     let mut acc: u64 = 0;
-    let mut words = data.chunks_exact(8);
+    let mut words = data.chunks_exact(4);
     for w in &mut words {
-        let v = u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-        // Two 32-bit halves per step: below 2^33 each, so no overflow under 2^31 steps.
-        acc += (v >> 32) + (v & 0xffff_ffff);
+        acc += u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
     }
-    let mut rest = words.remainder().chunks_exact(2);
-    for c in &mut rest {
-        acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = rest.remainder() {
-        acc += u64::from(*last) << 8;
-    }
+    // The last 1-3 bytes, zero-padded in place (the pad byte of an odd length included).
+    let rest = words.remainder();
+    let mut last = [0u8; 4];
+    last[..rest.len()].copy_from_slice(rest);
+    acc += u64::from(u32::from_ne_bytes(last));
     while acc >> 16 != 0 {
         acc = (acc & 0xffff) + (acc >> 16);
     }
-    acc as u16
+    let native = acc as u16;
+    if cfg!(target_endian = "little") {
+        native.swap_bytes()
+    } else {
+        native
+    }
 }
 
 /// Adds partial sums without losing carries.
