@@ -26,6 +26,10 @@ const IPV6_LEN: usize = 40;
 const UDP_LEN: usize = 8;
 /// The largest IPv4 total length (and IPv6 payload length without jumbograms).
 const IP_MAX: usize = 65535;
+/// The smallest TCP segment size Linux sends (`TCP_MIN_MSS`).
+pub const TCP_MIN_SEG: u16 = 88;
+/// The most segments a UDP super-frame may carry (Linux's `UDP_MAX_SEGMENTS`).
+pub const UDP_MAX_SEGS: usize = 128;
 
 /// The transport a super-frame segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,8 +122,18 @@ impl Gso {
             hdr_len: hdr_len as u16,
             seg_size: v.gso_size,
         };
-        // Every segment must be a valid IP packet.
+        // Every segment must be a valid IP packet, and a super-frame may not stand for
+        // more segments than its sender's kernel would make: a guest cannot turn one
+        // frame into thousands of sends.
         if hdr_len - ETH + usize::from(v.gso_size) > IP_MAX {
+            return Err(Error::Malformed);
+        }
+        let too_many = if kind.tcp() {
+            v.gso_size < TCP_MIN_SEG
+        } else {
+            g.segments(frame.len()) > UDP_MAX_SEGS
+        };
+        if too_many {
             return Err(Error::Malformed);
         }
         Ok(Some(g))

@@ -138,7 +138,7 @@ fn coalescing_gives_the_super_frame_back_property() {
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let mut buf = std::vec![0u8; 14 + 65535];
     for case in 0..400 {
-        let seg = 1 + rng.below(1460) as u16;
+        let seg = TCP_MIN_SEG + rng.below(1460 - 87) as u16;
         let max_payload = (65535 - 20 - 32).min(seg as usize * 45);
         let len = 1 + rng.below(max_payload);
         let payload: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
@@ -244,6 +244,9 @@ fn splits_udp_and_tcp6() {
     };
     let g = Gso::from_virtio(&v, &f).unwrap().unwrap();
     assert_eq!((g.kind, g.hdr_len), (Kind::Udp4, 42));
+    // 2500 bytes in 19-byte segments: 132, more than Linux sends at once.
+    let tiny = VirtioNetRepr { gso_size: 19, ..v };
+    assert_eq!(Gso::from_virtio(&tiny, &f), Err(Error::Malformed));
     let segs = segments(&g, &f);
     assert_eq!(segs.len(), 3);
     for (s, want) in segs.iter().zip([1000usize, 1000, 500]) {
@@ -291,7 +294,7 @@ fn refuses_what_its_headers_contradict() {
     let mut v = VirtioNetRepr {
         flags: F_NEEDS_CSUM,
         gso_type: GsoType::TcpV4,
-        gso_size: 50,
+        gso_size: 88,
         csum_start: 34,
         csum_offset: 16,
         ..VirtioNetRepr::PLAIN
@@ -306,7 +309,9 @@ fn refuses_what_its_headers_contradict() {
     v.gso_type = GsoType::TcpV4;
     v.gso_size = 0;
     assert_eq!(Gso::from_virtio(&v, &f), Err(Error::Malformed));
-    v.gso_size = 50;
+    v.gso_size = TCP_MIN_SEG - 1; // smaller than any Linux TCP segment
+    assert_eq!(Gso::from_virtio(&v, &f), Err(Error::Malformed));
+    v.gso_size = TCP_MIN_SEG;
     // Headers only, no payload.
     assert_eq!(Gso::from_virtio(&v, &f[..54]), Err(Error::Truncated));
     assert_eq!(Gso::from_virtio(&v, &f[..40]), Err(Error::Truncated));
