@@ -12,7 +12,7 @@ use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
 pub struct Hpl {
     pub ranks: usize,
     pub n: u32,
@@ -72,6 +72,8 @@ pub fn run(ranks: &[Endpoint], subnet: &str, n: u32, nb: u32, work: &Path) -> Re
     let (p, q) = grid(ranks.len());
     std::fs::write(work.join("hpccinf.txt"), input(n, nb, p, q))?;
     let hosts: Vec<String> = ranks.iter().map(|e| format!("{}:1", e.ip)).collect();
+    let session = work.join("session");
+    std::fs::create_dir_all(&session)?;
     let t0 = Instant::now();
     let o = std::process::Command::new("ip")
         .args([
@@ -83,6 +85,14 @@ pub fn run(ranks: &[Endpoint], subnet: &str, n: u32, nb: u32, work: &Path) -> Re
         ])
         .args(["--mca", "plm_rsh_agent"])
         .arg(&agent)
+        // Every simulated host shares /tmp and the hostname: a session directory of
+        // this run's own keeps a stale one (same job family) from failing orte_init.
+        .args(["--mca", "orte_tmpdir_base"])
+        .arg(&session)
+        // Nor the hwloc topology in shared memory, which the daemons of the simulated
+        // hosts map at one address and which crashed an orted (hwloc_shmem_topology_write).
+        // Ranks are not bound (--bind-to none), so nothing needs it.
+        .args(["--mca", "rtc", "^hwloc"])
         .args(["--mca", "btl", "tcp,self"])
         .args(["--mca", "btl_tcp_if_include", subnet])
         .args(["--mca", "oob_tcp_if_include", subnet])

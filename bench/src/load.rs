@@ -88,7 +88,7 @@ pub fn ticks_per_second() -> f64 {
 }
 
 /// Result of a UDP flood.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Flood {
     pub sent_pps: f64,
     pub received_pps: f64,
@@ -193,7 +193,7 @@ pub fn udp_flood(
 }
 
 /// Round-trip latency percentiles, µs.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Latency {
     pub p50_us: f64,
     pub p99_us: f64,

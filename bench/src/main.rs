@@ -34,6 +34,10 @@ struct Cli {
     /// Also write the tables to this file.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Measure nothing: print the tables of a results file and draw its charts (into
+    /// `--out`).
+    #[arg(long, value_name = "JSON")]
+    from: Option<PathBuf>,
 }
 
 struct Plan {
@@ -101,13 +105,16 @@ impl Plan {
     }
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
 struct Results {
     machine: String,
     quick: bool,
     started_unix: u64,
     seconds: f64,
     configs: Vec<String>,
+    /// Runs that failed (reported after the results are written).
+    #[serde(default)]
+    failures: Vec<String>,
     /// Figure 1: 64-byte UDP frames received per second, with CPU cost.
     packet_rate: BTreeMap<String, load::Flood>,
     /// Figure 2: TCP goodput, Gbit/s, by streams.
@@ -130,7 +137,7 @@ struct Results {
     hpl: BTreeMap<String, BTreeMap<String, hpl::Hpl>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 struct Memory {
     violins: usize,
     guests: usize,
@@ -142,7 +149,7 @@ struct Memory {
     relay_kib_per_guest: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 struct Sharing {
     violins: usize,
     /// Sum of what every Violin's receiver got, Mbit/s (UDP payload).
@@ -155,7 +162,7 @@ struct Sharing {
     max_deviation: f64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
 struct Policing {
     configured_mbit: u32,
     udp_mbit: f64,
@@ -179,6 +186,16 @@ fn say(msg: &str) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(json) = &cli.from {
+        let text =
+            std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let r: Results = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a results file", json.display()))?;
+        print!("{}", tables(&r));
+        let charts = draw_charts(&r, &cli.out)?;
+        say(&format!("{} charts in {}", charts.len(), cli.out.display()));
+        return Ok(());
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmarks make network namespaces: run as root");
     }
@@ -444,14 +461,26 @@ fn main() -> Result<()> {
                 tb.violin_per_host("hplf", 601, 71, "xdp")?,
                 "10.71.0.0/24".into(),
             ),
+            (
+                "violin-xdp-tap",
+                tb.violin_per_host("hplt", 602, 72, "tap")?,
+                "10.72.0.0/24".into(),
+            ),
         ];
         let work = tb.run_dir.join("hpl");
         let mut runs: BTreeMap<&str, Vec<hpl::Hpl>> = BTreeMap::new();
         for _ in 0..plan.hpl_rounds {
             for (c, ranks, subnet) in &configs {
-                let h = hpl::run(ranks, subnet, plan.hpl_n, 128, &work)
-                    .with_context(|| format!("HPL on {c} with {hosts} hosts"))?;
-                runs.entry(c).or_default().push(h);
+                // A failed run is reported (and fails the check) after the results
+                // are written, instead of losing the whole run.
+                match hpl::run(ranks, subnet, plan.hpl_n, 128, &work) {
+                    Ok(h) => runs.entry(c).or_default().push(h),
+                    Err(e) => {
+                        let msg = format!("HPL on {c} with {hosts} hosts: {e:#}");
+                        say(&msg);
+                        r.failures.push(msg);
+                    }
+                }
             }
         }
         for (c, mut v) in runs {
@@ -477,7 +506,7 @@ fn main() -> Result<()> {
     if let Some(p) = &cli.report {
         std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
     }
-    check(&r)?;
+    // Charts before the check: a run with a failed figure still draws the rest.
     let charts = draw_charts(
         &r,
         &cli.out.join(format!(
@@ -485,7 +514,9 @@ fn main() -> Result<()> {
             r.started_unix,
             if cli.quick { "-quick" } else { "" }
         )),
-    )?;
+    );
+    check(&r)?;
+    let charts = charts?;
     say(&format!(
         "results: {} and {} charts ({:.0} s)",
         file.display(),
@@ -590,7 +621,7 @@ fn draw_charts(r: &Results, dir: &std::path::Path) -> Result<Vec<PathBuf>> {
         },
     )?);
     // Figure 6 like the paper's Figure 2: HPL relative to physical, by number of hosts.
-    let hpl_cats: Vec<String> = ["violin-xdp", "violin-xdp-fast"]
+    let hpl_cats: Vec<String> = ["violin-xdp", "violin-xdp-fast", "violin-xdp-tap"]
         .iter()
         .filter(|c| r.hpl.contains_key(**c))
         .map(|c| c.to_string())
@@ -919,7 +950,12 @@ fn tables(r: &Results) -> String {
         "{:<17} {:>5} {:>6} {:>9} {:>7} {:>10}",
         "config", "hosts", "N", "Gflops", "/phys", "HPL s"
     );
-    for c in ["physical", "violin-xdp", "violin-xdp-fast"] {
+    for c in [
+        "physical",
+        "violin-xdp",
+        "violin-xdp-fast",
+        "violin-xdp-tap",
+    ] {
         for (hosts, h) in r.hpl.get(c).into_iter().flatten() {
             let base = r
                 .hpl
@@ -1021,6 +1057,7 @@ fn check(r: &Results) -> Result<()> {
     if r.idle_cpu_percent.len() != 2 || r.idle_cpu_percent.values().any(|v| !v.is_finite()) {
         problems.push("idle CPU".into());
     }
+    problems.extend(r.failures.iter().cloned());
     if !problems.is_empty() {
         bail!("benchmark output is malformed: {}", problems.join("; "));
     }
