@@ -188,36 +188,28 @@ trait TunnelTx {
         seg: &mut [u8],
     ) -> Result<(), Verdict>;
 }
-impl TunnelTx for &UdpUnderlay {
-    fn tunnel(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
-        self.send(dst, vni, frame)
-    }
-    fn tunnel_super(
-        &mut self,
-        dst: Ipv4Addr,
-        vni: u32,
-        g: &Gso,
-        frame: &[u8],
-        seg: &mut [u8],
-    ) -> Result<(), Verdict> {
-        self.send_super(dst, vni, g, frame, seg)
-    }
+/// Both underlays send the same way; the frame goes to whichever the worker holds.
+macro_rules! tunnel_tx {
+    ($t:ty) => {
+        impl TunnelTx for $t {
+            fn tunnel(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
+                self.send(dst, vni, frame)
+            }
+            fn tunnel_super(
+                &mut self,
+                dst: Ipv4Addr,
+                vni: u32,
+                g: &Gso,
+                frame: &[u8],
+                seg: &mut [u8],
+            ) -> Result<(), Verdict> {
+                self.send_super(dst, vni, g, frame, seg)
+            }
+        }
+    };
 }
-impl TunnelTx for &mut Underlay {
-    fn tunnel(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
-        self.send(dst, vni, frame)
-    }
-    fn tunnel_super(
-        &mut self,
-        dst: Ipv4Addr,
-        vni: u32,
-        g: &Gso,
-        frame: &[u8],
-        seg: &mut [u8],
-    ) -> Result<(), Verdict> {
-        self.send_super(dst, vni, g, frame, seg)
-    }
-}
+tunnel_tx!(&UdpUnderlay);
+tunnel_tx!(&mut Underlay);
 
 impl Fabric {
     /// Switches one frame (a super-frame when `gso` says so) and hands it to each

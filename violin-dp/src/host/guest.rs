@@ -74,6 +74,12 @@ struct IfReq {
 
 /// Opens (creating) the tap `name` in the calling thread's namespace, non-blocking.
 pub fn open_tap(name: &str) -> Result<File> {
+    tun_open(name, libc::IFF_TAP | libc::IFF_NO_PI)
+}
+
+/// Opens /dev/net/tun (non-blocking) and attaches it to device `name` with `flags`,
+/// creating the device if it does not exist.
+fn tun_open(name: &str, flags: libc::c_int) -> Result<File> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -82,14 +88,14 @@ pub fn open_tap(name: &str) -> Result<File> {
         .context("opening /dev/net/tun")?;
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        flags: flags as libc::c_short,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads an ifreq (name + flags) from a live, correctly sized struct.
     let r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
     if r < 0 {
-        return Err(io::Error::last_os_error()).context(format!("creating tap {name}"));
+        return Err(io::Error::last_os_error()).context(format!("opening tap {name}"));
     }
     Ok(f)
 }
@@ -299,23 +305,8 @@ const TUN_F_USO6: libc::c_ulong = 0x40;
 /// offloads: checksum, TSO4/6, and USO4/6 where the kernel has them (6.2+). The tap
 /// persists, so the guest's `eth0` and its addresses outlive a daemon restart.
 pub fn open_offload_tap(name: &str) -> Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open("/dev/net/tun")
-        .context("opening /dev/net/tun")?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    let f = tun_open(name, libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)?;
     let fd = f.as_raw_fd();
-    // SAFETY: TUNSETIFF reads an ifreq (name + flags) from a live, correctly sized struct.
-    if unsafe { libc::ioctl(fd, TUNSETIFF, &mut req as *mut IfReq) } < 0 {
-        return Err(io::Error::last_os_error()).context(format!("opening tap {name}"));
-    }
     let base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
     // SAFETY: TUNSETOFFLOAD and TUNSETPERSIST take an integer argument, no pointer.
     unsafe {
