@@ -58,7 +58,11 @@ impl Daemon {
         match crate::host::netlink::with_handle(|h| async move {
             crate::host::netlink::mtu_and_kind(&h, &iface).await
         }) {
-            Ok((mtu, _)) => udp.set_mtu(mtu as usize),
+            // A receiver on the xdp plane passes a frame longer than one AF_XDP frame
+            // to its kernel too: a super-frame must be longer than that as well.
+            Ok((mtu, _)) => udp.set_mtu(
+                (mtu as usize).min(crate::datapath::transport::xsk::FRAME_SIZE as usize - 14),
+            ),
             Err(e) => warn!("the underlay's MTU is unknown ({e:#}): super-frames always go whole"),
         }
         let xdp = match cfg.dataplane {

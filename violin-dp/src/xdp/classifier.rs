@@ -125,7 +125,10 @@ impl Classifier {
         } else {
             XdpMode::Driver
         };
-        self.set_config(maps::CONFIG_MAX_FRAME, mtu + 14)?;
+        // Longer than the MTU: a super-frame; longer than an AF_XDP frame: a jumbo one.
+        // Either way the kernel's socket takes it.
+        let largest = (mtu + 14).min(crate::datapath::transport::xsk::FRAME_SIZE);
+        self.set_config(maps::CONFIG_MAX_FRAME, largest)?;
         match self.program().attach(iface, mode) {
             Ok(_) => {}
             Err(first) => {

@@ -80,6 +80,8 @@ impl SlotOpener {
 pub enum SendError {
     /// No neighbour entry for the destination: send it through the kernel instead.
     NoNeighbour,
+    /// Longer than one AF_XDP frame (a jumbo frame): send it through the kernel.
+    TooLong,
     Dropped(Verdict),
 }
 
@@ -178,6 +180,9 @@ impl AfXdp {
 
     /// Encapsulates `frame` for `dst` and queues it for transmission ([`Self::flush`]).
     pub fn send(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), SendError> {
+        if VXLAN_OVERHEAD + frame.len() > super::xsk::FRAME_SIZE as usize {
+            return Err(SendError::TooLong);
+        }
         let Some(&mac) = self.neighbours.get(&dst) else {
             self.neighbour_miss += 1;
             return Err(SendError::NoNeighbour);

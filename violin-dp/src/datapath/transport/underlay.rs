@@ -20,7 +20,8 @@ impl Underlay {
             Underlay::Udp(u) => u.send(dst, vni, frame),
             Underlay::Xdp { udp, xsk } => match xsk.send(dst, vni, frame) {
                 Ok(()) => Ok(()),
-                Err(SendError::NoNeighbour) => udp.send(dst, vni, frame),
+                // The kernel resolves the neighbour, or carries the jumbo frame.
+                Err(SendError::NoNeighbour | SendError::TooLong) => udp.send(dst, vni, frame),
                 Err(SendError::Dropped(v)) => Err(v),
             },
         }
