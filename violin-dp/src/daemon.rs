@@ -58,10 +58,8 @@ impl Daemon {
         match crate::host::netlink::with_handle(|h| async move {
             crate::host::netlink::mtu_and_kind(&h, &iface).await
         }) {
-            // A receiver on the xdp plane passes a frame longer than one AF_XDP frame
-            // to its kernel too: a super-frame must be longer than that as well.
-            Ok((mtu, _)) => udp.set_mtu(
-                (mtu as usize).min(crate::datapath::transport::xsk::FRAME_SIZE as usize - 14),
+            Ok((mtu, _)) => udp.set_largest_frame(
+                crate::datapath::transport::xsk::largest_single_frame(mtu) as usize,
             ),
             Err(e) => warn!("the underlay's MTU is unknown ({e:#}): super-frames always go whole"),
         }

@@ -15,9 +15,10 @@
 
 use super::checksum;
 use super::ethernet::EtherType;
+use super::ipv4::Ipv4Packet;
 use super::tcp::{self, TcpPacket};
 use super::virtio::{GsoType, VirtioNetRepr, F_DATA_VALID, F_NEEDS_CSUM};
-use super::{get_u16, set_u16, Error, Result};
+use super::{get_u16, get_u32, set_u16, Error, Result};
 use core::ops::Range;
 
 const ETH: usize = 14;
@@ -196,17 +197,11 @@ impl Gso {
             let proto = if self.kind.tcp() { 6 } else { 17 };
             checksum::pseudo_header_v6(&src, &dst, proto, l4_len as u32)
         } else {
-            set_u16(out, ETH + 2, (l4 - ETH + l4_len) as u16);
-            let id = get_u16(out, ETH + 4).wrapping_add(i as u16);
-            set_u16(out, ETH + 4, id);
-            set_u16(out, ETH + 10, 0);
-            let c = !checksum::sum(&out[ETH..l4]);
-            set_u16(out, ETH + 10, c);
-            let proto = out[ETH + 9];
-            let src = core::net::Ipv4Addr::new(out[26], out[27], out[28], out[29]);
-            let dst = core::net::Ipv4Addr::new(out[30], out[31], out[32], out[33]);
-            // The checksum's length field is 16 bits; an IPv4 L4 length fits.
-            checksum::pseudo_header(src, dst, proto, l4_len as u16)
+            let mut ip = Ipv4Packet::new_unchecked(&mut out[ETH..]);
+            ip.set_total_len((l4 - ETH + l4_len) as u16);
+            ip.set_ident(ip.ident().wrapping_add(i as u16));
+            ip.fill_checksum();
+            pseudo4(&out[ETH..], out[ETH + 9], l4_len)
         };
         let csum_at = if self.kind.tcp() {
             let mut t = TcpPacket::new_unchecked(&mut out[l4..]);
@@ -248,9 +243,11 @@ impl Gso {
     }
 }
 
-#[inline]
-fn get_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+/// The pseudo-header sum for an IPv4 header at the start of `ip` and an L4 length.
+fn pseudo4(ip: &[u8], proto: u8, l4_len: usize) -> u16 {
+    let p = Ipv4Packet::new_unchecked(ip);
+    // The checksum's length field is 16 bits; an IPv4 L4 length fits.
+    checksum::pseudo_header(p.src_addr(), p.dst_addr(), proto, l4_len as u16)
 }
 
 /// Completes the partial checksum of a plain frame (virtio `NEEDS_CSUM`): the field at
@@ -312,7 +309,7 @@ fn coalescable(f: &[u8]) -> Option<Seg> {
     if ip[0] != 0x45 || ip[9] != 6 || get_u16(ip, 6) & 0x3fff != 0 || total > ip.len() {
         return None;
     }
-    if checksum::sum(&ip[..IPV4_MIN]) != 0xffff || total < IPV4_MIN + tcp::HEADER_LEN {
+    if !Ipv4Packet::new_unchecked(ip).verify_checksum() || total < IPV4_MIN + tcp::HEADER_LEN {
         return None;
     }
     let t = TcpPacket::new_checked(&ip[IPV4_MIN..total]).ok()?;
@@ -323,10 +320,7 @@ fn coalescable(f: &[u8]) -> Option<Seg> {
     if t.payload().is_empty() {
         return None;
     }
-    let src = core::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = core::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let pseudo = checksum::pseudo_header(src, dst, 6, (total - IPV4_MIN) as u16);
-    if !t.verify_checksum(pseudo) {
+    if !t.verify_checksum(pseudo4(ip, 6, total - IPV4_MIN)) {
         return None;
     }
     Some(Seg {
@@ -423,13 +417,10 @@ impl Coalescer {
             return Some((v, c.len));
         }
         let t = ETH + IPV4_MIN;
-        set_u16(buf, ETH + 2, (c.len - ETH) as u16);
-        set_u16(buf, ETH + 10, 0);
-        let ic = !checksum::sum(&buf[ETH..t]);
-        set_u16(buf, ETH + 10, ic);
-        let src = core::net::Ipv4Addr::new(buf[26], buf[27], buf[28], buf[29]);
-        let dst = core::net::Ipv4Addr::new(buf[30], buf[31], buf[32], buf[33]);
-        let pseudo = checksum::pseudo_header(src, dst, 6, (c.len - t) as u16);
+        let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETH..]);
+        ip.set_total_len((c.len - ETH) as u16);
+        ip.fill_checksum();
+        let pseudo = pseudo4(&buf[ETH..], 6, c.len - t);
         set_u16(buf, t + tcp::field::CHECKSUM, pseudo);
         let g = Gso {
             kind: Kind::Tcp4,

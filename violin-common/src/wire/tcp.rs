@@ -2,7 +2,7 @@
 //! and acknowledgement numbers, the data offset, flags, window and checksum. Options
 //! are carried as opaque bytes.
 
-use super::{checksum, get_u16, set_u16, Error, Result};
+use super::{checksum, get_u16, get_u32, set_u16, Error, Result};
 
 /// Byte offsets of the header's fields.
 pub mod field {
@@ -37,11 +37,6 @@ pub mod flags {
 #[derive(Debug, Clone)]
 pub struct TcpPacket<T: AsRef<[u8]>> {
     buffer: T,
-}
-
-#[inline]
-fn get_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 impl<T: AsRef<[u8]>> TcpPacket<T> {

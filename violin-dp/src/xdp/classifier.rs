@@ -125,9 +125,7 @@ impl Classifier {
         } else {
             XdpMode::Driver
         };
-        // Longer than the MTU: a super-frame; longer than an AF_XDP frame: a jumbo one.
-        // Either way the kernel's socket takes it.
-        let largest = (mtu + 14).min(crate::datapath::transport::xsk::FRAME_SIZE);
+        let largest = crate::datapath::transport::xsk::largest_single_frame(mtu);
         self.set_config(maps::CONFIG_MAX_FRAME, largest)?;
         match self.program().attach(iface, mode) {
             Ok(_) => {}

@@ -128,27 +128,31 @@ impl TapPort {
             return Ok(());
         };
         v.emit(&mut self.pending[..VNET]);
-        self.counters.tx_frames += 1;
-        self.counters.tx_bytes += n as u64;
-        let r = (&self.file).write(&self.pending[..VNET + n]);
-        whole(r, VNET + n)
+        let (hdr, frame) = self.pending[..VNET + n].split_at(VNET);
+        write_counted(&self.file, &mut self.counters, hdr, frame)
     }
 
     fn write(&mut self, v: &VirtioNetRepr, frame: &[u8]) -> Result<(), Verdict> {
         let mut hdr = [0u8; VNET];
         v.emit(&mut hdr);
-        let r = (&self.file).write_vectored(&[IoSlice::new(&hdr), IoSlice::new(frame)]);
-        whole(r, VNET + frame.len())?;
-        self.counters.tx_frames += 1;
-        self.counters.tx_bytes += frame.len() as u64;
-        Ok(())
+        write_counted(&self.file, &mut self.counters, &hdr, frame)
     }
 }
 
-/// A tap takes a frame whole or not at all.
-fn whole(r: io::Result<usize>, want: usize) -> Result<(), Verdict> {
-    match r {
-        Ok(n) if n == want => Ok(()),
+/// Writes a virtio header and its frame; a tap takes them whole or not at all. Counts
+/// what was written.
+fn write_counted(
+    file: &File,
+    c: &mut PortCounters,
+    hdr: &[u8],
+    frame: &[u8],
+) -> Result<(), Verdict> {
+    match (&*file).write_vectored(&[IoSlice::new(hdr), IoSlice::new(frame)]) {
+        Ok(n) if n == hdr.len() + frame.len() => {
+            c.tx_frames += 1;
+            c.tx_bytes += frame.len() as u64;
+            Ok(())
+        }
         _ => Err(Verdict::QueueFull),
     }
 }

@@ -32,8 +32,9 @@ pub struct UdpUnderlay {
     port: u16,
     /// Segmentation offload works on this socket (cleared at the first `EIO`).
     gso: Cell<bool>,
-    /// The underlay's MTU, when known (see [`UdpUnderlay::set_mtu`]).
-    mtu: usize,
+    /// The longest frame a receiver takes as one, when known (see
+    /// [`UdpUnderlay::set_largest_frame`]).
+    largest_frame: usize,
 }
 
 /// One received datagram, decapsulated.
@@ -84,7 +85,7 @@ impl UdpUnderlay {
             sock,
             port,
             gso: Cell::new(true),
-            mtu: 0,
+            largest_frame: 0,
         })
     }
 
@@ -92,12 +93,13 @@ impl UdpUnderlay {
         self.sock.as_raw_fd()
     }
 
-    /// The underlay's MTU. A receiver's XDP classifier tells a super-frame from a frame
-    /// by its length alone (generic XDP sees either whole), so a super-frame is sent as
-    /// one only when even its shortest possible form (a full segment and a one-byte one)
-    /// is longer than the MTU; shorter segments go one by one.
-    pub fn set_mtu(&mut self, mtu: usize) {
-        self.mtu = mtu;
+    /// The longest Ethernet frame a receiver takes as one frame
+    /// ([`super::xsk::largest_single_frame`]). A receiver's XDP classifier tells a
+    /// super-frame from a frame by its length alone (generic XDP sees either whole), so
+    /// a super-frame is sent as one only when even its shortest possible form (a full
+    /// segment and a one-byte one) is longer; shorter segments go one by one.
+    pub fn set_largest_frame(&mut self, bytes: usize) {
+        self.largest_frame = bytes;
     }
 
     pub fn port(&self) -> u16 {
@@ -184,8 +186,8 @@ impl UdpUnderlay {
         let n = g.segments(frame.len());
         let hl = usize::from(g.hdr_len);
         let datagram = VXLAN_HDR + hl + usize::from(g.seg_size);
-        let shortest = 20 + 8 + datagram + VXLAN_HDR + hl + 1;
-        if !self.gso.get() || n == 1 || (self.mtu != 0 && shortest <= self.mtu) {
+        let shortest = 14 + 20 + 8 + datagram + VXLAN_HDR + hl + 1;
+        if !self.gso.get() || n == 1 || shortest <= self.largest_frame {
             return super::each_segment(g, frame, scratch, |s| self.send(dst, vni, s));
         }
         let per_send = (UDP_PAYLOAD_MAX / datagram).clamp(1, GSO_MAX);

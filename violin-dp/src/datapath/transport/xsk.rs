@@ -18,6 +18,14 @@ use xsk_rs::config::{
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
 pub const FRAME_SIZE: u32 = 2048;
+
+/// The longest frame the xdp plane carries as one frame on an underlay of MTU `mtu`:
+/// longer, it is a super-frame (longer than the MTU) or a jumbo one (longer than an
+/// AF_XDP frame), and goes through the kernel's UDP socket. The classifier passes such
+/// frames to the kernel, and senders send a super-frame whole only when it is longer.
+pub fn largest_single_frame(mtu: u32) -> u32 {
+    (mtu + 14).min(FRAME_SIZE)
+}
 const BATCH: usize = 64;
 
 pub use crate::stats::XskCounters;
