@@ -65,6 +65,7 @@ impl Testbed {
             mtu: 1500,
             xdp_single_socket: false,
             queues: 1,
+            workers: None,
             xdp_attach: Default::default(),
         };
         let state = cluster::up(&run_dir, name, &opts, &|_| {})?;

@@ -49,11 +49,14 @@ pub enum Verdict {
     /// a veth peer, or a jumbo frame): handed to the kernel (XDP_PASS), whose UDP socket
     /// takes it whole with GRO.
     Jumbo = 18,
+    /// The packet worker that owns the frame's Violin was not keeping up: the queue of
+    /// frames handed to it by the worker of another rx queue was full.
+    HandoffFull = 19,
 }
 
 impl Verdict {
     /// Number of verdicts: the length of every counter array.
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 20;
 
     pub const ALL: [Verdict; Verdict::COUNT] = [
         Verdict::Forward,
@@ -75,6 +78,7 @@ impl Verdict {
         Verdict::Hairpin,
         Verdict::OtherQueue,
         Verdict::Jumbo,
+        Verdict::HandoffFull,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -106,6 +110,7 @@ impl Verdict {
             Verdict::Hairpin => "hairpin",
             Verdict::OtherQueue => "other_queue",
             Verdict::Jumbo => "jumbo",
+            Verdict::HandoffFull => "handoff_full",
         }
     }
 

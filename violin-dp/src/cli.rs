@@ -141,9 +141,12 @@ pub enum ClusterCmd {
         #[arg(long)]
         xdp_single_socket: bool,
         /// Rx/tx queues of each host's NIC (a veth): more than one simulates a multi-queue
-        /// NIC, whose other queues the xdp data plane serves through the kernel socket.
+        /// NIC. Each host runs a packet worker per queue (unless --workers says otherwise).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
         queues: u32,
+        /// Packet workers per host (default: one per queue, at most one per CPU).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
+        workers: Option<u32>,
         /// xdp: attach the classifier generic (keeps the host's segmentation offload on a
         /// veth: the default here) or native (in the driver).
         #[arg(long, value_enum, default_value = "auto")]
@@ -179,6 +182,7 @@ pub fn run(cli: Cli) -> Result<()> {
             mtu,
             xdp_single_socket,
             queues,
+            workers,
             xdp_attach,
         }) => {
             eprintln!("Bringing up cluster {name} ({hosts} hosts)");
@@ -192,6 +196,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     mtu,
                     xdp_single_socket,
                     queues,
+                    workers: workers.map(|w| w as usize),
                     xdp_attach,
                 },
                 &progress,

@@ -140,6 +140,8 @@ pub struct UpOptions {
     pub xdp_single_socket: bool,
     /// Rx/tx queues of each host's veth.
     pub queues: u32,
+    /// Packet workers per host (`None`: the daemon's default, one per queue).
+    pub workers: Option<usize>,
     /// xdp: how the classifier attaches to each host's veth.
     pub xdp_attach: crate::config::XdpAttach,
 }
@@ -231,6 +233,7 @@ pub fn up(
                 xdp_attach: opts.xdp_attach,
                 metrics_port: Some(crate::config::DEFAULT_METRICS_PORT),
                 control_cpus: None,
+                workers: opts.workers,
             };
             let cfg_path = dir.join(format!("{host}.toml"));
             std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;

@@ -72,7 +72,17 @@ pub struct HostConfig {
     /// two CPUs or more; `[]` leaves control work unpinned.
     #[serde(default)]
     pub control_cpus: Option<Vec<usize>>,
+    /// Packet workers: threads that each serve one rx queue of the underlay interface
+    /// (its AF_XDP sockets on the xdp plane) and one socket of the underlay's UDP
+    /// group, and own the Violins whose VNI modulo `workers` is their index. Default:
+    /// one per rx queue, at most one per CPU (1 on a single-queue NIC). The xdp data
+    /// plane serves at most as many queues as the interface has.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
+
+/// Most packet workers a host runs.
+pub const MAX_WORKERS: usize = 32;
 
 /// The metrics port `violin cluster up` gives each host.
 pub const DEFAULT_METRICS_PORT: u16 = 9464;
@@ -95,6 +105,26 @@ impl HostConfig {
             Some(c) => c.clone(),
             None if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 => vec![0],
             None => Vec::new(),
+        }
+    }
+
+    /// How many packet workers to run on an interface with `rx_queues` receive
+    /// queues, or why the configured number cannot be (`xdp`: the data plane binds one
+    /// AF_XDP socket set per worker, one per queue).
+    pub fn workers(&self, rx_queues: u32, xdp: bool) -> Result<usize> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let q = rx_queues.max(1) as usize;
+        match self.workers {
+            None => Ok(q.min(cpus).min(MAX_WORKERS)),
+            Some(0) => anyhow::bail!("workers = 0: a host needs at least one packet worker"),
+            Some(n) if n > MAX_WORKERS => {
+                anyhow::bail!("workers = {n}: at most {MAX_WORKERS} packet workers per host")
+            }
+            Some(n) if xdp && n > q => anyhow::bail!(
+                "workers = {n}, but {} has {q} rx queue(s): on the xdp data plane each worker serves one queue",
+                self.interface
+            ),
+            Some(n) => Ok(n),
         }
     }
 

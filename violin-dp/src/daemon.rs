@@ -1,15 +1,17 @@
 //! The per-host daemon: builds the data plane, then runs it as threads with one job
 //! each, which talk by messages:
 //!
-//! - the **packet worker** ([`Worker`]) owns the switch, the guest ports and the
-//!   underlay, and waits on nothing but its own poll;
+//! - the **packet workers** ([`Worker`], one per served rx queue) each own the switch
+//!   table, guest ports and buckets of the Violins whose home they are, one socket of
+//!   the underlay's UDP group and (xdp plane) the AF_XDP sockets of one rx queue, and
+//!   wait on nothing but their own poll;
 //! - the **control thread** (this one; [`manager::run`]) carries out changes one at a
 //!   time and supervises guests' processes;
 //! - the **control server** serves the control socket (many clients, each with a
 //!   deadline) and watches the neighbour table over one netlink socket;
 //! - the **metrics server** answers scrapes on the metrics port.
 //!
-//! No control step, client or tenant can make the worker wait: changes reach it as
+//! No control step, client or tenant can make a worker wait: changes reach it as
 //! [`Command`](crate::datapath::worker::Command)s applied between batches.
 
 use crate::config::{DataplaneChoice, HostConfig};
@@ -18,7 +20,7 @@ use crate::control::server::Ctx;
 use crate::datapath::transport::afxdp::{AfXdp, SlotOpener};
 use crate::datapath::transport::udp::UdpUnderlay;
 use crate::datapath::transport::underlay::Underlay;
-use crate::datapath::worker::{Command, Worker, WorkerHandle};
+use crate::datapath::worker::{Command, Worker, Workers};
 use crate::xdp::classifier::Classifier;
 use anyhow::{anyhow, Context, Result};
 use std::os::unix::net::UnixListener;
@@ -28,10 +30,10 @@ use tracing::{info, warn};
 
 pub struct Daemon {
     cfg: HostConfig,
-    worker: Worker,
-    handle: WorkerHandle,
+    workers: Vec<Worker>,
+    handles: Workers,
     classifier: Option<SharedClassifier>,
-    opener: Option<SlotOpener>,
+    openers: Vec<SlotOpener>,
     dataplane: &'static str,
     control: UnixListener,
     metrics: Option<std::net::TcpListener>,
@@ -48,28 +50,33 @@ impl Daemon {
     pub fn new(cfg: HostConfig) -> Result<Daemon> {
         std::fs::create_dir_all(&cfg.run_dir)
             .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
-        let mut udp = UdpUnderlay::bind(cfg.underlay, cfg.vxlan_port).with_context(|| {
-            format!(
-                "binding the underlay socket {}:{}",
-                cfg.underlay, cfg.vxlan_port
-            )
-        })?;
         let iface = cfg.interface.clone();
-        match crate::host::netlink::with_handle(|h| async move {
-            crate::host::netlink::mtu_and_kind(&h, &iface).await
-        }) {
-            Ok((mtu, _)) => udp.set_largest_frame(
-                crate::datapath::transport::xsk::largest_single_frame(mtu) as usize,
-            ),
+        let link = crate::host::netlink::with_handle(|h| async move {
+            crate::host::netlink::link_facts(&h, &iface).await
+        });
+        let rx_queues = link.as_ref().map_or(1, |l| l.rx_queues);
+        let n = cfg.workers(rx_queues, cfg.dataplane == DataplaneChoice::Xdp)?;
+        let mut group =
+            UdpUnderlay::bind_group(cfg.underlay, cfg.vxlan_port, n).with_context(|| {
+                format!(
+                    "binding the underlay socket {}:{}",
+                    cfg.underlay, cfg.vxlan_port
+                )
+            })?;
+        match &link {
+            Ok(l) => {
+                let largest = crate::datapath::transport::xsk::largest_single_frame(l.mtu) as usize;
+                group.iter_mut().for_each(|u| u.set_largest_frame(largest));
+            }
             Err(e) => warn!("the underlay's MTU is unknown ({e:#}): super-frames always go whole"),
         }
         let xdp = match cfg.dataplane {
             DataplaneChoice::Udp => None,
             DataplaneChoice::Xdp => Some(
-                setup_xdp(&cfg)
+                setup_xdp(&cfg, n)
                     .context("setting up the xdp data plane (--dataplane udp avoids it)")?,
             ),
-            DataplaneChoice::Auto => match setup_xdp(&cfg) {
+            DataplaneChoice::Auto => match setup_xdp(&cfg, n) {
                 Ok(x) => Some(x),
                 Err(e) => {
                     warn!("dataplane auto: XDP is unavailable here ({e:#}); using udp");
@@ -77,22 +84,27 @@ impl Daemon {
                 }
             },
         };
-        let (underlay, classifier, opener) = match xdp {
-            Some((xsk, cls)) => {
-                let opener = xsk.opener();
-                (
-                    Underlay::Xdp {
+        let (underlays, classifier, openers): (Vec<Underlay>, _, _) = match xdp {
+            Some((queues, cls)) => {
+                let openers = queues.iter().map(AfXdp::opener).collect();
+                let underlays = group
+                    .into_iter()
+                    .zip(queues)
+                    .map(|(udp, xsk)| Underlay::Xdp {
                         udp,
                         xsk: Box::new(xsk),
-                    },
-                    Some(Arc::new(Mutex::new(cls))),
-                    Some(opener),
-                )
+                    })
+                    .collect();
+                (underlays, Some(Arc::new(Mutex::new(cls))), openers)
             }
-            None => (Underlay::Udp(udp), None, None),
+            None => (
+                group.into_iter().map(Underlay::Udp).collect(),
+                None,
+                Vec::new(),
+            ),
         };
-        let dataplane = underlay.name();
-        let (worker, handle) = Worker::new(underlay).context("creating the packet worker")?;
+        let dataplane = underlays[0].name();
+        let (workers, handles) = Worker::team(underlays).context("creating the packet workers")?;
         let ctl_path = cfg.control_socket();
         let _ = std::fs::remove_file(&ctl_path);
         let control = UnixListener::bind(&ctl_path)
@@ -108,13 +120,13 @@ impl Daemon {
             None => None,
         };
         let (to_manager, inbox) = mpsc::channel();
-        info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane, metrics = ?cfg.metrics_port, "violin-dp ready");
+        info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane, workers = n, rx_queues, metrics = ?cfg.metrics_port, "violin-dp ready");
         Ok(Daemon {
             cfg,
-            worker,
-            handle,
+            workers,
+            handles,
             classifier,
-            opener,
+            openers,
             dataplane,
             control,
             metrics,
@@ -181,10 +193,10 @@ impl Daemon {
     pub fn run(self) -> Result<()> {
         let Daemon {
             cfg,
-            worker,
-            handle,
+            workers,
+            handles,
             classifier,
-            opener,
+            openers,
             dataplane,
             control,
             metrics,
@@ -192,18 +204,23 @@ impl Daemon {
             to_manager,
             inbox,
         } = self;
-        let worker_thread = std::thread::Builder::new()
-            .name("violin-worker".into())
-            .spawn(move || {
-                // A daemon without its data plane must not go on answering requests:
-                // it ends, and is restarted like any crashed daemon.
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run())).is_err()
-                {
-                    tracing::error!("the packet worker panicked; the daemon exits");
-                    std::process::exit(70);
-                }
-            })
-            .context("starting the packet worker")?;
+        let mut worker_threads = Vec::new();
+        for (i, worker) in workers.into_iter().enumerate() {
+            let t = std::thread::Builder::new()
+                .name(format!("violin-worker-{i}"))
+                .spawn(move || {
+                    // A daemon without its data plane must not go on answering
+                    // requests: it ends, and is restarted like any crashed daemon.
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()))
+                        .is_err()
+                    {
+                        tracing::error!("packet worker {i} panicked; the daemon exits");
+                        std::process::exit(70);
+                    }
+                })
+                .context("starting a packet worker")?;
+            worker_threads.push(t);
+        }
         // From here on, this thread and the threads and processes it starts do control
         // work: kept off the CPUs packet work needs (guests' processes get every CPU
         // back when they start).
@@ -217,15 +234,15 @@ impl Daemon {
         }
         let mut m = Manager::new(
             cfg.clone(),
-            handle.clone(),
+            handles.clone(),
             classifier.clone(),
-            opener,
+            openers,
             dataplane,
             exe,
         );
         let ctx = Ctx {
             manager: to_manager,
-            worker: handle.clone(),
+            workers: handles.clone(),
             view: m.view(),
             classifier,
         };
@@ -239,24 +256,26 @@ impl Daemon {
         // The Violins this host had come back before anything from the underlay is
         // switched or any client is answered (a restart, or a crash).
         m.restore();
-        handle
-            .send(Command::OpenUnderlay)
+        handles
+            .send_all(|| Command::OpenUnderlay)
             .map_err(|e| anyhow!("{e}"))?;
         let neighbours = (dataplane == "xdp").then(|| cfg.interface.clone());
         let server_ctx = ctx.clone();
-        let nb_worker = handle.clone();
+        let nb_workers = handles.clone();
         spawn_runtime("violin-control", true, async move {
             if let Some(iface) = neighbours {
-                tokio::spawn(crate::control::neighbours::watch(iface, nb_worker));
+                tokio::spawn(crate::control::neighbours::watch(iface, nb_workers));
             }
             crate::control::server::serve(control, server_ctx).await
         })?;
         manager::run(m, inbox);
-        // Every Violin is down: the worker holds no port any more.
-        if let Ok(rest) = handle.ask(|reply| Command::Stop { reply }) {
+        // Every Violin is down: the workers hold no port any more.
+        if let Ok(rest) = handles.ask_all(|reply| Command::Stop { reply }) {
             drop(rest);
         }
-        let _ = worker_thread.join();
+        for t in worker_threads {
+            let _ = t.join();
+        }
         let _ = std::fs::remove_file(cfg.control_socket());
         Ok(())
     }
@@ -288,30 +307,32 @@ fn spawn_runtime(
     Ok(())
 }
 
-/// Loads and attaches the classifier and opens the AF_XDP anchor socket on the
-/// underlay interface.
-fn setup_xdp(cfg: &HostConfig) -> Result<(AfXdp, Classifier)> {
+/// Loads and attaches the classifier and opens an AF_XDP anchor socket on each of
+/// the first `queues` rx queues of the underlay interface (one per packet worker).
+fn setup_xdp(cfg: &HostConfig, queues: usize) -> Result<(Vec<AfXdp>, Classifier)> {
     let path = crate::xdp::classifier::object_path()?;
     let obj = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut cls = Classifier::load(&obj, cfg.vxlan_port, 1)?;
+    let mut cls = Classifier::load(&obj, cfg.vxlan_port, queues as u32)?;
     let iface = cfg.interface.clone();
     let mac = crate::host::netlink::with_handle(|h| async move {
         crate::host::netlink::mac_of(&h, &iface).await
     })?;
-    // The anchor socket first: binding copies the interface's queue setup, then the
+    // The anchor sockets first: binding copies the interface's queue setup, then the
     // program starts redirecting.
     let outer = crate::datapath::fastpath::encap::Outer {
         src_mac: violin_common::wire::EthernetAddress(mac),
         src_ip: cfg.underlay,
         port: cfg.vxlan_port,
     };
-    let xsk = AfXdp::new(&cfg.interface, outer)?;
+    let xsks = (0..queues as u32)
+        .map(|q| AfXdp::new(&cfg.interface, q, outer))
+        .collect::<Result<Vec<_>>>()?;
     let mode = cls.attach(&cfg.interface, cfg.xdp_attach)?;
-    info!(interface = %cfg.interface, object = %path.display(), mode, "XDP classifier attached; AF_XDP sockets on queue 0 (copy mode)");
+    info!(interface = %cfg.interface, object = %path.display(), mode, queues, "XDP classifier attached; AF_XDP sockets on each served queue (copy mode)");
     if !cfg.xdp_socket_per_violin {
         info!("one AF_XDP socket per queue for every Violin (xdp_socket_per_violin = false)");
     }
-    Ok((xsk, cls))
+    Ok((xsks, cls))
 }
 
 /// This executable's path; if it was replaced on disk while running (a rebuild), the

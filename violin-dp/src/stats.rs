@@ -71,3 +71,52 @@ pub struct PortCounters {
     /// Connections accepted (stream) or peers seen (dgram).
     pub connects: u64,
 }
+
+/// One packet worker's own figures: what it received on its rx queue, and the frames
+/// it handed to other workers (their Violins' home) or took over from them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    /// The worker's index: the rx queue and the underlay socket it serves.
+    pub index: usize,
+    /// Violins whose home it is, and their guest ports.
+    pub violins: usize,
+    pub ports: usize,
+    pub udp_rx_frames: u64,
+    pub xsk_rx_frames: u64,
+    pub handed_off: u64,
+    pub taken_over: u64,
+}
+
+impl AfXdpStats {
+    /// Two queues' figures together.
+    pub fn plus(&self, o: &AfXdpStats) -> AfXdpStats {
+        let (a, b) = (&self.counters, &o.counters);
+        AfXdpStats {
+            counters: XskCounters {
+                rx_frames: a.rx_frames + b.rx_frames,
+                tx_frames: a.tx_frames + b.tx_frames,
+                tx_ring_full: a.tx_ring_full + b.tx_ring_full,
+                pool_empty: a.pool_empty + b.pool_empty,
+                fill_retry: a.fill_retry + b.fill_retry,
+            },
+            rx_bad: self.rx_bad + o.rx_bad,
+            neighbour_miss: self.neighbour_miss + o.neighbour_miss,
+            free_frames: self.free_frames + o.free_frames,
+            pool_frames: self.pool_frames + o.pool_frames,
+            completion_backlog: self.completion_backlog + o.completion_backlog,
+        }
+    }
+}
+
+impl SlotStats {
+    /// A Violin's sockets on two queues together.
+    pub fn plus(&self, o: &SlotStats) -> SlotStats {
+        SlotStats {
+            rx_dropped: self.rx_dropped + o.rx_dropped,
+            rx_ring_full: self.rx_ring_full + o.rx_ring_full,
+            rx_fill_ring_empty: self.rx_fill_ring_empty + o.rx_fill_ring_empty,
+            rx_invalid_descs: self.rx_invalid_descs + o.rx_invalid_descs,
+            tx_invalid_descs: self.tx_invalid_descs + o.tx_invalid_descs,
+        }
+    }
+}

@@ -799,9 +799,33 @@ fn xdp_one_socket_per_queue_still_separates_violins() {
     assert!(log.contains("one AF_XDP socket per queue"), "{log}");
 }
 
-/// A host NIC with two rx queues: the daemon binds AF_XDP on queue 0; tunnelled frames
-/// the NIC puts on queue 1 reach the daemon through the kernel's UDP socket instead of
-/// being dropped (or redirected into another Violin's slot).
+/// Sixteen guests of `violin` (VNI `vni`), g1–g8 on h1 and g9–g16 on h2: sixteen
+/// inner flows, so sixteen outer UDP source ports, which a multi-queue NIC spreads
+/// over its queues by flow hash. Every h1 guest pings two h2 guests.
+fn sixteen_guests_ping_across(c: &Cluster, violin: &str, vni: u32, subnet: u8) {
+    let mut spec = format!("name = \"{violin}\"\nvni = {vni}\n");
+    for i in 1..=16 {
+        let host = if i <= 8 { "h1" } else { "h2" };
+        spec += &format!(
+            "[[guest]]\nname = \"g{i}\"\nhost = \"{host}\"\nip = \"10.{subnet}.0.{i}/24\"\n"
+        );
+    }
+    c.up_spec(&format!("{violin}.toml"), &spec);
+    for i in 1..=8 {
+        for j in [i + 8, (i % 8) + 9] {
+            let ip = format!("10.{subnet}.0.{j}");
+            assert!(
+                c.ping(violin, &format!("g{i}"), &ip, 1),
+                "{violin}: g{i} → g{j}"
+            );
+        }
+    }
+}
+
+/// A host NIC with two rx queues: two packet workers, each with AF_XDP sockets on its
+/// own queue. No Violin frame goes to the kernel for being on a queue without
+/// sockets (`other_queue` stays 0); a frame that lands on the queue of the worker
+/// that does not own its Violin is handed to the one that does.
 #[test]
 fn xdp_on_a_multi_queue_nic_serves_every_queue() {
     if !can_run() {
@@ -809,38 +833,60 @@ fn xdp_on_a_multi_queue_nic_serves_every_queue() {
     }
     // Native, as on a multi-queue NIC: generic XDP on a veth sees every frame on queue 0.
     let c = Cluster::up(2, "xdp", &["--queues", "2", "--xdp-attach", "native"]);
-    // Sixteen guest pairs across the hosts: sixteen outer UDP source ports, which the
-    // bridge spreads over both queues by flow hash.
-    let mut spec = String::from("name = \"blue\"\nvni = 101\n");
-    for i in 1..=8 {
-        let host = if i <= 4 { "h1" } else { "h2" };
-        spec += &format!("[[guest]]\nname = \"g{i}\"\nhost = \"{host}\"\nip = \"10.0.0.{i}/24\"\n");
-    }
-    c.up_spec("blue.toml", &spec);
-    for i in 1..=4 {
-        for j in 5..=8 {
-            let ip = format!("10.0.0.{j}");
-            assert!(c.ping("blue", &format!("g{i}"), &ip, 1), "g{i} → g{j}");
-        }
-    }
+    // Red (VNI 100) lives on worker 0, blue (101) on worker 1. (On these veths a frame
+    // sent from AF_XDP queue 1 arrives on the peer's queue 0: blue's frames are handed
+    // over; red's are spread over both queues by flow hash.)
+    sixteen_guests_ping_across(&c, "red", 100, 1);
+    sixteen_guests_ping_across(&c, "blue", 101, 0);
     let s = c.stats("blue");
     for h in &s.hosts {
         let v = &h.xdp.as_ref().expect("xdp counters").verdicts;
-        let (fwd, other) = (v["forward"], v["other_queue"]);
         eprintln!(
-            "{}: forward {fwd}, other_queue {other}, kernel socket {}",
-            h.host, h.udp_rx_frames
+            "{}: verdicts {v:?}, kernel socket {}, workers {:?}",
+            h.host, h.udp_rx_frames, h.workers
         );
+        assert_eq!(h.workers.len(), 2, "host {}: two workers", h.host);
+        assert_eq!(v.get("other_queue"), None, "host {}: {v:?}", h.host);
+        assert!(v["forward"] > 0, "host {}: {v:?}", h.host);
+        let (w0, w1) = (&h.workers[0], &h.workers[1]);
+        assert_eq!((w0.violins, w1.violins), (1, 1), "host {}", h.host);
         assert!(
-            fwd > 0 && other > 0,
-            "host {}: both queues carried frames: {v:?}",
-            h.host
+            w0.xsk_rx_frames > 0 && w1.xsk_rx_frames > 0,
+            "host {}: both queues carried frames to their worker: {:?}",
+            h.host,
+            h.workers
         );
+        let lost = h.host_drops.get("handoff_full").copied().unwrap_or(0);
         assert!(
-            h.udp_rx_frames >= other,
-            "host {}: the kernel socket got them",
-            h.host
+            w0.handed_off + w1.handed_off > 0
+                && w0.taken_over + w1.taken_over + lost == w0.handed_off + w1.handed_off,
+            "host {}: frames on the other worker's queue were handed over: {:?}",
+            h.host,
+            h.workers
         );
+    }
+}
+
+/// Two packet workers on the udp plane: the kernel steers each Violin's datagrams to
+/// its home worker's socket by VNI, so nothing is handed between workers.
+#[test]
+fn two_workers_on_the_udp_plane_each_serve_their_violins() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "udp", &["--queues", "2", "--workers", "2"]);
+    sixteen_guests_ping_across(&c, "even", 200, 1);
+    sixteen_guests_ping_across(&c, "odd", 201, 2);
+    for violin in ["even", "odd"] {
+        for h in &c.stats(violin).hosts {
+            eprintln!("{violin} {}: workers {:?}", h.host, h.workers);
+            assert_eq!(h.workers.len(), 2);
+            for w in &h.workers {
+                assert_eq!(w.violins, 1, "host {}: {:?}", h.host, h.workers);
+                assert!(w.udp_rx_frames > 0, "host {}: {:?}", h.host, h.workers);
+                assert_eq!(w.handed_off, 0, "host {}: {:?}", h.host, h.workers);
+            }
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::datapath::transport::guest::GuestPort;
 use crate::datapath::transport::tap::TapPort;
 use crate::datapath::transport::xdpport::XdpPort;
 use crate::datapath::transport::Port;
-use crate::datapath::worker::{Command, Counters, WorkerGone, WorkerHandle};
+use crate::datapath::worker::{Command, Counters, WorkerGone, Workers};
 use crate::host::cgroup::GuestCgroup;
 use crate::host::supervisor::{GuestProc, Supervisor};
 use crate::host::{netns, vm};
@@ -100,15 +100,17 @@ pub type SharedClassifier = Arc<Mutex<Classifier>>;
 
 pub struct Manager {
     cfg: HostConfig,
-    worker: WorkerHandle,
+    /// The packet workers: a Violin's commands go to its home worker.
+    workers: Workers,
     classifier: Option<SharedClassifier>,
     dataplane: &'static str,
     /// AF_XDP slot → Violin name (xdp plane, one socket per Violin).
     slots: Vec<Option<String>>,
     /// Per-Violin sockets were refused: every Violin uses the shared socket.
     single_socket: bool,
-    /// Opens Violins' AF_XDP sockets (xdp plane), here rather than on the worker.
-    opener: Option<SlotOpener>,
+    /// Open Violins' AF_XDP sockets (xdp plane), here rather than on the workers: one
+    /// per rx queue, the opener of queue `i` on worker `i`'s UMEM.
+    openers: Vec<SlotOpener>,
     /// Slots whose socket is open (and served by the worker).
     open_slots: BTreeSet<usize>,
     records: BTreeMap<String, ViolinRecord>,
@@ -125,9 +127,9 @@ fn gone(e: WorkerGone) -> anyhow::Error {
 impl Manager {
     pub fn new(
         cfg: HostConfig,
-        worker: WorkerHandle,
+        workers: Workers,
         classifier: Option<SharedClassifier>,
-        opener: Option<SlotOpener>,
+        openers: Vec<SlotOpener>,
         dataplane: &'static str,
         exe: String,
     ) -> Manager {
@@ -139,12 +141,12 @@ impl Manager {
         })));
         Manager {
             cfg,
-            worker,
+            workers,
             classifier,
             dataplane,
             slots: Vec::new(),
             single_socket: false,
-            opener,
+            openers,
             open_slots: BTreeSet::new(),
             records: BTreeMap::new(),
             supervisor: Supervisor::default(),
@@ -215,7 +217,7 @@ impl Manager {
         if held.is_empty() {
             return;
         }
-        let Ok(c) = self.worker.ask(|reply| Command::Snapshot { reply }) else {
+        let Ok(c) = self.workers.snapshot() else {
             return;
         };
         for (v, g, p, since) in held {
@@ -284,7 +286,8 @@ impl Manager {
     fn apply_violin(&mut self, v: &Violin, incoming: &[String]) -> Result<Applied> {
         let old = self.records.get(&v.name).map(|r| r.spec.clone());
         let (up, released) = self
-            .worker
+            .workers
+            .of_vni(v.vni)
             .ask(|reply| Command::Apply {
                 spec: Box::new(v.clone()),
                 local_host: self.cfg.name.clone(),
@@ -400,7 +403,8 @@ impl Manager {
                 }
             };
             self.record_guest(&v.name, p, rec);
-            self.worker
+            self.workers
+                .of_port(p)
                 .send(Command::AttachPort { id: p, port })
                 .map_err(gone)?;
         }
@@ -636,11 +640,13 @@ impl Manager {
         };
         let per_violin = slot != SHARED_SLOT;
         if !self.open_slots.contains(&slot) {
-            let opener = self
-                .opener
-                .as_ref()
-                .ok_or_else(|| anyhow!("the xdp data plane has no AF_XDP sockets"))?;
-            let socket = match opener.open() {
+            anyhow::ensure!(
+                !self.openers.is_empty(),
+                "the xdp data plane has no AF_XDP sockets"
+            );
+            // One socket on each served rx queue, all opened before any is used.
+            let sockets: Result<Vec<_>> = self.openers.iter().map(|o| o.open()).collect();
+            let sockets = match sockets {
                 Ok(s) => s,
                 Err(e) if per_violin => {
                     warn!("a per-Violin AF_XDP socket was refused ({e:#}); falling back to one socket per queue for every Violin");
@@ -649,10 +655,13 @@ impl Manager {
                 }
                 Err(e) => return Err(e.context("opening the AF_XDP socket shared by every Violin")),
             };
-            lock(&cls).set_socket(slot as u32, &socket)?;
-            self.worker
-                .send(Command::AttachSlot { slot, socket })
-                .map_err(gone)?;
+            for (queue, socket) in sockets.into_iter().enumerate() {
+                lock(&cls).set_socket(self.xsk_key(slot, queue), &socket)?;
+                self.workers
+                    .get(queue)
+                    .send(Command::AttachSlot { slot, socket })
+                    .map_err(gone)?;
+            }
             self.open_slots.insert(slot);
         }
         let mut c = lock(&cls);
@@ -686,12 +695,21 @@ impl Manager {
             return;
         };
         self.slots[slot] = None;
-        c.clear_socket(slot as u32);
+        for queue in 0..self.openers.len() {
+            c.clear_socket(self.xsk_key(slot, queue));
+        }
         drop(c);
         self.open_slots.remove(&slot);
-        // Closed here, not on the worker: closing waits for the kernel.
-        let closed = self.worker.ask(|reply| Command::DetachSlot { slot, reply });
+        // Closed here, not on the workers: closing waits for the kernel.
+        let closed = self
+            .workers
+            .ask_all(|reply| Command::DetachSlot { slot, reply });
         drop(closed);
+    }
+
+    /// The XskMap key of a Violin's socket on one rx queue (the classifier's rule).
+    fn xsk_key(&self, slot: usize, queue: usize) -> u32 {
+        (slot * self.openers.len().max(1) + queue) as u32
     }
 
     /// Removes a Violin from this host; `forget`: also from what the next start
@@ -704,7 +722,8 @@ impl Manager {
         let ports: Vec<PortId> = rec.guests.keys().copied().collect();
         self.detach_xdp(&spec);
         let (_, released) = self
-            .worker
+            .workers
+            .of_vni(spec.vni)
             .ask(|reply| Command::Remove {
                 name: name.into(),
                 reply,
@@ -774,7 +793,8 @@ impl Manager {
                     self.cfg.name
                 );
             };
-            self.worker
+            self.workers
+                .of_port(*p)
                 .send(Command::Announce {
                     port: *p,
                     mac: g.mac,
@@ -901,6 +921,7 @@ impl HostView {
             dataplane: self.dataplane.clone(),
             udp_rx_frames: c.udp_rx_frames,
             xdp,
+            workers: c.workers.clone(),
         })
     }
 

@@ -14,6 +14,7 @@ pub struct HostCounters<'a> {
     pub dataplane: &'a str,
     pub host_drops: &'a BTreeMap<String, u64>,
     pub udp_rx_frames: u64,
+    pub workers: &'a [crate::stats::WorkerStats],
 }
 
 struct Family<'a> {
@@ -213,6 +214,41 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
         h.udp_rx_frames,
     );
 
+    for (name, help, get) in [
+        (
+            "violin_worker_udp_rx_frames_total",
+            "VXLAN frames a packet worker received through its UDP socket.",
+            (|w| w.udp_rx_frames) as fn(&crate::stats::WorkerStats) -> u64,
+        ),
+        (
+            "violin_worker_xsk_rx_frames_total",
+            "Frames a packet worker received through the AF_XDP sockets of its rx queue.",
+            |w| w.xsk_rx_frames,
+        ),
+        (
+            "violin_worker_handed_off_total",
+            "Frames a packet worker received for a Violin owned by another worker, and passed on.",
+            |w| w.handed_off,
+        ),
+        (
+            "violin_worker_taken_over_total",
+            "Frames a packet worker switched for its Violins after another worker received them.",
+            |w| w.taken_over,
+        ),
+    ] {
+        if h.workers.is_empty() {
+            break;
+        }
+        f.head(name, "counter", help);
+        for w in h.workers {
+            f.sample(
+                name,
+                &[("host", host), ("worker", &w.index.to_string())],
+                get(w),
+            );
+        }
+    }
+
     // The xdp data plane: classifier verdicts and rings are per host; sockets per Violin.
     if let Some(x) = violins.iter().find_map(|v| v.xdp.as_ref()) {
         f.head(
@@ -377,6 +413,7 @@ async fn scrape(ctx: &crate::control::server::Ctx) -> Option<String> {
             dataplane: &now.view.dataplane,
             host_drops: &now.counters.host_drops,
             udp_rx_frames: now.counters.udp_rx_frames,
+            workers: &now.counters.workers,
         },
         &all,
     ))
@@ -409,13 +446,20 @@ mod tests {
             dataplane: "udp".into(),
             udp_rx_frames: 7,
             xdp: None,
+            workers: vec![],
         };
+        let workers = [crate::stats::WorkerStats {
+            index: 1,
+            handed_off: 4,
+            ..Default::default()
+        }];
         let text = render(
             &HostCounters {
                 host: "h1",
                 dataplane: "udp",
                 host_drops: &drops,
                 udp_rx_frames: 7,
+                workers: &workers,
             },
             &[v],
         );
@@ -425,6 +469,7 @@ mod tests {
             "violin_drops_total{host=\"h1\",violin=\"blue\",reason=\"no_link\"} 5",
             "violin_host_drops_total{host=\"h1\",reason=\"unknown_vni\"} 3",
             "violin_udp_rx_frames_total{host=\"h1\"} 7",
+            "violin_worker_handed_off_total{host=\"h1\",worker=\"1\"} 4",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

@@ -2,7 +2,7 @@
 //! UNIX control socket (one line, at most [`MAX_REQUEST`] bytes), one JSON response back.
 
 use crate::spec::{GuestKind, Violin};
-use crate::stats::{AfXdpStats, PortCounters, SlotStats, ViolinStats};
+use crate::stats::{AfXdpStats, PortCounters, SlotStats, ViolinStats, WorkerStats};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -151,6 +151,9 @@ pub struct HostViolinStats {
     pub udp_rx_frames: u64,
     /// The xdp data plane's counters, when it runs.
     pub xdp: Option<XdpHostStats>,
+    /// Each packet worker's own figures (the host's, not only this Violin's).
+    #[serde(default)]
+    pub workers: Vec<WorkerStats>,
 }
 
 /// Classifier verdicts and AF_XDP ring counters of one host.

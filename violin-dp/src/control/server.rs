@@ -8,7 +8,7 @@
 
 use crate::control::manager::{lock, HostView, ManagerMsg, SharedClassifier, SharedView};
 use crate::control::protocol::{Request, Response, MAX_REQUEST};
-use crate::datapath::worker::{Command, Counters, WorkerHandle};
+use crate::datapath::worker::{Counters, Workers};
 use anyhow::{anyhow, Result};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -30,12 +30,12 @@ const MAX_CLIENTS: usize = 256;
 #[derive(Clone)]
 pub struct Ctx {
     pub manager: Sender<ManagerMsg>,
-    pub worker: WorkerHandle,
+    pub workers: Workers,
     pub view: SharedView,
     pub classifier: Option<SharedClassifier>,
 }
 
-/// The longest a reader waits for the packet worker's counters.
+/// The longest a reader waits for the packet workers' counters.
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(2);
 
 /// What this host looks like now: the manager's published view, the worker's counters
@@ -49,12 +49,11 @@ pub struct Now {
 impl Ctx {
     /// Reads [`Now`], waiting at most [`SNAPSHOT_DEADLINE`] for the worker.
     pub async fn now(&self) -> Result<Now> {
-        let counters = tokio::time::timeout(
-            SNAPSHOT_DEADLINE,
-            self.worker.ask_async(|reply| Command::Snapshot { reply }),
-        )
-        .await
-        .map_err(|_| anyhow!("the packet worker did not answer within {SNAPSHOT_DEADLINE:?}"))??;
+        let counters = tokio::time::timeout(SNAPSHOT_DEADLINE, self.workers.snapshot_async())
+            .await
+            .map_err(|_| {
+                anyhow!("the packet workers did not answer within {SNAPSHOT_DEADLINE:?}")
+            })??;
         Ok(Now {
             view: lock(&self.view).clone(),
             counters,
@@ -157,8 +156,9 @@ mod tests {
     use crate::control::protocol::{call, HostStatus};
     use crate::datapath::transport::udp::UdpUnderlay;
     use crate::datapath::transport::underlay::Underlay;
-    use crate::datapath::worker::Worker;
+    use crate::datapath::worker::{Command, Worker};
     use std::io::{Read, Write};
+    use std::net::Ipv4Addr;
     use std::os::unix::net::UnixStream as StdUnixStream;
     use std::path::PathBuf;
     use std::time::Instant;
@@ -166,12 +166,12 @@ mod tests {
     struct Host {
         socket: PathBuf,
         dir: PathBuf,
-        worker: WorkerHandle,
+        workers: Workers,
     }
 
     impl Drop for Host {
         fn drop(&mut self) {
-            let _ = self.worker.send(Command::Stop {
+            let _ = self.workers.send_all(|| Command::Stop {
                 reply: oneshot::channel().0,
             });
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -179,6 +179,11 @@ mod tests {
     }
 
     fn host(name: &str) -> Host {
+        host_with(name, 1)
+    }
+
+    /// A host with `n` packet workers, each over a socket of one UDP group.
+    fn host_with(name: &str, n: usize) -> Host {
         let dir = std::env::temp_dir().join(format!("violin-srv-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -187,21 +192,23 @@ mod tests {
             dir.display()
         ))
         .unwrap();
-        let udp = UdpUnderlay::bind(cfg.underlay, 0).unwrap();
-        let (worker, handle) = Worker::new(Underlay::Udp(udp)).unwrap();
-        std::thread::spawn(move || worker.run());
+        let group = UdpUnderlay::bind_group(cfg.underlay, 0, n).unwrap();
+        let (team, handles) = Worker::team(group.into_iter().map(Underlay::Udp).collect()).unwrap();
+        for w in team {
+            std::thread::spawn(move || w.run());
+        }
         let m = Manager::new(
             cfg.clone(),
-            handle.clone(),
+            handles.clone(),
             None,
-            None,
+            Vec::new(),
             "udp",
             "true".into(),
         );
         let (tx, rx) = std::sync::mpsc::channel();
         let ctx = Ctx {
             manager: tx,
-            worker: handle.clone(),
+            workers: handles.clone(),
             view: m.view(),
             classifier: None,
         };
@@ -218,8 +225,53 @@ mod tests {
         Host {
             socket,
             dir,
-            worker: handle,
+            workers: handles,
         }
+    }
+
+    fn socket_violin(name: &str, vni: u32) -> crate::spec::Violin {
+        let hosts = [("h1".to_string(), Ipv4Addr::LOCALHOST)].into();
+        crate::spec::parse(
+            &format!(
+                "name = \"{name}\"\nvni = {vni}\n\
+                 [[guest]]\nname = \"a\"\nhost = \"h1\"\nip = \"10.0.0.1/24\"\nkind = \"socket\"\n\
+                 [[guest]]\nname = \"b\"\nhost = \"h1\"\nip = \"10.0.0.2/24\"\nkind = \"socket\"\n"
+            ),
+            &hosts,
+        )
+        .unwrap()
+    }
+
+    /// Two workers: each Violin lives on its home worker (VNI modulo 2), ports are
+    /// numbered apart, and the host's figures are both workers' together.
+    #[test]
+    fn two_workers_each_own_the_violins_of_their_vnis() {
+        let h = host_with("two", 2);
+        for (name, vni) in [("even", 100), ("odd", 101), ("odd2", 103)] {
+            let v = socket_violin(name, vni);
+            call::<serde_json::Value>(&h.socket, &Request::AddViolin { violin: v }).unwrap();
+        }
+        let c = h.workers.snapshot().unwrap();
+        assert_eq!(c.workers.len(), 2);
+        let by = |i: usize| c.workers.iter().find(|w| w.index == i).unwrap();
+        assert_eq!((by(0).violins, by(0).ports), (1, 2), "{:?}", c.workers);
+        assert_eq!((by(1).violins, by(1).ports), (2, 4), "{:?}", c.workers);
+        assert_eq!(c.ports.len(), 6, "port ids are unique across workers");
+        let st: HostStatus = call(&h.socket, &Request::Status).unwrap();
+        let mut sockets: Vec<String> = st
+            .violins
+            .iter()
+            .flat_map(|v| v.guests.iter().map(|g| g.socket.clone()))
+            .collect();
+        sockets.sort();
+        sockets.dedup();
+        assert_eq!(sockets.len(), 6, "{sockets:?}");
+        // A Violin removed from worker 1 leaves worker 0's alone.
+        call::<serde_json::Value>(&h.socket, &Request::RemoveViolin { name: "odd".into() })
+            .unwrap();
+        let c = h.workers.snapshot().unwrap();
+        assert_eq!(c.violins.len(), 2);
+        assert_eq!(c.ports.len(), 4);
     }
 
     #[test]

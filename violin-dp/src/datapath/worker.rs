@@ -1,11 +1,20 @@
-//! A packet worker: the thread that owns one switch, its guest ports and the underlay,
-//! and does nothing but move frames.
+//! A packet worker: a thread that owns the switch of its Violins, their guest ports,
+//! one rx queue's underlay sockets, and does nothing but move frames.
+//!
+//! A host runs one worker per served rx queue ([`Workers`]). Each Violin has a home
+//! worker, its VNI modulo the number of workers ([`home_of`]), which owns everything
+//! of it that changes per packet: its switch table, buckets, counters and guest
+//! ports — so no lock is taken per packet. The kernel steers the underlay's UDP
+//! datagrams to the home worker's socket by VNI; a frame the XDP classifier put on
+//! another queue's AF_XDP socket is copied to the home worker through a bounded
+//! queue ([`Handoff`]) and switched there.
 //!
 //! Each wake-up: apply the control commands that arrived (between batches, never in
-//! the middle of one), read ready sockets with a budget each (one busy guest cannot
-//! starve the rest), pass every frame through [`Fabric::switch_and_deliver`], flush.
-//! The worker blocks only in its own `epoll_wait`; it has no timer of its own and no
-//! control work: specs, netlink, processes and persistence happen on the control
+//! the middle of one), take the frames other workers handed over, read ready sockets
+//! with a budget each (one busy guest cannot starve the rest), pass every frame
+//! through [`Fabric::switch_and_deliver`], flush, wake the workers frames were handed
+//! to. The worker blocks only in its own `epoll_wait`; it has no timer of its own and
+//! no control work: specs, netlink, processes and persistence happen on the control
 //! thread, which sends [`Command`]s through a [`WorkerHandle`] (a channel and a waker).
 //! Counters leave the worker as [`Counters`] snapshots, on request.
 
@@ -22,7 +31,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv4Addr;
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -33,6 +42,8 @@ use violin_common::Verdict;
 
 const UNDERLAY: Token = Token(0);
 const WAKER: Token = Token(1);
+/// Frames handed over by other workers are waiting.
+const HANDOFF: Token = Token(2);
 const PORT_BASE: usize = 16;
 /// Tokens of the Violins' AF_XDP sockets: XSK_BASE + slot.
 const XSK_BASE: usize = 1 << 40;
@@ -44,6 +55,102 @@ fn port_token(p: PortId) -> Token {
 }
 fn conn_token(p: PortId) -> Token {
     Token(PORT_BASE + 2 * p as usize + 1)
+}
+
+/// The worker that owns the Violin with `vni` among `workers`: the index of the
+/// underlay socket [`UdpUnderlay::bind_group`]'s steering program picks.
+pub fn home_of(vni: u32, workers: usize) -> usize {
+    vni as usize % workers.max(1)
+}
+
+/// The longest frame one worker hands another: an AF_XDP frame.
+const HANDOFF_FRAME: usize = crate::datapath::transport::xsk::FRAME_SIZE as usize;
+/// Frames waiting for one worker from the others; more are dropped (`handoff_full`).
+const HANDOFF_DEPTH: usize = 1024;
+
+/// A tunnelled frame received by a worker that is not its Violin's home, copied for
+/// the home worker (the channel holds these in place: no allocation per frame).
+pub struct Handoff {
+    src: Ipv4Addr,
+    vni: u32,
+    len: u16,
+    frame: [u8; HANDOFF_FRAME],
+}
+
+/// A worker's place among the host's workers, and its ways to the others.
+struct Team {
+    index: usize,
+    count: usize,
+    /// To each other worker (`None` at our own index).
+    peers: Vec<Option<(SyncSender<Handoff>, Arc<Waker>)>>,
+    inbox: Receiver<Handoff>,
+    /// Workers handed a frame since they were last woken (bit i: worker i).
+    to_wake: u64,
+    handed_off: u64,
+    taken_over: u64,
+}
+
+impl Team {
+    /// The worker a frame of `vni` belongs to, when it is not this one.
+    #[inline]
+    fn elsewhere(&self, vni: u32) -> Option<usize> {
+        if self.count == 1 {
+            return None;
+        }
+        let h = home_of(vni, self.count);
+        (h != self.index).then_some(h)
+    }
+
+    /// Copies a frame for worker `to` (woken at the end of the batch).
+    fn hand_off(
+        &mut self,
+        to: usize,
+        src: Ipv4Addr,
+        vni: u32,
+        frame: &[u8],
+    ) -> Result<(), Verdict> {
+        let Some(Some((tx, _))) = self.peers.get(to) else {
+            return Err(Verdict::HandoffFull);
+        };
+        if frame.len() > HANDOFF_FRAME {
+            return Err(Verdict::Oversize);
+        }
+        let mut h = Handoff {
+            src,
+            vni,
+            len: frame.len() as u16,
+            frame: [0; HANDOFF_FRAME],
+        };
+        h.frame[..frame.len()].copy_from_slice(frame);
+        match tx.try_send(h) {
+            Ok(()) => {
+                self.handed_off += 1;
+                self.to_wake |= 1 << to;
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(Verdict::HandoffFull),
+            Err(TrySendError::Disconnected(_)) => Err(Verdict::HandoffFull),
+        }
+    }
+
+    /// Wakes every worker handed a frame in this batch.
+    fn wake(&mut self) {
+        while self.to_wake != 0 {
+            let i = self.to_wake.trailing_zeros() as usize;
+            self.to_wake &= self.to_wake - 1;
+            if let Some(Some((_, w))) = self.peers.get(i) {
+                let _ = w.wake();
+            }
+        }
+    }
+
+    /// A port's id among every worker's ports (workers number their own from 0).
+    fn global(&self, local: PortId) -> PortId {
+        local * self.count as PortId + self.index as PortId
+    }
+    fn local(&self, global: PortId) -> PortId {
+        global / self.count as PortId
+    }
 }
 
 /// Where a command's answer goes: the control thread waits on it (blocking), the
@@ -110,6 +217,36 @@ pub struct Counters {
     pub udp_rx_frames: u64,
     pub rings: Option<AfXdpStats>,
     pub slots: BTreeMap<usize, SlotStats>,
+    /// Each worker's own figures (one entry per worker once merged).
+    pub workers: Vec<WorkerStats>,
+}
+
+pub use crate::stats::WorkerStats;
+
+impl Counters {
+    /// The host's counters from each worker's: Violins and ports are each one
+    /// worker's; host drops, rings and sockets (one per queue) add up.
+    pub fn merge(all: Vec<Counters>) -> Counters {
+        let mut m = Counters::default();
+        for c in all {
+            m.violins.extend(c.violins);
+            m.ports.extend(c.ports);
+            for (k, v) in c.host_drops {
+                *m.host_drops.entry(k).or_default() += v;
+            }
+            m.udp_rx_frames += c.udp_rx_frames;
+            m.rings = match (m.rings, c.rings) {
+                (Some(a), Some(b)) => Some(a.plus(&b)),
+                (a, b) => a.or(b),
+            };
+            for (k, v) in c.slots {
+                let e = m.slots.entry(k).or_default();
+                *e = e.plus(&v);
+            }
+            m.workers.extend(c.workers);
+        }
+        m
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -152,6 +289,54 @@ impl WorkerHandle {
         let (tx, rx) = oneshot::channel();
         self.send(make(tx))?;
         rx.await.map_err(|_| WorkerGone)
+    }
+}
+
+/// Every packet worker of the host, as the control side addresses them: a Violin's
+/// commands go to its home worker, a port's to the worker that numbered it, questions
+/// about the whole host to all of them.
+#[derive(Clone)]
+pub struct Workers(Arc<[WorkerHandle]>);
+
+impl Workers {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// Worker `i` (the one serving rx queue `i`).
+    pub fn get(&self, i: usize) -> &WorkerHandle {
+        &self.0[i]
+    }
+    /// The home worker of the Violin with `vni`.
+    pub fn of_vni(&self, vni: u32) -> &WorkerHandle {
+        &self.0[home_of(vni, self.len())]
+    }
+    /// The worker that owns port `p`.
+    pub fn of_port(&self, p: PortId) -> &WorkerHandle {
+        &self.0[p as usize % self.len()]
+    }
+    pub fn send_all(&self, make: impl Fn() -> Command) -> Result<(), WorkerGone> {
+        self.0.iter().try_for_each(|w| w.send(make()))
+    }
+    /// Asks every worker (control thread only: it blocks).
+    pub fn ask_all<T>(&self, make: impl Fn(Reply<T>) -> Command) -> Result<Vec<T>, WorkerGone> {
+        self.0.iter().map(|w| w.ask(&make)).collect()
+    }
+    /// The host's counters, merged from every worker's (control thread).
+    pub fn snapshot(&self) -> Result<Counters, WorkerGone> {
+        Ok(Counters::merge(
+            self.ask_all(|reply| Command::Snapshot { reply })?,
+        ))
+    }
+    /// The same, for async callers (the control socket's and metrics' servers).
+    pub async fn snapshot_async(&self) -> Result<Counters, WorkerGone> {
+        let mut all = Vec::with_capacity(self.len());
+        for w in self.0.iter() {
+            all.push(w.ask_async(|reply| Command::Snapshot { reply }).await?);
+        }
+        Ok(Counters::merge(all))
     }
 }
 
@@ -262,34 +447,71 @@ pub struct Worker {
     split: Box<[u8]>,
     again: VecDeque<Token>,
     udp_rx_frames: u64,
+    team: Team,
     start: Instant,
     stop: Option<Reply<Vec<Port>>>,
 }
 
 impl Worker {
-    /// A worker over `underlay`, and the handle that commands it.
-    pub fn new(underlay: Underlay) -> std::io::Result<(Worker, WorkerHandle)> {
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let (tx, rx) = mpsc::channel();
-        let w = Worker {
-            poll,
-            fabric: Fabric {
-                switch: Switch::new(),
-                ports: Vec::new(),
-                out: Vec::with_capacity(64),
-                seg: vec![0u8; SEG_BUF].into_boxed_slice(),
-            },
-            split: vec![0u8; SEG_BUF].into_boxed_slice(),
-            underlay,
-            commands: rx,
-            scratch: vec![0u8; 16 + 14 + 65535 + 64],
-            again: VecDeque::with_capacity(64),
-            udp_rx_frames: 0,
-            start: Instant::now(),
-            stop: None,
-        };
-        Ok((w, WorkerHandle { tx, waker }))
+    /// One worker per underlay (worker `i` serves `underlays[i]`, rx queue `i`), and
+    /// the handles that command them.
+    pub fn team(underlays: Vec<Underlay>) -> std::io::Result<(Vec<Worker>, Workers)> {
+        let n = underlays.len();
+        // `Team::to_wake` has a bit per worker.
+        assert!((1..=64).contains(&n), "1 to 64 workers");
+        let mut built = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
+        let mut doors = Vec::with_capacity(n);
+        for underlay in underlays {
+            let poll = Poll::new()?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+            let (tx, rx) = mpsc::channel();
+            let (htx, hrx) = mpsc::sync_channel(HANDOFF_DEPTH);
+            handles.push(WorkerHandle {
+                tx,
+                waker: waker.clone(),
+            });
+            doors.push((htx, waker));
+            built.push((poll, underlay, rx, hrx));
+        }
+        let workers = built
+            .into_iter()
+            .enumerate()
+            .map(|(i, (poll, underlay, commands, inbox))| {
+                let team = Team {
+                    index: i,
+                    count: n,
+                    peers: doors
+                        .iter()
+                        .enumerate()
+                        .map(|(j, d)| (j != i).then(|| d.clone()))
+                        .collect(),
+                    inbox,
+                    to_wake: 0,
+                    handed_off: 0,
+                    taken_over: 0,
+                };
+                Worker {
+                    poll,
+                    fabric: Fabric {
+                        switch: Switch::new(),
+                        ports: Vec::new(),
+                        out: Vec::with_capacity(64),
+                        seg: vec![0u8; SEG_BUF].into_boxed_slice(),
+                    },
+                    split: vec![0u8; SEG_BUF].into_boxed_slice(),
+                    underlay,
+                    commands,
+                    scratch: vec![0u8; 16 + 14 + 65535 + 64],
+                    again: VecDeque::with_capacity(64),
+                    udp_rx_frames: 0,
+                    team,
+                    start: Instant::now(),
+                    stop: None,
+                }
+            })
+            .collect();
+        Ok((workers, Workers(handles.into())))
     }
 
     fn now(&self) -> u64 {
@@ -306,6 +528,7 @@ impl Worker {
             if !self.apply_commands() {
                 break;
             }
+            self.handoff_rx();
             let timeout = (!self.again.is_empty()).then_some(Duration::ZERO);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -323,6 +546,7 @@ impl Worker {
                 }
             }
             self.underlay.flush();
+            self.team.wake();
             let Fabric { switch, ports, .. } = &mut self.fabric;
             for (p, wp) in ports.iter_mut().enumerate() {
                 if let Some(wp) = wp.as_mut().filter(|wp| wp.port.batches()) {
@@ -373,6 +597,15 @@ impl Worker {
                 };
                 let r = r.map(|up| {
                     let gone = up.removed.iter().filter_map(|p| self.detach(*p)).collect();
+                    let t = &self.team;
+                    let global = |v: Vec<(usize, PortId)>| {
+                        v.into_iter().map(|(m, p)| (m, t.global(p))).collect()
+                    };
+                    let up = Update {
+                        kept: global(up.kept),
+                        added: global(up.added),
+                        removed: up.removed.into_iter().map(|p| t.global(p)).collect(),
+                    };
                     (up, gone)
                 });
                 let _ = reply.send(r);
@@ -383,8 +616,9 @@ impl Worker {
                 let gone = mine.into_iter().filter_map(|p| self.detach(p)).collect();
                 let _ = reply.send((stats, gone));
             }
-            Command::AttachPort { id, port } => self.attach(id, port),
+            Command::AttachPort { id, port } => self.attach(self.team.local(id), port),
             Command::Announce { port, mac, ip } => {
+                let port = self.team.local(port);
                 let Some(wp) = self.port_mut(port) else {
                     return;
                 };
@@ -515,8 +749,8 @@ impl Worker {
 
     fn snapshot(&mut self) -> Counters {
         let sw = &self.fabric.switch;
-        let violins = sw.violins().filter_map(|v| sw.stats(&v.name)).collect();
-        let ports = self
+        let violins: Vec<ViolinStats> = sw.violins().filter_map(|v| sw.stats(&v.name)).collect();
+        let ports: BTreeMap<PortId, PortSnapshot> = self
             .fabric
             .ports
             .iter()
@@ -524,7 +758,7 @@ impl Worker {
             .filter_map(|(i, wp)| {
                 let wp = wp.as_ref()?;
                 Some((
-                    i as PortId,
+                    self.team.global(i as PortId),
                     PortSnapshot {
                         counters: wp.port.counters(),
                         connected: wp.port.connected(),
@@ -538,6 +772,15 @@ impl Worker {
             Some(x) => (Some(x.stats()), x.all_slot_stats()),
             None => (None, BTreeMap::new()),
         };
+        let me = WorkerStats {
+            index: self.team.index,
+            violins: violins.len(),
+            ports: ports.len(),
+            udp_rx_frames: self.udp_rx_frames,
+            xsk_rx_frames: rings.map_or(0, |r| r.counters.rx_frames),
+            handed_off: self.team.handed_off,
+            taken_over: self.team.taken_over,
+        };
         Counters {
             violins,
             ports,
@@ -545,6 +788,7 @@ impl Worker {
             udp_rx_frames: self.udp_rx_frames,
             rings,
             slots,
+            workers: vec![me],
         }
     }
 
@@ -552,6 +796,7 @@ impl Worker {
         match t {
             UNDERLAY => self.underlay_rx(),
             WAKER => {}
+            HANDOFF => self.handoff_rx(),
             Token(n) if n >= XSK_BASE => self.xsk_rx(n - XSK_BASE),
             Token(n) if n >= PORT_BASE => {
                 let p = ((n - PORT_BASE) / 2) as PortId;
@@ -580,6 +825,7 @@ impl Worker {
             scratch,
             again,
             udp_rx_frames,
+            team,
             ..
         } = self;
         let udp = underlay.udp();
@@ -588,6 +834,13 @@ impl Worker {
             let r = udp.recv(scratch, |r| match r {
                 Received::Frame(src, vni, inner) => {
                     *udp_rx_frames += 1;
+                    // Only when the kernel did not steer by VNI (it does: bind_group).
+                    if let Some(home) = team.elsewhere(vni) {
+                        if let Err(v) = team.hand_off(home, src, vni, inner) {
+                            fabric.switch.count_host_drop(v);
+                        }
+                        return;
+                    }
                     let ingress = Ingress::Tunnel { src, vni };
                     fabric.switch_and_deliver(ingress, inner, None, now, udp);
                 }
@@ -611,6 +864,7 @@ impl Worker {
             fabric,
             underlay,
             again,
+            team,
             ..
         } = self;
         let Underlay::Xdp { udp, xsk } = underlay else {
@@ -620,11 +874,46 @@ impl Worker {
         // Tunnel → guest only (split horizon): outputs are local ports, or an
         // external member reached through the kernel's socket.
         let more = xsk.rx(slot, BUDGET, |src, vni, inner| {
+            // The NIC put it on our queue; its Violin may live on another worker.
+            if let Some(home) = team.elsewhere(vni) {
+                if let Err(v) = team.hand_off(home, src, vni, inner) {
+                    fabric.switch.count_host_drop(v);
+                }
+                return;
+            }
             fabric.switch_and_deliver(Ingress::Tunnel { src, vni }, inner, None, now, udp);
         });
         if more {
             again.push_back(Token(XSK_BASE + slot));
         }
+    }
+
+    /// Switches the frames other workers received for this worker's Violins.
+    fn handoff_rx(&mut self) {
+        if self.team.count == 1 {
+            return;
+        }
+        let now = self.now();
+        let Worker {
+            fabric,
+            underlay,
+            again,
+            team,
+            ..
+        } = self;
+        let udp = underlay.udp();
+        for _ in 0..BUDGET {
+            let Ok(h) = team.inbox.try_recv() else {
+                return;
+            };
+            team.taken_over += 1;
+            let ingress = Ingress::Tunnel {
+                src: h.src,
+                vni: h.vni,
+            };
+            fabric.switch_and_deliver(ingress, &h.frame[..h.len as usize], None, now, udp);
+        }
+        again.push_back(HANDOFF);
     }
 
     fn port_rx(&mut self, p: PortId) {

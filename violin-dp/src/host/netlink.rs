@@ -207,27 +207,46 @@ pub async fn mac_of(h: &Handle, name: &str) -> Result<[u8; 6]> {
 
 /// A link's MTU and its kind (`veth`, `bridge`…; `None` for a physical NIC).
 pub async fn mtu_and_kind(h: &Handle, name: &str) -> Result<(u32, Option<String>)> {
+    let f = link_facts(h, name).await?;
+    Ok((f.mtu, f.kind))
+}
+
+/// What the daemon needs to know of its underlay interface.
+#[derive(Debug, Clone, Default)]
+pub struct LinkFacts {
+    pub mtu: u32,
+    /// `veth`, `vxlan`…; `None` for a physical NIC.
+    pub kind: Option<String>,
+    /// Receive queues (1 when the kernel does not say).
+    pub rx_queues: u32,
+}
+
+pub async fn link_facts(h: &Handle, name: &str) -> Result<LinkFacts> {
     use rtnetlink::packet_route::link::{LinkAttribute, LinkInfo};
     let mut links = h.link().get().match_name(name.to_string()).execute();
     let link = links
         .try_next()
         .await?
         .ok_or_else(|| anyhow!("no link named {name}"))?;
-    let (mut mtu, mut kind) = (0, None);
+    let mut f = LinkFacts {
+        rx_queues: 1,
+        ..LinkFacts::default()
+    };
     for a in link.attributes {
         match a {
-            LinkAttribute::Mtu(m) => mtu = m,
+            LinkAttribute::Mtu(m) => f.mtu = m,
+            LinkAttribute::NumRxQueues(q) => f.rx_queues = q.max(1),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let LinkInfo::Kind(k) = i {
-                        kind = Some(k.to_string());
+                        f.kind = Some(k.to_string());
                     }
                 }
             }
             _ => {}
         }
     }
-    Ok((mtu, kind))
+    Ok(f)
 }
 
 /// Resolved IPv4 neighbours on a link: (address, MAC).

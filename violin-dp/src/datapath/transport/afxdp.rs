@@ -1,5 +1,6 @@
-//! The kernel-bypass underlay: per-Violin AF_XDP sockets sharing one UMEM on the
-//! underlay interface's queue 0, fed by the XDP classifier.
+//! The kernel-bypass underlay of one rx queue: per-Violin AF_XDP sockets sharing one
+//! UMEM on one queue of the underlay interface, fed by the XDP classifier. A host
+//! serves as many queues as it has packet workers, each with an [`AfXdp`] of its own.
 //!
 //! The UMEM's fill frames ([`FILL_FRAMES`]) exceed the sum of the Violins' small RX
 //! rings ([`RX_RING`]), so a Violin that floods, or is not served, holds at most its own
@@ -96,9 +97,10 @@ pub struct AfXdp {
 }
 
 impl AfXdp {
-    /// Creates the UMEM and the anchor socket on `iface` queue 0, and fills the fill ring.
-    pub fn new(iface: &str, outer: Outer) -> anyhow::Result<AfXdp> {
-        let (core, anchor) = XskCore::open(iface, FRAMES, FILL_FRAMES, RX_RING, TX_RING)?;
+    /// Creates the UMEM and the anchor socket on `iface` rx queue `queue`, and fills
+    /// the fill ring.
+    pub fn new(iface: &str, queue: u32, outer: Outer) -> anyhow::Result<AfXdp> {
+        let (core, anchor) = XskCore::open(iface, queue, FRAMES, FILL_FRAMES, RX_RING, TX_RING)?;
         Ok(AfXdp {
             core,
             _anchor_rx: anchor,

@@ -67,10 +67,91 @@ fn setsockopt_int(
     Ok(())
 }
 
+/// The classic BPF program that picks a socket of a [`UdpUnderlay::bind_group`] for
+/// each datagram: socket `VNI mod n`, the VNI read from the VXLAN header (the kernel
+/// runs it with the packet starting at the UDP payload). A datagram too short for a
+/// VXLAN header makes the load fail and the program return 0: socket 0, whose
+/// worker drops it as malformed.
+pub fn steering_program(n: u32) -> [libc::sock_filter; 4] {
+    let op = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    [
+        // A = 32-bit word at payload offset 4 (VNI << 8 | reserved), host order.
+        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 4),
+        op(libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K, 8),
+        op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, n.max(1)),
+        op(libc::BPF_RET | libc::BPF_A, 0),
+    ]
+}
+
 impl UdpUnderlay {
     /// Binds `addr:port` (non-blocking) with large socket buffers and GRO on receive.
     pub fn bind(addr: Ipv4Addr, port: u16) -> io::Result<UdpUnderlay> {
-        let sock = UdpSocket::bind(SocketAddrV4::new(addr, port))?;
+        Ok(Self::bind_group(addr, port, 1)?.remove(0))
+    }
+
+    /// `n` sockets on `addr:port` (`SO_REUSEPORT`), one per packet worker, with the
+    /// kernel steering each datagram to socket `VNI mod n` ([`steering_program`]):
+    /// every frame of a Violin reaches the worker that owns it.
+    pub fn bind_group(addr: Ipv4Addr, port: u16, n: usize) -> io::Result<Vec<UdpUnderlay>> {
+        use nix::sys::socket::{setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType};
+        let mut port = port;
+        let mut group = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let sock = if n <= 1 {
+                UdpSocket::bind(SocketAddrV4::new(addr, port))?
+            } else {
+                let fd = socket(
+                    AddressFamily::Inet,
+                    SockType::Datagram,
+                    SockFlag::SOCK_CLOEXEC,
+                    None,
+                )?;
+                setsockopt(&fd, sockopt::ReusePort, &true)?;
+                nix::sys::socket::bind(
+                    fd.as_raw_fd(),
+                    &SockaddrIn::from(SocketAddrV4::new(addr, port)),
+                )?;
+                UdpSocket::from(fd)
+            };
+            if i == 0 && n > 1 {
+                port = sock.local_addr()?.port();
+                let prog = steering_program(n as u32);
+                let fprog = libc::sock_fprog {
+                    len: prog.len() as u16,
+                    filter: prog.as_ptr() as *mut libc::sock_filter,
+                };
+                // SAFETY: setsockopt reads the `sock_fprog` and the 4 instructions it
+                // points to, which live until the call returns (the kernel copies them).
+                let r = unsafe {
+                    libc::setsockopt(
+                        sock.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_ATTACH_REUSEPORT_CBPF,
+                        &fprog as *const _ as *const libc::c_void,
+                        std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+                    )
+                };
+                if r < 0 {
+                    let e = io::Error::last_os_error();
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "steering the underlay sockets by VNI (SO_ATTACH_REUSEPORT_CBPF): {e}"
+                        ),
+                    ));
+                }
+            }
+            group.push(Self::from_socket(sock)?);
+        }
+        Ok(group)
+    }
+
+    fn from_socket(sock: UdpSocket) -> io::Result<UdpUnderlay> {
         sock.set_nonblocking(true)?;
         let fd = sock.as_raw_fd();
         for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
@@ -298,6 +379,54 @@ fn gro_segment_size(msg: &libc::msghdr) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Everything waiting on `u`, as VNIs.
+    fn drain_vnis(u: &UdpUnderlay) -> Vec<u32> {
+        let mut buf = vec![0u8; 65536];
+        let mut got = Vec::new();
+        while u
+            .recv(&mut buf, |r| {
+                if let Received::Frame(_, vni, _) = r {
+                    got.push(vni)
+                }
+            })
+            .unwrap()
+            > 0
+        {}
+        got
+    }
+
+    #[test]
+    fn a_socket_group_steers_each_vni_to_one_socket() {
+        let group = UdpUnderlay::bind_group(Ipv4Addr::LOCALHOST, 0, 3).unwrap();
+        let port = group[0].port();
+        assert!(group.iter().all(|u| u.port() == port));
+        // Different source ports: without steering the kernel would hash them apart.
+        let senders: Vec<UdpUnderlay> = (0..4)
+            .map(|_| UdpUnderlay::bind(Ipv4Addr::new(127, 0, 0, 3), 0).unwrap())
+            .collect();
+        let vnis = [1u32, 2, 3, 4, 5, 6, 100, 0xff_ffff];
+        for s in &senders {
+            for &vni in &vnis {
+                let hdr = encap::header(vni);
+                let d = [&hdr[..], b"inner frame"].concat();
+                s.sock
+                    .send_to(&d, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+                    .unwrap();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut total = 0;
+        for (i, u) in group.iter().enumerate() {
+            let got = drain_vnis(u);
+            total += got.len();
+            assert!(
+                got.iter().all(|v| *v as usize % 3 == i),
+                "socket {i} got VNIs {got:?}"
+            );
+        }
+        assert_eq!(total, senders.len() * vnis.len());
+    }
 
     #[test]
     fn encapsulates_and_decapsulates_over_loopback() {

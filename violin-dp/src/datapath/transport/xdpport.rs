@@ -23,7 +23,7 @@ pub struct XdpPort {
 
 impl XdpPort {
     pub fn open(iface: &str) -> anyhow::Result<XdpPort> {
-        let (core, rx) = XskCore::open(iface, FRAMES, FILL, RING, RING)?;
+        let (core, rx) = XskCore::open(iface, 0, FRAMES, FILL, RING, RING)?;
         Ok(XdpPort {
             core,
             rx,

@@ -49,7 +49,7 @@ pub fn socket_config(rx: u32, tx: u32) -> SocketConfig {
         .build()
 }
 
-/// Opens further sockets on a core's UMEM and (interface, queue 0), sharing its fill
+/// Opens further sockets on a core's UMEM and (interface, queue), sharing its fill
 /// and completion rings. Binding and closing an AF_XDP socket wait for the kernel (an
 /// RCU grace period, milliseconds), so the control thread does both, never a packet
 /// worker.
@@ -57,15 +57,22 @@ pub fn socket_config(rx: u32, tx: u32) -> SocketConfig {
 pub struct XskOpener {
     umem: Umem,
     iface: Interface,
+    queue: u32,
 }
 
 impl XskOpener {
     pub fn share(&self, rx_ring: u32) -> Result<(RxQueue, TxQueue)> {
         // SAFETY: the UMEM is shared and the (interface, queue) pair is bound already
         // (by the core's first socket): INHIBIT_PROG_LOAD is set, as xsk-rs requires.
-        let (tx, rx, rings) =
-            unsafe { Socket::new(socket_config(rx_ring, 64), &self.umem, &self.iface, 0) }
-                .map_err(|e| anyhow!("binding an AF_XDP socket on the shared UMEM: {e}"))?;
+        let (tx, rx, rings) = unsafe {
+            Socket::new(
+                socket_config(rx_ring, 64),
+                &self.umem,
+                &self.iface,
+                self.queue,
+            )
+        }
+        .map_err(|e| anyhow!("binding an AF_XDP socket on the shared UMEM: {e}"))?;
         drop(rings); // None: the first socket owns them.
         set_cloexec(rx.fd().as_raw_fd())?;
         Ok((rx, tx))
@@ -75,6 +82,7 @@ impl XskOpener {
 pub struct XskCore {
     umem: Umem,
     iface: Interface,
+    queue: u32,
     fq: FillQueue,
     cq: CompQueue,
     tx: TxQueue,
@@ -87,10 +95,11 @@ pub struct XskCore {
 }
 
 impl XskCore {
-    /// A UMEM of `frames` frames and the first socket on (`iface`, queue 0), which owns
+    /// A UMEM of `frames` frames and the first socket on (`iface`, `queue`), which owns
     /// the fill and completion rings; `fill` frames go to the fill ring.
     pub fn open(
         iface: &str,
+        queue: u32,
         frames: u32,
         fill: usize,
         rx_ring: u32,
@@ -110,8 +119,8 @@ impl XskCore {
         // SAFETY: the first socket on this (UMEM, interface, queue); INHIBIT_PROG_LOAD is
         // set because our own program redirects.
         let (tx, rx, rings) =
-            unsafe { Socket::new(socket_config(rx_ring, tx_ring), &umem, &ifname, 0) }
-                .map_err(|e| anyhow!("binding an AF_XDP socket to {iface} queue 0: {e}"))?;
+            unsafe { Socket::new(socket_config(rx_ring, tx_ring), &umem, &ifname, queue) }
+                .map_err(|e| anyhow!("binding an AF_XDP socket to {iface} queue {queue}: {e}"))?;
         set_cloexec(rx.fd().as_raw_fd())?;
         let (mut fq, cq) = rings.context("the first socket got no fill/completion rings")?;
         let to_fill: Vec<FrameDesc> = descs.drain(..fill).collect();
@@ -121,6 +130,7 @@ impl XskCore {
         let core = XskCore {
             umem,
             iface: ifname,
+            queue,
             fq,
             cq,
             tx,
@@ -139,6 +149,7 @@ impl XskCore {
         XskOpener {
             umem: self.umem.clone(),
             iface: self.iface.clone(),
+            queue: self.queue,
         }
     }
 
