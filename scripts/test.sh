@@ -12,6 +12,12 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+step "the violin CLI without the daemon's data path (no aya, no xsk-rs)"
+cargo clippy -p violin-dp --no-default-features --bin violin --locked -- -D warnings
+if cargo tree -p violin-dp --no-default-features -e normal --locked | grep -E '^.* (aya|xsk-rs) '; then
+  echo "the CLI's dependencies include aya or xsk-rs" >&2
+  exit 1
+fi
 step "cargo xtask build-ebpf"
 cargo xtask build-ebpf
 step "cargo test"

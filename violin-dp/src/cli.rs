@@ -474,7 +474,7 @@ fn violin_profile(
 pub struct ClusterStats {
     pub name: String,
     pub vni: u32,
-    pub edges: Vec<crate::datapath::fastpath::switch::EdgeStats>,
+    pub edges: Vec<crate::stats::EdgeStats>,
     pub drops: BTreeMap<String, u64>,
     pub hosts: Vec<HostViolinStats>,
 }
@@ -511,14 +511,12 @@ pub fn gather_stats(st: &ClusterState, violin: &str) -> Result<ClusterStats> {
         vni: hosts[0].stats.vni,
         edges: edges
             .into_iter()
-            .map(
-                |((from, to), (packets, bytes))| crate::datapath::fastpath::switch::EdgeStats {
-                    from,
-                    to,
-                    packets,
-                    bytes,
-                },
-            )
+            .map(|((from, to), (packets, bytes))| crate::stats::EdgeStats {
+                from,
+                to,
+                packets,
+                bytes,
+            })
             .collect(),
         drops,
         hosts,

@@ -13,12 +13,17 @@
 //! workers publish ([`stats`]), the host config
 //! ([`config`]), the XDP classifier's loader ([`xdp`]), the simulated cluster
 //! ([`cluster`]), the CLI itself ([`cli`], [`lifecycle`], [`profile`], [`probe`]).
+//!
+//! The daemon's parts need the `daemon` feature (on by default), which brings aya and
+//! xsk-rs; the CLI, the control protocol and the counters build without it.
 
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;
+#[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "daemon")]
 pub mod datapath;
 pub mod host;
 pub mod lifecycle;
@@ -26,4 +31,5 @@ pub mod probe;
 pub mod profile;
 pub mod spec;
 pub mod stats;
+#[cfg(feature = "daemon")]
 pub mod xdp;

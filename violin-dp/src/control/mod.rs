@@ -5,11 +5,16 @@
 //! for restarts ([`persist`]), the neighbour watcher ([`neighbours`]) and the metrics
 //! server ([`metrics`]). None of it runs on a packet worker's thread.
 
+#[cfg(feature = "daemon")]
 pub mod manager;
+#[cfg(feature = "daemon")]
 pub mod metrics;
+#[cfg(feature = "daemon")]
 pub mod neighbours;
+#[cfg(feature = "daemon")]
 pub mod persist;
 pub mod protocol;
+#[cfg(feature = "daemon")]
 pub mod server;
 
 pub use protocol::*;

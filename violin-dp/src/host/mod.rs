@@ -5,10 +5,12 @@
 
 pub mod cgroup;
 pub mod cpus;
+#[cfg(feature = "daemon")]
 pub mod guest;
 pub mod netlink;
 pub mod netns;
 pub mod procs;
+#[cfg(feature = "daemon")]
 pub mod supervisor;
 pub mod uids;
 pub mod vm;
