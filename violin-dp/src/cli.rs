@@ -144,7 +144,7 @@ pub enum ClusterCmd {
         /// NIC. Each host runs a packet worker per queue (unless --workers says otherwise).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
         queues: u32,
-        /// Packet workers per host (default: one per queue, at most one per CPU).
+        /// Packet workers per host (default: one per queue).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
         workers: Option<u32>,
         /// xdp: attach the classifier generic (keeps the host's segmentation offload on a

@@ -233,7 +233,10 @@ pub fn up(
                 xdp_attach: opts.xdp_attach,
                 metrics_port: Some(crate::config::DEFAULT_METRICS_PORT),
                 control_cpus: None,
-                workers: opts.workers,
+                // A simulated multi-queue NIC gets a worker per queue.
+                workers: opts
+                    .workers
+                    .or((opts.queues > 1).then_some(opts.queues as usize)),
             };
             let cfg_path = dir.join(format!("{host}.toml"));
             std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;

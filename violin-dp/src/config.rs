@@ -75,8 +75,9 @@ pub struct HostConfig {
     /// Packet workers: threads that each serve one rx queue of the underlay interface
     /// (its AF_XDP sockets on the xdp plane) and one socket of the underlay's UDP
     /// group, and own the Violins whose VNI modulo `workers` is their index. Default:
-    /// one per rx queue, at most one per CPU (1 on a single-queue NIC). The xdp data
-    /// plane serves at most as many queues as the interface has.
+    /// one per rx queue of a NIC, at most one per CPU; 1 on a veth, whose traffic a
+    /// generic XDP program sees on queue 0 whatever its queues. The xdp data plane
+    /// serves at most as many queues as the interface has.
     #[serde(default)]
     pub workers: Option<usize>,
 }
@@ -111,10 +112,11 @@ impl HostConfig {
     /// How many packet workers to run on an interface with `rx_queues` receive
     /// queues, or why the configured number cannot be (`xdp`: the data plane binds one
     /// AF_XDP socket set per worker, one per queue).
-    pub fn workers(&self, rx_queues: u32, xdp: bool) -> Result<usize> {
+    pub fn workers(&self, rx_queues: u32, veth: bool, xdp: bool) -> Result<usize> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let q = rx_queues.max(1) as usize;
         match self.workers {
+            None if veth => Ok(1),
             None => Ok(q.min(cpus).min(MAX_WORKERS)),
             Some(0) => anyhow::bail!("workers = 0: a host needs at least one packet worker"),
             Some(n) if n > MAX_WORKERS => {

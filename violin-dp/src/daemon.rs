@@ -55,7 +55,10 @@ impl Daemon {
             crate::host::netlink::link_facts(&h, &iface).await
         });
         let rx_queues = link.as_ref().map_or(1, |l| l.rx_queues);
-        let n = cfg.workers(rx_queues, cfg.dataplane == DataplaneChoice::Xdp)?;
+        let veth = link
+            .as_ref()
+            .is_ok_and(|l| l.kind.as_deref() == Some("veth"));
+        let n = cfg.workers(rx_queues, veth, cfg.dataplane == DataplaneChoice::Xdp)?;
         let mut group =
             UdpUnderlay::bind_group(cfg.underlay, cfg.vxlan_port, n).with_context(|| {
                 format!(

@@ -528,7 +528,6 @@ impl Worker {
             if !self.apply_commands() {
                 break;
             }
-            self.handoff_rx();
             let timeout = (!self.again.is_empty()).then_some(Duration::ZERO);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -795,8 +794,9 @@ impl Worker {
     fn dispatch(&mut self, t: Token, writable: bool) {
         match t {
             UNDERLAY => self.underlay_rx(),
-            WAKER => {}
-            HANDOFF => self.handoff_rx(),
+            // Commands were applied at the top of the loop; frames handed over are
+            // switched here, so what they produce is flushed before the next poll.
+            WAKER | HANDOFF => self.handoff_rx(),
             Token(n) if n >= XSK_BASE => self.xsk_rx(n - XSK_BASE),
             Token(n) if n >= PORT_BASE => {
                 let p = ((n - PORT_BASE) / 2) as PortId;
