@@ -19,50 +19,19 @@ const STRANGER: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 99);
 const ME: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
 
 fn eth(ethertype: EtherType, payload: &[u8]) -> Vec<u8> {
-    let mut b = vec![0u8; 14 + payload.len()];
-    let mut f = EthernetFrame::new_unchecked(&mut b[..]);
-    EthernetRepr {
-        src_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
-        dst_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
-        ethertype,
-    }
-    .emit(&mut f);
-    f.payload_mut().copy_from_slice(payload);
-    b
+    common::packets::eth([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], ethertype, payload)
 }
 
 fn ipv4(src: Ipv4Addr, protocol: IpProtocol, payload: &[u8]) -> Vec<u8> {
-    let mut b = vec![0u8; 20 + payload.len()];
-    let mut p = Ipv4Packet::new_unchecked(&mut b[..]);
-    Ipv4Repr {
-        src_addr: src,
-        dst_addr: ME,
-        protocol,
-        payload_len: payload.len(),
-        hop_limit: 64,
-    }
-    .emit(&mut p);
-    p.payload_mut().copy_from_slice(payload);
-    b
+    common::packets::ipv4(src, ME, protocol, payload)
 }
 
 fn udp(dst_port: u16, payload: &[u8]) -> Vec<u8> {
-    let mut b = vec![0u8; 8 + payload.len()];
-    let mut p = UdpPacket::new_unchecked(&mut b[..]);
-    UdpRepr {
-        src_port: 49152,
-        dst_port,
-        payload_len: payload.len(),
-    }
-    .emit(&mut p);
-    p.payload_mut().copy_from_slice(payload);
-    b
+    common::packets::udp(49152, dst_port, payload)
 }
 
 fn vxlan(vni: u32) -> Vec<u8> {
-    let mut b = VxlanRepr { vni }.to_bytes().to_vec();
-    b.extend_from_slice(&eth(EtherType::IPV4, &[0u8; 46])); // the inner frame
-    b
+    common::packets::vxlan(vni, &eth(EtherType::IPV4, &[0u8; 46])) // the inner frame
 }
 
 fn tunnelled(src: Ipv4Addr, vni: u32) -> Vec<u8> {

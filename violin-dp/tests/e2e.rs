@@ -7,9 +7,12 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use violin_common::wire::{
     ArpOperation, ArpPacket, ArpRepr, EtherType, EthernetAddress, EthernetFrame, EthernetRepr,
+    IpProtocol,
 };
 use violin_dp::spec::derive_mac;
 
@@ -772,6 +775,274 @@ fn xdp_fast_ports_switch_police_and_carry_tcp() {
     assert!(violin_dp::host::netns::list(&format!("{}-fast-", c.name)).is_empty());
 }
 
+const VICTIM_SPEC: &str = r#"
+name = "victim"
+vni = 300
+[[guest]]
+name = "v"
+host = "h1"
+ip = "10.3.0.1/24"
+[[guest]]
+name = "w"
+host = "h2"
+ip = "10.3.0.2/24"
+"#;
+
+/// Counts UDP datagrams to port 7777 in a guest's namespace, by their first word.
+struct Listener {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
+}
+
+impl Listener {
+    fn start(ns: &str) -> Listener {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ns, s) = (ns.to_string(), stop.clone());
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            violin_dp::host::netns::enter(&ns).unwrap();
+            let sock = std::net::UdpSocket::bind("0.0.0.0:7777").unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let (mut forged, mut legit) = (0, 0);
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    match &buf[..n] {
+                        b if b.starts_with(b"forged") => forged += 1,
+                        b if b.starts_with(b"legit") => legit += 1,
+                        _ => {}
+                    }
+                }
+            }
+            (forged, legit)
+        });
+        ready.recv().unwrap();
+        Listener {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// (forged, legit) datagrams received.
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A raw sender on a guest's `eth0` (AF_PACKET): what a root guest can put on its wire.
+struct RawSender {
+    fd: std::os::fd::OwnedFd,
+    addr: libc::sockaddr_ll,
+}
+
+impl RawSender {
+    /// On the calling thread's namespace's `eth0`, to `dst`.
+    fn open(dst: [u8; 6]) -> std::io::Result<RawSender> {
+        use std::os::fd::FromRawFd;
+        let ifindex = nix::net::if_::if_nametoindex("eth0")?;
+        // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value to fill in.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&dst);
+        Ok(RawSender { fd, addr })
+    }
+
+    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `frame` and `addr` outlive the call; the length is the address's own.
+        let r = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&self.addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// A counter of the IP stack in a namespace (`/proc/net/netstat` or `snmp`, e.g.
+/// ("TcpExt", "IPReversePathFilter")).
+fn ns_counter(ns: &str, group: &str, name: &str) -> u64 {
+    let (group, name) = (group.to_string(), name.to_string());
+    violin_dp::host::netns::run_in(ns, move || {
+        let mut text = std::fs::read_to_string("/proc/thread-self/net/netstat")?;
+        text += &std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{group}:")))
+            .collect();
+        for pair in rows.chunks(2) {
+            let (Some(h), Some(v)) = (pair.first(), pair.get(1)) else {
+                continue;
+            };
+            if let Some(i) = h.split_whitespace().position(|f| f == name) {
+                return Ok(v.split_whitespace().nth(i).unwrap_or("0").parse()?);
+            }
+        }
+        Ok(0)
+    })
+    .unwrap()
+}
+
+/// With no daemon running (a crash, a restart), a fast port's host end carries nothing
+/// into the host. A fast-port guest forges VXLAN "from h2" for another Violin's guest,
+/// without pause, across three hard restarts of its host's daemon (each with a second
+/// of no daemon at all): not one datagram is delivered, while a legitimate one is.
+#[test]
+fn a_fast_port_guest_injects_nothing_across_daemon_crashes() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "xdp", &[]);
+    c.up_spec("fast.toml", FAST_SPEC);
+    c.up_spec("victim.toml", VICTIM_SPEC);
+    let info = c.info();
+    let (h1, h2) = (info.hosts[0].clone(), info.hosts[1].clone());
+    let listener = Listener::start(&c.guest_ns("victim", "v"));
+    let (v_mac, w_mac) = (derive_mac(300, "v").0, derive_mac(300, "w").0);
+    let (v_ip, w_ip) = (Ipv4Addr::new(10, 3, 0, 1), Ipv4Addr::new(10, 3, 0, 2));
+    let inner = common::packets::eth(
+        w_mac,
+        v_mac,
+        EtherType::IPV4,
+        &common::packets::ipv4(
+            w_ip,
+            v_ip,
+            IpProtocol::UDP,
+            &common::packets::udp(5555, 7777, b"forged"),
+        ),
+    );
+    let forged_ip = common::packets::ipv4(
+        h2.underlay,
+        h1.underlay,
+        IpProtocol::UDP,
+        &common::packets::udp(40000, 4789, &common::packets::vxlan(300, &inner)),
+    );
+    let a_ns = c.guest_ns("fast", "a");
+    let host_end = violin_dp::host::guest::veth_name(&a_ns);
+    let a_mac = derive_mac(200, "a").0;
+    let stop = Arc::new(AtomicBool::new(false));
+    let dead = Arc::new(AtomicBool::new(false));
+    let sent_dead = Arc::new(AtomicU64::new(0));
+    let attacker = {
+        let (stop, dead, sent_dead) = (stop.clone(), dead.clone(), sent_dead.clone());
+        let h1_ns = h1.netns.clone();
+        std::thread::spawn(move || {
+            violin_dp::host::netns::enter(&a_ns).unwrap();
+            let mut sent = 0u64;
+            let mut tx: Option<(RawSender, Vec<u8>)> = None;
+            while !stop.load(Ordering::Relaxed) {
+                if tx.is_none() {
+                    // The host end's MAC, as read from h1 (the strongest attacker).
+                    let o = std::process::Command::new("ip")
+                        .args(["-n", &h1_ns, "-br", "link", "show", &host_end])
+                        .output()
+                        .unwrap();
+                    let text = String::from_utf8_lossy(&o.stdout).to_string();
+                    let mac = text.split_whitespace().nth(2).and_then(|m| {
+                        let b: Vec<u8> = m
+                            .split(':')
+                            .filter_map(|x| u8::from_str_radix(x, 16).ok())
+                            .collect();
+                        <[u8; 6]>::try_from(b).ok()
+                    });
+                    tx = mac.and_then(|mac| {
+                        let frame = common::packets::eth(a_mac, mac, EtherType::IPV4, &forged_ip);
+                        RawSender::open(mac).ok().map(|s| (s, frame))
+                    });
+                    if tx.is_none() {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                }
+                let (s, frame) = tx.as_ref().unwrap();
+                if s.send(frame).is_err() {
+                    tx = None; // eth0 was re-created: bind again
+                    continue;
+                }
+                sent += 1;
+                if dead.load(Ordering::Relaxed) {
+                    sent_dead.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            sent
+        })
+    };
+    let rp_before = ns_counter(&h1.netns, "TcpExt", "IPReversePathFilter");
+    for round in 1..=3 {
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = c.info().hosts[0].pid;
+        dead.store(true, Ordering::Relaxed);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        c.ok(&["cluster", "restart", "h1", "--hard"]);
+        dead.store(false, Ordering::Relaxed);
+        assert!(
+            c.ping_until("fast", "a", "10.2.0.2", Duration::from_secs(10)),
+            "round {round}: the fast port is back"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = attacker.join().unwrap();
+    let rp_dropped = ns_counter(&h1.netns, "TcpExt", "IPReversePathFilter") - rp_before;
+    // The listener hears a legitimate datagram from w: it would have heard forged ones.
+    let legit = std::thread::spawn({
+        let w_ns = c.guest_ns("victim", "w");
+        move || {
+            violin_dp::host::netns::enter(&w_ns).unwrap();
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            for _ in 0..20 {
+                let _ = s.send_to(b"legit", (v_ip, 7777));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    legit.join().unwrap();
+    let (forged, legit) = listener.finish();
+    let sent_dead = sent_dead.load(Ordering::Relaxed);
+    eprintln!(
+        "forged datagrams sent {sent} ({sent_dead} with no daemon), delivered {forged}; \
+         dropped by h1's reverse-path filter {rp_dropped}; legitimate delivered {legit}"
+    );
+    assert!(sent_dead > 100, "the attack ran while no daemon did");
+    assert!(legit > 0, "the listener works");
+    assert_eq!(forged, 0, "forged VXLAN crossed into another Violin");
+    assert!(
+        rp_dropped > 0,
+        "the host end's seal dropped the forged datagrams"
+    );
+}
+
 /// One socket per queue (the fallback where shared UMEM is refused): Violins share the
 /// anchor socket and still stay apart.
 #[test]
@@ -838,6 +1109,16 @@ fn xdp_on_a_multi_queue_nic_serves_every_queue() {
     // over; red's are spread over both queues by flow hash.)
     sixteen_guests_ping_across(&c, "red", 100, 1);
     sixteen_guests_ping_across(&c, "blue", 101, 0);
+    // A frame handed over is switched at once, not when the next one comes along.
+    let out = c.ok(&[
+        "exec", "blue", "g1", "--", "ping", "-q", "-c", "5", "-i", "0.2", "10.0.0.9",
+    ]);
+    let max_ms: f64 = out
+        .rsplit_once('=')
+        .and_then(|(_, v)| v.trim().split('/').nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no rtt in {out}"));
+    assert!(max_ms < 100.0, "round trips through a hand-over: {out}");
     let s = c.stats("blue");
     for h in &s.hosts {
         let v = &h.xdp.as_ref().expect("xdp counters").verdicts;

@@ -380,7 +380,11 @@ pub fn setup_veth_guest(
     let (h, t) = (host_if.to_string(), tmp.clone());
     netlink::with_handle(|hd| async move {
         netlink::del_link(&hd, &h).await?;
-        netlink::add_veth(&hd, &h, &t).await?;
+        netlink::add_veth(&hd, &h, &t).await
+    })?;
+    seal_host_end(host_if)?;
+    let (h, t) = (host_if.to_string(), tmp.clone());
+    netlink::with_handle(|hd| async move {
         netlink::set_mtu(&hd, &h, u32::from(mtu) + 18).await?;
         netlink::set_up(&hd, &h).await?;
         netlink::move_to_netns(&hd, &t, &nsf).await
@@ -404,6 +408,27 @@ pub fn setup_veth_guest(
         // Frames leave eth0 towards AF_XDP: their checksums must be complete.
         netlink::disable_tx_checksum("eth0")
     })
+}
+
+/// Makes the host end of a fast port carry nothing into the host's own stack, before
+/// it comes up: while the daemon's XDP program is attached every frame goes to the
+/// port's AF_XDP socket anyway, but when the daemon is dead (a crash, a restart) the
+/// host end would be an ordinary interface of the host. Then IPv4 from it fails the
+/// strict reverse-path check (nothing routes back through it, so a datagram with any
+/// source address — a forged VXLAN "from another host" included — is dropped before
+/// delivery or forwarding), ARP gets no answer, IPv6 is off. These are the kernel's
+/// settings: they hold with no process running.
+pub fn seal_host_end(host_if: &str) -> Result<()> {
+    for (key, value) in [
+        ("ipv4/conf/{}/rp_filter", "1"),
+        ("ipv4/conf/{}/arp_ignore", "8"),
+        ("ipv4/conf/{}/forwarding", "0"),
+        ("ipv6/conf/{}/disable_ipv6", "1"),
+    ] {
+        netns::sysctl(&format!("net/{}", key.replace("{}", host_if)), value)
+            .with_context(|| format!("sealing fast-port host end {host_if}"))?;
+    }
+    Ok(())
 }
 
 /// The host end's interface name for a fast port: short (IFNAMSIZ) and stable.

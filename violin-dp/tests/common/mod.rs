@@ -3,6 +3,8 @@
 //! outside CI and fail in CI.
 #![allow(dead_code)]
 
+pub mod packets;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, Output};
