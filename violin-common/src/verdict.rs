@@ -52,11 +52,17 @@ pub enum Verdict {
     /// The packet worker that owns the frame's Violin was not keeping up: the queue of
     /// frames handed to it by the worker of another rx queue was full.
     HandoffFull = 19,
+    /// IPv4 from a guest with a source address that is not its own (nor in its
+    /// `allowed_ips`).
+    SpoofedIp = 20,
+    /// ARP from a guest claiming an address that is not its own, or a hardware address
+    /// other than the frame's source.
+    SpoofedArp = 21,
 }
 
 impl Verdict {
     /// Number of verdicts: the length of every counter array.
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 22;
 
     pub const ALL: [Verdict; Verdict::COUNT] = [
         Verdict::Forward,
@@ -79,6 +85,8 @@ impl Verdict {
         Verdict::OtherQueue,
         Verdict::Jumbo,
         Verdict::HandoffFull,
+        Verdict::SpoofedIp,
+        Verdict::SpoofedArp,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -111,6 +119,8 @@ impl Verdict {
             Verdict::OtherQueue => "other_queue",
             Verdict::Jumbo => "jumbo",
             Verdict::HandoffFull => "handoff_full",
+            Verdict::SpoofedIp => "spoofed_ip",
+            Verdict::SpoofedArp => "spoofed_arp",
         }
     }
 

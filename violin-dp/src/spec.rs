@@ -67,6 +67,8 @@ struct RawGuest {
     packages: Option<Vec<String>>,
     #[serde(default)]
     append: Option<String>,
+    #[serde(default)]
+    allowed_ips: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +193,10 @@ pub enum MemberKind {
         limits: Limits,
         #[serde(default)]
         vm: Option<VmSpec>,
+        /// Further source addresses the guest may send IPv4 from and claim in ARP,
+        /// besides `ip` (a router's opt-out of the source guard).
+        #[serde(default)]
+        allowed_ips: Vec<IpNet>,
     },
     External {
         underlay: Ipv4Addr,
@@ -212,6 +218,51 @@ impl Member {
             MemberKind::Guest { host, .. } => Some(host),
             MemberKind::External { .. } => None,
         }
+    }
+}
+
+/// An IPv4 network, `addr/prefix` (`/32`: one address; `0.0.0.0/0`: any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpNet {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// The network's mask, as a host-order u32.
+    pub fn mask(&self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0)
+    }
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        (u32::from(ip) ^ u32::from(self.addr)) & self.mask() == 0
+    }
+    /// `10.1.0.0/16`, or a bare address for `/32`.
+    pub fn parse(s: &str) -> Result<IpNet, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("prefix length {p:?} is not 0 to 32"))?;
+        let net = IpNet { addr, prefix };
+        if u32::from(addr) & !net.mask() != 0 {
+            return Err(format!(
+                "{s:?} has host bits set (the network is {}/{prefix})",
+                Ipv4Addr::from(u32::from(addr) & net.mask())
+            ));
+        }
+        Ok(net)
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
@@ -785,6 +836,13 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
         let rate = rate_of(&mut c, &f, &g.rate, &g.burst, g.pps, max_frame);
         let limits = limits_of(&mut c, &f, g, kind);
         let vm = vm_of(&mut c, &f, g, kind);
+        let mut allowed_ips = Vec::new();
+        for (j, a) in g.allowed_ips.iter().flatten().enumerate() {
+            match IpNet::parse(a) {
+                Ok(n) => allowed_ips.push(n),
+                Err(e) => c.err(format!("{f}.allowed_ips[{j}]"), e),
+            }
+        }
         members.push(Member {
             name: g.name.clone(),
             mac: EthernetAddressSerde(mac),
@@ -797,6 +855,7 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
                 port,
                 limits,
                 vm,
+                allowed_ips,
             },
             rate,
         });
@@ -1157,6 +1216,44 @@ mac = "02:aa:00:00:00:50"
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn allowed_ips_are_networks() {
+        let v = parse(
+            &ISSUE_SPEC.replace(
+                "ip = \"10.0.0.1/24\"",
+                "ip = \"10.0.0.1/24\"\nallowed_ips = [\"0.0.0.0/0\", \"192.168.7.0/24\", \"10.9.9.9\"]",
+            ),
+            &hosts(),
+        )
+        .unwrap();
+        let MemberKind::Guest { allowed_ips, .. } = &v.members[0].kind else {
+            panic!()
+        };
+        let shown: Vec<String> = allowed_ips.iter().map(|n| n.to_string()).collect();
+        assert_eq!(shown, ["0.0.0.0/0", "192.168.7.0/24", "10.9.9.9/32"]);
+        assert!(allowed_ips[0].contains(Ipv4Addr::new(1, 2, 3, 4)));
+        assert!(allowed_ips[1].contains(Ipv4Addr::new(192, 168, 7, 200)));
+        assert!(!allowed_ips[1].contains(Ipv4Addr::new(192, 168, 8, 1)));
+        assert!(!allowed_ips[2].contains(Ipv4Addr::new(10, 9, 9, 8)));
+        for (bad, why) in [
+            ("[\"10.0.0.1/33\"]", "prefix length"),
+            ("[\"10.0.0.1/24\"]", "host bits"),
+            ("[\"ten\"]", "not an IPv4 address"),
+        ] {
+            let e = errors_of(&ISSUE_SPEC.replace(
+                "ip = \"10.0.0.1/24\"",
+                &format!(
+                    "ip = \"10.0.0.1/24\"\nallowed_ips = [\"10.1.0.0/16\", {}",
+                    &bad[1..]
+                ),
+            ));
+            assert!(
+                e.mentions("guest[0].allowed_ips[1]") && e.to_string().contains(why),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -1,14 +1,17 @@
 //! The per-packet path allocates nothing in steady state: a million frames through the
 //! switch (local, remote, flooded, from the tunnel, learned behind an external member)
 //! and the VXLAN encapsulation and decapsulation, under a global allocator that counts
-//! the allocations of this thread while counting is on.
+//! the allocations of this thread while counting is on. The frames are IPv4 from the
+//! sender's own address, so a local guest's go through its source guard too.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use violin_common::wire::{EtherType, EthernetAddress, EthernetFrame, EthernetRepr};
+use violin_common::wire::{
+    EtherType, EthernetAddress, EthernetFrame, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr,
+};
 use violin_common::VXLAN_OVERHEAD;
 use violin_dp::datapath::fastpath::encap::{self, Outer};
 use violin_dp::datapath::fastpath::switch::{Egress, Ingress, Switch};
@@ -88,6 +91,7 @@ underlay = "172.31.0.50"
 mac = "02:aa:00:00:00:50"
 "#;
 
+/// An IPv4 frame from a's address (what a's source guard lets through).
 fn frame(dst: EthernetAddress, src: EthernetAddress, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     EthernetRepr {
@@ -96,6 +100,14 @@ fn frame(dst: EthernetAddress, src: EthernetAddress, len: usize) -> Vec<u8> {
         ethertype: EtherType::IPV4,
     }
     .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+    Ipv4Repr {
+        src_addr: Ipv4Addr::new(10, 0, 0, 1),
+        dst_addr: Ipv4Addr::new(10, 0, 0, 2),
+        protocol: IpProtocol::UDP,
+        payload_len: len - 34,
+        hop_limit: 64,
+    }
+    .emit(&mut Ipv4Packet::new_unchecked(&mut buf[14..]));
     buf
 }
 

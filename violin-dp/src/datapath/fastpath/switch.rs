@@ -18,12 +18,12 @@
 //! No allocation, locking or logging per frame: tables are built when a Violin is added.
 
 use super::police::Policer;
-use crate::spec::{Member, MemberKind, Rate, Violin};
+use crate::spec::{IpNet, Member, MemberKind, Rate, Violin};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use violin_common::wire::gso::Gso;
-use violin_common::wire::{EthernetAddress, EthernetFrame};
+use violin_common::wire::{ArpPacket, EtherType, EthernetAddress, EthernetFrame, Ipv4Packet};
 use violin_common::Verdict;
 
 /// A guest port's index, unique on this host.
@@ -132,6 +132,50 @@ pub struct ViolinTable {
     hosts: Vec<Ipv4Addr>,
     /// Flood scratch: which remote hosts already got a copy.
     host_sent: Vec<bool>,
+    /// Per member: the IPv4 sources a guest may use (externals are not guarded).
+    guards: Vec<Option<SourceGuard>>,
+}
+
+/// The source guard of one guest: IPv4 only from its own address or its
+/// `allowed_ips`, ARP only claiming those (or nothing: a probe), with its own MAC.
+#[derive(Debug, Clone)]
+struct SourceGuard {
+    ip: Ipv4Addr,
+    allowed: Vec<IpNet>,
+}
+
+impl SourceGuard {
+    fn permits(&self, ip: Ipv4Addr) -> bool {
+        ip == self.ip || self.allowed.iter().any(|n| n.contains(ip))
+    }
+
+    /// Checks the IPv4 or ARP packet of a frame from the guest (untagged, or under
+    /// one 802.1Q tag); other EtherTypes pass.
+    fn check(&self, eth: &EthernetFrame<&[u8]>) -> Result<(), Verdict> {
+        let (mut ethertype, mut payload) = (eth.ethertype(), eth.payload());
+        if ethertype == EtherType::VLAN {
+            let Some(inner) = payload.get(4..) else {
+                return Err(Verdict::Truncated);
+            };
+            ethertype = EtherType(u16::from_be_bytes([payload[2], payload[3]]));
+            payload = inner;
+        }
+        if ethertype == EtherType::IPV4 {
+            let ip = Ipv4Packet::new_checked(payload)?;
+            if !self.permits(ip.src_addr()) {
+                return Err(Verdict::SpoofedIp);
+            }
+        } else if ethertype == EtherType::ARP {
+            let arp = ArpPacket::new_checked(payload)?;
+            let claim = arp.source_protocol_addr();
+            if arp.source_hardware_addr() != eth.src_addr()
+                || !(claim.is_unspecified() || self.permits(claim))
+            {
+                return Err(Verdict::SpoofedArp);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ViolinTable {
@@ -214,6 +258,11 @@ impl ViolinTable {
         };
         if eth.src_addr() != self.spec.members[s].mac.0 {
             return self.drop(Verdict::Spoofed);
+        }
+        if let Some(g) = &self.guards[s] {
+            if let Err(v) = g.check(&eth) {
+                return self.drop(v);
+            }
         }
         let dst = eth.dst_addr();
         if dst.is_unicast() {
@@ -681,7 +730,21 @@ impl Switch {
                 }
             }
         }
+        let guards = spec
+            .members
+            .iter()
+            .map(|m| match &m.kind {
+                MemberKind::Guest {
+                    ip, allowed_ips, ..
+                } => Some(SourceGuard {
+                    ip: *ip,
+                    allowed: allowed_ips.clone(),
+                }),
+                MemberKind::External { .. } => None,
+            })
+            .collect();
         Ok(ViolinTable {
+            guards,
             max_frame: spec.max_frame(),
             spec: spec.clone(),
             host_sent: vec![false; hosts.len()],

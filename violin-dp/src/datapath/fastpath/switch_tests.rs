@@ -72,15 +72,21 @@ fn mac(f: &Fixture, name: &str) -> EthernetAddress {
     f.spec.members[f.spec.member(name).unwrap()].mac.0
 }
 
+/// A frame of a local experimental EtherType (the source guard, which reads IPv4 and
+/// ARP, has its own table below).
 fn frame(dst: EthernetAddress, src: EthernetAddress, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len.max(14)];
+    typed(dst, src, EtherType(0x88b5), &vec![0u8; len.max(14) - 14])[..len].to_vec()
+}
+
+fn typed(dst: EthernetAddress, src: EthernetAddress, t: EtherType, payload: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 14 + payload.len()];
+    buf[14..].copy_from_slice(payload);
     EthernetRepr {
         src_addr: src,
         dst_addr: dst,
-        ethertype: EtherType::IPV4,
+        ethertype: t,
     }
     .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
-    buf.truncate(len);
     buf
 }
 
@@ -753,4 +759,151 @@ fn update_rejects_a_vni_change_and_changes_nothing() {
     let (a, d) = (mac(&f, "a"), mac(&f, "d"));
     f.sw.process(Ingress::Port(f.pa), &frame(d, a, 100), 0, &mut out);
     assert_eq!(out, vec![Egress::Port(f.pd)]);
+}
+
+/// An IPv4 packet (20-byte header, valid checksum) from `src` with 8 bytes of payload.
+fn ipv4_from(src: Ipv4Addr) -> Vec<u8> {
+    use violin_common::wire::{IpProtocol, Ipv4Packet, Ipv4Repr};
+    let mut b = vec![0u8; 28];
+    Ipv4Repr {
+        src_addr: src,
+        dst_addr: Ipv4Addr::new(10, 0, 0, 4),
+        protocol: IpProtocol::UDP,
+        payload_len: 8,
+        hop_limit: 64,
+    }
+    .emit(&mut Ipv4Packet::new_unchecked(&mut b[..]));
+    b
+}
+
+/// An ARP request from hardware address `sha` claiming `spa`.
+fn arp_from(sha: EthernetAddress, spa: Ipv4Addr) -> Vec<u8> {
+    use violin_common::wire::{ArpOperation, ArpPacket, ArpRepr};
+    let mut b = vec![0u8; 28];
+    ArpRepr {
+        operation: ArpOperation::Request,
+        source_hardware_addr: sha,
+        source_protocol_addr: spa,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: Ipv4Addr::new(10, 0, 0, 4),
+    }
+    .emit(&mut ArpPacket::new_unchecked(&mut b[..]));
+    b
+}
+
+#[test]
+fn the_source_guard_holds_a_guest_to_its_own_addresses() {
+    let text = SPEC.replacen(
+        "ip = \"10.0.0.4/24\"",
+        "ip = \"10.0.0.4/24\"\nallowed_ips = [\"192.168.0.0/16\"]",
+        1,
+    );
+    let mut f = fixture(&text);
+    let (pa, pd) = (f.pa, f.pd);
+    let [a, b, d] = ["a", "b", "d"].map(|n| mac(&f, n));
+    let from_h2 = Ingress::Tunnel { src: H2, vni: VNI };
+    let ip = |x: u8| Ipv4Addr::new(10, 0, 0, x);
+    let mut tagged = vec![0x00, 0x05, 0x08, 0x00]; // VLAN 5, then IPv4
+    tagged.extend(ipv4_from(ip(4)));
+    let v4 = EtherType::IPV4;
+    use Verdict::*;
+    type Row = (&'static str, Ingress, Vec<u8>, Verdict);
+    let table: Vec<Row> = vec![
+        (
+            "a: IPv4 from its own address",
+            Ingress::Port(pa),
+            typed(d, a, v4, &ipv4_from(ip(1))),
+            Forward,
+        ),
+        (
+            "a: IPv4 from d's address",
+            Ingress::Port(pa),
+            typed(d, a, v4, &ipv4_from(ip(4))),
+            SpoofedIp,
+        ),
+        (
+            "a: IPv4 from an outside address",
+            Ingress::Port(pa),
+            typed(d, a, v4, &ipv4_from(Ipv4Addr::new(8, 8, 8, 8))),
+            SpoofedIp,
+        ),
+        (
+            "a: IPv4 from d's address under a VLAN tag",
+            Ingress::Port(pa),
+            typed(d, a, EtherType::VLAN, &tagged),
+            SpoofedIp,
+        ),
+        (
+            "a: a truncated IPv4 header",
+            Ingress::Port(pa),
+            typed(d, a, v4, &[0x45, 0, 0, 20]),
+            Truncated,
+        ),
+        (
+            "a: ARP claiming its own address",
+            Ingress::Port(pa),
+            typed(BCAST, a, EtherType::ARP, &arp_from(a, ip(1))),
+            Forward,
+        ),
+        (
+            "a: an ARP probe (claims nothing)",
+            Ingress::Port(pa),
+            typed(
+                BCAST,
+                a,
+                EtherType::ARP,
+                &arp_from(a, Ipv4Addr::UNSPECIFIED),
+            ),
+            Forward,
+        ),
+        (
+            "a: ARP claiming d's address",
+            Ingress::Port(pa),
+            typed(BCAST, a, EtherType::ARP, &arp_from(a, ip(4))),
+            SpoofedArp,
+        ),
+        (
+            "a: ARP with another hardware address",
+            Ingress::Port(pa),
+            typed(BCAST, a, EtherType::ARP, &arp_from(b, ip(1))),
+            SpoofedArp,
+        ),
+        (
+            "d: IPv4 from its allowed_ips",
+            Ingress::Port(pd),
+            typed(a, d, v4, &ipv4_from(Ipv4Addr::new(192, 168, 3, 3))),
+            Forward,
+        ),
+        (
+            "d: IPv4 from outside its allowed_ips",
+            Ingress::Port(pd),
+            typed(a, d, v4, &ipv4_from(Ipv4Addr::new(172, 16, 0, 1))),
+            SpoofedIp,
+        ),
+        (
+            "d: ARP claiming an allowed address",
+            Ingress::Port(pd),
+            typed(
+                BCAST,
+                d,
+                EtherType::ARP,
+                &arp_from(d, Ipv4Addr::new(192, 168, 0, 1)),
+            ),
+            Forward,
+        ),
+        // Guests on other hosts are guarded where they live.
+        (
+            "b via h2: IPv4 from any address",
+            from_h2,
+            typed(a, b, v4, &ipv4_from(ip(9))),
+            Forward,
+        ),
+    ];
+    let mut out = Vec::with_capacity(8);
+    for (what, ingress, bytes, verdict) in table {
+        let v = f.sw.process(ingress, &bytes, 1_000, &mut out);
+        assert_eq!(v, verdict, "{what}");
+    }
+    let s = f.sw.stats("blue").unwrap();
+    assert_eq!((s.drops["spoofed_ip"], s.drops["spoofed_arp"]), (4, 2));
 }
