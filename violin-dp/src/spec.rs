@@ -969,14 +969,151 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
     if !c.0.is_empty() {
         return Err(SpecError { errors: c.0 });
     }
-    Ok(Violin {
+    let v = Violin {
         name: raw.name,
         vni,
         mtu,
         members,
         links,
         hosts: used_hosts,
-    })
+    };
+    check(&v)?;
+    Ok(v)
+}
+
+/// Most members one Violin may have.
+pub const MAX_MEMBERS: usize = 4096;
+
+/// Checks a resolved spec, as a daemon receives it over the control socket (or, later,
+/// from the cluster's store): every rule of [`parse`] that the resolved form can still
+/// break — names (they become paths), VNI, MTU, unique unicast MACs and addresses,
+/// guests on hosts the spec resolves, port kinds their guests allow, links between
+/// existing members, rates and limits in range. [`parse`] ends with it too, so the CLI
+/// and the daemon apply the same rules. Fields are named `member[i]` / `link[i]`.
+pub fn check(v: &Violin) -> Result<(), SpecError> {
+    let mut c = Collector(Vec::new());
+    if !valid_name(&v.name) {
+        c.err("name", format!("{:?} {NAME_RULE}", v.name));
+    }
+    if !(1..=VNI_MAX).contains(&v.vni) {
+        c.err("vni", format!("{} is out of range (1 to {VNI_MAX})", v.vni));
+    }
+    if !(68..=9000).contains(&v.mtu) {
+        c.err("mtu", format!("{} is out of range (68 to 9000)", v.mtu));
+    }
+    if v.members.is_empty() || v.members.len() > MAX_MEMBERS {
+        c.err(
+            "members",
+            format!("{} members (1 to {MAX_MEMBERS})", v.members.len()),
+        );
+    }
+    let bad_unicast = |a: Ipv4Addr| a.is_unspecified() || a.is_multicast() || a.is_broadcast();
+    for (h, a) in &v.hosts {
+        if !valid_name(h) || bad_unicast(*a) {
+            c.err(format!("hosts.{h}"), format!("{h:?} = {a} is not a host"));
+        }
+    }
+    let check_rate = |c: &mut Collector, f: &str, r: &Option<Rate>| {
+        if let Some(r) = r {
+            if r.bytes_per_sec == 0 || r.burst_bytes == 0 || r.pps == Some(0) {
+                c.err(
+                    format!("{f}.rate"),
+                    "a rate, its burst and pps must be above 0",
+                );
+            }
+        }
+    };
+    let (mut names, mut macs, mut ips) = (HashSet::new(), HashSet::new(), HashSet::new());
+    for (i, m) in v.members.iter().enumerate() {
+        let f = format!("member[{i}]");
+        if !valid_name(&m.name) {
+            c.err(format!("{f}.name"), format!("{:?} {NAME_RULE}", m.name));
+        } else if !names.insert(m.name.as_str()) {
+            c.err(format!("{f}.name"), format!("duplicate name {:?}", m.name));
+        }
+        let mac = m.mac.0;
+        if mac.is_multicast() || mac.is_zero() || !macs.insert(mac) {
+            c.err(
+                format!("{f}.mac"),
+                format!("{mac} is not a unique unicast MAC"),
+            );
+        }
+        check_rate(&mut c, &f, &m.rate);
+        match &m.kind {
+            MemberKind::Guest {
+                host,
+                ip,
+                prefix_len,
+                kind,
+                port,
+                limits,
+                vm,
+                allowed_ips,
+                ..
+            } => {
+                if !v.hosts.contains_key(host) {
+                    c.err(
+                        format!("{f}.host"),
+                        format!("host {host:?} is not in the spec's hosts"),
+                    );
+                }
+                if bad_unicast(*ip) || ip.is_loopback() || !(1..=32).contains(prefix_len) {
+                    c.err(
+                        format!("{f}.ip"),
+                        format!("{ip}/{prefix_len} cannot be a guest address"),
+                    );
+                } else if !ips.insert(*ip) {
+                    c.err(format!("{f}.ip"), format!("duplicate IP {ip}"));
+                }
+                if *port != PortKind::Socket && *kind != GuestKind::Netns {
+                    c.err(
+                        format!("{f}.port"),
+                        format!("{port:?} ports are for netns guests"),
+                    );
+                }
+                if vm.is_some() != (*kind == GuestKind::Qemu) {
+                    c.err(
+                        format!("{f}.vm"),
+                        "a VM spec goes with kind = \"qemu\" only",
+                    );
+                }
+                if limits.millicpus == Some(0) || limits.memory == Some(0) {
+                    c.err(format!("{f}.limits"), "limits must be above 0");
+                }
+                for (j, n) in allowed_ips.iter().enumerate() {
+                    if n.prefix > 32 || u32::from(n.addr) & !n.mask() != 0 {
+                        c.err(
+                            format!("{f}.allowed_ips[{j}]"),
+                            format!("{n} is not a network"),
+                        );
+                    }
+                }
+            }
+            MemberKind::External { underlay } => {
+                if bad_unicast(*underlay) {
+                    c.err(
+                        format!("{f}.underlay"),
+                        format!("{underlay} cannot be a VTEP"),
+                    );
+                }
+            }
+        }
+    }
+    for (i, l) in v.links.iter().flatten().enumerate() {
+        let n = v.members.len();
+        if l.a >= n || l.b >= n || l.a == l.b {
+            c.err(
+                format!("link[{i}]"),
+                format!("between members {} and {} of {n}", l.a, l.b),
+            );
+        }
+        check_rate(&mut c, &format!("link[{i}]"), &l.rate);
+    }
+    if c.0.is_empty() {
+        Ok(())
+    } else {
+        Err(SpecError { errors: c.0 })
+    }
 }
 
 /// Parses `10.0.0.1/24` (a bare address means /24... no: a prefix is required).

@@ -667,7 +667,104 @@ fn a_crashed_daemon_restarts_and_traffic_resumes(dp: &str) {
     );
 }
 
+const GUARD_SPEC: &str = r#"
+name = "guard"
+vni = 400
+[[guest]]
+name = "a"
+host = "h1"
+ip = "10.4.0.1/24"
+[[guest]]
+name = "b"
+host = "h2"
+ip = "10.4.0.2/24"
+[[guest]]
+name = "c"
+host = "h1"
+ip = "10.4.0.3/24"
+"#;
+
+/// Inside one Violin, guest a tries to take over b's address: gratuitous ARP claiming
+/// b's address (c must keep sending b's traffic to b), and UDP to c with b's address as
+/// its source (c must not get it). Both are dropped and counted; a's own traffic flows.
+fn a_guest_cannot_claim_or_send_from_another_guests_address(dp: &str) {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, dp, &[]);
+    c.up_spec("guard.toml", GUARD_SPEC);
+    assert!(c.ping("guard", "c", "10.4.0.2", 1), "c → b");
+    // Past the neighbour entry's locktime (1 s), when a reply may override it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let [a_mac, b_mac, c_mac] = ["a", "b", "c"].map(|n| derive_mac(400, n).0);
+    let b_ip = Ipv4Addr::new(10, 4, 0, 2);
+    let c_ip = Ipv4Addr::new(10, 4, 0, 3);
+    let listener = Listener::start(&c.guest_ns("guard", "c"));
+    let a_ns = c.guest_ns("guard", "a");
+    violin_dp::host::netns::run_in(&a_ns, || {
+        // A gratuitous ARP reply: "b's address is at a's MAC".
+        let mut garp = vec![0u8; 28];
+        ArpRepr {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: EthernetAddress(a_mac),
+            source_protocol_addr: b_ip,
+            target_hardware_addr: EthernetAddress::BROADCAST,
+            target_protocol_addr: b_ip,
+        }
+        .emit(&mut ArpPacket::new_unchecked(&mut garp[..]));
+        let bcast = EthernetAddress::BROADCAST.0;
+        let arp = common::packets::eth(a_mac, bcast, EtherType::ARP, &garp);
+        let spoofed = common::packets::eth(
+            a_mac,
+            c_mac,
+            EtherType::IPV4,
+            &common::packets::ipv4(
+                b_ip,
+                c_ip,
+                IpProtocol::UDP,
+                &common::packets::udp(5555, 7777, b"forged"),
+            ),
+        );
+        let raw = RawSender::open(bcast)?;
+        for _ in 0..3 {
+            raw.send(&arp)?;
+            raw.send(&spoofed)?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let own = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        for _ in 0..10 {
+            own.send_to(b"legit", (c_ip, 7777))?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    })
+    .unwrap();
+    let neigh = c.ok(&[
+        "exec", "guard", "c", "--", "ip", "neigh", "show", "10.4.0.2",
+    ]);
+    assert!(
+        neigh.contains(&EthernetAddress(b_mac).to_string()),
+        "c still has b's MAC for b's address: {neigh}"
+    );
+    assert!(c.ping("guard", "c", "10.4.0.2", 3), "c → b, 3 of 3");
+    let (forged, legit) = listener.finish();
+    assert_eq!(forged, 0, "UDP from b's address, sent by a, reached c");
+    assert!(legit > 0, "a's own UDP reaches c");
+    let s = c.stats("guard");
+    assert!(
+        s.drops.get("spoofed_arp").copied().unwrap_or(0) >= 3,
+        "{:?}",
+        s.drops
+    );
+    assert!(
+        s.drops.get("spoofed_ip").copied().unwrap_or(0) >= 3,
+        "{:?}",
+        s.drops
+    );
+}
+
 on_both_dataplanes!(
+    a_guest_cannot_claim_or_send_from_another_guests_address,
     two_overlapping_violins_talk_only_within_their_topology,
     a_link_capped_at_50mbit_carries_45_to_55_under_a_flood,
     socket_guests_framing_spoofing_malformed_frames_and_reconnect,

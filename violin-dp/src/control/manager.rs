@@ -161,6 +161,14 @@ impl Manager {
 
     /// Carries out one request that changes this host.
     pub fn handle(&mut self, req: Request) -> Result<serde_json::Value> {
+        // A spec is checked here as the CLI checked it: names become paths and
+        // indices index tables, and the request may not come from our CLI.
+        if let Request::AddViolin { violin }
+        | Request::ApplyViolin { violin }
+        | Request::PrepareIncoming { violin, .. } = &req
+        {
+            crate::spec::check(violin).map_err(|e| anyhow!("refused: {e}"))?;
+        }
         let r = match req {
             Request::AddViolin { violin } => {
                 if self.records.contains_key(&violin.name) {

@@ -242,6 +242,54 @@ mod tests {
         .unwrap()
     }
 
+    /// Specs that did not come from our CLI: each is refused with the field named, the
+    /// daemon makes nothing of it (no path from a bad name), and goes on serving.
+    #[test]
+    fn crafted_specs_are_refused_and_the_daemon_goes_on() {
+        let h = host("crafted");
+        let good = socket_violin("ok", 100);
+        let mut cases: Vec<(&str, crate::spec::Violin)> = Vec::new();
+        let mut v = good.clone();
+        v.members[0].name = "../../../../victim".into();
+        cases.push(("member[0].name", v));
+        let mut v = good.clone();
+        v.links = Some(vec![crate::spec::Link {
+            a: 0,
+            b: 7,
+            rate: None,
+        }]);
+        cases.push(("link[0]", v));
+        let mut v = good.clone();
+        v.vni = 0;
+        cases.push(("vni", v));
+        let mut v = good.clone();
+        v.members[1].mac = v.members[0].mac;
+        cases.push(("member[1].mac", v));
+        let mut v = good.clone();
+        v.hosts.clear();
+        cases.push(("member[0].host", v));
+        for (field, v) in cases {
+            for req in [
+                Request::AddViolin { violin: v.clone() },
+                Request::ApplyViolin { violin: v.clone() },
+                Request::PrepareIncoming {
+                    violin: v.clone(),
+                    guests: vec![],
+                },
+            ] {
+                let e = call::<serde_json::Value>(&h.socket, &req).unwrap_err();
+                let e = format!("{e:#}");
+                assert!(e.contains("refused") && e.contains(field), "{field}: {e}");
+            }
+        }
+        assert!(!h.dir.join("victim.sock").exists() && !h.dir.join("guests").exists());
+        let st: HostStatus = call(&h.socket, &Request::Status).unwrap();
+        assert!(st.violins.is_empty());
+        call::<serde_json::Value>(&h.socket, &Request::AddViolin { violin: good }).unwrap();
+        let st: HostStatus = call(&h.socket, &Request::Status).unwrap();
+        assert_eq!(st.violins.len(), 1);
+    }
+
     /// Two workers: each Violin lives on its home worker (VNI modulo 2), ports are
     /// numbered apart, and the host's figures are both workers' together.
     #[test]
