@@ -97,6 +97,15 @@ mod tests {
     }
 
     #[test]
+    fn inputs_past_128_kib_do_not_overflow() {
+        // 0xffff words: the old 32-bit accumulator overflowed at 131 076 bytes.
+        static DATA: [u8; 1 << 18] = [0xff; 1 << 18];
+        for len in [131_076usize, 1 << 18] {
+            assert_eq!(sum(&DATA[..len]), 0xffff, "{len} bytes");
+        }
+    }
+
+    #[test]
     fn odd_length_pads_with_zero() {
         assert_eq!(sum(&[0x12, 0x34, 0x56]), 0x1234 + 0x5600);
     }

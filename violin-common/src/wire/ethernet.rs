@@ -40,7 +40,8 @@ impl EthernetAddress {
         let mut parts = s.split(':');
         for byte in out.iter_mut() {
             let p = parts.next()?;
-            if p.len() != 2 {
+            // Two hex digits exactly (from_str_radix alone would take "+2").
+            if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return None;
             }
             *byte = u8::from_str_radix(p, 16).ok()?;
@@ -235,5 +236,7 @@ mod tests {
         assert!(EthernetAddress::parse("02:aa:00:00:00:50:01").is_none());
         assert!(EthernetAddress::parse("02:aa:00:00:00:5").is_none());
         assert!(EthernetAddress::parse("02:aa:00:00:00:zz").is_none());
+        assert!(EthernetAddress::parse("+2:00:00:00:00:01").is_none());
+        assert!(EthernetAddress::parse("02:-1:00:00:00:01").is_none());
     }
 }
