@@ -240,15 +240,7 @@ impl IpNet {
     }
     /// `10.1.0.0/16`, or a bare address for `/32`.
     pub fn parse(s: &str) -> Result<IpNet, String> {
-        let (a, p) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = a
-            .parse()
-            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
-        let prefix: u8 = p
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("prefix length {p:?} is not 0 to 32"))?;
+        let (addr, prefix) = addr_and_prefix(s.split_once('/').unwrap_or((s, "32")), 0)?;
         let net = IpNet { addr, prefix };
         if u32::from(addr) & !net.mask() != 0 {
             return Err(format!(
@@ -1116,19 +1108,25 @@ pub fn check(v: &Violin) -> Result<(), SpecError> {
     }
 }
 
-/// Parses `10.0.0.1/24` (a bare address means /24... no: a prefix is required).
-fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
-    let (a, p) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?} needs a prefix length, e.g. \"10.0.0.1/24\""))?;
+/// An address and a prefix length of `least` to 32, from the two sides of a `/`.
+fn addr_and_prefix((a, p): (&str, &str), least: u8) -> Result<(Ipv4Addr, u8), String> {
     let ip: Ipv4Addr = a
         .parse()
         .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
     let prefix: u8 = p
         .parse()
         .ok()
-        .filter(|p| (1..=32).contains(p))
-        .ok_or_else(|| format!("prefix length {p:?} is not 1 to 32"))?;
+        .filter(|p| (least..=32).contains(p))
+        .ok_or_else(|| format!("prefix length {p:?} is not {least} to 32"))?;
+    Ok((ip, prefix))
+}
+
+/// Parses `10.0.0.1/24` (a bare address means /24... no: a prefix is required).
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let parts = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} needs a prefix length, e.g. \"10.0.0.1/24\""))?;
+    let (ip, prefix) = addr_and_prefix(parts, 1)?;
     if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() || ip.is_loopback() {
         return Err(format!("{ip} cannot be a guest address"));
     }

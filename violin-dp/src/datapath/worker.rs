@@ -397,6 +397,28 @@ tunnel_tx!(&UdpUnderlay);
 tunnel_tx!(&mut Underlay);
 
 impl Fabric {
+    /// A tunnelled frame this worker received: switched here if its Violin lives here,
+    /// else copied to the worker that owns it.
+    #[inline]
+    fn tunnel_in(
+        &mut self,
+        team: &mut Team,
+        src: Ipv4Addr,
+        vni: u32,
+        inner: &[u8],
+        now: u64,
+        tx: impl TunnelTx,
+    ) {
+        match team.elsewhere(vni) {
+            Some(home) => {
+                if let Err(v) = team.hand_off(home, src, vni, inner) {
+                    self.switch.count_host_drop(v);
+                }
+            }
+            None => self.switch_and_deliver(Ingress::Tunnel { src, vni }, inner, None, now, tx),
+        }
+    }
+
     /// Switches one frame (a super-frame when `gso` says so) and hands it to each
     /// output's transport; failures are counted as drops.
     #[inline]
@@ -834,15 +856,8 @@ impl Worker {
             let r = udp.recv(scratch, |r| match r {
                 Received::Frame(src, vni, inner) => {
                     *udp_rx_frames += 1;
-                    // Only when the kernel did not steer by VNI (it does: bind_group).
-                    if let Some(home) = team.elsewhere(vni) {
-                        if let Err(v) = team.hand_off(home, src, vni, inner) {
-                            fabric.switch.count_host_drop(v);
-                        }
-                        return;
-                    }
-                    let ingress = Ingress::Tunnel { src, vni };
-                    fabric.switch_and_deliver(ingress, inner, None, now, udp);
+                    // Handed over only if the kernel did not steer by VNI (bind_group).
+                    fabric.tunnel_in(team, src, vni, inner, now, udp);
                 }
                 Received::Bad(v) => fabric.switch.count_host_drop(v),
             });
@@ -873,15 +888,9 @@ impl Worker {
         let udp: &UdpUnderlay = udp;
         // Tunnel → guest only (split horizon): outputs are local ports, or an
         // external member reached through the kernel's socket.
+        // The NIC put it on our queue; its Violin may live on another worker.
         let more = xsk.rx(slot, BUDGET, |src, vni, inner| {
-            // The NIC put it on our queue; its Violin may live on another worker.
-            if let Some(home) = team.elsewhere(vni) {
-                if let Err(v) = team.hand_off(home, src, vni, inner) {
-                    fabric.switch.count_host_drop(v);
-                }
-                return;
-            }
-            fabric.switch_and_deliver(Ingress::Tunnel { src, vni }, inner, None, now, udp);
+            fabric.tunnel_in(team, src, vni, inner, now, udp)
         });
         if more {
             again.push_back(Token(XSK_BASE + slot));
