@@ -732,3 +732,56 @@ fn a_guest_is_root_inside_and_nobody_outside() {
         );
     }
 }
+
+/// A guest's processes end with it: one started with `violin exec` (in the guest's
+/// cgroup, which every netns guest has, limited or not) and one running as one of the
+/// guest's uids outside the cgroup; after `violin down` neither runs, so a guest made
+/// later with the same uid range cannot signal a leftover.
+#[test]
+fn a_guests_processes_end_with_it() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(1, "udp", &[]);
+    let spec =
+        "name = \"ends\"\nvni = 77\n[[guest]]\nname = \"a\"\nhost = \"h1\"\nip = \"10.7.0.1/24\"\n";
+    c.up_spec("ends.toml", spec);
+    let ns = c.guest_ns("ends", "a");
+    let first = violin_dp::host::netns::guest_uid(&ns).expect("a has a uid range");
+    let mut inside = c
+        .command(&["exec", "ends", "a", "--", "sleep", "300"])
+        .spawn()
+        .unwrap();
+    use std::os::unix::process::CommandExt;
+    let mut outside = std::process::Command::new("sleep")
+        .arg("300")
+        .uid(first + 1000)
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while outer_uids(inside.id()) != Some(vec![first; 4]) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(outer_uids(inside.id()), Some(vec![first; 4]), "exec'd in a");
+    c.ok(&["down", "ends"]);
+    let ended = |child: &mut std::process::Child| {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    };
+    assert!(
+        ended(&mut inside),
+        "a process exec'd in the guest outlived it"
+    );
+    assert!(
+        ended(&mut outside),
+        "a process running as the guest's uid outlived it"
+    );
+}

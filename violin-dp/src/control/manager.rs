@@ -384,12 +384,21 @@ impl Manager {
             };
             let netns =
                 (*kind == GuestKind::Netns).then(|| self.cfg.guest_netns(&v.name, &member.name));
+            // Every netns guest gets a cgroup, limited or not: `violin exec` runs its
+            // commands there, and removing the guest empties it.
+            let limited = limits.millicpus.is_some() || limits.memory.is_some();
             let cgroup = match &netns {
-                Some(ns) if limits.millicpus.is_some() || limits.memory.is_some() => Some(
-                    GuestCgroup::create(ns, limits)
-                        .with_context(|| format!("limiting guest {}", member.name))?,
-                ),
-                _ => None,
+                Some(ns) => match GuestCgroup::create(ns, limits) {
+                    Ok(cg) => Some(cg),
+                    Err(e) if limited => {
+                        return Err(e.context(format!("limiting guest {}", member.name)))
+                    }
+                    Err(e) => {
+                        warn!(guest = %member.name, "no cgroup for the guest ({e:#}); its uid range still ends its processes");
+                        None
+                    }
+                },
+                None => None,
             };
             let mut rec = GuestRecord {
                 name: member.name.clone(),

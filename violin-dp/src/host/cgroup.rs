@@ -105,7 +105,9 @@ impl GuestCgroup {
                 let d = &cg.dirs[0];
                 let mem = limits.memory.map_or("max".into(), |m| m.to_string());
                 write(d, "memory.max", &mem)?;
-                let _ = write(d, "memory.swap.max", "0");
+                if limits.memory.is_some() {
+                    let _ = write(d, "memory.swap.max", "0");
+                }
                 let cpu = quota.map_or(format!("max {PERIOD_US}"), |q| format!("{q} {PERIOD_US}"));
                 write(d, "cpu.max", &cpu)?;
             }

@@ -225,8 +225,10 @@ pub fn enter_guest(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Deletes the named namespace; a missing one is not an error. Processes still inside
-/// keep it alive until they exit.
+/// Deletes the named namespace; a missing one is not an error. A guest namespace's
+/// uid range is freed only once no process runs as one of its uids: whatever still
+/// does (a process started in the guest and left behind) is killed first, so a guest
+/// created later with the same range cannot signal it.
 pub fn delete(name: &str) -> Result<()> {
     let p = path(name);
     if !p.exists() {
@@ -234,6 +236,16 @@ pub fn delete(name: &str) -> Result<()> {
     }
     let _ = umount2(&p, MntFlags::MNT_DETACH);
     fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    if let Some(first) = guest_uid(name) {
+        let left = crate::host::procs::kill_uids(first..first + crate::host::uids::RANGE);
+        if left > 0 {
+            tracing::info!(
+                guest = name,
+                processes = left,
+                "ended what the guest left running"
+            );
+        }
+    }
     crate::host::uids::release(name);
     Ok(())
 }

@@ -90,6 +90,36 @@ pub fn kill_recorded(path: &Path) {
     let _ = std::fs::remove_file(path);
 }
 
+/// Kills (SIGKILL) every process whose effective uid is in `uids` — a guest's range,
+/// which nothing but that guest's processes uses — and waits up to 1 s until they are
+/// gone. Returns how many there were. One pass over `/proc` (a `stat` per process).
+pub fn kill_uids(uids: std::ops::Range<u32>) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let pids: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let uid = e.metadata().ok()?.uid();
+            uids.contains(&uid).then_some(pid)
+        })
+        .collect();
+    for &pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for _ in 0..100 {
+        if !pids.iter().any(|&p| alive(p)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    pids.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

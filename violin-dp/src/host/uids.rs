@@ -94,10 +94,15 @@ pub fn release(key: &str) {
     let _ = fs::remove_file(Path::new(DIR).join(key));
 }
 
-/// Forgets every range whose key starts with `prefix` (a cluster's, when it goes down).
+/// Forgets every range whose key starts with `prefix` (a cluster's, when it goes down),
+/// after ending any process still running as one of its uids.
 pub fn release_prefix(prefix: &str) {
     for e in fs::read_dir(DIR).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with(prefix) {
+        let key = e.file_name().to_string_lossy().into_owned();
+        if key.starts_with(prefix) {
+            if let Some((first, _)) = read(Path::new(DIR), &key) {
+                crate::host::procs::kill_uids(first..first + RANGE);
+            }
             let _ = fs::remove_file(e.path());
         }
     }
