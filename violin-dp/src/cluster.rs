@@ -237,6 +237,7 @@ pub fn up(
                 workers: opts
                     .workers
                     .or((opts.queues > 1).then_some(opts.queues as usize)),
+                max_guests: None,
             };
             let cfg_path = dir.join(format!("{host}.toml"));
             std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;

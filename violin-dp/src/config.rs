@@ -80,7 +80,14 @@ pub struct HostConfig {
     /// serves at most as many queues as the interface has.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Most guests this host takes, over all its Violins; an `up`/`apply` that would
+    /// pass it is refused whole. Default [`DEFAULT_MAX_GUESTS`].
+    #[serde(default)]
+    pub max_guests: Option<usize>,
 }
+
+/// Guests per host unless `max_guests` says otherwise.
+pub const DEFAULT_MAX_GUESTS: usize = 2048;
 
 /// Most packet workers a host runs.
 pub const MAX_WORKERS: usize = 32;
@@ -128,6 +135,10 @@ impl HostConfig {
             ),
             Some(n) => Ok(n),
         }
+    }
+
+    pub fn max_guests(&self) -> usize {
+        self.max_guests.unwrap_or(DEFAULT_MAX_GUESTS)
     }
 
     pub fn load(path: &Path) -> Result<HostConfig> {

@@ -292,6 +292,28 @@ impl Manager {
     /// `migrate`): guests whose attachment is unchanged keep running untouched. VMs
     /// named in `incoming` start waiting for a live migration.
     fn apply_violin(&mut self, v: &Violin, incoming: &[String]) -> Result<Applied> {
+        let here = |spec: &Violin| {
+            spec.members
+                .iter()
+                .filter(|m| m.host() == Some(self.cfg.name.as_str()))
+                .count()
+        };
+        let others: usize = self
+            .records
+            .iter()
+            .filter(|(name, _)| **name != v.name)
+            .map(|(_, r)| here(&r.spec))
+            .sum();
+        let max = self.cfg.max_guests();
+        if others + here(v) > max {
+            bail!(
+                "host {} would have {} guests with Violin {:?} ({} of its own), more than max_guests = {max} (host config)",
+                self.cfg.name,
+                others + here(v),
+                v.name,
+                here(v)
+            );
+        }
         let old = self.records.get(&v.name).map(|r| r.spec.clone());
         let (up, released) = self
             .workers

@@ -184,11 +184,16 @@ mod tests {
 
     /// A host with `n` packet workers, each over a socket of one UDP group.
     fn host_with(name: &str, n: usize) -> Host {
+        host_config(name, n, "")
+    }
+
+    /// `extra`: more lines of host config.
+    fn host_config(name: &str, n: usize, extra: &str) -> Host {
         let dir = std::env::temp_dir().join(format!("violin-srv-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let cfg: HostConfig = toml::from_str(&format!(
-            "name = \"h1\"\nunderlay = \"127.0.0.1\"\nvxlan_port = 0\nrun_dir = \"{}\"\ncontrol_cpus = []\n",
+            "name = \"h1\"\nunderlay = \"127.0.0.1\"\nvxlan_port = 0\nrun_dir = \"{}\"\ncontrol_cpus = []\n{extra}",
             dir.display()
         ))
         .unwrap();
@@ -288,6 +293,38 @@ mod tests {
         call::<serde_json::Value>(&h.socket, &Request::AddViolin { violin: good }).unwrap();
         let st: HostStatus = call(&h.socket, &Request::Status).unwrap();
         assert_eq!(st.violins.len(), 1);
+    }
+
+    /// A host takes at most `max_guests`: a Violin that would pass it is refused whole
+    /// with the numbers, and what the host has stays.
+    #[test]
+    fn a_host_refuses_guests_past_max_guests() {
+        let h = host_config("max", 1, "max_guests = 3\n");
+        let add = |name: &str, vni: u32| {
+            call::<serde_json::Value>(
+                &h.socket,
+                &Request::AddViolin {
+                    violin: socket_violin(name, vni),
+                },
+            )
+        };
+        add("first", 100).unwrap();
+        let e = format!("{:#}", add("second", 101).unwrap_err());
+        assert!(
+            e.contains("would have 4 guests") && e.contains("max_guests = 3"),
+            "{e}"
+        );
+        let st: HostStatus = call(&h.socket, &Request::Status).unwrap();
+        assert_eq!(st.violins.len(), 1);
+        assert_eq!(h.workers.snapshot().unwrap().ports.len(), 2);
+        // Applying the same Violin again does not count its guests twice.
+        call::<serde_json::Value>(
+            &h.socket,
+            &Request::ApplyViolin {
+                violin: socket_violin("first", 100),
+            },
+        )
+        .unwrap();
     }
 
     /// Two workers: each Violin lives on its home worker (VNI modulo 2), ports are
