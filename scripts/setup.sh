@@ -6,8 +6,9 @@
 #
 # Steps: Debian packages, the nightly toolchain's rust-src (for the eBPF build),
 # bpf-linker built against the nightly rustc's own libLLVM (no prebuilt binary can be
-# downloaded here; see ../shared/notes/toolchain.md), and the default image of QEMU
-# guests (a Debian kernel + busybox initramfs, scripts/build-guest-image.sh).
+# downloaded here; see ../shared/notes/toolchain.md), cargo-fuzz (the fuzz targets), and
+# the default image of QEMU guests (a Debian kernel + busybox initramfs,
+# scripts/build-guest-image.sh).
 set -euo pipefail
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
@@ -64,6 +65,15 @@ else
     --no-default-features --features "$want_feature"
   bpf-linker --version
   echo "$want_feature" > "$stamp"
+fi
+
+# --- 3b. cargo-fuzz (libFuzzer through nightly: `cargo xtask fuzz`) ----------------------
+CARGO_FUZZ_VERSION=0.13.2
+if cargo +nightly fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  say "cargo-fuzz present ($CARGO_FUZZ_VERSION)"
+else
+  say "building cargo-fuzz $CARGO_FUZZ_VERSION (about two minutes)"
+  cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 fi
 
 # --- 4. the default image of QEMU guests ------------------------------------------------------

@@ -22,6 +22,8 @@ step "cargo xtask build-ebpf"
 cargo xtask build-ebpf
 step "cargo test"
 cargo test --locked
+step "cargo xtask fuzz --seconds 10 (smoke: every fuzz target from its seeds, 10 s each)"
+cargo xtask fuzz --seconds 10
 if [ "$(id -u)" -eq 0 ]; then
   step "cargo xtask bench --quick (smoke test: the bench runs and its output is well formed)"
   cargo xtask bench --quick

@@ -1,5 +1,6 @@
 //! Project tasks that cargo alone does not do: `cargo xtask build-ebpf` builds the XDP
-//! object with the nightly toolchain and bpf-linker.
+//! object with the nightly toolchain and bpf-linker; `cargo xtask bench` runs the
+//! benchmarks; `cargo xtask fuzz` runs every fuzz target (cargo-fuzz, nightly).
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -30,6 +31,87 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run every fuzz target for a while (cargo-fuzz and nightly: scripts/setup.sh), each
+    /// from its seed corpus; prints executions per target. A crash stops the run and is
+    /// kept under CRATE/fuzz/artifacts/TARGET/ (add it to the seeds once fixed).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (wire, gso, spec, control).
+        #[arg(long)]
+        target: Option<String>,
+    },
+}
+
+/// (crate directory, target) of every fuzz target.
+const FUZZ_TARGETS: [(&str, &str); 4] = [
+    ("violin-common", "wire"),
+    ("violin-common", "gso"),
+    ("violin-dp", "spec"),
+    ("violin-dp", "control"),
+];
+
+fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
+    let root = workspace_root();
+    if Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        bail!("cargo-fuzz (nightly) is not installed: run scripts/setup.sh first");
+    }
+    let chosen: Vec<_> = FUZZ_TARGETS
+        .iter()
+        .filter(|(_, t)| only.is_none_or(|o| o == *t))
+        .collect();
+    if chosen.is_empty() {
+        bail!("no fuzz target named {:?}", only.unwrap_or_default());
+    }
+    let mut rows = Vec::new();
+    for (krate, target) in chosen {
+        let dir = root.join(krate);
+        let corpus = format!("fuzz/corpus/{target}");
+        let seeds = format!("fuzz/seeds/{target}");
+        std::fs::create_dir_all(dir.join(&corpus))?;
+        eprintln!("fuzzing {krate}/{target} for {seconds} s");
+        let mut cmd = Command::new("cargo");
+        for var in [
+            "RUSTC",
+            "RUSTUP_TOOLCHAIN",
+            "RUSTC_WRAPPER",
+            "CARGO_TARGET_DIR",
+        ] {
+            cmd.env_remove(var);
+        }
+        let out = cmd
+            .current_dir(&dir)
+            .args(["+nightly", "fuzz", "run", target, &corpus, &seeds, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .args(["-max_len=70000", "-print_final_stats=1"])
+            .output()
+            .with_context(|| format!("running cargo fuzz for {target}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+            bail!("fuzz target {krate}/{target} failed ({}): see above; the input is under {krate}/fuzz/artifacts/{target}/", out.status);
+        }
+        // libFuzzer's final stats: "stat::number_of_executed_units: N".
+        let runs: u64 = log
+            .lines()
+            .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("libFuzzer printed no execution count")?;
+        rows.push((format!("{krate}/{target}"), runs));
+    }
+    println!("{:<24} {:>14} {:>12}", "target", "executions", "per second");
+    for (t, runs) in rows {
+        println!("{t:<24} {runs:>14} {:>12}", runs / seconds.max(1));
+    }
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {
@@ -123,5 +205,6 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf { debug } => build_ebpf(debug),
         Cmd::Bench { quick, args } => bench(quick, &args),
+        Cmd::Fuzz { seconds, target } => fuzz(seconds, target.as_deref()),
     }
 }
