@@ -75,16 +75,7 @@ fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
         let seeds = format!("fuzz/seeds/{target}");
         std::fs::create_dir_all(dir.join(&corpus))?;
         eprintln!("fuzzing {krate}/{target} for {seconds} s");
-        let mut cmd = Command::new("cargo");
-        for var in [
-            "RUSTC",
-            "RUSTUP_TOOLCHAIN",
-            "RUSTC_WRAPPER",
-            "CARGO_TARGET_DIR",
-        ] {
-            cmd.env_remove(var);
-        }
-        let out = cmd
+        let out = nightly_cargo()
             .current_dir(&dir)
             .args(["+nightly", "fuzz", "run", target, &corpus, &seeds, "--"])
             .arg(format!("-max_total_time={seconds}"))
@@ -114,6 +105,21 @@ fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// A nested cargo for `+nightly`: the xtask itself was built by the stable toolchain, so
+/// what would pin the nested cargo to it is cleared.
+fn nightly_cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    for var in [
+        "RUSTC",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC_WRAPPER",
+        "CARGO_TARGET_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -130,17 +136,7 @@ fn build_ebpf(debug: bool) -> Result<()> {
     {
         bail!("bpf-linker is not on PATH: run scripts/setup.sh first");
     }
-    let mut cmd = Command::new("cargo");
-    // The xtask itself was built by the stable toolchain: clear what would pin nested
-    // cargo to it.
-    for var in [
-        "RUSTC",
-        "RUSTUP_TOOLCHAIN",
-        "RUSTC_WRAPPER",
-        "CARGO_TARGET_DIR",
-    ] {
-        cmd.env_remove(var);
-    }
+    let mut cmd = nightly_cargo();
     cmd.current_dir(&root).args([
         "+nightly",
         "build",
