@@ -1,8 +1,8 @@
 //! Segmentation and coalescing on arbitrary input, with the properties the data path
 //! relies on checked:
 //! - a super-frame's layout (`Gso::from_virtio`) either is refused or can be split: every
-//!   segment is written within `Gso::largest` bytes, and there are at most as many as
-//!   Linux would send;
+//!   segment is written within `Gso::largest` bytes, within Linux's bounds (at most 128
+//!   UDP segments; TCP segments of at least 88 bytes);
 //! - checksum completion stays inside the frame or refuses;
 //! - the coalescer, fed frames of any kind, only ever finishes super-frames whose
 //!   virtio header describes them (`Gso::from_virtio` accepts them).
@@ -13,7 +13,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use violin_common::wire::gso::{complete_checksum, Coalescer, Gso, Push};
+use violin_common::wire::gso::{
+    complete_checksum, Coalescer, Gso, Kind, Push, TCP_MIN_SEG, UDP_MAX_SEGS,
+};
 use violin_common::wire::virtio::{VirtioNetRepr, F_NEEDS_CSUM, HEADER_LEN};
 
 const BUF: usize = 14 + 65535 + 64;
@@ -24,7 +26,16 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(v) = VirtioNetRepr::parse(hdr) {
             if let Ok(Some(g)) = Gso::from_virtio(&v, frame) {
                 let n = g.segments(frame.len());
-                assert!(n <= 128, "{n} segments");
+                // Linux's own bounds: 128 UDP segments, TCP segments of 88 bytes or more.
+                if matches!(g.kind, Kind::Udp4 | Kind::Udp6) {
+                    assert!(n <= UDP_MAX_SEGS, "{n} UDP segments");
+                } else {
+                    assert!(
+                        g.seg_size >= TCP_MIN_SEG,
+                        "{} bytes per segment",
+                        g.seg_size
+                    );
+                }
                 let largest = g.largest(frame.len());
                 let mut out = vec![0u8; BUF];
                 for i in 0..n {
