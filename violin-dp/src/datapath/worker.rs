@@ -887,8 +887,8 @@ impl Worker {
         };
         let udp: &UdpUnderlay = udp;
         // Tunnel → guest only (split horizon): outputs are local ports, or an
-        // external member reached through the kernel's socket.
-        // The NIC put it on our queue; its Violin may live on another worker.
+        // external member reached through the kernel's socket. The NIC chose the
+        // queue, so a frame's Violin may live on another worker (`tunnel_in`).
         let more = xsk.rx(slot, BUDGET, |src, vni, inner| {
             fabric.tunnel_in(team, src, vni, inner, now, udp)
         });
