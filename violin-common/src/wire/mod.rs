@@ -7,6 +7,7 @@
 
 pub mod arp;
 pub mod checksum;
+pub mod ecn;
 pub mod ethernet;
 pub mod gso;
 pub mod ipv4;

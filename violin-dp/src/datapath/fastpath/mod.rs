@@ -1,10 +1,12 @@
 //! The per-packet path: `rx → switch → police → encap → tx`. Everything in here runs for
 //! every frame: no allocation, no locks, no logging; time is passed in.
 //!
-//! - [`switch`]: decides where a frame goes (and polices it through [`police`]);
+//! - [`switch`]: decides where a frame goes (and polices it through [`police`], or
+//!   queues it on a capped link through [`shape`]);
 //! - [`encap`]: VXLAN encapsulation/decapsulation around the switch;
 //! - the transports that move the bytes live in [`crate::datapath::transport`].
 
 pub mod encap;
 pub mod police;
+pub mod shape;
 pub mod switch;

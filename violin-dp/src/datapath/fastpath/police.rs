@@ -1,4 +1,13 @@
-//! Token-bucket policing of links and guests (bytes, and optionally packets).
+//! Token buckets of links and guests (bytes, and optionally packets).
+//!
+//! A bucket is used two ways. A *policer* admits a frame only if it holds its tokens
+//! (`take`): what cannot be held back — frames arriving from an external VTEP — is
+//! dropped over the rate. A *shaper* charges every frame it lets go (`charge`), which may
+//! leave the bucket in debt, and nothing more goes until the debt is paid back
+//! (`ready_at`): a guest over its cap is simply not read until then, and a capped link's
+//! queue is released on that schedule ([`super::shape`]). Debt lets a 64 KiB
+//! super-frame through a bucket shallower than itself, and keeps the long-run rate
+//! exact whatever the frame sizes.
 //!
 //! Time is passed in as nanoseconds on any monotonic clock; nothing here reads a clock,
 //! so the buckets are tested against an injected one. Refill arithmetic is exact: tokens
@@ -15,7 +24,8 @@ const NANOS_PER_SEC: u128 = 1_000_000_000;
 pub struct TokenBucket {
     capacity: u64,
     rate: u64,
-    tokens: u64,
+    /// Below zero while a shaper is in debt.
+    tokens: i64,
     /// Numerator of a fractional token, in units of 1/1e9 token.
     remainder: u128,
     last_ns: u64,
@@ -27,7 +37,7 @@ impl TokenBucket {
         (rate > 0 && capacity > 0).then_some(TokenBucket {
             capacity,
             rate,
-            tokens: capacity,
+            tokens: capacity.min(i64::MAX as u64) as i64,
             remainder: 0,
             last_ns: now_ns,
         })
@@ -39,39 +49,64 @@ impl TokenBucket {
             return;
         };
         self.last_ns = now_ns;
-        if self.tokens == self.capacity {
+        let full = self.capacity as i64;
+        if self.tokens >= full {
             self.remainder = 0;
             return;
         }
         let accrued = u128::from(elapsed) * u128::from(self.rate) + self.remainder;
         let whole = accrued / NANOS_PER_SEC;
         self.remainder = accrued % NANOS_PER_SEC;
-        let room = u128::from(self.capacity - self.tokens);
+        let room = (full - self.tokens) as u128;
         if whole >= room {
-            self.tokens = self.capacity;
+            self.tokens = full;
             self.remainder = 0;
         } else {
-            self.tokens += whole as u64;
+            self.tokens += whole as i64;
         }
     }
 
-    /// Takes `n` tokens if the bucket holds them.
+    /// Takes `n` tokens if the bucket holds them (policing).
     pub fn take(&mut self, n: u64, now_ns: u64) -> bool {
         self.refill(now_ns);
-        if self.tokens >= n {
-            self.tokens -= n;
+        if self.tokens >= n as i64 {
+            self.tokens -= n as i64;
             true
         } else {
             false
         }
     }
 
-    /// Returns tokens taken for a frame that was then dropped elsewhere.
-    pub fn give_back(&mut self, n: u64) {
-        self.tokens = (self.tokens + n).min(self.capacity);
+    /// Takes `n` tokens whatever the bucket holds, into debt if need be (shaping).
+    pub fn charge(&mut self, n: u64, now_ns: u64) {
+        self.refill(now_ns);
+        self.tokens = self.tokens.saturating_sub(n.min(i64::MAX as u64) as i64);
     }
 
-    pub fn tokens(&self) -> u64 {
+    /// The tokens held at `now_ns` (negative: the debt).
+    pub fn credit(&mut self, now_ns: u64) -> i64 {
+        self.refill(now_ns);
+        self.tokens
+    }
+
+    /// When the bucket next holds at least one token: `now_ns` if it does now.
+    pub fn ready_at(&mut self, now_ns: u64) -> u64 {
+        self.refill(now_ns);
+        if self.tokens > 0 {
+            return now_ns;
+        }
+        // Whole tokens still owed, in 1e-9 tokens, less the fraction already accrued.
+        let owed = (1 - self.tokens) as u128 * NANOS_PER_SEC - self.remainder;
+        let wait = owed.div_ceil(u128::from(self.rate));
+        now_ns.saturating_add(wait.min(u128::from(u64::MAX)) as u64)
+    }
+
+    /// Returns tokens taken for a frame that was then dropped elsewhere.
+    pub fn give_back(&mut self, n: u64) {
+        self.tokens = (self.tokens + n as i64).min(self.capacity as i64);
+    }
+
+    pub fn tokens(&self) -> i64 {
         self.tokens
     }
     pub fn capacity(&self) -> u64 {
@@ -117,6 +152,35 @@ impl Policer {
             p.give_back(u64::from(frames));
         }
         false
+    }
+
+    /// Charges `frames` frames of `bytes` bytes that are let go (shaping: into debt if
+    /// need be).
+    pub fn charge_n(&mut self, frames: u32, bytes: usize, now_ns: u64) {
+        if let Some(p) = &mut self.packets {
+            p.charge(u64::from(frames), now_ns);
+        }
+        self.bytes.charge(bytes as u64, now_ns);
+    }
+
+    /// What may go now before the buckets run dry: (frames, bytes), each at least 1
+    /// when nothing is owed; `None` while in debt.
+    pub fn allowance(&mut self, now_ns: u64) -> Option<(u64, u64)> {
+        let bytes = self.bytes.credit(now_ns);
+        let frames = match &mut self.packets {
+            Some(p) => p.credit(now_ns),
+            None => i64::MAX,
+        };
+        (bytes > 0 && frames > 0).then_some((frames as u64, bytes as u64))
+    }
+
+    /// When both buckets next hold a token (`now_ns` if they do).
+    pub fn ready_at(&mut self, now_ns: u64) -> u64 {
+        let b = self.bytes.ready_at(now_ns);
+        match &mut self.packets {
+            Some(p) => b.max(p.ready_at(now_ns)),
+            None => b,
+        }
     }
 
     /// Undoes one `admit_n` (the frames were then refused by a later check).
@@ -185,6 +249,78 @@ mod tests {
         assert!(b.take(1000, 10 * SEC));
         assert!(!b.take(1, 5 * SEC));
         assert!(b.take(1, 10 * SEC + MS));
+    }
+
+    #[test]
+    fn a_shaper_goes_into_debt_and_says_when_it_is_out() {
+        // 1000 bytes/s, 100 deep: a 1500-byte frame leaves 1400 owed.
+        let mut b = TokenBucket::new(1000, 100, 0).unwrap();
+        b.charge(1500, 0);
+        assert_eq!(b.credit(0), -1400);
+        // One token back needs 1401 tokens: 1.401 s.
+        assert_eq!(b.ready_at(0), 1_401 * MS);
+        assert_eq!(
+            b.ready_at(SEC),
+            1_401 * MS,
+            "the same deadline from later on"
+        );
+        assert!(b.credit(1_400 * MS) <= 0);
+        assert_eq!(b.credit(1_401 * MS), 1);
+        assert_eq!(b.ready_at(1_401 * MS), 1_401 * MS);
+    }
+
+    #[test]
+    fn ready_at_counts_the_fraction_already_accrued() {
+        // 3 tokens/s: after 0.2 s, 0.6 of the token owed has accrued; the rest takes
+        // 0.1333… s, rounded up to the nanosecond.
+        let mut b = TokenBucket::new(3, 10, 0).unwrap();
+        b.charge(10, 0);
+        assert_eq!(b.credit(200 * MS), 0);
+        assert_eq!(b.ready_at(200 * MS), 333_333_334);
+        assert_eq!(b.credit(333_333_334), 1);
+    }
+
+    #[test]
+    fn shaping_keeps_the_long_run_rate_whatever_the_frame_sizes() {
+        // A sender that sends whenever the shaper allows, frames of 64 B to 64 KiB, for
+        // 10 s of injected time at 1 Mbit/s with a small bucket.
+        let rate = Rate {
+            bytes_per_sec: 125_000,
+            burst_bytes: 6_000,
+            pps: None,
+        };
+        let mut p = Policer::new(&rate, 0).unwrap();
+        let sizes = [64usize, 1514, 65_000, 300, 9_000];
+        let (mut sent, mut t, mut i) = (0u64, 0u64, 0usize);
+        while t < 10 * SEC {
+            if p.allowance(t).is_some() {
+                let n = sizes[i % sizes.len()];
+                p.charge_n(1, n, t);
+                sent += n as u64;
+                i += 1;
+            } else {
+                t = p.ready_at(t);
+            }
+        }
+        // What went is the rate, the bucket, and at most one frame of overshoot.
+        let expected = 10 * rate.bytes_per_sec + rate.burst_bytes;
+        assert!(sent >= expected, "{sent} < {expected}");
+        assert!(sent <= expected + 65_000, "{sent} bytes for {expected}");
+    }
+
+    #[test]
+    fn allowance_is_the_smaller_of_both_buckets() {
+        let rate = Rate {
+            bytes_per_sec: 1_000_000,
+            burst_bytes: 10_000,
+            pps: Some(1000),
+        };
+        let mut p = Policer::new(&rate, 0).unwrap();
+        assert_eq!(p.allowance(0), Some((rate.burst_packets(), 10_000)));
+        p.charge_n(rate.burst_packets() as u32, 64, 0);
+        assert_eq!(p.allowance(0), None, "out of packets");
+        assert_eq!(p.ready_at(0), MS, "one packet token per ms");
+        assert_eq!(p.allowance(MS).map(|a| a.0), Some(1));
     }
 
     #[test]
