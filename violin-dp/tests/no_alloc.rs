@@ -61,7 +61,8 @@ const H1: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
 const H2: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
 const X: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 50);
 
-/// a, d on h1 (local); b on h2; external x. Links a–b (capped), a–d, a–x.
+/// a, d on h1 (local); b on h2; external x. Links a–b (capped below what a offers it,
+/// so its queue fills, overflows and is released), a–d, a–x.
 const SPEC: &str = r#"
 name = "blue"
 vni = 101
@@ -80,7 +81,7 @@ host = "h1"
 ip = "10.0.0.4/24"
 [[link]]
 between = ["a", "b"]
-rate = "500mbit"
+rate = "50mbit"
 [[link]]
 between = ["a", "d"]
 [[link]]
@@ -147,6 +148,7 @@ fn a_million_frames_allocate_nothing() {
     let mut out: Vec<Egress> = Vec::with_capacity(64);
     let mut wire = vec![0u8; VXLAN_OVERHEAD + 1500];
     let mut forwarded = 0u64;
+    let mut released = 0u64;
     let mut now = 0u64;
     let mut run = |n: usize, sw: &mut Switch, now: &mut u64| {
         for i in 0..n {
@@ -156,6 +158,13 @@ fn a_million_frames_allocate_nothing() {
                 continue;
             }
             forwarded += 1;
+            if sw.next_release(*now).is_some_and(|at| at <= *now) {
+                sw.release(*now, |_, f, _| {
+                    released += 1;
+                    assert!(f.len() >= 60);
+                    Ok(())
+                });
+            }
             for e in &out {
                 if let Egress::Tunnel { dst, vni } = *e {
                     let len = VXLAN_OVERHEAD + f.len();
@@ -179,4 +188,8 @@ fn a_million_frames_allocate_nothing() {
         "only {forwarded} frames were forwarded"
     );
     assert_eq!(n, 0, "{n} allocations in 1 000 000 frames");
+    assert!(
+        released > 10_000,
+        "the capped link's queue released {released}"
+    );
 }

@@ -2,13 +2,17 @@
 //!
 //! - [`fastpath`]: the switch, policing and encapsulation (rx → switch → police → encap → tx);
 //! - [`transport`]: the guest ports and the underlay, which only move bytes;
+//! - [`drr`]: the order in which a worker reads its sockets (fair across Violins);
+//! - [`timer`]: the worker's clock and timer (shaped links, held-back guests);
 //! - [`worker`]: the packet worker's loop, which owns one switch, its ports and its
 //!   underlay, and applies control changes ([`worker::Command`]) between batches.
 //!
 //! Nothing in here blocks on anything but the worker's own poll: control work (specs,
 //! netlink, processes, persistence) lives in [`crate::control`] and [`crate::host`].
 
+pub mod drr;
 pub mod fastpath;
+pub mod timer;
 pub mod transport;
 pub mod worker;
 

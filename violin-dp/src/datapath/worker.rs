@@ -10,30 +10,36 @@
 //! queue ([`Handoff`]) and switched there.
 //!
 //! Each wake-up: apply the control commands that arrived (between batches, never in
-//! the middle of one), take the frames other workers handed over, read ready sockets
-//! with a budget each (one busy guest cannot starve the rest), pass every frame
-//! through [`Fabric::switch_and_deliver`], flush, wake the workers frames were handed
-//! to. The worker blocks only in its own `epoll_wait`; it has no timer of its own and
-//! no control work: specs, netlink, processes and persistence happen on the control
-//! thread, which sends [`Command`]s through a [`WorkerHandle`] (a channel and a waker).
-//! Counters leave the worker as [`Counters`] snapshots, on request.
+//! the middle of one); note which sockets are ready; release what capped links queued
+//! and is now due, and resume guests whose cap has refilled; then one round of fair
+//! service ([`Drr`]: byte-based deficit round robin across Violins, then across a
+//! Violin's sockets), passing every frame through [`Fabric::switch_and_deliver`];
+//! flush, wake the workers frames were handed to, and arm the timer for the next
+//! release or refill. A guest in debt on its cap is not read until its bucket refills
+//! (held back, not dropped: its own queue and TCP feel it). The worker blocks only in
+//! its own `epoll_wait` (sockets, its waker, its timerfd); it does no control work:
+//! specs, netlink, processes and persistence happen on the control thread, which sends
+//! [`Command`]s through a [`WorkerHandle`] (a channel and a waker). Counters leave the
+//! worker as [`Counters`] snapshots, on request.
 
+use crate::datapath::drr::{Drr, Served};
 use crate::datapath::fastpath::switch::{
-    AddError, Egress, Ingress, PortId, Size, Switch, Update, ViolinStats,
+    AddError, Allowance, Egress, Ingress, PortId, Switch, Update, ViolinStats,
 };
+use crate::datapath::timer::{monotonic_ns, Timer};
 use crate::datapath::transport::afxdp::{AfXdpStats, Slot, SlotStats};
 use crate::datapath::transport::guest::{PortCounters, RxEvent};
 use crate::datapath::transport::udp::{Received, UdpUnderlay};
 use crate::datapath::transport::underlay::Underlay;
-use crate::datapath::transport::{each_segment, Port};
+use crate::datapath::transport::{Budget, Port};
 use crate::spec::Violin;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 use violin_common::wire::gso::Gso;
@@ -44,11 +50,24 @@ const UNDERLAY: Token = Token(0);
 const WAKER: Token = Token(1);
 /// Frames handed over by other workers are waiting.
 const HANDOFF: Token = Token(2);
+/// The worker's timer: a capped link's release or a guest's refill is due.
+const TIMER: Token = Token(3);
 const PORT_BASE: usize = 16;
 /// Tokens of the Violins' AF_XDP sockets: XSK_BASE + slot.
 const XSK_BASE: usize = 1 << 40;
-/// Frames read from one socket before the worker moves on to the others.
+/// Most frames read from one socket per visit (bytes are the fair service's, [`Drr`]).
 const BUDGET: usize = 64;
+
+/// The fair-service class of the host's shared sockets (underlay, hand-overs).
+const HOST_CLASS: usize = 0;
+/// The class of the guest ports of the Violin in switch slot `v`.
+fn port_class(v: usize) -> usize {
+    1 + 2 * v
+}
+/// The class of AF_XDP socket slot `slot` (one Violin's tunnelled frames).
+fn xsk_class(slot: usize) -> usize {
+    2 + 2 * slot
+}
 
 fn port_token(p: PortId) -> Token {
     Token(PORT_BASE + 2 * p as usize)
@@ -436,26 +455,47 @@ impl Fabric {
             out,
             seg,
         } = self;
-        let size = Size::of(frame, gso);
-        if switch.process_sized(ingress, frame, size, now, out) != Verdict::Forward {
+        if switch.process_gso(ingress, frame, gso, now, out) != Verdict::Forward {
             return;
         }
         for &e in out.iter() {
-            let r = match (e, gso) {
-                (Egress::Port(q), _) => match ports.get_mut(q as usize).and_then(Option::as_mut) {
-                    Some(wp) => match gso {
-                        None => wp.port.send(frame),
-                        Some(g) => wp.port.send_super(g, frame, seg),
-                    },
-                    None => Err(Verdict::PortDown),
-                },
-                (Egress::Tunnel { dst, vni }, None) => tx.tunnel(dst, vni, frame),
-                (Egress::Tunnel { dst, vni }, Some(g)) => tx.tunnel_super(dst, vni, g, frame, seg),
-            };
-            if let Err(v) = r {
+            if let Err(v) = deliver(ports, seg, &mut tx, e, frame, gso) {
                 switch.count_egress_drop(e, v);
             }
         }
+    }
+
+    /// Sends what capped links queued and may go by `now`; returns when more is due.
+    fn release(&mut self, now: u64, mut tx: impl TunnelTx) -> Option<u64> {
+        let Fabric {
+            switch, ports, seg, ..
+        } = self;
+        switch.release(now, |e, frame, gso| {
+            deliver(ports, seg, &mut tx, e, frame, gso)
+        })
+    }
+}
+
+/// Hands one switched frame (a super-frame with `gso`) to output `e`'s transport.
+#[inline]
+fn deliver(
+    ports: &mut [Option<WPort>],
+    seg: &mut [u8],
+    tx: &mut impl TunnelTx,
+    e: Egress,
+    frame: &[u8],
+    gso: Option<&Gso>,
+) -> Result<(), Verdict> {
+    match (e, gso) {
+        (Egress::Port(q), _) => match ports.get_mut(q as usize).and_then(Option::as_mut) {
+            Some(wp) => match gso {
+                None => wp.port.send(frame),
+                Some(g) => wp.port.send_super(g, frame, seg),
+            },
+            None => Err(Verdict::PortDown),
+        },
+        (Egress::Tunnel { dst, vni }, None) => tx.tunnel(dst, vni, frame),
+        (Egress::Tunnel { dst, vni }, Some(g)) => tx.tunnel_super(dst, vni, g, frame, seg),
     }
 }
 
@@ -465,12 +505,15 @@ pub struct Worker {
     underlay: Underlay,
     commands: Receiver<Command>,
     scratch: Vec<u8>,
-    /// Where a super-frame from a policed sender is split before switching.
-    split: Box<[u8]>,
-    again: VecDeque<Token>,
+    /// Sockets with frames to read, served fairly.
+    drr: Drr,
+    /// Guest ports held back until their cap refills: (when, token).
+    held: Vec<(u64, Token)>,
+    timer: Timer,
+    /// When the next capped-link release is due (cached between rounds).
+    release_at: Option<u64>,
     udp_rx_frames: u64,
     team: Team,
-    start: Instant,
     stop: Option<Reply<Vec<Port>>>,
 }
 
@@ -487,6 +530,9 @@ impl Worker {
         for underlay in underlays {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+            let timer = Timer::new()?;
+            poll.registry()
+                .register(&mut SourceFd(&timer.fd()), TIMER, Interest::READABLE)?;
             let (tx, rx) = mpsc::channel();
             let (htx, hrx) = mpsc::sync_channel(HANDOFF_DEPTH);
             handles.push(WorkerHandle {
@@ -494,12 +540,12 @@ impl Worker {
                 waker: waker.clone(),
             });
             doors.push((htx, waker));
-            built.push((poll, underlay, rx, hrx));
+            built.push((poll, underlay, rx, hrx, timer));
         }
         let workers = built
             .into_iter()
             .enumerate()
-            .map(|(i, (poll, underlay, commands, inbox))| {
+            .map(|(i, (poll, underlay, commands, inbox, timer))| {
                 let team = Team {
                     index: i,
                     count: n,
@@ -521,14 +567,19 @@ impl Worker {
                         out: Vec::with_capacity(64),
                         seg: vec![0u8; SEG_BUF].into_boxed_slice(),
                     },
-                    split: vec![0u8; SEG_BUF].into_boxed_slice(),
                     underlay,
                     commands,
                     scratch: vec![0u8; 16 + 14 + 65535 + 64],
-                    again: VecDeque::with_capacity(64),
+                    drr: {
+                        let mut d = Drr::default();
+                        d.reserve(HOST_CLASS, 2);
+                        d
+                    },
+                    held: Vec::with_capacity(64),
+                    timer,
+                    release_at: None,
                     udp_rx_frames: 0,
                     team,
-                    start: Instant::now(),
                     stop: None,
                 }
             })
@@ -537,7 +588,7 @@ impl Worker {
     }
 
     fn now(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        monotonic_ns()
     }
 
     /// The loop; returns when told to stop, or when every handle is gone.
@@ -545,12 +596,16 @@ impl Worker {
         if let Err(e) = crate::datapath::prioritise_packet_work() {
             warn!("packet worker at the default priority: {e}");
         }
+        // Timers of this thread fire within 1 µs of their deadline (the default slack
+        // is 50 µs: a shaped link's pacing would be that coarse).
+        // SAFETY: prctl(2) PR_SET_TIMERSLACK takes one integer argument.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000 as libc::c_ulong) };
         let mut events = Events::with_capacity(256);
         loop {
             if !self.apply_commands() {
                 break;
             }
-            let timeout = (!self.again.is_empty()).then_some(Duration::ZERO);
+            let timeout = (!self.drr.is_idle()).then_some(Duration::ZERO);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
@@ -559,13 +614,12 @@ impl Worker {
                 break;
             }
             for ev in events.iter() {
-                self.dispatch(ev.token(), ev.is_writable());
+                self.on_event(ev.token(), ev.is_readable(), ev.is_writable());
             }
-            for _ in 0..self.again.len() {
-                if let Some(t) = self.again.pop_front() {
-                    self.dispatch(t, false);
-                }
-            }
+            self.due();
+            let mut drr = std::mem::take(&mut self.drr);
+            drr.round(|src, bytes| self.serve(src, bytes));
+            self.drr = drr;
             self.underlay.flush();
             self.team.wake();
             let Fabric { switch, ports, .. } = &mut self.fabric;
@@ -576,6 +630,7 @@ impl Worker {
                     }
                 }
             }
+            self.arm_timer();
         }
         let ports = self.detach_all();
         if let Some(reply) = self.stop.take() {
@@ -724,12 +779,19 @@ impl Worker {
             port,
             announce: None,
         });
+        if let Some(v) = self.fabric.switch.violin_of_port(id) {
+            self.drr.reserve(port_class(v), 2 * self.fabric.ports.len());
+        }
         // A dgram or fast port may already hold frames.
-        self.again.push_back(port_token(id));
+        self.port_ready(id, port_token(id));
     }
 
     fn detach(&mut self, id: PortId) -> Option<Port> {
         let wp = self.fabric.ports.get_mut(id as usize)?.take()?;
+        for t in [port_token(id), conn_token(id)] {
+            self.drr.forget(t);
+            self.held.retain(|(_, h)| *h != t);
+        }
         let reg = self.poll.registry();
         let _ = reg.deregister(&mut SourceFd(&wp.port.socket_fd()));
         if let Some(fd) = wp.port.conn_fd() {
@@ -765,7 +827,8 @@ impl Worker {
             warn!(slot, "registering an AF_XDP socket: {e}");
         }
         // Frames may have arrived between the bind and now.
-        self.again.push_back(Token(XSK_BASE + slot));
+        self.drr.reserve(xsk_class(slot), 1);
+        self.drr.ready(xsk_class(slot), Token(XSK_BASE + slot));
     }
 
     fn snapshot(&mut self) -> Counters {
@@ -813,155 +876,232 @@ impl Worker {
         }
     }
 
-    fn dispatch(&mut self, t: Token, writable: bool) {
+    /// Notes what a poll event says: a socket to read (served fairly, later in the
+    /// round), a stream connection to accept or flush now, the timer.
+    fn on_event(&mut self, t: Token, readable: bool, writable: bool) {
         match t {
-            UNDERLAY => self.underlay_rx(),
+            UNDERLAY => self.drr.ready(HOST_CLASS, UNDERLAY),
             // Commands were applied at the top of the loop; frames handed over are
-            // switched here, so what they produce is flushed before the next poll.
-            WAKER | HANDOFF => self.handoff_rx(),
-            Token(n) if n >= XSK_BASE => self.xsk_rx(n - XSK_BASE),
+            // switched in the round, so what they produce is flushed before the next poll.
+            WAKER | HANDOFF if self.team.count > 1 => self.drr.ready(HOST_CLASS, HANDOFF),
+            TIMER => self.timer.expired(),
+            Token(n) if n >= XSK_BASE => self.drr.ready(xsk_class(n - XSK_BASE), t),
             Token(n) if n >= PORT_BASE => {
                 let p = ((n - PORT_BASE) / 2) as PortId;
                 if (n - PORT_BASE).is_multiple_of(2) {
-                    self.port_accept_or_rx(p);
+                    self.port_accept_or_ready(p);
                 } else {
                     if writable {
                         if let Some(wp) = self.port_mut(p) {
                             let _ = wp.port.flush();
                         }
                     }
-                    self.port_rx(p);
+                    if readable {
+                        self.port_ready(p, t);
+                    }
                 }
             }
             _ => {}
         }
     }
 
+    /// Marks guest port `p`'s socket `t` as having frames, unless its guest is held
+    /// back (the timer brings it back).
+    fn port_ready(&mut self, p: PortId, t: Token) {
+        if self.held.iter().any(|(_, h)| *h == t) {
+            return;
+        }
+        match self.fabric.switch.violin_of_port(p) {
+            Some(v) => self.drr.ready(port_class(v), t),
+            // A port being removed: read (and count) what it holds.
+            None => self.drr.ready(HOST_CLASS, t),
+        }
+    }
+
+    /// Releases what capped links queued and is due, and resumes held-back guests
+    /// whose cap has refilled.
+    fn due(&mut self) {
+        let now = self.now();
+        if self.release_at.is_some_and(|t| t <= now) {
+            self.release_at = self.fabric.release(now, &mut self.underlay);
+        }
+        let mut i = 0;
+        while i < self.held.len() {
+            if self.held[i].0 <= now {
+                let (_, t) = self.held.swap_remove(i);
+                if let Token(n @ PORT_BASE..) = t {
+                    let p = ((n - PORT_BASE) / 2) as PortId;
+                    if let Some(v) = self.fabric.switch.violin_of_port(p) {
+                        self.drr.ready(port_class(v), t);
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Arms the timer for the earliest release or refill (or disarms it).
+    fn arm_timer(&mut self) {
+        if self.release_at.is_none() {
+            // Frames queued during this round.
+            self.release_at = self.fabric.switch.next_release(self.now());
+        }
+        let refill = self.held.iter().map(|(t, _)| *t).min();
+        let at = match (self.release_at, refill) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Err(e) = self.timer.set(at) {
+            warn!("arming the worker's timer: {e}");
+        }
+    }
+
+    /// Reads socket `t` for up to `bytes` (the fair service's budget for it).
+    fn serve(&mut self, t: Token, bytes: u64) -> Served {
+        let mut budget = Budget::new(BUDGET, bytes);
+        let more = match t {
+            UNDERLAY => self.underlay_rx(&mut budget),
+            HANDOFF => self.handoff_rx(&mut budget),
+            Token(n) if n >= XSK_BASE => self.xsk_rx(n - XSK_BASE, &mut budget),
+            Token(n) if n >= PORT_BASE => {
+                let p = ((n - PORT_BASE) / 2) as PortId;
+                return self.port_rx(p, t, bytes);
+            }
+            _ => false,
+        };
+        Served {
+            bytes: bytes.saturating_sub(budget.bytes),
+            more,
+        }
+    }
+
     // --- the per-packet path ------------------------------------------------------------
 
-    fn underlay_rx(&mut self) {
+    /// Reads the underlay's UDP socket within `budget`; true if it may hold more.
+    fn underlay_rx(&mut self, budget: &mut Budget) -> bool {
         let now = self.now();
         let Worker {
             fabric,
             underlay,
             scratch,
-            again,
             udp_rx_frames,
             team,
             ..
         } = self;
         let udp = underlay.udp();
-        let mut taken = 0;
-        while taken < BUDGET {
+        while budget.left() {
             let r = udp.recv(scratch, |r| match r {
                 Received::Frame(src, vni, inner) => {
                     *udp_rx_frames += 1;
+                    budget.spend(inner.len());
                     // Handed over only if the kernel did not steer by VNI (bind_group).
                     fabric.tunnel_in(team, src, vni, inner, now, udp);
                 }
                 Received::Bad(v) => fabric.switch.count_host_drop(v),
             });
             match r {
-                Ok(0) => return,
-                Ok(n) => taken += n,
+                Ok(0) => return false,
+                Ok(_) => {}
                 Err(e) => {
                     warn!("underlay receive: {e}");
-                    return;
+                    return false;
                 }
             }
         }
-        again.push_back(UNDERLAY);
+        true
     }
 
-    fn xsk_rx(&mut self, slot: usize) {
+    /// Reads AF_XDP slot `slot` within `budget`; true if it may hold more.
+    fn xsk_rx(&mut self, slot: usize, budget: &mut Budget) -> bool {
         let now = self.now();
         let Worker {
             fabric,
             underlay,
-            again,
             team,
             ..
         } = self;
         let Underlay::Xdp { udp, xsk } = underlay else {
-            return;
+            return false;
         };
         let udp: &UdpUnderlay = udp;
         // Tunnel → guest only (split horizon): outputs are local ports, or an
         // external member reached through the kernel's socket. The NIC chose the
         // queue, so a frame's Violin may live on another worker (`tunnel_in`).
-        let more = xsk.rx(slot, BUDGET, |src, vni, inner| {
+        xsk.rx(slot, budget, |src, vni, inner| {
             fabric.tunnel_in(team, src, vni, inner, now, udp)
-        });
-        if more {
-            again.push_back(Token(XSK_BASE + slot));
-        }
+        })
     }
 
-    /// Switches the frames other workers received for this worker's Violins.
-    fn handoff_rx(&mut self) {
+    /// Switches the frames other workers received for this worker's Violins, within
+    /// `budget`; true if more may wait.
+    fn handoff_rx(&mut self, budget: &mut Budget) -> bool {
         if self.team.count == 1 {
-            return;
+            return false;
         }
         let now = self.now();
         let Worker {
             fabric,
             underlay,
-            again,
             team,
             ..
         } = self;
         let udp = underlay.udp();
-        for _ in 0..BUDGET {
+        while budget.left() {
             let Ok(h) = team.inbox.try_recv() else {
-                return;
+                return false;
             };
             team.taken_over += 1;
+            budget.spend(usize::from(h.len));
             let ingress = Ingress::Tunnel {
                 src: h.src,
                 vni: h.vni,
             };
             fabric.switch_and_deliver(ingress, &h.frame[..h.len as usize], None, now, udp);
         }
-        again.push_back(HANDOFF);
+        true
     }
 
-    fn port_rx(&mut self, p: PortId) {
-        let Some(token) = self
-            .fabric
-            .ports
-            .get(p as usize)
-            .and_then(Option::as_ref)
-            .map(|wp| conn_token_or_port(&wp.port, p))
-        else {
-            return;
+    /// Reads guest port `p` (socket `t`) for up to `bytes`, and no further than its
+    /// guest's cap allows: a guest in debt is held back until its bucket refills.
+    fn port_rx(&mut self, p: PortId, t: Token, bytes: u64) -> Served {
+        let idle = Served {
+            bytes: 0,
+            more: false,
         };
         if self.underlay.congested() {
             // Back-pressure: read this guest again once the TX path has drained.
-            self.again.push_back(token);
-            return;
+            return Served {
+                bytes: 0,
+                more: true,
+            };
         }
         let now = self.now();
+        let mut budget = Budget::new(BUDGET, bytes);
+        match self.fabric.switch.allowance(p, now) {
+            Allowance::Free => {}
+            Allowance::Upto { frames, bytes } => {
+                budget.frames = budget.frames.min(frames.min(usize::MAX as u64) as usize);
+                budget.bytes = budget.bytes.min(bytes);
+            }
+            Allowance::HeldUntil(at) => {
+                self.held.push((at, t));
+                return idle;
+            }
+        }
         let Some(mut wp) = self.fabric.ports.get_mut(p as usize).and_then(Option::take) else {
-            return;
+            return idle;
         };
+        let given = budget;
         let Worker {
             fabric,
             underlay,
             scratch,
-            split,
             ..
         } = self;
-        let policed = fabric.switch.polices_port(p);
         let mut on_event = |ev: RxEvent<'_>| match ev {
             RxEvent::Frame(f) => {
                 fabric.switch_and_deliver(Ingress::Port(p), f, None, now, &mut *underlay)
-            }
-            // A policed sender's super-frame meets its buckets segment by segment.
-            RxEvent::Super(f, g) if policed => {
-                let _ = each_segment(&g, f, split, |s| {
-                    fabric.switch_and_deliver(Ingress::Port(p), s, None, now, &mut *underlay);
-                    Ok(())
-                });
             }
             RxEvent::Super(f, g) => {
                 fabric.switch_and_deliver(Ingress::Port(p), f, Some(&g), now, &mut *underlay)
@@ -969,13 +1109,13 @@ impl Worker {
             RxEvent::Drop(v) => fabric.switch.count_port_drop(p, v),
         };
         let r = match &mut wp.port {
-            Port::Sock(g) => g.receive(scratch, BUDGET, on_event),
-            Port::Xdp(x) => Ok(x.receive(BUDGET, |f| on_event(RxEvent::Frame(f)))),
-            Port::Tap(t) => t.receive(scratch, BUDGET, on_event),
+            Port::Sock(g) => g.receive(scratch, &mut budget, on_event),
+            Port::Xdp(x) => Ok(x.receive(&mut budget, |f| on_event(RxEvent::Frame(f)))),
+            Port::Tap(t) => t.receive(scratch, &mut budget, on_event),
         };
-        match r {
-            Ok(true) => self.again.push_back(conn_token_or_port(&wp.port, p)),
-            Ok(false) => {}
+        let used = given.bytes.saturating_sub(budget.bytes);
+        let more = match r {
+            Ok(more) => more,
             Err(e) => {
                 info!(port = p, socket = %wp.port.describe(), "guest disconnected: {e}");
                 if let Some(fd) = wp.port.conn_fd() {
@@ -984,12 +1124,16 @@ impl Worker {
                 if let Port::Sock(g) = &mut wp.port {
                     g.disconnect();
                 }
+                false
             }
-        }
+        };
         self.fabric.ports[p as usize] = Some(wp);
+        Served { bytes: used, more }
     }
 
-    fn port_accept_or_rx(&mut self, p: PortId) {
+    /// A guest port's socket polled readable: a stream port's listener accepts its
+    /// guest (now: control of the connection, not frames), any other has frames.
+    fn port_accept_or_ready(&mut self, p: PortId) {
         let Some(wp) = self
             .fabric
             .ports
@@ -999,11 +1143,11 @@ impl Worker {
             return;
         };
         let Port::Sock(g) = &mut wp.port else {
-            return self.port_rx(p);
+            return self.port_ready(p, port_token(p));
         };
         if !g.is_stream() {
             // dgram: the socket itself carries the frames.
-            return self.port_rx(p);
+            return self.port_ready(p, port_token(p));
         }
         match g.accept() {
             Ok((_, true)) => {
@@ -1019,7 +1163,7 @@ impl Worker {
                 }
                 info!(port = p, socket = %g.path().display(), "guest connected");
                 self.announce(p);
-                self.port_rx(p);
+                self.port_ready(p, conn_token(p));
             }
             Ok((_, false)) => {}
             Err(e) => warn!("accept on a guest socket: {e}"),
@@ -1038,13 +1182,5 @@ impl Worker {
         self.fabric
             .switch_and_deliver(Ingress::Port(p), &garp, None, now, &mut self.underlay);
         info!(%ip, %mac, "gratuitous ARP sent");
-    }
-}
-
-fn conn_token_or_port(port: &Port, p: PortId) -> Token {
-    if port.conn_fd().is_some() {
-        conn_token(p)
-    } else {
-        port_token(p)
     }
 }

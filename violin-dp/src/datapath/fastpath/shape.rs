@@ -188,7 +188,6 @@ mod tests {
     use super::*;
 
     const MS: u64 = 1_000_000;
-    const SEC: u64 = 1_000_000_000;
 
     fn rate(bytes_per_sec: u64, burst: u64) -> Rate {
         Rate {

@@ -10,14 +10,18 @@
 //! 2. destination lookup — unicast to a known member, or flood (broadcast, multicast,
 //!    unknown unicast) to every member the topology allows, one copy per remote host;
 //! 3. topology — the (source, destination) pair must be an allowed link;
-//! 4. policing — the sender's guest bucket, then the link's (per direction), only where
-//!    the sender is local (its own host polices it; an external VTEP is policed where
-//!    its frames arrive);
+//! 4. rate caps — only where the sender is local (its own host caps it) or an external
+//!    VTEP (capped where its frames arrive). The sender's guest bucket: a local guest's
+//!    is charged, and the worker stops reading a guest in debt ([`Switch::allowance`]),
+//!    so it is held back, never dropped; an external's polices (drops over the rate).
+//!    Then the link's (per direction): a capped link shapes, through a queue released
+//!    at its rate ([`LinkShaper`], [`Switch::release`]), dropping only when it is full;
 //! 5. counting — per-edge packets/bytes on the sending side, drops by `Verdict`.
 //!
 //! No allocation, locking or logging per frame: tables are built when a Violin is added.
 
 use super::police::Policer;
+use super::shape::{LinkShaper, Offer};
 use crate::spec::{IpNet, Member, MemberKind, Rate, Violin};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -109,6 +113,14 @@ impl Size {
     }
 }
 
+/// A frame offered to the switch: its bytes, its GSO layout if it is a super-frame, and
+/// what it is on the wire.
+pub struct Offered<'a> {
+    pub frame: &'a [u8],
+    pub gso: Option<&'a Gso>,
+    pub size: Size,
+}
+
 /// Drop counters indexed by `Verdict`.
 pub type Drops = [u64; Verdict::COUNT];
 
@@ -122,8 +134,12 @@ pub struct ViolinTable {
     learned: HashMap<EthernetAddress, u64>,
     /// n × n; `None` when every pair may talk.
     allowed: Option<Vec<bool>>,
-    /// Per direction: index src × n + dst. Only for local senders and externals.
-    link_police: Vec<Option<Policer>>,
+    /// The capped link directions this host shapes (local senders and externals).
+    shapers: Vec<Shaped>,
+    /// (src, dst) → index into `shapers`.
+    shaper_of: HashMap<(u32, u32), usize>,
+    /// Shapers with frames queued (each once).
+    backlog: Vec<usize>,
     guest_police: Vec<Option<Policer>>,
     /// Sent packets/bytes per (src, dst), counted where the sender is policed.
     edges: Vec<Counter>,
@@ -134,6 +150,26 @@ pub struct ViolinTable {
     host_sent: Vec<bool>,
     /// Per member: the IPv4 sources a guest may use (externals are not guarded).
     guards: Vec<Option<SourceGuard>>,
+}
+
+/// One shaped direction of a capped link.
+#[derive(Debug)]
+struct Shaped {
+    s: usize,
+    d: usize,
+    rate: Rate,
+    shaper: LinkShaper,
+}
+
+/// How much a port may send now, by its guest's cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowance {
+    /// No cap on this guest.
+    Free,
+    /// Up to this many frames and bytes (one frame may overshoot: it goes into debt).
+    Upto { frames: u64, bytes: u64 },
+    /// In debt until this time (ns): do not read the port before.
+    HeldUntil(u64),
 }
 
 /// The source guard of one guest: IPv4 only from its own address or its
@@ -183,39 +219,48 @@ impl ViolinTable {
         self.loc.len()
     }
 
-    /// The configured rate of the link from `s` to `d`, if it has one.
-    fn link_rate(&self, s: usize, d: usize) -> Option<&Rate> {
-        self.spec
-            .links
-            .iter()
-            .flatten()
-            .find(|l| (l.a, l.b) == (s, d) || (l.b, l.a) == (s, d))
-            .and_then(|l| l.rate.as_ref())
-    }
-
     #[inline]
     fn allows(&self, s: usize, d: usize) -> bool {
         self.allowed.as_ref().is_none_or(|a| a[s * self.n() + d])
     }
 
-    /// Polices a frame from `s` to `d` (guest bucket, then link bucket).
+    /// Applies the caps to a frame from `s` to `d`: the guest's bucket (charged for a
+    /// local guest, policed for an external), then the link's shaper. `Ok(true)`: send
+    /// it now; `Ok(false)`: the link queued it.
     #[inline]
-    fn police(&mut self, s: usize, d: usize, len: Size, now: u64) -> Result<(), Verdict> {
-        let n = self.n();
+    fn cap(&mut self, s: usize, d: usize, f: &Offered, now: u64) -> Result<bool, Verdict> {
+        let len = f.size;
+        let local = matches!(self.loc[s], Location::Local(_));
         if let Some(g) = &mut self.guest_police[s] {
-            if !g.admit_n(len.frames, len.bytes, now) {
+            if local {
+                g.charge_n(len.frames, len.bytes, now);
+            } else if !g.admit_n(len.frames, len.bytes, now) {
                 return Err(Verdict::PolicedGuest);
             }
         }
-        if let Some(l) = &mut self.link_police[s * n + d] {
-            if !l.admit_n(len.frames, len.bytes, now) {
+        if self.shapers.is_empty() {
+            return Ok(true);
+        }
+        let Some(&k) = self.shaper_of.get(&(s as u32, d as u32)) else {
+            return Ok(true);
+        };
+        let shaper = &mut self.shapers[k].shaper;
+        let was_empty = shaper.queued().0 == 0;
+        match shaper.offer(f.frame, f.gso, len, now) {
+            Offer::Send => Ok(true),
+            Offer::Queued { .. } => {
+                if was_empty {
+                    self.backlog.push(k);
+                }
+                Ok(false)
+            }
+            Offer::Full => {
                 if let Some(g) = &mut self.guest_police[s] {
                     g.refund(len.frames, len.bytes);
                 }
-                return Err(Verdict::PolicedLink);
+                Err(Verdict::PolicedLink)
             }
         }
-        Ok(())
     }
 
     #[inline]
@@ -239,18 +284,12 @@ impl ViolinTable {
     }
 
     /// A frame from local member `s`.
-    fn rx_local(
-        &mut self,
-        s: usize,
-        frame: &[u8],
-        size: Size,
-        now: u64,
-        out: &mut Vec<Egress>,
-    ) -> Verdict {
+    fn rx_local(&mut self, s: usize, f: &Offered, now: u64, out: &mut Vec<Egress>) -> Verdict {
+        let frame = f.frame;
         if frame.is_empty() {
             return self.drop(Verdict::ZeroLength);
         }
-        if size.largest > self.max_frame {
+        if f.size.largest > self.max_frame {
             return self.drop(Verdict::Oversize);
         }
         let Ok(eth) = EthernetFrame::new_checked(frame) else {
@@ -267,21 +306,21 @@ impl ViolinTable {
         let dst = eth.dst_addr();
         if dst.is_unicast() {
             if let Some(&d) = self.macs.get(&dst) {
-                return self.unicast(s, d, size, now, out, true);
+                return self.unicast(s, d, f, now, out, true);
             }
         }
-        self.flood(s, size, now, out, true)
+        self.flood(s, f, now, out, true)
     }
 
     /// A decapsulated frame from underlay address `src`.
     fn rx_tunnel(
         &mut self,
         src: Ipv4Addr,
-        frame: &[u8],
-        size: Size,
+        f: &Offered,
         now: u64,
         out: &mut Vec<Egress>,
     ) -> Verdict {
+        let (frame, size) = (f.frame, f.size);
         let sender_host = self.hosts.iter().position(|h| *h == src);
         let sender_external = self.loc.contains(&Location::External(src));
         if sender_host.is_none() && !sender_external {
@@ -338,13 +377,13 @@ impl ViolinTable {
         if dst.is_unicast() {
             return match self.macs.get(&dst) {
                 Some(&d) if matches!(self.loc[d], Location::Local(_)) => {
-                    self.unicast(s, d, size, now, out, police_here)
+                    self.unicast(s, d, f, now, out, police_here)
                 }
                 // Split horizon: never tunnel → tunnel. Unknown or remote: not ours.
                 _ => self.drop(Verdict::NoDestination),
             };
         }
-        self.flood(s, size, now, out, police_here)
+        self.flood(s, f, now, out, police_here)
     }
 
     /// Learns (or moves) `mac` as the external member at `src`. When the table is full,
@@ -376,7 +415,7 @@ impl ViolinTable {
         &mut self,
         s: usize,
         d: usize,
-        len: Size,
+        f: &Offered,
         now: u64,
         out: &mut Vec<Egress>,
         police: bool,
@@ -387,14 +426,18 @@ impl ViolinTable {
         if !self.allows(s, d) {
             return self.drop(Verdict::NoLink);
         }
+        let mut now_out = true;
         if police {
-            if let Err(v) = self.police(s, d, len, now) {
-                return self.drop(v);
+            match self.cap(s, d, f, now) {
+                Ok(go) => now_out = go,
+                Err(v) => return self.drop(v),
             }
             let n = self.n();
-            self.edges[s * n + d].add(len);
+            self.edges[s * n + d].add(f.size);
         }
-        out.push(self.egress_of(d));
+        if now_out {
+            out.push(self.egress_of(d));
+        }
         Verdict::Forward
     }
 
@@ -403,15 +446,17 @@ impl ViolinTable {
     fn flood(
         &mut self,
         s: usize,
-        len: Size,
+        f: &Offered,
         now: u64,
         out: &mut Vec<Egress>,
         police: bool,
     ) -> Verdict {
+        let len = f.size;
         let from_local = matches!(self.loc[s], Location::Local(_));
         let n = self.n();
         self.host_sent.iter_mut().for_each(|b| *b = false);
         let before = out.len();
+        let mut queued = false;
         let mut denied = None;
         for d in 0..n {
             if d == s || !self.allows(s, d) {
@@ -431,20 +476,28 @@ impl ViolinTable {
                     continue;
                 }
             }
+            let mut go = true;
             if police {
-                if let Err(v) = self.police(s, d, len, now) {
-                    self.drops[v as usize] += 1;
-                    denied = Some(v);
-                    continue;
+                match self.cap(s, d, f, now) {
+                    Ok(g) => go = g,
+                    Err(v) => {
+                        self.drops[v as usize] += 1;
+                        denied = Some(v);
+                        continue;
+                    }
                 }
                 self.edges[s * n + d].add(len);
             }
             if let Location::Remote(h) = loc {
                 self.host_sent[h] = true;
             }
-            out.push(self.egress_of(d));
+            if go {
+                out.push(self.egress_of(d));
+            } else {
+                queued = true;
+            }
         }
-        if out.len() > before {
+        if out.len() > before || queued {
             Verdict::Forward
         } else {
             match denied {
@@ -496,6 +549,35 @@ pub struct Update {
 /// Whether a guest that stays local can keep its port: everything but rates the same.
 fn same_attachment(a: &Member, b: &Member) -> bool {
     a.mac == b.mac && a.kind == b.kind
+}
+
+/// Moves the shapers of `old` whose link direction and rate are unchanged into `new`
+/// (tokens and queued frames with them); frames queued on links that changed or went
+/// away are dropped and counted (`no_link`).
+fn carry_shapers(old: &mut ViolinTable, new: &mut ViolinTable) {
+    for x in &mut old.shapers {
+        let (from, to) = (&old.spec.members[x.s].name, &old.spec.members[x.d].name);
+        let same = new
+            .spec
+            .member(from)
+            .zip(new.spec.member(to))
+            .and_then(|(s, d)| {
+                let k = *new.shaper_of.get(&(s as u32, d as u32))?;
+                (new.shapers[k].rate == x.rate).then_some(k)
+            });
+        match same {
+            Some(k) => {
+                std::mem::swap(&mut new.shapers[k].shaper, &mut x.shaper);
+                if new.shapers[k].shaper.queued().0 > 0 {
+                    new.backlog.push(k);
+                }
+            }
+            None => {
+                let lost = x.shaper.clear();
+                new.drops[Verdict::NoLink as usize] += lost as u64;
+            }
+        }
+    }
 }
 
 /// Whether `t` polices member `i`'s sending (it is local there, or an external).
@@ -581,7 +663,7 @@ impl Switch {
         let Some(&slot) = self.by_name.get(&spec.name) else {
             return Err(AddError::NoSuchViolin(spec.name.clone()));
         };
-        let old = self.violins[slot]
+        let mut old = self.violins[slot]
             .take()
             .expect("by_name points at a table");
         if old.spec.vni != spec.vni {
@@ -635,6 +717,8 @@ impl Switch {
                 up.removed.push(*p);
             }
         }
+        let mut table = table;
+        carry_shapers(&mut old, &mut table);
         self.violins[slot] = Some(table);
         Ok(up)
     }
@@ -682,23 +766,28 @@ impl Switch {
             }
             a
         });
-        // Buckets exist where this host polices the sender: local guests and externals.
+        // Buckets exist where this host caps the sender: local guests and externals.
+        // Shapers start fresh; `update_violin` moves unchanged ones over, queue and all.
         let polices = |i: usize| !matches!(loc[i], Location::Remote(_));
-        let mut link_police: Vec<Option<Policer>> = vec![None; n * n];
+        let mut shapers = Vec::new();
         for l in spec.links.iter().flatten() {
             let Some(rate) = &l.rate else { continue };
             for (s, d) in [(l.a, l.b), (l.b, l.a)] {
-                if !polices(s) {
-                    continue;
+                if let (true, Some(shaper)) = (polices(s), LinkShaper::new(rate, now)) {
+                    shapers.push(Shaped {
+                        s,
+                        d,
+                        rate: *rate,
+                        shaper,
+                    });
                 }
-                let kept = old.zip(prev[s].zip(prev[d])).and_then(|(o, (os, od))| {
-                    let same = o.link_rate(os, od) == Some(rate) && polices_in(o, os);
-                    same.then(|| o.link_police[os * o.n() + od].clone())
-                        .flatten()
-                });
-                link_police[s * n + d] = kept.or_else(|| Policer::new(rate, now));
             }
         }
+        let shaper_of = shapers
+            .iter()
+            .enumerate()
+            .map(|(k, x)| ((x.s as u32, x.d as u32), k))
+            .collect();
         let guest_police = (0..n)
             .map(|i| {
                 let rate = spec.members[i].rate.as_ref().filter(|_| polices(i))?;
@@ -754,7 +843,9 @@ impl Switch {
             // MACs learned behind externals are learned again.
             learned: HashMap::with_capacity(room),
             allowed,
-            link_police,
+            backlog: Vec::with_capacity(shapers.len()),
+            shapers,
+            shaper_of,
             guest_police,
             edges,
             drops: old.map_or([0; Verdict::COUNT], |o| o.drops),
@@ -794,19 +885,26 @@ impl Switch {
         now: u64,
         out: &mut Vec<Egress>,
     ) -> Verdict {
-        self.process_sized(ingress, frame, Size::plain(frame.len()), now, out)
+        self.process_gso(ingress, frame, None, now, out)
     }
 
-    /// The same for a frame that stands for `size` on the wire (a super-frame).
-    pub fn process_sized(
+    /// The same for a frame that may be a super-frame (`gso`): it is switched whole and
+    /// charged what its segments are on the wire. A frame a capped link queued is
+    /// `Forward` with no output here: [`Switch::release`] sends it later.
+    pub fn process_gso(
         &mut self,
         ingress: Ingress,
         frame: &[u8],
-        size: Size,
+        gso: Option<&Gso>,
         now: u64,
         out: &mut Vec<Egress>,
     ) -> Verdict {
         out.clear();
+        let f = Offered {
+            frame,
+            gso,
+            size: Size::of(frame, gso),
+        };
         match ingress {
             Ingress::Port(p) => {
                 let Some(&Some((v, m))) = self.ports.get(p as usize) else {
@@ -814,7 +912,7 @@ impl Switch {
                     return Verdict::PortDown;
                 };
                 match &mut self.violins[v] {
-                    Some(t) => t.rx_local(m, frame, size, now, out),
+                    Some(t) => t.rx_local(m, &f, now, out),
                     None => Verdict::PortDown,
                 }
             }
@@ -824,28 +922,86 @@ impl Switch {
                     return Verdict::UnknownVni;
                 };
                 match &mut self.violins[v] {
-                    Some(t) => t.rx_tunnel(src, frame, size, now, out),
+                    Some(t) => t.rx_tunnel(src, &f, now, out),
                     None => Verdict::UnknownVni,
                 }
             }
         }
     }
 
-    /// True when frames from port `p` meet a token bucket (the guest's, or a link's out
-    /// of it): the worker then switches a super-frame from it segment by segment, so
-    /// policing stays per frame, whatever the bucket's depth.
-    pub fn polices_port(&self, p: PortId) -> bool {
+    /// How much the guest behind port `p` may send at `now`: the worker reads a port
+    /// only within it, and not at all while its guest is in debt.
+    pub fn allowance(&mut self, p: PortId, now: u64) -> Allowance {
         let Some(&Some((v, m))) = self.ports.get(p as usize) else {
-            return false;
+            return Allowance::Free;
         };
-        let Some(t) = &self.violins[v] else {
-            return false;
+        let Some(g) = self.violins[v]
+            .as_mut()
+            .and_then(|t| t.guest_police[m].as_mut())
+        else {
+            return Allowance::Free;
         };
-        let n = t.n();
-        t.guest_police[m].is_some()
-            || t.link_police[m * n..(m + 1) * n]
-                .iter()
-                .any(Option::is_some)
+        match g.allowance(now) {
+            Some((frames, bytes)) => Allowance::Upto { frames, bytes },
+            None => Allowance::HeldUntil(g.ready_at(now)),
+        }
+    }
+
+    /// The Violin (its slot in this switch) port `p` belongs to: what the worker's fair
+    /// service counts it under.
+    pub fn violin_of_port(&self, p: PortId) -> Option<usize> {
+        self.ports
+            .get(p as usize)
+            .copied()
+            .flatten()
+            .map(|(v, _)| v)
+    }
+
+    /// Lets go what capped links queued and may send by `now`, oldest first per link:
+    /// `send` gets each frame with its output and GSO layout, and says whether it was
+    /// delivered (failures are counted). Returns when the next queued frame is due.
+    pub fn release(
+        &mut self,
+        now: u64,
+        mut send: impl FnMut(Egress, &[u8], Option<&Gso>) -> Result<(), Verdict>,
+    ) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        for t in self.violins.iter_mut().flatten() {
+            let mut i = 0;
+            while i < t.backlog.len() {
+                let k = t.backlog[i];
+                let e = t.egress_of(t.shapers[k].d);
+                let drops = &mut t.drops;
+                let due = t.shapers[k].shaper.release(now, |f, g| {
+                    if let Err(v) = send(e, f, g) {
+                        drops[v as usize] += 1;
+                    }
+                });
+                match due {
+                    Some(at) => {
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                        i += 1;
+                    }
+                    None => {
+                        t.backlog.swap_remove(i);
+                    }
+                }
+            }
+        }
+        next
+    }
+
+    /// When the next queued frame of a capped link is due (`None`: nothing is queued).
+    pub fn next_release(&mut self, now: u64) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        for t in self.violins.iter_mut().flatten() {
+            for &k in &t.backlog {
+                if let Some(at) = t.shapers[k].shaper.next_at(now) {
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+            }
+        }
+        next
     }
 
     /// Counts a drop that happened after switching (transport could not deliver).

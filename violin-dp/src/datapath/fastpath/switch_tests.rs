@@ -486,57 +486,88 @@ fn a_learned_mac_moves_to_another_external_vtep_at_once() {
     );
 }
 
+/// Switches `fr` from port `p` at `now`: true when it left at once (not queued).
+fn sent_now(f: &mut Fixture, p: PortId, fr: &[u8], now: u64, out: &mut Vec<Egress>) -> bool {
+    f.sw.process(Ingress::Port(p), fr, now, out) == Verdict::Forward && !out.is_empty()
+}
+
+/// Releases what capped links queued, on the deadlines the switch gives, up to `until`:
+/// (output, frame length, when) for each frame released.
+fn release_until(f: &mut Fixture, mut now: u64, until: u64) -> Vec<(Egress, usize, u64)> {
+    let mut got = Vec::new();
+    while let Some(at) = f.sw.next_release(now) {
+        if at > until {
+            break;
+        }
+        now = at;
+        f.sw.release(now, |e, fr, _| {
+            got.push((e, fr.len(), now));
+            Ok(())
+        });
+    }
+    got
+}
+
 #[test]
-fn link_is_policed_per_direction_with_time_passed_in() {
+fn a_capped_link_shapes_per_direction_with_time_passed_in() {
     let mut f = fixture(SPEC);
     let mut out = Vec::new();
     let (a, b) = (mac(&f, "a"), mac(&f, "b"));
-    let burst = spec::Rate::default_burst(6_250_000);
+    let rate = 6_250_000u64; // 50 Mbit/s
+    let burst = spec::Rate::default_burst(rate);
     let fr = frame(b, a, 1000);
-    let mut passed = 0;
+    let pa = f.pa;
+    let (mut now_sent, mut forwarded) = (0u64, 0u64);
     for _ in 0..1000 {
-        if f.sw.process(Ingress::Port(f.pa), &fr, 0, &mut out) == Verdict::Forward {
-            passed += 1;
+        let sent = sent_now(&mut f, pa, &fr, 0, &mut out);
+        now_sent += u64::from(sent);
+        if !f
+            .sw
+            .stats("blue")
+            .unwrap()
+            .drops
+            .contains_key("policed_link")
+        {
+            forwarded += 1;
         }
     }
-    assert_eq!(
-        passed,
-        burst / 1000,
-        "a full bucket passes its burst, then nothing"
+    // The bucket's burst goes at once (the frame that crosses it into debt too)...
+    assert_eq!(now_sent, burst.div_ceil(1000));
+    // ...then the queue takes 20 ms at the rate (at least two super-frames), and only
+    // what does not fit is dropped.
+    let limit = super::super::shape::LinkShaper::limit_for(
+        &f.spec.links.as_ref().unwrap()[0].rate.unwrap(),
     );
-    // 10 ms later at 6.25 MB/s: 62 500 bytes → 62 more frames.
-    let mut more = 0;
-    for _ in 0..100 {
-        if f.sw.process(Ingress::Port(f.pa), &fr, 10_000_000, &mut out) == Verdict::Forward {
-            more += 1;
-        }
-    }
-    assert_eq!(more, 62);
-    // a→d has no rate: unaffected.
-    let d = mac(&f, "d");
-    assert_eq!(
-        f.sw.process(
-            Ingress::Port(f.pa),
-            &frame(d, a, 1000),
-            10_000_000,
-            &mut out
-        ),
-        Verdict::Forward
-    );
+    let queued = (limit / 1000) as u64;
+    assert_eq!(forwarded, now_sent + queued);
     let s = f.sw.stats("blue").unwrap();
-    assert_eq!(s.drops["policed_link"], 1000 - passed + 100 - more);
-    // b→a arrives from h2 and is not policed here (h2 did it).
+    assert_eq!(s.drops["policed_link"], 1000 - now_sent - queued);
+    // a→d has no rate: unaffected, even while a→b is backed up.
+    let d = mac(&f, "d");
+    assert!(sent_now(&mut f, pa, &frame(d, a, 1000), 0, &mut out));
+    // The queue drains in order at 6.25 MB/s, to b's host.
+    let got = release_until(&mut f, 0, 1_000_000_000);
+    assert_eq!(got.len() as u64, queued);
+    assert!(got
+        .iter()
+        .all(|(e, n, _)| *e == Egress::Tunnel { dst: H2, vni: VNI } && *n == 1000));
+    let last = got.last().unwrap().2;
+    let want = (queued * 1000 - 1) * 1_000_000_000 / rate; // after the burst's debt
+    assert!(
+        last.abs_diff(want) < 1_000_000,
+        "drained at {last} ns, not ~{want}"
+    );
+    assert_eq!(f.sw.next_release(last), None);
+    // b→a arrives from h2 and is not capped here (h2 did it).
     let from_h2 = Ingress::Tunnel { src: H2, vni: VNI };
     for _ in 0..1000 {
-        assert_eq!(
-            f.sw.process(from_h2, &frame(a, b, 1000), 10_000_000, &mut out),
-            Verdict::Forward
-        );
+        f.sw.process(from_h2, &frame(a, b, 1000), 10_000_000, &mut out);
+        assert_eq!(out, vec![Egress::Port(pa)]);
     }
 }
 
 #[test]
-fn guest_rate_caps_all_its_egress() {
+fn a_guest_over_its_cap_is_held_back_not_dropped() {
     let text = SPEC.replace(
         "ip = \"10.0.0.1/24\"",
         "ip = \"10.0.0.1/24\"\nrate = \"8mbit\"\nburst = \"10kb\"",
@@ -545,18 +576,38 @@ fn guest_rate_caps_all_its_egress() {
     let mut out = Vec::new();
     let (a, d) = (mac(&f, "a"), mac(&f, "d"));
     let x = mac(&f, "x");
-    let mut passed = 0;
-    for i in 0..40 {
-        let dst = if i % 2 == 0 { d } else { x };
-        if f.sw
-            .process(Ingress::Port(f.pa), &frame(dst, a, 1000), 0, &mut out)
-            == Verdict::Forward
-        {
-            passed += 1;
+    let pa = f.pa;
+    // The worker reads a guest only within its allowance: 10 KiB now, across both
+    // destinations; the frame that crosses it goes too, into debt.
+    assert_eq!(
+        f.sw.allowance(pa, 0),
+        Allowance::Upto {
+            frames: i64::MAX as u64,
+            bytes: 10_240
         }
+    );
+    let mut sent = 0;
+    for i in 0.. {
+        let Allowance::Upto { .. } = f.sw.allowance(pa, 0) else {
+            break;
+        };
+        let dst = if i % 2 == 0 { d } else { x };
+        assert!(sent_now(&mut f, pa, &frame(dst, a, 1000), 0, &mut out));
+        sent += 1;
     }
-    assert_eq!(passed, 10, "10 KiB of burst across both destinations");
-    assert_eq!(f.sw.stats("blue").unwrap().drops["policed_guest"], 30);
+    assert_eq!(sent, 11);
+    // 760 bytes owed at 1 MB/s: held until 761 µs, then readable again.
+    assert_eq!(f.sw.allowance(pa, 0), Allowance::HeldUntil(761_000));
+    assert!(matches!(
+        f.sw.allowance(pa, 761_000),
+        Allowance::Upto { bytes: 1, .. }
+    ));
+    assert!(
+        f.sw.stats("blue").unwrap().drops.is_empty(),
+        "nothing dropped"
+    );
+    // An unlimited guest is free.
+    assert_eq!(f.sw.allowance(f.pd, 0), Allowance::Free);
 }
 
 #[test]
@@ -709,14 +760,14 @@ fn update_keeps_unchanged_ports_and_follows_a_move() {
         .find(|x| x.from == "a" && x.to == "d")
         .unwrap();
     assert_eq!((ad.packets, ad.bytes), (2, 200));
-    // The a→b bucket is new, at 10 Mbit/s: its default burst passes, then nothing.
+    // The a→b bucket is new, at 10 Mbit/s: its default burst goes at once, then the
+    // rest waits.
     let burst = spec::Rate::default_burst(1_250_000);
+    let pa = f.pa;
     let passed = (0..100)
-        .filter(|_| {
-            f.sw.process(Ingress::Port(f.pa), &frame(b, a, 1000), 1, &mut out) == Verdict::Forward
-        })
+        .filter(|_| sent_now(&mut f, pa, &frame(b, a, 1000), 1, &mut out))
         .count();
-    assert_eq!(passed as u64, burst / 1000);
+    assert_eq!(passed as u64, burst.div_ceil(1000));
 }
 
 #[test]
@@ -725,13 +776,13 @@ fn update_keeps_bucket_state_when_the_rate_is_unchanged() {
     let mut out = Vec::new();
     let (a, b) = (mac(&f, "a"), mac(&f, "b"));
     let drain = |f: &mut Fixture, out: &mut Vec<Egress>| {
+        let pa = f.pa;
         (0..1000)
-            .filter(|_| {
-                f.sw.process(Ingress::Port(f.pa), &frame(b, a, 1000), 0, out) == Verdict::Forward
-            })
+            .filter(|_| sent_now(f, pa, &frame(b, a, 1000), 0, out))
             .count()
     };
     assert!(drain(&mut f, &mut out) > 0);
+    assert!(f.sw.next_release(0).is_some(), "a→b backed up");
     // Removing link a–d changes nothing for a–b: its emptied bucket stays empty.
     let text = SPEC.replace("[[link]]\nbetween = [\"a\", \"d\"]\n", "");
     let spec2 = spec::parse(&text, &hosts()).unwrap();
@@ -739,6 +790,10 @@ fn update_keeps_bucket_state_when_the_rate_is_unchanged() {
     assert_eq!(up.kept.len(), 2);
     assert!(up.added.is_empty() && up.removed.is_empty());
     assert_eq!(drain(&mut f, &mut out), 0, "no fresh burst from an apply");
+    // What the link queued before the apply is still released, in order.
+    let got = release_until(&mut f, 0, 1_000_000_000);
+    assert!(got.len() > 100, "{} released", got.len());
+    assert!(!f.sw.stats("blue").unwrap().drops.contains_key("no_link"));
     let d = mac(&f, "d");
     assert_eq!(
         f.sw.process(Ingress::Port(f.pa), &frame(d, a, 100), 0, &mut out),

@@ -13,6 +13,7 @@
 //! neighbour table. Copy mode (veth has no zero-copy), need_wakeup on.
 
 use super::xsk::{XskCore, XskOpener};
+use super::Budget;
 use crate::datapath::fastpath::encap::{self, Outer};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -134,7 +135,7 @@ impl AfXdp {
     /// returns its socket (to be closed off the worker). Remove it from the XskMap
     /// first.
     pub fn take_slot(&mut self, slot: usize) -> Option<Slot> {
-        self.rx(slot, usize::MAX, |_, _, _| {});
+        self.rx(slot, &mut Budget::new(usize::MAX, u64::MAX), |_, _, _| {});
         self.slots.get_mut(slot)?.take()
     }
 
@@ -153,12 +154,12 @@ impl AfXdp {
             .collect()
     }
 
-    /// Receives up to `budget` frames from a slot, calling `f(outer source, VNI, inner)`
-    /// for each valid one. True when the budget ran out.
+    /// Receives frames from a slot within `budget`, calling `f(outer source, VNI,
+    /// inner)` for each valid one. True when the budget ran out.
     pub fn rx(
         &mut self,
         slot: usize,
-        budget: usize,
+        budget: &mut Budget,
         mut f: impl FnMut(Ipv4Addr, u32, &[u8]),
     ) -> bool {
         let Some(Some(s)) = self.slots.get_mut(slot) else {

@@ -250,15 +250,16 @@ impl GuestPort {
     pub fn receive(
         &mut self,
         scratch: &mut [u8],
-        budget: usize,
+        budget: &mut super::Budget,
         mut f: impl FnMut(RxEvent<'_>),
     ) -> io::Result<bool> {
         let counters = &mut self.counters;
         match &mut self.sock {
             Sock::Dgram { sock, peer, .. } => {
-                for _ in 0..budget {
+                while budget.left() {
                     match sock.recv_from(scratch) {
                         Ok((n, from)) => {
+                            budget.spend(n);
                             if from.as_pathname().is_some()
                                 && peer.as_ref().and_then(|p| p.as_pathname()) != from.as_pathname()
                             {
@@ -284,7 +285,6 @@ impl GuestPort {
             }
             Sock::Stream { conn: None, .. } => Ok(false),
             Sock::Stream { conn: Some(c), .. } => {
-                let mut frames = 0;
                 loop {
                     // Parse whole records already buffered.
                     while c.rx_end - c.rx_start >= 4 {
@@ -310,8 +310,8 @@ impl GuestPort {
                         } else {
                             f(RxEvent::Frame(frame));
                         }
-                        frames += 1;
-                        if frames >= budget {
+                        budget.spend(len);
+                        if !budget.left() {
                             return Ok(true);
                         }
                     }
@@ -475,10 +475,14 @@ mod tests {
         let mut frames = Vec::new();
         let mut drops = Vec::new();
         let mut scratch = vec![0u8; 70000];
-        let r = p.receive(&mut scratch, 64, |e| match e {
-            RxEvent::Frame(f) | RxEvent::Super(f, _) => frames.push(f.to_vec()),
-            RxEvent::Drop(v) => drops.push(v),
-        });
+        let r = p.receive(
+            &mut scratch,
+            &mut super::super::Budget::new(64, u64::MAX),
+            |e| match e {
+                RxEvent::Frame(f) | RxEvent::Super(f, _) => frames.push(f.to_vec()),
+                RxEvent::Drop(v) => drops.push(v),
+            },
+        );
         (frames, drops, r)
     }
 

@@ -34,6 +34,31 @@ pub enum Port {
     Tap(Box<TapPort>),
 }
 
+/// How much one visit to a socket may read: at most `frames` frames and about `bytes`
+/// bytes (the frame that crosses the byte limit is still taken whole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub frames: usize,
+    pub bytes: u64,
+}
+
+impl Budget {
+    pub fn new(frames: usize, bytes: u64) -> Budget {
+        Budget { frames, bytes }
+    }
+    /// Another frame may be read.
+    #[inline]
+    pub fn left(&self) -> bool {
+        self.frames > 0 && self.bytes > 0
+    }
+    /// Counts a frame of `len` bytes read.
+    #[inline]
+    pub fn spend(&mut self, len: usize) {
+        self.frames = self.frames.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(len as u64);
+    }
+}
+
 /// Hands each segment of super-frame `frame` to `send`, built in `buf` (software
 /// segmentation, for a transport that takes one frame at a time). Stops at the first
 /// refusal.

@@ -11,6 +11,7 @@
 //! the packet worker drives.
 
 use super::guest::{PortCounters, RxEvent};
+use super::Budget;
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -54,22 +55,23 @@ impl TapPort {
         &self.netns
     }
 
-    /// Reads up to `budget` frames into `buf` (at least `VNET + MAX_SUPER` bytes) and
-    /// hands each on: plain frames with their checksum complete, super-frames whole.
+    /// Reads within `budget` into `buf` (at least `VNET + MAX_SUPER` bytes) and
+    /// hands each frame on: plain frames with their checksum complete, super-frames whole.
     /// True when the budget ran out.
     pub fn receive(
         &mut self,
         buf: &mut [u8],
-        budget: usize,
+        budget: &mut Budget,
         mut f: impl FnMut(RxEvent<'_>),
     ) -> io::Result<bool> {
-        for _ in 0..budget {
+        while budget.left() {
             let n = match (&self.file).read(buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            budget.spend(n.saturating_sub(VNET));
             let (hdr, frame) = buf[..n].split_at_mut(VNET.min(n));
             let ev = match VirtioNetRepr::parse(hdr) {
                 Err(e) => RxEvent::Drop(e.into()),

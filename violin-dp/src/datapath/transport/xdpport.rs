@@ -43,8 +43,8 @@ impl XdpPort {
         &self.iface
     }
 
-    /// Reads up to `budget` frames the guest sent. True when the budget ran out.
-    pub fn receive(&mut self, budget: usize, mut f: impl FnMut(&[u8])) -> bool {
+    /// Reads frames the guest sent, within `budget`. True when the budget ran out.
+    pub fn receive(&mut self, budget: &mut super::Budget, mut f: impl FnMut(&[u8])) -> bool {
         let c = &mut self.counters;
         self.core.rx(&mut self.rx, budget, |frame| {
             c.rx_frames += 1;

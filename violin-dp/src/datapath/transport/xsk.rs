@@ -8,6 +8,7 @@
 //! completion ring → pool. Nothing else holds a frame, so the pool's free count returns
 //! to `pool_frames` whenever the TX path is idle.
 
+use super::Budget;
 use anyhow::{anyhow, ensure, Context, Result};
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
@@ -155,20 +156,20 @@ impl XskCore {
 
     /// Receives up to `budget` frames from `rxq`, calling `f` on each, then returns
     /// them to the fill ring. True when the budget ran out.
-    pub fn rx(&mut self, rxq: &mut RxQueue, budget: usize, mut f: impl FnMut(&[u8])) -> bool {
-        let mut done = 0;
-        loop {
-            let want = BATCH.min(budget - done);
+    pub fn rx(&mut self, rxq: &mut RxQueue, budget: &mut Budget, mut f: impl FnMut(&[u8])) -> bool {
+        while budget.left() {
+            let want = BATCH.min(budget.frames);
             // SAFETY: the descriptors are written by the kernel for frames of this UMEM.
             let n = unsafe { rxq.consume(&mut self.scratch[..want]) };
             for d in &self.scratch[..n] {
                 // SAFETY: the frame was just consumed from the RX ring: no ring owns it.
-                f(unsafe { self.umem.data(d) }.contents());
+                let frame = unsafe { self.umem.data(d) }.contents();
+                budget.spend(frame.len());
+                f(frame);
             }
             self.counters.rx_frames += n as u64;
             self.refill.extend_from_slice(&self.scratch[..n]);
-            done += n;
-            if n < want || done >= budget {
+            if n < want {
                 break;
             }
         }
@@ -180,7 +181,7 @@ impl XskCore {
                 self.counters.fill_retry += 1;
             }
         }
-        done >= budget
+        !budget.left()
     }
 
     /// Copies `parts` into one frame and queues it; sent by [`Self::flush`] (or when a
