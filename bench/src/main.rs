@@ -48,6 +48,10 @@ struct Plan {
     icmp: u32,
     police_rates_mbit: Vec<u32>,
     police_secs: f64,
+    /// (plane, port) pairs whose caps are measured.
+    police_ports: Vec<(&'static str, &'static str)>,
+    /// Round trips measured for the isolation figure, alone and under a flood.
+    isolation_pings: u64,
     idle_violins: usize,
     idle_secs: f64,
     share_counts: Vec<usize>,
@@ -70,6 +74,8 @@ impl Plan {
                 icmp: 30,
                 police_rates_mbit: vec![10, 100],
                 police_secs: 1.0,
+                police_ports: vec![("udp", "socket"), ("udp", "tap"), ("xdp", "xdp")],
+                isolation_pings: 300,
                 idle_violins: 4,
                 idle_secs: 1.0,
                 share_counts: vec![1, 2],
@@ -88,7 +94,15 @@ impl Plan {
                 pings: 5000,
                 icmp: 300,
                 police_rates_mbit: vec![1, 10, 100, 1000],
-                police_secs: 4.0,
+                police_secs: 10.0,
+                police_ports: vec![
+                    ("udp", "socket"),
+                    ("udp", "tap"),
+                    ("xdp", "socket"),
+                    ("xdp", "tap"),
+                    ("xdp", "xdp"),
+                ],
+                isolation_pings: 3000,
                 idle_violins: 16,
                 idle_secs: 10.0,
                 share_counts: vec![1, 2, 4, 8, 16],
@@ -124,8 +138,12 @@ struct Results {
     /// Figure 3: round-trip latency.
     latency: BTreeMap<String, load::Latency>,
     icmp_avg_us: BTreeMap<String, f64>,
-    /// Figure 4: measured / configured rate on a capped link, by config and rate.
+    /// Figure 4: measured / configured rate through a cap, by config, then by what is
+    /// capped and the rate (`link 10mbit`, `guest 10mbit`).
     policing: BTreeMap<String, BTreeMap<String, Policing>>,
+    /// Figure 8: a quiet Violin's round trips alone and while a neighbour floods.
+    #[serde(default)]
+    isolation: BTreeMap<String, Isolation>,
     /// Figure 7: idle daemon CPU, % of one core, with `idle_violins` Violins.
     idle_cpu_percent: BTreeMap<String, f64>,
     idle_violins: usize,
@@ -162,13 +180,28 @@ struct Sharing {
     max_deviation: f64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct Isolation {
+    alone: load::Latency,
+    flooded: load::Latency,
+    /// What the flooding neighbour's receiver got, Mbit/s.
+    flood_mbit: f64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 struct Policing {
+    /// `link` (the a–b link is capped) or `guest` (guest a is).
+    #[serde(default = "link_kind")]
+    capped: String,
     configured_mbit: u32,
     udp_mbit: f64,
     udp_ratio: f64,
     tcp_mbit: f64,
     tcp_ratio: f64,
+}
+
+fn link_kind() -> String {
+    "link".into()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -301,25 +334,80 @@ fn main() -> Result<()> {
         );
     }
 
-    say("figure 4: policing accuracy");
-    for (tb, port) in [(&tu, "socket"), (&tx, "socket"), (&tx, "xdp")] {
-        for (i, &mbit) in plan.police_rates_mbit.iter().enumerate() {
-            let name = format!("pol{i}");
-            let subnet = 20 + i as u8 + if port == "xdp" { 10 } else { 0 };
-            let pair = tb.violin_pair(
-                &name,
-                200 + i as u32 + if port == "xdp" { 10 } else { 0 },
-                subnet,
-                port,
-                Some(&format!("{mbit}mbit")),
-            )?;
-            let p = police(tb, &name, &pair, mbit, plan.police_secs)?;
-            r.policing
-                .entry(pair.config.into())
-                .or_default()
-                .insert(format!("{mbit}mbit"), p);
-            tb.down_violin(&name)?;
+    say("figure 4: rate caps (a link's, a guest's)");
+    for &(plane, port) in &plan.police_ports {
+        let tb = if plane == "xdp" { &tx } else { &tu };
+        for capped in ["link", "guest"] {
+            for (i, &mbit) in plan.police_rates_mbit.iter().enumerate() {
+                let name = format!("pol{i}");
+                let subnet = 20 + i as u8;
+                let rate = format!("{mbit}mbit");
+                let cap = match capped {
+                    "link" => testbed::Cap::Link(&rate),
+                    _ => testbed::Cap::Guest(&rate),
+                };
+                let pair = tb.violin_pair_capped(&name, 200 + i as u32, subnet, port, cap)?;
+                let p = police(tb, &name, &pair, capped, mbit, plan.police_secs)?;
+                say(&format!(
+                    "  {} {capped} cap {rate}: UDP {:.3} x, TCP {:.3} x",
+                    pair.config, p.udp_ratio, p.tcp_ratio
+                ));
+                r.policing
+                    .entry(pair.config.into())
+                    .or_default()
+                    .insert(format!("{capped} {rate}"), p);
+                tb.down_violin(&name)?;
+            }
         }
+    }
+
+    say("figure 8: a quiet Violin's round trips while a neighbour floods");
+    for (tb, quiet) in [
+        (&tu, vec![&pairs[2], &pairs[4], &pairs[5]]),
+        (&tx, vec![&pairs[6], &pairs[7], &pairs[8]]),
+    ] {
+        let noisy = tb.violin_pair("noisy", 250, 50, "tap", None)?;
+        for q in quiet {
+            let alone = load::udp_ping_pong(
+                &q.client.ns,
+                &q.server.ns,
+                q.server.ip,
+                plan.isolation_pings,
+            )?;
+            let flood = {
+                let (c, s, ip) = (
+                    noisy.client.ns.clone(),
+                    noisy.server.ns.clone(),
+                    noisy.server.ip,
+                );
+                let secs = 1.0 + plan.isolation_pings as f64 * 300e-6;
+                std::thread::spawn(move || load::udp_flood(&c, &s, ip, 1400, secs, &[]))
+            };
+            std::thread::sleep(Duration::from_millis(500));
+            let flooded = load::udp_ping_pong(
+                &q.client.ns,
+                &q.server.ns,
+                q.server.ip,
+                plan.isolation_pings,
+            );
+            let flood = flood
+                .join()
+                .map_err(|_| anyhow::anyhow!("the flood panicked"))??;
+            let flooded = flooded?;
+            say(&format!(
+                "  {} (next to {}): p99 {:.0} us alone, {:.0} us flooded",
+                q.config, noisy.config, alone.p99_us, flooded.p99_us
+            ));
+            r.isolation.insert(
+                format!("{} / {}", q.config, noisy.config),
+                Isolation {
+                    alone,
+                    flooded,
+                    flood_mbit: flood.received_pps * 1400.0 * 8.0 / 1e6,
+                },
+            );
+        }
+        tb.down_violin("noisy")?;
     }
 
     say(&format!(
@@ -544,9 +632,16 @@ fn tcp_medians<'a>(pairs: &'a [Pair], streams: u32, plan: &Plan) -> Result<BTree
     Ok(v.into_iter().map(|(c, x)| (c, median(x))).collect())
 }
 
-/// Floods the capped a→b link with UDP, then runs TCP over it; rates from the switch's
-/// edge counters (L2 bytes) and from iperf3 (goodput).
-fn police(tb: &Testbed, violin: &str, p: &Pair, mbit: u32, secs: f64) -> Result<Policing> {
+/// Floods the capped a→b link (or capped guest a) with UDP, then runs TCP over it;
+/// rates from the switch's edge counters (L2 bytes) and from iperf3 (goodput).
+fn police(
+    tb: &Testbed,
+    violin: &str,
+    p: &Pair,
+    capped: &str,
+    mbit: u32,
+    secs: f64,
+) -> Result<Policing> {
     load::udp_ping_pong(&p.client.ns, &p.server.ns, p.server.ip, 5)?;
     let edge = |s: &violin_dp::cli::ClusterStats| {
         s.edges
@@ -563,6 +658,7 @@ fn police(tb: &Testbed, violin: &str, p: &Pair, mbit: u32, secs: f64) -> Result<
     let udp_mbit = (edge(&s1) - edge(&s0)) as f64 * 8.0 / dt / 1e6;
     let tcp_mbit = load::tcp_throughput(&p.client.ns, &p.server.ns, p.server.ip, 1, secs)? / 1e6;
     Ok(Policing {
+        capped: capped.into(),
         configured_mbit: mbit,
         udp_mbit,
         udp_ratio: udp_mbit / mbit as f64,
@@ -674,8 +770,9 @@ fn draw_charts(r: &Results, dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     for (c, m) in &r.policing {
         for p in m.values() {
             cats.push(format!(
-                "{} {}M",
+                "{} {} {}M",
                 c.trim_start_matches("violin-"),
+                p.capped,
                 p.configured_mbit
             ));
             udp.push(p.udp_ratio);
@@ -696,7 +793,7 @@ fn draw_charts(r: &Results, dir: &std::path::Path) -> Result<Vec<PathBuf>> {
         dir,
         "fig4-policing",
         &Chart::Bars {
-            title: "Policing: measured / configured rate",
+            title: "Rate caps: measured / configured rate",
             y_label: "ratio",
             categories: &cats,
             series: &series,
@@ -897,21 +994,44 @@ fn tables(r: &Results) -> String {
     }
     let _ = writeln!(
         o,
-        "\n4. Policing: measured / configured rate on an a→b link"
+        "\n4. Rate caps: measured / configured rate, the a→b link or guest a capped \
+         (UDP: L2 bytes the switch let through; TCP: iperf3 goodput)"
     );
     let _ = writeln!(
         o,
-        "{:<17} {:>9} {:>10} {:>7} {:>10} {:>7}",
-        "config", "cap", "UDP Mbit", "ratio", "TCP Mbit", "ratio"
+        "{:<17} {:>6} {:>9} {:>10} {:>7} {:>10} {:>7}",
+        "config", "capped", "cap", "UDP Mbit", "ratio", "TCP Mbit", "ratio"
     );
     for (c, m) in &r.policing {
         for p in m.values() {
             let _ = writeln!(
                 o,
-                "{:<17} {:>6}mbit {:>10.2} {:>7.3} {:>10.2} {:>7.3}",
-                c, p.configured_mbit, p.udp_mbit, p.udp_ratio, p.tcp_mbit, p.tcp_ratio
+                "{:<17} {:>6} {:>5}mbit {:>10.2} {:>7.3} {:>10.2} {:>7.3}",
+                c, p.capped, p.configured_mbit, p.udp_mbit, p.udp_ratio, p.tcp_mbit, p.tcp_ratio
             );
         }
+    }
+    let _ = writeln!(
+        o,
+        "\n8. Isolation: a quiet pair's UDP round trips (µs) alone and while a neighbour \
+         Violin floods the same hosts (1400-byte UDP)"
+    );
+    let _ = writeln!(
+        o,
+        "{:<38} {:>9} {:>9} {:>9} {:>9} {:>11}",
+        "quiet / flooding", "p50", "p99", "p99 fl.", "+p99", "flood Mbit"
+    );
+    for (c, i) in &r.isolation {
+        let _ = writeln!(
+            o,
+            "{:<38} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.1}",
+            c,
+            i.alone.p50_us,
+            i.alone.p99_us,
+            i.flooded.p99_us,
+            i.flooded.p99_us - i.alone.p99_us,
+            i.flood_mbit
+        );
     }
     let _ = writeln!(
         o,
@@ -1019,12 +1139,19 @@ fn check(r: &Results) -> Result<()> {
             problems.push(format!("ICMP of {c}"));
         }
     }
-    for c in ["violin-udp", "violin-xdp", "violin-xdp-fast"] {
+    for c in ["violin-udp", "violin-udp-tap", "violin-xdp-fast"] {
         if !r.policing.get(c).is_some_and(|m| {
-            !m.is_empty() && m.values().all(|p| p.udp_mbit > 0.0 && p.tcp_mbit > 0.0)
+            m.len() >= 2 && m.values().all(|p| p.udp_mbit > 0.0 && p.tcp_mbit > 0.0)
         }) {
-            problems.push(format!("policing of {c}"));
+            problems.push(format!("rate caps of {c}"));
         }
+    }
+    if r.isolation.len() < 6
+        || r.isolation
+            .values()
+            .any(|i| i.alone.samples == 0 || i.flooded.samples == 0 || i.flood_mbit <= 0.0)
+    {
+        problems.push("isolation".into());
     }
     for c in ["violin-udp", "violin-xdp"] {
         let ok = r.sharing.get(c).is_some_and(|rows| {

@@ -46,6 +46,16 @@ pub fn violin_bin() -> PathBuf {
     std::env::current_exe().unwrap().with_file_name("violin")
 }
 
+/// What a test Violin caps.
+#[derive(Debug, Clone, Copy)]
+pub enum Cap<'a> {
+    None,
+    /// The a–b link, at this rate (tc's units).
+    Link(&'a str),
+    /// Guest a's sending.
+    Guest(&'a str),
+}
+
 impl Testbed {
     pub fn up(name: &str, dataplane: &'static str) -> Result<Testbed> {
         Testbed::up_hosts(name, dataplane, 2)
@@ -185,12 +195,29 @@ impl Testbed {
         port: &str,
         rate: Option<&str>,
     ) -> Result<Pair> {
-        let link = match rate {
-            Some(r) => format!("[[link]]\nbetween = [\"a\", \"b\"]\nrate = \"{r}\"\n"),
-            None => String::new(),
+        let cap = rate.map_or(Cap::None, Cap::Link);
+        self.violin_pair_capped(name, vni, subnet, port, cap)
+    }
+
+    /// The same, with the a–b link or guest a capped.
+    pub fn violin_pair_capped(
+        &self,
+        name: &str,
+        vni: u32,
+        subnet: u8,
+        port: &str,
+        cap: Cap<'_>,
+    ) -> Result<Pair> {
+        let (link, guest) = match cap {
+            Cap::Link(r) => (
+                format!("[[link]]\nbetween = [\"a\", \"b\"]\nrate = \"{r}\"\n"),
+                String::new(),
+            ),
+            Cap::Guest(r) => (String::new(), format!("rate = \"{r}\"\n")),
+            Cap::None => (String::new(), String::new()),
         };
         let spec = format!(
-            "name = \"{name}\"\nvni = {vni}\n[[guest]]\nname = \"a\"\nhost = \"h1\"\nip = \"10.{subnet}.0.1/24\"\nport = \"{port}\"\n\
+            "name = \"{name}\"\nvni = {vni}\n[[guest]]\nname = \"a\"\nhost = \"h1\"\nip = \"10.{subnet}.0.1/24\"\nport = \"{port}\"\n{guest}\
              [[guest]]\nname = \"b\"\nhost = \"h2\"\nip = \"10.{subnet}.0.2/24\"\nport = \"{port}\"\n{link}"
         );
         self.up_spec(name, &spec)?;

@@ -547,6 +547,15 @@ fn violin_stats(st: &ClusterState, violin: &str, json: bool) -> Result<()> {
     for (k, v) in &s.drops {
         println!("{k:<18} {v:>12}");
     }
+    let marked: u64 = s.hosts.iter().map(|h| h.stats.ecn_marked).sum();
+    let (qf, qb) = s.hosts.iter().fold((0, 0), |(f, b), h| {
+        (f + h.stats.queued_frames, b + h.stats.queued_bytes)
+    });
+    if marked + qf > 0 {
+        println!(
+            "\ncapped links: {marked} frames marked CE (ECN); {qf} frames ({qb} bytes) queued now"
+        );
+    }
     println!(
         "\n{:<10} {:<6} {:>10} {:>12} {:>10} {:>12} {:>8}",
         "GUEST", "HOST", "RX FRAMES", "RX BYTES", "TX FRAMES", "TX BYTES", "CONNECTS"

@@ -16,6 +16,14 @@ pub struct ViolinStats {
     pub drops: BTreeMap<String, u64>,
     /// MACs learned behind external members.
     pub learned_macs: usize,
+    /// Frames of capped links marked CE instead of dropped (ECN).
+    #[serde(default)]
+    pub ecn_marked: u64,
+    /// Frames waiting in capped links' queues, and their bytes (at the snapshot).
+    #[serde(default)]
+    pub queued_frames: u64,
+    #[serde(default)]
+    pub queued_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

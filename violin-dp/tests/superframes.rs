@@ -1,7 +1,7 @@
 //! Tap ports and super-frames end to end, on both data planes: tap guests hand over and
 //! take TCP super-frames (far fewer port frames than wire segments, both ways); a
 //! super-frame to a socket guest or to a Linux kernel vxlan device is segmented with
-//! correct checksums (TCP would stall otherwise); a policed link still holds TCP under
+//! correct checksums (TCP would stall otherwise); a capped link still holds TCP under
 //! its rate; and the host's own TCP keeps its segmentation offload with the xdp plane
 //! attached.
 mod common;
@@ -49,32 +49,6 @@ name = "x"
 underlay = "172.31.0.50"
 mac = "02:aa:00:00:00:50"
 "#;
-
-/// Runs an iperf3 client in `ns` against a one-shot server in `server_ns`; returns the
-/// receiver's bits per second.
-fn iperf(server_ns: &str, client_ns: &str, to: &str, secs: u32, reverse: bool) -> f64 {
-    let run = |ns: &str, args: &[&str]| {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .output()
-            .expect("running iperf3")
-    };
-    let o = run(server_ns, &["iperf3", "-s", "-1", "-D"]);
-    assert!(o.status.success(), "iperf3 server: {o:?}");
-    std::thread::sleep(Duration::from_millis(300));
-    let t = secs.to_string();
-    let mut args = vec!["iperf3", "-c", to, "-t", &t, "-J"];
-    if reverse {
-        args.push("-R");
-    }
-    let o = run(client_ns, &args);
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("iperf3 {client_ns} → {to}: {e}: {o:?}"));
-    j["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("iperf3 {client_ns} → {to}: {j}"))
-}
 
 fn port(s: &ClusterStats, guest: &str) -> violin_dp::stats::PortCounters {
     s.hosts
@@ -141,7 +115,7 @@ fn tap_ports_carry_super_frames_and_interoperate(dp: &str) {
     );
     assert!(to_s > 10e6 && from_s > 10e6, "{to_s} / {from_s}");
 
-    // A policed link holds a tap guest's TCP under its rate.
+    // A capped link holds a tap guest's TCP under its rate.
     let capped = iperf(&np, &na, "10.5.0.4", 3, false);
     eprintln!(
         "{dp}: TCP a → p over a 50 Mbit/s link: {:.1} Mbit/s",

@@ -126,6 +126,24 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
         }
     }
     f.head(
+        "violin_ecn_marked_total",
+        "counter",
+        "Frames of a Violin's capped links marked CE (ECN) instead of dropped.",
+    );
+    for v in violins {
+        let l = [("host", host), ("violin", v.stats.name.as_str())];
+        f.sample("violin_ecn_marked_total", &l, &v.stats.ecn_marked);
+    }
+    f.head(
+        "violin_shaped_queue_bytes",
+        "gauge",
+        "Bytes waiting in a Violin's capped links' queues.",
+    );
+    for v in violins {
+        let l = [("host", host), ("violin", v.stats.name.as_str())];
+        f.sample("violin_shaped_queue_bytes", &l, &v.stats.queued_bytes);
+    }
+    f.head(
         "violin_host_drops_total",
         "counter",
         "Frames dropped before any Violin was known (bad outer headers, unknown VNI), by reason.",
@@ -440,6 +458,8 @@ mod tests {
                 }],
                 drops: [("no_link".to_string(), 5)].into(),
                 learned_macs: 0,
+                ecn_marked: 3,
+                ..Default::default()
             },
             ports: vec![],
             host_drops: drops.clone(),
@@ -467,6 +487,7 @@ mod tests {
             "# TYPE violin_edge_bytes_total counter",
             "violin_edge_bytes_total{host=\"h1\",violin=\"blue\",from=\"a\",to=\"b\"} 200",
             "violin_drops_total{host=\"h1\",violin=\"blue\",reason=\"no_link\"} 5",
+            "violin_ecn_marked_total{host=\"h1\",violin=\"blue\"} 3",
             "violin_host_drops_total{host=\"h1\",reason=\"unknown_vni\"} 3",
             "violin_udp_rx_frames_total{host=\"h1\"} 7",
             "violin_worker_handed_off_total{host=\"h1\",worker=\"1\"} 4",

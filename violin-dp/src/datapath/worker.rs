@@ -510,7 +510,7 @@ pub struct Worker {
     /// Guest ports held back until their cap refills: (when, token).
     held: Vec<(u64, Token)>,
     timer: Timer,
-    /// When the next capped-link release is due (cached between rounds).
+    /// When the next capped-link release is due (as of the end of the last round).
     release_at: Option<u64>,
     udp_rx_frames: u64,
     team: Team,
@@ -943,10 +943,8 @@ impl Worker {
 
     /// Arms the timer for the earliest release or refill (or disarms it).
     fn arm_timer(&mut self) {
-        if self.release_at.is_none() {
-            // Frames queued during this round.
-            self.release_at = self.fabric.switch.next_release(self.now());
-        }
+        // Frames queued during this round may be due before what was due so far.
+        self.release_at = self.fabric.switch.next_release(self.now());
         let refill = self.held.iter().map(|(t, _)| *t).min();
         let at = match (self.release_at, refill) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -420,6 +420,32 @@ pub fn attach_to_underlay(c: &Cluster, suffix: &str, ip: std::net::Ipv4Addr, pre
     ns
 }
 
+/// Runs an iperf3 client in `ns` against a one-shot server in `server_ns`; returns the
+/// receiver's bits per second.
+pub fn iperf(server_ns: &str, client_ns: &str, to: &str, secs: u32, reverse: bool) -> f64 {
+    let run = |ns: &str, args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .expect("running iperf3")
+    };
+    let o = run(server_ns, &["iperf3", "-s", "-1", "-D"]);
+    assert!(o.status.success(), "iperf3 server: {o:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let t = secs.to_string();
+    let mut args = vec!["iperf3", "-c", to, "-t", &t, "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let o = run(client_ns, &args);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("iperf3 {client_ns} → {to}: {e}: {o:?}"));
+    j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 {client_ns} → {to}: {j}"))
+}
+
 /// Runs each named test function (taking the data plane's name) once per data plane,
 /// as `udp::NAME` and `xdp::NAME`.
 #[macro_export]

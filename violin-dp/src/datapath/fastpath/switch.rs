@@ -1086,6 +1086,9 @@ fn stats_of(t: &ViolinTable) -> ViolinStats {
         edges,
         drops: drops_map(&t.drops),
         learned_macs: t.learned.len(),
+        ecn_marked: t.shapers.iter().map(|x| x.shaper.marked).sum(),
+        queued_frames: t.shapers.iter().map(|x| x.shaper.queued().0 as u64).sum(),
+        queued_bytes: t.shapers.iter().map(|x| x.shaper.queued().1 as u64).sum(),
     }
 }
 

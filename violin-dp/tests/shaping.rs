@@ -1,0 +1,111 @@
+//! Rate caps TCP can live with, end to end on both data planes: a capped link queues
+//! and releases at its rate (dropping only what overflows its queue), a capped guest is
+//! held back rather than dropped, and an ECN-capable sender is told of the queue by CE
+//! marks instead of losses.
+mod common;
+
+use common::*;
+
+const CAP_MBIT: f64 = 20.0;
+
+/// a (tap, h1) → b (tap, h2) over a 20 Mbit/s link; c (socket, h1) capped at 20 Mbit/s
+/// itself, → d (tap, h2).
+const SPEC: &str = r#"
+name = "caps"
+vni = 160
+[[guest]]
+name = "a"
+host = "h1"
+ip = "10.6.0.1/24"
+port = "tap"
+[[guest]]
+name = "b"
+host = "h2"
+ip = "10.6.0.2/24"
+port = "tap"
+[[guest]]
+name = "c"
+host = "h1"
+ip = "10.6.0.3/24"
+rate = "20mbit"
+[[guest]]
+name = "d"
+host = "h2"
+ip = "10.6.0.4/24"
+port = "tap"
+[[link]]
+between = ["a", "b"]
+rate = "20mbit"
+[[link]]
+between = ["c", "d"]
+"#;
+
+fn drops(c: &Cluster, reason: &str) -> u64 {
+    c.stats("caps").drops.get(reason).copied().unwrap_or(0)
+}
+
+fn tcp_through_a_capped_link_and_a_capped_guest(dp: &str) {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, dp, &[]);
+    c.up_spec("caps.toml", SPEC);
+    assert!(c.ping("caps", "a", "10.6.0.2", 2));
+    assert!(c.ping("caps", "c", "10.6.0.4", 2));
+    let ns = |g: &str| c.guest_ns("caps", g);
+
+    // TCP's goodput is at most 1448/1514 of the L2 rate the cap counts (0.956).
+    let link = iperf(&ns("b"), &ns("a"), "10.6.0.2", 4, false) / 1e6;
+    let link_drops = drops(&c, "policed_link");
+    let guest = iperf(&ns("d"), &ns("c"), "10.6.0.4", 4, false) / 1e6;
+    eprintln!(
+        "{dp}: TCP through a {CAP_MBIT} Mbit/s link {link:.2} Mbit/s ({link_drops} frames \
+         overflowed its queue), through a {CAP_MBIT} Mbit/s guest cap {guest:.2} Mbit/s"
+    );
+    for (what, got) in [("link", link), ("guest", guest)] {
+        assert!(
+            (0.8 * CAP_MBIT..=1.0 * CAP_MBIT).contains(&got),
+            "TCP through the capped {what}: {got:.2} Mbit/s for a {CAP_MBIT} Mbit/s cap"
+        );
+    }
+    assert_eq!(
+        drops(&c, "policed_guest"),
+        0,
+        "a capped guest is held back, never dropped"
+    );
+
+    // With ECN, the queue marks instead of overflowing.
+    for g in ["a", "b"] {
+        let o = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns(g),
+                "sysctl",
+                "-qw",
+                "net.ipv4.tcp_ecn=1",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+    }
+    let before = c.stats("caps");
+    let marked0: u64 = before.hosts.iter().map(|h| h.stats.ecn_marked).sum();
+    let ecn = iperf(&ns("b"), &ns("a"), "10.6.0.2", 4, false) / 1e6;
+    let after = c.stats("caps");
+    let marked: u64 = after.hosts.iter().map(|h| h.stats.ecn_marked).sum::<u64>() - marked0;
+    let overflowed = drops(&c, "policed_link") - link_drops;
+    eprintln!(
+        "{dp}: TCP with ECN: {ecn:.2} Mbit/s, {marked} frames marked CE, {overflowed} overflowed"
+    );
+    assert!(
+        marked > 0,
+        "an ECN-capable flow through a full queue is marked"
+    );
+    assert!(
+        (0.8 * CAP_MBIT..=1.0 * CAP_MBIT).contains(&ecn),
+        "TCP with ECN: {ecn:.2} Mbit/s"
+    );
+}
+
+on_both_dataplanes!(tcp_through_a_capped_link_and_a_capped_guest);
