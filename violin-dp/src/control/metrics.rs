@@ -132,7 +132,7 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
     );
     for v in violins {
         let l = [("host", host), ("violin", v.stats.name.as_str())];
-        f.sample("violin_ecn_marked_total", &l, &v.stats.ecn_marked);
+        f.sample("violin_ecn_marked_total", &l, v.stats.ecn_marked);
     }
     f.head(
         "violin_shaped_queue_bytes",
@@ -141,7 +141,7 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
     );
     for v in violins {
         let l = [("host", host), ("violin", v.stats.name.as_str())];
-        f.sample("violin_shaped_queue_bytes", &l, &v.stats.queued_bytes);
+        f.sample("violin_shaped_queue_bytes", &l, v.stats.queued_bytes);
     }
     f.head(
         "violin_host_drops_total",
