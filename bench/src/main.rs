@@ -1013,7 +1013,7 @@ fn tables(r: &Results) -> String {
     }
     let _ = writeln!(
         o,
-        "\n8. Isolation: a quiet pair's UDP round trips (µs) alone and while a neighbour \
+        "\n4b. Isolation: a quiet pair's UDP round trips (µs) alone and while a neighbour \
          Violin floods the same hosts (1400-byte UDP)"
     );
     let _ = writeln!(

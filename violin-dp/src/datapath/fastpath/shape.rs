@@ -139,9 +139,13 @@ impl LinkShaper {
     }
 
     /// Lets queued frames go, oldest first, while the bucket has credit at `now`; each
-    /// goes to `send` with its GSO layout. Returns when the next can go (`None`: the
+    /// goes to `send` with its GSO layout and wire size. Returns when the next can go (`None`: the
     /// queue is empty).
-    pub fn release(&mut self, now: u64, mut send: impl FnMut(&[u8], Option<&Gso>)) -> Option<u64> {
+    pub fn release(
+        &mut self,
+        now: u64,
+        mut send: impl FnMut(&[u8], Option<&Gso>, Size),
+    ) -> Option<u64> {
         while let Some(r) = self.records.front().copied() {
             if self.bucket.allowance(now).is_none() {
                 return Some(self.bucket.ready_at(now));
@@ -149,7 +153,7 @@ impl LinkShaper {
             self.bucket.charge_n(r.size.frames, r.size.bytes, now);
             self.records.pop_front();
             self.queued_bytes -= r.size.bytes;
-            send(&self.buf[r.off..r.off + r.len], r.gso.as_ref());
+            send(&self.buf[r.off..r.off + r.len], r.gso.as_ref(), r.size);
         }
         self.write = 0;
         None
@@ -238,7 +242,7 @@ mod tests {
         let mut next = s.next_at(now);
         while let Some(t) = next {
             now = t;
-            next = s.release(now, |f, _| got.push((f[34], now)));
+            next = s.release(now, |f, _, _| got.push((f[34], now)));
         }
         assert_eq!(got.len(), 99, "one went at once");
         assert!(got.windows(2).all(|w| w[0].0 + 1 == w[1].0), "in order");
@@ -280,7 +284,7 @@ mod tests {
         let mut now = 0;
         while let Some(t) = s.next_at(now) {
             now = t;
-            s.release(now, |f, _| ces.push(ecn::ecn(f)));
+            s.release(now, |f, _, _| ces.push(ecn::ecn(f)));
         }
         // 2.5 MB at 125 MB/s: 20 ms.
         assert!((19 * MS..=20 * MS).contains(&now), "drained at {now} ns");
@@ -307,7 +311,7 @@ mod tests {
                     let mut tries = 0;
                     loop {
                         now += 20 * MS;
-                        s.release(now, |f, _| out.push((f.len(), f[34])));
+                        s.release(now, |f, _, _| out.push((f.len(), f[34])));
                         match offer(&mut s, &f, now) {
                             Offer::Full => tries += 1,
                             Offer::Send => break out.push((f.len(), f[34])),
@@ -323,7 +327,7 @@ mod tests {
         }
         while let Some(t) = s.next_at(now) {
             now = t;
-            s.release(now, |f, _| out.push((f.len(), f[34])));
+            s.release(now, |f, _, _| out.push((f.len(), f[34])));
         }
         assert_eq!(out, sent);
     }
@@ -354,7 +358,7 @@ mod tests {
         assert_eq!(s.next_at(0), Some(15_020_000));
         let mut seen = None;
         assert_eq!(
-            s.release(15_020_000, |b, gso| seen = Some((b.len(), gso.copied()))),
+            s.release(15_020_000, |b, gso, _| seen = Some((b.len(), gso.copied()))),
             None
         );
         assert_eq!(seen, Some((f.len(), Some(g))));

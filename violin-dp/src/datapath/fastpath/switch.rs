@@ -141,7 +141,8 @@ pub struct ViolinTable {
     /// Shapers with frames queued (each once).
     backlog: Vec<usize>,
     guest_police: Vec<Option<Policer>>,
-    /// Sent packets/bytes per (src, dst), counted where the sender is policed.
+    /// Sent packets/bytes per (src, dst), counted where the sender is capped, when they
+    /// leave (a frame a capped link queued counts once it is released).
     edges: Vec<Counter>,
     drops: Drops,
     /// Underlay addresses of the other hosts with guests of this Violin.
@@ -432,8 +433,10 @@ impl ViolinTable {
                 Ok(go) => now_out = go,
                 Err(v) => return self.drop(v),
             }
-            let n = self.n();
-            self.edges[s * n + d].add(f.size);
+            if now_out {
+                let n = self.n();
+                self.edges[s * n + d].add(f.size);
+            }
         }
         if now_out {
             out.push(self.egress_of(d));
@@ -486,7 +489,9 @@ impl ViolinTable {
                         continue;
                     }
                 }
-                self.edges[s * n + d].add(len);
+                if go {
+                    self.edges[s * n + d].add(len);
+                }
             }
             if let Location::Remote(h) = loc {
                 self.host_sent[h] = true;
@@ -970,9 +975,12 @@ impl Switch {
             let mut i = 0;
             while i < t.backlog.len() {
                 let k = t.backlog[i];
-                let e = t.egress_of(t.shapers[k].d);
+                let (s, d) = (t.shapers[k].s, t.shapers[k].d);
+                let e = t.egress_of(d);
+                let edge = &mut t.edges[s * t.loc.len() + d];
                 let drops = &mut t.drops;
-                let due = t.shapers[k].shaper.release(now, |f, g| {
+                let due = t.shapers[k].shaper.release(now, |f, g, size| {
+                    edge.add(size);
                     if let Err(v) = send(e, f, g) {
                         drops[v as usize] += 1;
                     }

@@ -558,6 +558,14 @@ fn a_capped_link_shapes_per_direction_with_time_passed_in() {
         "drained at {last} ns, not ~{want}"
     );
     assert_eq!(f.sw.next_release(last), None);
+    // The edge counts frames as they leave: the burst, then each release.
+    let s = f.sw.stats("blue").unwrap();
+    let ab = s
+        .edges
+        .iter()
+        .find(|e| e.from == "a" && e.to == "b")
+        .unwrap();
+    assert_eq!(ab.packets, now_sent + queued);
     // b→a arrives from h2 and is not capped here (h2 did it).
     let from_h2 = Ingress::Tunnel { src: H2, vni: VNI };
     for _ in 0..1000 {
