@@ -622,10 +622,11 @@ impl Worker {
             self.drr = drr;
             self.underlay.flush();
             self.team.wake();
+            let busy = !self.drr.is_idle();
             let Fabric { switch, ports, .. } = &mut self.fabric;
             for (p, wp) in ports.iter_mut().enumerate() {
                 if let Some(wp) = wp.as_mut().filter(|wp| wp.port.batches()) {
-                    if let Err(v) = wp.port.flush() {
+                    if let Err(v) = wp.port.end_round(busy) {
                         switch.count_egress_drop(Egress::Port(p as PortId), v);
                     }
                 }

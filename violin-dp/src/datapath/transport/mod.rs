@@ -109,6 +109,15 @@ impl Port {
         }
     }
 
+    /// The end of a worker's round (`busy`: it has more to read): AF_XDP TX batches
+    /// go now; a tap's pending super-frame may wait a round or two to grow.
+    pub fn end_round(&mut self, busy: bool) -> Result<(), Verdict> {
+        match self {
+            Port::Tap(p) => p.end_round(busy),
+            other => other.flush(),
+        }
+    }
+
     /// True when output waits for the end of the batch ([`Port::flush`]).
     pub fn batches(&self) -> bool {
         matches!(self, Port::Xdp(_) | Port::Tap(_))

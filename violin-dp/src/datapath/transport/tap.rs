@@ -30,7 +30,15 @@ pub struct TapPort {
     coalescer: Coalescer,
     /// The super-frame being coalesced, after room for its virtio header.
     pending: Box<[u8]>,
+    /// Rounds of a busy worker the pending super-frame has waited to grow.
+    pending_rounds: u8,
 }
+
+/// Rounds a pending super-frame may wait for more segments while the worker is busy
+/// (GRO holds segments across a NAPI poll the same way). Written at the end of every
+/// round, a bulk flow took 1.4 × as many tap writes per byte, and its TCP ran at a
+/// median 4.4 instead of 5.1 Gbit/s (udp plane, A/B runs on this machine).
+const HOLD_ROUNDS: u8 = 2;
 
 impl TapPort {
     /// Wraps a tap opened with `IFF_VNET_HDR` (non-blocking) in namespace `netns`.
@@ -44,6 +52,7 @@ impl TapPort {
             },
             coalescer: Coalescer::default(),
             pending: vec![0u8; VNET + MAX_SUPER].into_boxed_slice(),
+            pending_rounds: 0,
         }
     }
 
@@ -125,7 +134,22 @@ impl TapPort {
         self.flush_pending()
     }
 
+    /// The end of a worker's round: the pending super-frame is written, unless the
+    /// worker is `busy` (more frames may join it) and it has waited less than
+    /// [`HOLD_ROUNDS`] rounds.
+    pub fn end_round(&mut self, busy: bool) -> Result<(), Verdict> {
+        if self.coalescer.is_empty() {
+            return Ok(());
+        }
+        if busy && self.pending_rounds < HOLD_ROUNDS {
+            self.pending_rounds += 1;
+            return Ok(());
+        }
+        self.flush_pending()
+    }
+
     fn flush_pending(&mut self) -> Result<(), Verdict> {
+        self.pending_rounds = 0;
         let Some((v, n)) = self.coalescer.finish(&mut self.pending[VNET..]) else {
             return Ok(());
         };
@@ -156,5 +180,102 @@ fn write_counted(
             Ok(())
         }
         _ => Err(Verdict::QueueFull),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+    use violin_common::wire::checksum;
+    use violin_common::wire::virtio::{GsoType, F_NEEDS_CSUM};
+
+    /// Three TCP/IPv4 segments of 1000 bytes of one flow, in order, as the kernel's
+    /// segmentation of one super-frame makes them.
+    fn segments() -> Vec<Vec<u8>> {
+        let payload = vec![7u8; 3000];
+        let mut f = vec![0u8; 54 + payload.len()];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
+        f[20] = 0x40;
+        f[22] = 64;
+        f[23] = 6;
+        f[26..30].copy_from_slice(&[10, 0, 0, 1]);
+        f[30..34].copy_from_slice(&[10, 0, 0, 2]);
+        let c = !checksum::sum(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+        f[36..38].copy_from_slice(&5201u16.to_be_bytes());
+        f[46] = 5 << 4;
+        f[47] = 0x10; // ACK
+        f[48..50].copy_from_slice(&502u16.to_be_bytes());
+        f[54..].copy_from_slice(&payload);
+        let pseudo = checksum::pseudo_header(
+            std::net::Ipv4Addr::new(10, 0, 0, 1),
+            std::net::Ipv4Addr::new(10, 0, 0, 2),
+            6,
+            (20 + payload.len()) as u16,
+        );
+        f[50..52].copy_from_slice(&pseudo.to_be_bytes());
+        let v = VirtioNetRepr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GsoType::TcpV4,
+            ecn: false,
+            hdr_len: 54,
+            gso_size: 1000,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let g = Gso::from_virtio(&v, &f).unwrap().unwrap();
+        (0..3)
+            .map(|i| {
+                let mut out = vec![0u8; 2000];
+                let n = g.write_segment(&f, i, &mut out);
+                out.truncate(n);
+                out
+            })
+            .collect()
+    }
+
+    /// A tap port writing into a pipe, and the pipe's read end (non-blocking).
+    fn port() -> (TapPort, File) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2(2) writes two new fds into `fds`.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) },
+            0
+        );
+        // SAFETY: both fds were just created and are owned by nothing else.
+        let (r, w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        (TapPort::new(w, "test"), r)
+    }
+
+    /// What the port wrote: one record (virtio header and frame) per read.
+    fn written(r: &mut File) -> Vec<usize> {
+        let mut lens = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n @ 1..) = r.read(&mut buf) {
+            lens.push(n - VNET);
+        }
+        lens
+    }
+
+    #[test]
+    fn a_busy_worker_lets_a_super_frame_grow_for_two_rounds_at_most() {
+        let (mut p, mut r) = port();
+        let s = segments();
+        p.send(&s[0]).unwrap();
+        p.end_round(true).unwrap();
+        p.send(&s[1]).unwrap();
+        p.end_round(true).unwrap();
+        assert!(written(&mut r).is_empty(), "held while the worker is busy");
+        p.end_round(true).unwrap();
+        assert_eq!(written(&mut r), vec![54 + 2000], "two segments, one write");
+        // An idle worker writes at once.
+        p.send(&s[2]).unwrap();
+        p.end_round(false).unwrap();
+        assert_eq!(written(&mut r), vec![54 + 1000]);
+        assert_eq!(p.counters.tx_frames, 2);
     }
 }
