@@ -125,23 +125,25 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
             );
         }
     }
-    f.head(
-        "violin_ecn_marked_total",
-        "counter",
-        "Frames of a Violin's capped links marked CE (ECN) instead of dropped.",
-    );
-    for v in violins {
-        let l = [("host", host), ("violin", v.stats.name.as_str())];
-        f.sample("violin_ecn_marked_total", &l, v.stats.ecn_marked);
-    }
-    f.head(
-        "violin_shaped_queue_bytes",
-        "gauge",
-        "Bytes waiting in a Violin's capped links' queues.",
-    );
-    for v in violins {
-        let l = [("host", host), ("violin", v.stats.name.as_str())];
-        f.sample("violin_shaped_queue_bytes", &l, v.stats.queued_bytes);
+    for (name, kind, help, get) in [
+        (
+            "violin_ecn_marked_total",
+            "counter",
+            "Frames of a Violin's capped links marked CE (ECN) instead of dropped.",
+            (|s: &crate::stats::ViolinStats| s.ecn_marked) as fn(&_) -> u64,
+        ),
+        (
+            "violin_shaped_queue_bytes",
+            "gauge",
+            "Bytes waiting in a Violin's capped links' queues.",
+            |s| s.queued_bytes,
+        ),
+    ] {
+        f.head(name, kind, help);
+        for v in violins {
+            let l = [("host", host), ("violin", v.stats.name.as_str())];
+            f.sample(name, &l, get(&v.stats));
+        }
     }
     f.head(
         "violin_host_drops_total",

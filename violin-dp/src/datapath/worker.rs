@@ -75,6 +75,10 @@ fn port_token(p: PortId) -> Token {
 fn conn_token(p: PortId) -> Token {
     Token(PORT_BASE + 2 * p as usize + 1)
 }
+/// The port of a port or connection token's number.
+fn port_of(token: usize) -> PortId {
+    ((token - PORT_BASE) / 2) as PortId
+}
 
 /// The worker that owns the Violin with `vni` among `workers`: the index of the
 /// underlay socket [`UdpUnderlay::bind_group`]'s steering program picks.
@@ -888,7 +892,7 @@ impl Worker {
             TIMER => self.timer.expired(),
             Token(n) if n >= XSK_BASE => self.drr.ready(xsk_class(n - XSK_BASE), t),
             Token(n) if n >= PORT_BASE => {
-                let p = ((n - PORT_BASE) / 2) as PortId;
+                let p = port_of(n);
                 if (n - PORT_BASE).is_multiple_of(2) {
                     self.port_accept_or_ready(p);
                 } else {
@@ -931,7 +935,7 @@ impl Worker {
             if self.held[i].0 <= now {
                 let (_, t) = self.held.swap_remove(i);
                 if let Token(n @ PORT_BASE..) = t {
-                    let p = ((n - PORT_BASE) / 2) as PortId;
+                    let p = port_of(n);
                     if let Some(v) = self.fabric.switch.violin_of_port(p) {
                         self.drr.ready(port_class(v), t);
                     }
@@ -964,7 +968,7 @@ impl Worker {
             HANDOFF => self.handoff_rx(&mut budget),
             Token(n) if n >= XSK_BASE => self.xsk_rx(n - XSK_BASE, &mut budget),
             Token(n) if n >= PORT_BASE => {
-                let p = ((n - PORT_BASE) / 2) as PortId;
+                let p = port_of(n);
                 return self.port_rx(p, t, bytes);
             }
             _ => false,

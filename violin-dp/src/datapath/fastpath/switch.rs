@@ -975,9 +975,9 @@ impl Switch {
             let mut i = 0;
             while i < t.backlog.len() {
                 let k = t.backlog[i];
-                let (s, d) = (t.shapers[k].s, t.shapers[k].d);
+                let (s, d, n) = (t.shapers[k].s, t.shapers[k].d, t.n());
                 let e = t.egress_of(d);
-                let edge = &mut t.edges[s * t.loc.len() + d];
+                let edge = &mut t.edges[s * n + d];
                 let drops = &mut t.drops;
                 let due = t.shapers[k].shaper.release(now, |f, g, size| {
                     edge.add(size);

@@ -189,22 +189,29 @@ mod tests {
     use std::os::fd::FromRawFd;
     use violin_common::wire::checksum;
     use violin_common::wire::virtio::{GsoType, F_NEEDS_CSUM};
+    use violin_common::wire::{
+        EtherType, EthernetAddress, EthernetFrame, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr,
+    };
 
     /// Three TCP/IPv4 segments of 1000 bytes of one flow, in order, as the kernel's
     /// segmentation of one super-frame makes them.
     fn segments() -> Vec<Vec<u8>> {
         let payload = vec![7u8; 3000];
         let mut f = vec![0u8; 54 + payload.len()];
-        f[12..14].copy_from_slice(&[0x08, 0x00]);
-        f[14] = 0x45;
-        f[16..18].copy_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
-        f[20] = 0x40;
-        f[22] = 64;
-        f[23] = 6;
-        f[26..30].copy_from_slice(&[10, 0, 0, 1]);
-        f[30..34].copy_from_slice(&[10, 0, 0, 2]);
-        let c = !checksum::sum(&f[14..34]);
-        f[24..26].copy_from_slice(&c.to_be_bytes());
+        EthernetRepr {
+            src_addr: EthernetAddress([0x02, 0, 0, 0, 0, 1]),
+            dst_addr: EthernetAddress([0x02, 0, 0, 0, 0, 2]),
+            ethertype: EtherType::IPV4,
+        }
+        .emit(&mut EthernetFrame::new_unchecked(&mut f[..]));
+        Ipv4Repr {
+            src_addr: std::net::Ipv4Addr::new(10, 0, 0, 1),
+            dst_addr: std::net::Ipv4Addr::new(10, 0, 0, 2),
+            protocol: IpProtocol::TCP,
+            payload_len: 20 + payload.len(),
+            hop_limit: 64,
+        }
+        .emit(&mut Ipv4Packet::new_unchecked(&mut f[14..]));
         f[34..36].copy_from_slice(&40000u16.to_be_bytes());
         f[36..38].copy_from_slice(&5201u16.to_be_bytes());
         f[46] = 5 << 4;
