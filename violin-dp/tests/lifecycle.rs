@@ -264,11 +264,16 @@ fn up_is_idempotent() {
 /// The pid of guest `guest`'s relay on host `host`, from the pidfile its daemon
 /// wrote when it started it (if that process still runs).
 fn relay_pid(c: &Cluster, host: &str, guest: &str) -> Option<i32> {
+    relay_pid_of(c, "blue", host, guest)
+}
+
+fn relay_pid_of(c: &Cluster, violin: &str, host: &str, guest: &str) -> Option<i32> {
     let file = c
         .run_dir
         .join(&c.name)
         .join(host)
-        .join("guests/blue")
+        .join("guests")
+        .join(violin)
         .join(format!("{guest}.pid"));
     violin_dp::host::procs::live(&file)
 }
@@ -640,6 +645,11 @@ fn a_guest_is_root_inside_and_nobody_outside() {
         let mut args = vec!["exec", "blue", g, "--"];
         args.extend_from_slice(&v6);
         assert_eq!(c.ok(&args).trim(), "1", "{g} has IPv6 off");
+        // The guest sees its own interfaces in /sys, not the host's.
+        let sys = c.ok(&["exec", "blue", g, "--", "ls", "/sys/class/net"]);
+        let mut sys: Vec<&str> = sys.split_whitespace().collect();
+        sys.sort_unstable();
+        assert_eq!(sys, ["eth0", "lo"], "{g}'s /sys/class/net");
     }
 
     // Root inside administers the guest's own network.
@@ -787,4 +797,84 @@ fn a_guests_processes_end_with_it() {
         ended(&mut outside),
         "a process running as the guest's uid outlived it"
     );
+}
+
+/// Whether each named guest's port is attached, as `violin stats` reports it.
+fn attached(c: &Cluster, violin: &str) -> std::collections::BTreeMap<String, bool> {
+    c.stats(violin)
+        .hosts
+        .iter()
+        .flat_map(|h| h.ports.iter())
+        .map(|p| (p.name.clone(), p.connected))
+        .collect()
+}
+
+#[test]
+fn a_guest_that_deletes_its_interface_is_shown_detached() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(1, "xdp", &[]);
+    // One guest per netns port kind: a relay (s), a tap the daemon owns (t), a fast
+    // port (x); p stays whole and pings.
+    let spec = r#"
+name = "health"
+vni = 311
+[[guest]]
+name = "s"
+host = "h1"
+ip = "10.11.0.1/24"
+[[guest]]
+name = "t"
+host = "h1"
+ip = "10.11.0.2/24"
+port = "tap"
+[[guest]]
+name = "x"
+host = "h1"
+ip = "10.11.0.3/24"
+port = "xdp"
+[[guest]]
+name = "p"
+host = "h1"
+ip = "10.11.0.4/24"
+"#;
+    c.up_spec("health.toml", spec);
+    assert!(attached(&c, "health").values().all(|&a| a), "all attached first");
+    let relay = relay_pid_of(&c, "health", "h1", "s");
+    assert!(relay.is_some(), "s has a relay");
+    for g in ["s", "t", "x"] {
+        c.ok(&["exec", "health", g, "--", "ip", "link", "del", "eth0"]);
+    }
+    // t and x cannot come back by themselves: they are shown detached, and stay so.
+    let t0 = std::time::Instant::now();
+    let mut now = attached(&c, "health");
+    while (now["t"] || now["x"]) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        now = attached(&c, "health");
+    }
+    assert!(!now["t"], "the tap guest without its interface shows attached");
+    assert!(!now["x"], "the fast-port guest without its interface shows attached");
+    assert!(now["p"], "an untouched guest is still attached");
+    let ls = c.ok(&["ls"]);
+    let row: Vec<&str> = ls
+        .lines()
+        .find(|l| l.starts_with("health "))
+        .expect("health listed")
+        .split_whitespace()
+        .collect();
+    assert_ne!(row[3], "4", "`violin ls` counts every guest attached: {ls}");
+    // The relay's guest gets a new interface from a restarted relay (its old one ended
+    // instead of spinning on a dead tap), and answers again.
+    assert!(
+        c.ping_until("health", "p", "10.11.0.1", Duration::from_secs(15)),
+        "s never came back"
+    );
+    assert_ne!(
+        relay_pid_of(&c, "health", "h1", "s"),
+        relay,
+        "s's relay was not restarted"
+    );
+    assert!(attached(&c, "health")["s"], "s is back but not attached");
+    assert!(!c.ping("health", "p", "10.11.0.2", 1), "t answers without eth0");
 }

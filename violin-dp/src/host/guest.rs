@@ -6,7 +6,7 @@
 use crate::host::netlink;
 use crate::host::netns;
 use crate::spec::Framing;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use nix::sys::socket::{recv, MsgFlags};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -144,8 +144,12 @@ pub fn run(args: GuestArgs) -> Result<()> {
             Ok(conn) => {
                 backoff = Duration::from_millis(20);
                 info!(socket = %args.socket.display(), "connected");
-                let e = relay(&tap, &conn);
-                warn!("connection lost: {e}; reconnecting");
+                match relay(&tap, &conn) {
+                    Ended::Conn(e) => warn!("connection lost: {e}; reconnecting"),
+                    // The guest deleted its interface: exit, so the daemon sees the port
+                    // go and its supervisor starts a relay that makes a new one.
+                    Ended::Tap(e) => bail!("the guest's eth0 is gone: {e}"),
+                }
             }
             Err(_) => {
                 std::thread::sleep(backoff);
@@ -201,8 +205,16 @@ impl Conn {
     }
 }
 
-/// Copies frames both ways until the connection fails; returns why.
-fn relay(tap: &File, conn: &Conn) -> io::Error {
+/// Why [`relay`] stopped.
+enum Ended {
+    /// The connection to the daemon failed: connect again.
+    Conn(io::Error),
+    /// The tap failed (its interface was deleted in the guest).
+    Tap(io::Error),
+}
+
+/// Copies frames both ways until the connection or the tap fails; returns why.
+fn relay(tap: &File, conn: &Conn) -> Ended {
     let mut frame = vec![0u8; 65536];
     let mut out = Vec::with_capacity(65540);
     let mut rx = vec![0u8; 4 + 65536 * 2];
@@ -227,19 +239,23 @@ fn relay(tap: &File, conn: &Conn) -> io::Error {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return e;
+            return Ended::Conn(e);
+        }
+        // A tap whose interface was deleted polls as an error, never as readable.
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return Ended::Tap(io::Error::from_raw_os_error(libc::EBADFD));
         }
         if fds[0].revents & libc::POLLIN != 0 {
             loop {
                 match (&mut &*tap).read(&mut frame) {
                     Ok(n) => {
                         if let Err(e) = conn.send(&mut out, &frame[..n]) {
-                            return e;
+                            return Ended::Conn(e);
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return e,
+                    Err(e) => return Ended::Tap(e),
                 }
             }
         }
@@ -251,7 +267,7 @@ fn relay(tap: &File, conn: &Conn) -> io::Error {
                 };
                 match recv(conn.fd(), buf, MsgFlags::MSG_DONTWAIT) {
                     Ok(0) if matches!(conn, Conn::Stream(_)) => {
-                        return io::ErrorKind::UnexpectedEof.into()
+                        return Ended::Conn(io::ErrorKind::UnexpectedEof.into())
                     }
                     Ok(n) => match conn {
                         Conn::Dgram(_) => {
@@ -267,10 +283,10 @@ fn relay(tap: &File, conn: &Conn) -> io::Error {
                                     rx[start + 3],
                                 ]) as usize;
                                 if len > 65536 {
-                                    return io::Error::new(
+                                    return Ended::Conn(io::Error::new(
                                         io::ErrorKind::InvalidData,
                                         "bad record length from the daemon",
-                                    );
+                                    ));
                                 }
                                 if end - start < 4 + len {
                                     break;
@@ -285,7 +301,7 @@ fn relay(tap: &File, conn: &Conn) -> io::Error {
                     },
                     Err(nix::errno::Errno::EAGAIN) => break,
                     Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => return e.into(),
+                    Err(e) => return Ended::Conn(e.into()),
                 }
             }
         }

@@ -191,7 +191,8 @@ const NS_GET_USERNS: libc::c_ulong = 0xb701;
 /// Moves the calling process into a guest: into the user namespace owning its network
 /// namespace (when that is not ours) as root there, then into the network namespace.
 /// Afterwards the process is root in the guest and the guest's unprivileged uid on the
-/// host. The process must be single-threaded (a kernel rule for joining a user namespace).
+/// host. It also gets a mount namespace whose `/sys` is the guest's ([`own_sysfs`]).
+/// The process must be single-threaded (a kernel rule for joining a user namespace).
 pub fn enter_guest(name: &str) -> Result<()> {
     let net = open(name)?;
     // SAFETY: NS_GET_USERNS takes no argument and returns a new descriptor or -1.
@@ -222,7 +223,34 @@ pub fn enter_guest(name: &str) -> Result<()> {
             nix::unistd::chdir("/")?;
         }
     }
-    Ok(())
+    own_sysfs(name)
+}
+
+/// Gives the calling process a mount namespace of its own with a sysfs of the network
+/// namespace it is in, as `ip netns exec` does: `/sys/class/net` then lists the guest's
+/// interfaces, not the host's. Nothing mounted here propagates back to the host. Inside a
+/// guest's user namespace the host's `/sys` is locked under the new one (it cannot be
+/// unmounted there), so the new sysfs goes on top of it.
+fn own_sysfs(name: &str) -> Result<()> {
+    unshare(CloneFlags::CLONE_NEWNS)
+        .with_context(|| format!("a mount namespace for {name}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .context("making / a slave mount")?;
+    let _ = umount2("/sys", MntFlags::MNT_DETACH);
+    mount(
+        Some("sysfs"),
+        "/sys",
+        Some("sysfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting the sysfs of {name} on /sys"))
 }
 
 /// Deletes the named namespace; a missing one is not an error. A guest namespace's

@@ -123,10 +123,14 @@ impl Port {
         matches!(self, Port::Xdp(_) | Port::Tap(_))
     }
 
+    /// True when the guest is attached: a socket port's guest is connected, a fast
+    /// port's or tap's interface still exists (system calls for the last two: for
+    /// status, not the packet path).
     pub fn connected(&self) -> bool {
         match self {
             Port::Sock(p) => p.connected(),
-            Port::Xdp(_) | Port::Tap(_) => true,
+            Port::Xdp(p) => p.alive(),
+            Port::Tap(p) => p.alive(),
         }
     }
 

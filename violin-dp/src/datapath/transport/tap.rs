@@ -64,6 +64,16 @@ impl TapPort {
         &self.netns
     }
 
+    /// True while the tap still has its interface: once the guest deletes `eth0`,
+    /// `TUNGETIFF` fails with `EBADFD`. One system call: for status, not the packet path.
+    pub fn alive(&self) -> bool {
+        const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+        let mut ifreq = [0u8; 40];
+        // SAFETY: TUNGETIFF writes at most a `struct ifreq` (40 bytes) into the buffer,
+        // which lives for the duration of the call.
+        unsafe { libc::ioctl(self.fd(), TUNGETIFF as _, ifreq.as_mut_ptr()) == 0 }
+    }
+
     /// Reads within `budget` into `buf` (at least `VNET + MAX_SUPER` bytes) and
     /// hands each frame on: plain frames with their checksum complete, super-frames whole.
     /// True when the budget ran out.

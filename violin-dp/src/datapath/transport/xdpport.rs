@@ -18,16 +18,21 @@ pub struct XdpPort {
     core: XskCore,
     rx: RxQueue,
     iface: String,
+    /// The interface the socket is bound to: one re-created under the same name is
+    /// another interface, and this socket carries nothing of it.
+    ifindex: u32,
     pub counters: PortCounters,
 }
 
 impl XdpPort {
     pub fn open(iface: &str) -> anyhow::Result<XdpPort> {
+        let ifindex = nix::net::if_::if_nametoindex(iface)?;
         let (core, rx) = XskCore::open(iface, 0, FRAMES, FILL, RING, RING)?;
         Ok(XdpPort {
             core,
             rx,
             iface: iface.to_string(),
+            ifindex,
             counters: PortCounters {
                 connects: 1,
                 ..Default::default()
@@ -41,6 +46,13 @@ impl XdpPort {
 
     pub fn iface(&self) -> &str {
         &self.iface
+    }
+
+    /// True while the interface the socket is bound to exists. Its peer is the guest's
+    /// `eth0`: a guest that deletes it deletes both ends. One system call: for status,
+    /// not the packet path.
+    pub fn alive(&self) -> bool {
+        nix::net::if_::if_nametoindex(self.iface.as_str()).is_ok_and(|i| i == self.ifindex)
     }
 
     /// Reads frames the guest sent, within `budget`. True when the budget ran out.
