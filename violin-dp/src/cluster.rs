@@ -8,7 +8,7 @@
 
 use crate::config::{DataplaneChoice, HostConfig};
 use crate::control::{self, HostStatus, Request};
-use crate::host::{netlink, netns};
+use crate::host::{netlink, netns, procs};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
@@ -39,7 +39,11 @@ pub struct HostEntry {
     pub control: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// The running daemon (0 while there is none): read from its pidfile on load.
     pub pid: u32,
+    /// The keeper that runs the daemon and restarts it when it dies.
+    #[serde(default)]
+    pub keeper: u32,
     /// Where the daemon serves Prometheus metrics (inside the host's namespace).
     #[serde(default)]
     pub metrics: Option<String>,
@@ -95,7 +99,16 @@ pub fn load(run_dir: &Path, cluster: &str) -> Result<ClusterState> {
     let mut st: ClusterState =
         serde_json::from_str(&text).with_context(|| format!("reading {}", p.display()))?;
     st.run_dir = run_dir.to_path_buf();
+    for h in &mut st.hosts {
+        // The keeper may have started a new daemon since the file was written.
+        h.pid = procs::live(&daemon_pidfile(&h.config)).map_or(0, |p| p as u32);
+    }
     Ok(st)
+}
+
+/// Where a host's keeper records its daemon's pid: beside the host's config.
+fn daemon_pidfile(config: &Path) -> PathBuf {
+    config.with_extension("pid")
 }
 
 /// The `violin-dp` binary: `VIOLIN_DP`, else beside the running executable.
@@ -242,7 +255,7 @@ pub fn up(
             let cfg_path = dir.join(format!("{host}.toml"));
             std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
             let log = dir.join(format!("{host}.log"));
-            let pid = spawn_daemon(&dp, &cfg_path, &ns, &log)?;
+            let keeper = spawn_daemon(&dp, &cfg_path, &ns, &log)?;
             state.hosts.push(HostEntry {
                 name: host,
                 netns: ns,
@@ -251,7 +264,8 @@ pub fn up(
                 control: cfg.control_socket(),
                 config: cfg_path,
                 log,
-                pid,
+                pid: 0,
+                keeper,
                 metrics: cfg
                     .metrics_port
                     .map(|p| format!("http://{underlay}:{p}/metrics")),
@@ -262,9 +276,14 @@ pub fn up(
             )?;
         }
         progress("waiting for the daemons");
-        for h in &state.hosts {
+        for h in &mut state.hosts {
             wait_ready(h, Duration::from_secs(15))?;
+            h.pid = procs::live(&daemon_pidfile(&h.config)).map_or(0, |p| p as u32);
         }
+        std::fs::write(
+            state_file(run_dir, name),
+            serde_json::to_string_pretty(&state)?,
+        )?;
         Ok(())
     })();
     if let Err(e) = r {
@@ -274,6 +293,8 @@ pub fn up(
     Ok(state)
 }
 
+/// Starts a host's daemon in namespace `ns` under a keeper (`violin-dp keep`), which
+/// starts a new daemon when it dies; returns the keeper's pid.
 fn spawn_daemon(bin: &Path, cfg: &Path, ns: &str, log: &Path) -> Result<u32> {
     let nsfile = netns::open(ns)?;
     let logf = std::fs::OpenOptions::new()
@@ -282,7 +303,11 @@ fn spawn_daemon(bin: &Path, cfg: &Path, ns: &str, log: &Path) -> Result<u32> {
         .open(log)?;
     let fd = nsfile.as_raw_fd();
     let mut cmd = Command::new(bin);
-    cmd.arg("--config")
+    cmd.arg("keep")
+        .arg("--pidfile")
+        .arg(daemon_pidfile(cfg))
+        .arg("--")
+        .arg("--config")
         .arg(cfg)
         .stdin(Stdio::null())
         .stdout(logf.try_clone()?)
@@ -341,24 +366,39 @@ pub fn restart_host(run_dir: &Path, name: &str, host: &str, hard: bool) -> Resul
         .with_context(|| format!("no host {host} in cluster {name}"))?;
     let h = state.hosts[i].clone();
     if hard {
-        let p = nix::unistd::Pid::from_raw(h.pid as i32);
-        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(p, None);
-        let t0 = Instant::now();
-        while pid_alive(h.pid) && t0.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(10));
+        // The keeper first, or it would start a daemon of its own.
+        for pid in [h.keeper, h.pid] {
+            kill_now(pid);
         }
     } else {
+        // The keeper passes SIGTERM on and ends with its daemon.
+        stop_daemon(h.keeper);
         stop_daemon(h.pid);
     }
-    let pid = spawn_daemon(&daemon_binary()?, &h.config, &h.netns, &h.log)?;
-    state.hosts[i].pid = pid;
+    let keeper = spawn_daemon(&daemon_binary()?, &h.config, &h.netns, &h.log)?;
+    state.hosts[i].keeper = keeper;
+    wait_ready(&state.hosts[i], Duration::from_secs(15))?;
+    state.hosts[i].pid = procs::live(&daemon_pidfile(&h.config)).map_or(0, |p| p as u32);
     std::fs::write(
         state_file(run_dir, name),
         serde_json::to_string_pretty(&state)?,
     )?;
-    wait_ready(&state.hosts[i], Duration::from_secs(15))?;
     Ok(state.hosts[i].clone())
+}
+
+/// SIGKILL, as a crash would, and wait (at most 5 s) until the process is gone.
+fn kill_now(pid: u32) {
+    if pid == 0 {
+        return;
+    }
+    let p = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+    let t0 = Instant::now();
+    while pid_alive(pid) && t0.elapsed() < Duration::from_secs(5) {
+        // Reap it if it is our child (tests start clusters in-process).
+        let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -368,6 +408,9 @@ fn pid_alive(pid: u32) -> bool {
 /// Stops a daemon: SIGTERM (it removes its guests and sockets), then SIGKILL after 5 s.
 pub fn stop_daemon(pid: u32) {
     use nix::sys::signal::{kill, Signal};
+    if pid == 0 {
+        return;
+    }
     let p = nix::unistd::Pid::from_raw(pid as i32);
     if kill(p, Signal::SIGTERM).is_err() {
         return;
@@ -392,6 +435,7 @@ pub fn down(run_dir: &Path, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
     if let Ok(state) = load(run_dir, name) {
         for h in &state.hosts {
             progress(&format!("stopping the daemon of {}", h.name));
+            stop_daemon(h.keeper);
             stop_daemon(h.pid);
         }
     }

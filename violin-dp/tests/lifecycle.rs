@@ -840,7 +840,10 @@ host = "h1"
 ip = "10.11.0.4/24"
 "#;
     c.up_spec("health.toml", spec);
-    assert!(attached(&c, "health").values().all(|&a| a), "all attached first");
+    assert!(
+        attached(&c, "health").values().all(|&a| a),
+        "all attached first"
+    );
     let relay = relay_pid_of(&c, "health", "h1", "s");
     assert!(relay.is_some(), "s has a relay");
     for g in ["s", "t", "x"] {
@@ -853,8 +856,14 @@ ip = "10.11.0.4/24"
         std::thread::sleep(Duration::from_millis(100));
         now = attached(&c, "health");
     }
-    assert!(!now["t"], "the tap guest without its interface shows attached");
-    assert!(!now["x"], "the fast-port guest without its interface shows attached");
+    assert!(
+        !now["t"],
+        "the tap guest without its interface shows attached"
+    );
+    assert!(
+        !now["x"],
+        "the fast-port guest without its interface shows attached"
+    );
     assert!(now["p"], "an untouched guest is still attached");
     let ls = c.ok(&["ls"]);
     let row: Vec<&str> = ls
@@ -876,5 +885,68 @@ ip = "10.11.0.4/24"
         "s's relay was not restarted"
     );
     assert!(attached(&c, "health")["s"], "s is back but not attached");
-    assert!(!c.ping("health", "p", "10.11.0.2", 1), "t answers without eth0");
+    assert!(
+        !c.ping("health", "p", "10.11.0.2", 1),
+        "t answers without eth0"
+    );
+}
+
+#[test]
+fn a_daemon_that_dies_is_started_again() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "udp", &[]);
+    c.up_spec("blue.toml", PAIRS);
+    assert!(c.ping("blue", "a", "10.0.0.2", 1), "a pings b first");
+    let before = c.info().hosts[0].pid;
+    assert!(before > 0, "h1 has a daemon");
+    // A crash: nobody runs `cluster restart`.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut after = 0;
+    while t0.elapsed() < Duration::from_secs(10) {
+        after = c.info().hosts[0].pid;
+        if after != 0 && after != before {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(after != 0 && after != before, "no new daemon on h1");
+    assert!(
+        c.ping_until("blue", "a", "10.0.0.2", Duration::from_secs(15)),
+        "the new daemon restored the Violin"
+    );
+    let log = c.host_log("h1");
+    assert!(log.contains("daemon died"), "the log says why: {log}");
+    // A daemon stopped on purpose stays stopped: the keeper ends with it.
+    let keeper = c.info().hosts[0].keeper;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(after as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    while violin_dp::host::procs::alive(keeper as i32) && t0.elapsed() < Duration::from_secs(10) {
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(keeper as i32),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !violin_dp::host::procs::alive(keeper as i32),
+        "the keeper outlived a daemon stopped on purpose"
+    );
+    assert_eq!(
+        c.info().hosts[0].pid,
+        0,
+        "a daemon was started after a stop"
+    );
+    c.ok(&["cluster", "restart", "h1"]);
+    assert!(c.ping_until("blue", "a", "10.0.0.2", Duration::from_secs(15)));
 }

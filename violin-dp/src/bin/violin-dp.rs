@@ -29,6 +29,16 @@ enum Cmd {
     /// Run a lightweight guest's relay (started by the daemon, like a QEMU process).
     #[command(hide = true)]
     Guest(GuestArgs),
+    /// Run the daemon (the arguments after `--`) and start a new one when it dies, as
+    /// systemd's `Restart=on-failure` does on a real host (the simulated cluster's).
+    #[command(hide = true)]
+    Keep {
+        /// Where the running daemon's pid is recorded.
+        #[arg(long)]
+        pidfile: PathBuf,
+        #[arg(last = true, required = true)]
+        daemon: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() {
@@ -51,6 +61,10 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::Guest(args)) => guest::run(args),
+        Some(Cmd::Keep { pidfile, daemon }) => {
+            let me = std::env::current_exe()?;
+            violin_dp::host::keeper::run(&pidfile, &me, &daemon)
+        }
         None => {
             let Some(path) = cli.config else {
                 anyhow::bail!("--config HOST.toml is required (see README: Host configuration)");

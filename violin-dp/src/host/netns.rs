@@ -232,8 +232,7 @@ pub fn enter_guest(name: &str) -> Result<()> {
 /// guest's user namespace the host's `/sys` is locked under the new one (it cannot be
 /// unmounted there), so the new sysfs goes on top of it.
 fn own_sysfs(name: &str) -> Result<()> {
-    unshare(CloneFlags::CLONE_NEWNS)
-        .with_context(|| format!("a mount namespace for {name}"))?;
+    unshare(CloneFlags::CLONE_NEWNS).with_context(|| format!("a mount namespace for {name}"))?;
     mount(
         None::<&str>,
         "/",
