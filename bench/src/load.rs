@@ -342,11 +342,20 @@ pub fn tcp_throughput(
 
 /// Resident memory of processes, KiB (`VmRSS`).
 pub fn rss_kib(pids: &[u32]) -> u64 {
+    status_kib(pids, "VmRSS:")
+}
+
+/// Peak resident memory (`VmHWM`) of these processes, summed, KiB.
+pub fn peak_kib(pids: &[u32]) -> u64 {
+    status_kib(pids, "VmHWM:")
+}
+
+fn status_kib(pids: &[u32], field: &str) -> u64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
         .filter_map(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
+                .find(|l| l.starts_with(field))?
                 .split_whitespace()
                 .nth(1)?
                 .parse::<u64>()

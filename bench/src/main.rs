@@ -58,6 +58,8 @@ struct Plan {
     share_secs: f64,
     mem_violins: usize,
     mem_guests: usize,
+    /// Socket guests in one Violin on one host, for the per-guest memory figure.
+    scale_guests: Vec<usize>,
     hpl_hosts: Vec<usize>,
     hpl_n: u32,
     hpl_rounds: usize,
@@ -82,6 +84,7 @@ impl Plan {
                 share_secs: 1.0,
                 mem_violins: 2,
                 mem_guests: 4,
+                scale_guests: vec![100, 300],
                 hpl_hosts: vec![2],
                 hpl_n: 1000,
                 hpl_rounds: 1,
@@ -109,6 +112,7 @@ impl Plan {
                 share_secs: 4.0,
                 mem_violins: 16,
                 mem_guests: 32,
+                scale_guests: vec![100, 1000, 3000],
                 hpl_hosts: vec![2, 4],
                 // Stock hpcc runs its whole suite around HPL (RandomAccess over MPI takes
                 // minutes at N = 3000 with 4 ranks): this keeps a full run near 20 min.
@@ -151,6 +155,9 @@ struct Results {
     sharing: BTreeMap<String, Vec<Sharing>>,
     /// Daemon memory per guest beyond what it held with no Violin (the frame pool).
     memory: Option<Memory>,
+    /// Daemon memory per guest as one Violin grows (socket guests, one host).
+    #[serde(default)]
+    scaling: Vec<Scaling>,
     /// Figure 6: HPL by config and number of hosts (one rank per host), median Gflops.
     hpl: BTreeMap<String, BTreeMap<String, hpl::Hpl>>,
 }
@@ -165,6 +172,18 @@ struct Memory {
     daemon_kib_per_guest: f64,
     /// The guests' relay processes (the part QEMU would play), KiB per guest.
     relay_kib_per_guest: f64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct Scaling {
+    guests: usize,
+    /// The daemon's resident memory before the Violin and with it, KiB.
+    empty_kib: u64,
+    loaded_kib: u64,
+    /// Its peak while the Violin came up, KiB.
+    peak_kib: u64,
+    kib_per_guest: f64,
+    up_secs: f64,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -534,6 +553,26 @@ fn main() -> Result<()> {
     drop(tx);
     drop(tu);
     drop(to);
+    say("memory per guest: one Violin of socket guests on one host");
+    for &n in &plan.scale_guests {
+        // A fresh daemon each time: memory freed by an earlier run stays mapped.
+        let tb = Testbed::up_with(&format!("bm{id}"), "udp", 1, Some(n.max(2048)))?;
+        let empty = load::rss_kib(&tb.daemons());
+        let t = Instant::now();
+        tb.violin_sockets("scale", 900, n)?;
+        let up_secs = t.elapsed().as_secs_f64();
+        tb.stats("scale")?;
+        let loaded = load::rss_kib(&tb.daemons());
+        let peak = load::peak_kib(&tb.daemons());
+        r.scaling.push(Scaling {
+            guests: n,
+            empty_kib: empty,
+            loaded_kib: loaded,
+            peak_kib: peak,
+            kib_per_guest: loaded.saturating_sub(empty) as f64 / n as f64,
+            up_secs,
+        });
+    }
     say("figure 6: HPL, one MPI rank per host, physical vs in a Violin");
     for &hosts in &plan.hpl_hosts {
         let tb = Testbed::up_hosts(&format!("bh{id}"), "xdp", hosts)?;
@@ -1060,6 +1099,24 @@ fn tables(r: &Results) -> String {
             m.guests
         );
         let _ = writeln!(o, "daemons (both) empty {} KiB, loaded {} KiB: {:.1} KiB per guest beyond the frame pool; relays {:.0} KiB each", m.daemons_empty_kib, m.daemons_loaded_kib, m.daemon_kib_per_guest, m.relay_kib_per_guest);
+    }
+    if !r.scaling.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n8b. Daemon memory as one Violin of socket guests grows (one host, udp plane)"
+        );
+        let _ = writeln!(
+            o,
+            "{:>7} {:>10} {:>10} {:>10} {:>10} {:>6}",
+            "guests", "empty KiB", "with KiB", "peak KiB", "KiB/guest", "up s"
+        );
+        for s in &r.scaling {
+            let _ = writeln!(
+                o,
+                "{:>7} {:>10} {:>10} {:>10} {:>10.1} {:>6.1}",
+                s.guests, s.empty_kib, s.loaded_kib, s.peak_kib, s.kib_per_guest, s.up_secs
+            );
+        }
     }
     let _ = writeln!(
         o,

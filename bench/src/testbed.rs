@@ -62,6 +62,16 @@ impl Testbed {
     }
 
     pub fn up_hosts(name: &str, dataplane: &'static str, hosts: usize) -> Result<Testbed> {
+        Testbed::up_with(name, dataplane, hosts, None)
+    }
+
+    /// A cluster of `hosts` hosts whose daemons take up to `max_guests` guests each.
+    pub fn up_with(
+        name: &str,
+        dataplane: &'static str,
+        hosts: usize,
+        max_guests: Option<usize>,
+    ) -> Result<Testbed> {
         let run_dir = std::env::temp_dir().join(format!("violin-bench-{name}"));
         let _ = cluster::down(&run_dir, name, &|_| {});
         let dp = match dataplane {
@@ -77,6 +87,7 @@ impl Testbed {
             queues: 1,
             workers: None,
             xdp_attach: Default::default(),
+            max_guests,
         };
         let state = cluster::up(&run_dir, name, &opts, &|_| {})?;
         Ok(Testbed {
@@ -132,6 +143,19 @@ impl Testbed {
             spec += &format!(
                 "[[guest]]\nname = \"g{j}\"\nhost = \"h{}\"\nip = \"10.60.{}.{}/16\"\n",
                 j % 2 + 1,
+                j / 250,
+                j % 250 + 1
+            );
+        }
+        self.up_spec(name, &spec)
+    }
+
+    /// A Violin of `guests` socket guests (`kind = "socket"`: just the socket) on h1.
+    pub fn violin_sockets(&self, name: &str, vni: u32, guests: usize) -> Result<()> {
+        let mut spec = format!("name = \"{name}\"\nvni = {vni}\n");
+        for j in 0..guests {
+            spec += &format!(
+                "[[guest]]\nname = \"g{j}\"\nhost = \"h1\"\nkind = \"socket\"\nip = \"10.{}.{}.1/8\"\n",
                 j / 250,
                 j % 250 + 1
             );

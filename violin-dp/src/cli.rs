@@ -151,6 +151,10 @@ pub enum ClusterCmd {
         /// veth: the default here) or native (in the driver).
         #[arg(long, value_enum, default_value = "auto")]
         xdp_attach: crate::config::XdpAttach,
+        /// Most guests per host over all Violins (`max_guests` in the host config;
+        /// default 2048).
+        #[arg(long)]
+        max_guests: Option<usize>,
     },
     /// Show the bridge, subnet and each host's namespace and underlay address.
     Info {
@@ -184,6 +188,7 @@ pub fn run(cli: Cli) -> Result<()> {
             queues,
             workers,
             xdp_attach,
+            max_guests,
         }) => {
             eprintln!("Bringing up cluster {name} ({hosts} hosts)");
             let st = cluster::up(
@@ -198,6 +203,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     queues,
                     workers: workers.map(|w| w as usize),
                     xdp_attach,
+                    max_guests,
                 },
                 &progress,
             )?;

@@ -157,6 +157,8 @@ pub struct UpOptions {
     pub workers: Option<usize>,
     /// xdp: how the classifier attaches to each host's veth.
     pub xdp_attach: crate::config::XdpAttach,
+    /// Most guests per host (`None`: the daemon's default).
+    pub max_guests: Option<usize>,
 }
 
 /// Brings a cluster up; on any failure, removes what it made.
@@ -250,7 +252,7 @@ pub fn up(
                 workers: opts
                     .workers
                     .or((opts.queues > 1).then_some(opts.queues as usize)),
-                max_guests: None,
+                max_guests: opts.max_guests,
             };
             let cfg_path = dir.join(format!("{host}.toml"));
             std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;

@@ -24,6 +24,11 @@ pub struct ViolinStats {
     pub queued_frames: u64,
     #[serde(default)]
     pub queued_bytes: u64,
+    /// Packets sent while the pair table had no room for a new pair (counted in no
+    /// edge; the worker makes room between batches, so this stays 0 but under a burst
+    /// of new pairs).
+    #[serde(default)]
+    pub unrecorded_packets: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -635,6 +635,8 @@ impl Worker {
                     }
                 }
             }
+            // Between batches: pair tables that filled up during the round grow here.
+            self.fabric.switch.make_room();
             self.arm_timer();
         }
         let ports = self.detach_all();

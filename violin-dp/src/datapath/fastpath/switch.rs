@@ -20,6 +20,7 @@
 //!
 //! No allocation, locking or logging per frame: tables are built when a Violin is added.
 
+use super::pairs::PairTable;
 use super::police::Policer;
 use super::shape::{LinkShaper, Offer};
 use crate::spec::{IpNet, Member, MemberKind, Rate, Violin};
@@ -132,8 +133,8 @@ pub struct ViolinTable {
     macs: HashMap<EthernetAddress, usize>,
     /// MACs learned behind external members: when each was last seen (ns).
     learned: HashMap<EthernetAddress, u64>,
-    /// n × n; `None` when every pair may talk.
-    allowed: Option<Vec<bool>>,
+    /// The linked pairs (both directions); `None` when every pair may talk.
+    allowed: Option<PairTable<()>>,
     /// The capped link directions this host shapes (local senders and externals).
     shapers: Vec<Shaped>,
     /// (src, dst) → index into `shapers`.
@@ -142,8 +143,12 @@ pub struct ViolinTable {
     backlog: Vec<usize>,
     guest_police: Vec<Option<Policer>>,
     /// Sent packets/bytes per (src, dst), counted where the sender is capped, when they
-    /// leave (a frame a capped link queued counts once it is released).
-    edges: Vec<Counter>,
+    /// leave (a frame a capped link queued counts once it is released). Only pairs
+    /// that sent something (or are linked) are in it.
+    edges: PairTable<Counter>,
+    /// What was sent while `edges` had no room for a new pair (until the worker made
+    /// room between batches).
+    unrecorded: Counter,
     drops: Drops,
     /// Underlay addresses of the other hosts with guests of this Violin.
     hosts: Vec<Ipv4Addr>,
@@ -222,7 +227,13 @@ impl ViolinTable {
 
     #[inline]
     fn allows(&self, s: usize, d: usize) -> bool {
-        self.allowed.as_ref().is_none_or(|a| a[s * self.n() + d])
+        self.allowed.as_ref().is_none_or(|a| a.contains(s, d))
+    }
+
+    /// Counts what `s` sent to `d` (no allocation: see [`PairTable::entry`]).
+    #[inline]
+    fn count_edge(&mut self, s: usize, d: usize, size: Size) {
+        count_edge(&mut self.edges, &mut self.unrecorded, s, d, size)
     }
 
     /// Applies the caps to a frame from `s` to `d`: the guest's bucket (charged for a
@@ -434,8 +445,7 @@ impl ViolinTable {
                 Err(v) => return self.drop(v),
             }
             if now_out {
-                let n = self.n();
-                self.edges[s * n + d].add(f.size);
+                self.count_edge(s, d, f.size);
             }
         }
         if now_out {
@@ -474,7 +484,7 @@ impl ViolinTable {
                 // side delivers to its own allowed members.
                 if self.host_sent[h] {
                     if police {
-                        self.edges[s * n + d].add(len);
+                        self.count_edge(s, d, len);
                     }
                     continue;
                 }
@@ -490,7 +500,7 @@ impl ViolinTable {
                     }
                 }
                 if go {
-                    self.edges[s * n + d].add(len);
+                    self.count_edge(s, d, len);
                 }
             }
             if let Location::Remote(h) = loc {
@@ -764,10 +774,10 @@ impl Switch {
             .map(|m| old.and_then(|o| o.spec.member(&m.name)))
             .collect();
         let allowed = spec.links.as_ref().map(|links| {
-            let mut a = vec![false; n * n];
+            let mut a = PairTable::with_capacity(2 * links.len());
             for l in links {
-                a[l.a * n + l.b] = true;
-                a[l.b * n + l.a] = true;
+                a.insert(l.a, l.b, ());
+                a.insert(l.b, l.a, ());
             }
             a
         });
@@ -814,15 +824,24 @@ impl Switch {
         let externals = loc.iter().any(|l| matches!(l, Location::External(_)));
         let room = if externals { MAX_LEARNED } else { 0 };
         macs.reserve(room);
-        let mut edges = vec![Counter::default(); n * n];
+        // Room for every linked pair, or a few peers per member; more is made as pairs
+        // start to talk. Counts carry over for members that stay.
+        let pairs = spec.links.as_ref().map_or(4 * n, |l| 2 * l.len());
+        let mut edges = PairTable::with_capacity(pairs);
+        let mut unrecorded = Counter::default();
         if let Some(o) = old {
-            for s in 0..n {
-                for d in 0..n {
-                    if let (Some(os), Some(od)) = (prev[s], prev[d]) {
-                        edges[s * n + d] = o.edges[os * o.n() + od];
-                    }
+            let mut now_at = vec![None; o.n()];
+            for (i, p) in prev.iter().enumerate() {
+                if let Some(j) = p {
+                    now_at[*j] = Some(i);
                 }
             }
+            for (os, od, c) in o.edges.iter() {
+                if let (Some(s), Some(d)) = (now_at[os], now_at[od]) {
+                    edges.insert(s, d, *c);
+                }
+            }
+            unrecorded = o.unrecorded;
         }
         let guards = spec
             .members
@@ -853,6 +872,7 @@ impl Switch {
             shaper_of,
             guest_police,
             edges,
+            unrecorded,
             drops: old.map_or([0; Verdict::COUNT], |o| o.drops),
         })
     }
@@ -975,12 +995,12 @@ impl Switch {
             let mut i = 0;
             while i < t.backlog.len() {
                 let k = t.backlog[i];
-                let (s, d, n) = (t.shapers[k].s, t.shapers[k].d, t.n());
+                let (s, d) = (t.shapers[k].s, t.shapers[k].d);
                 let e = t.egress_of(d);
-                let edge = &mut t.edges[s * n + d];
+                let (edges, unrecorded) = (&mut t.edges, &mut t.unrecorded);
                 let drops = &mut t.drops;
                 let due = t.shapers[k].shaper.release(now, |f, g, size| {
-                    edge.add(size);
+                    count_edge(edges, unrecorded, s, d, size);
                     if let Err(v) = send(e, f, g) {
                         drops[v as usize] += 1;
                     }
@@ -1000,6 +1020,16 @@ impl Switch {
     }
 
     /// When the next queued frame of a capped link is due (`None`: nothing is queued).
+    /// Grows the pair tables that asked for room (allocates: call it between batches,
+    /// never while frames are being switched).
+    pub fn make_room(&mut self) {
+        for t in self.violins.iter_mut().flatten() {
+            if t.edges.wants_room() {
+                t.edges.make_room();
+            }
+        }
+    }
+
     pub fn next_release(&mut self, now: u64) -> Option<u64> {
         let mut next: Option<u64> = None;
         for t in self.violins.iter_mut().flatten() {
@@ -1064,6 +1094,22 @@ impl Switch {
 
 pub use crate::stats::{EdgeStats, ViolinStats};
 
+/// Counts `size` on the pair's counter, or as unrecorded when the table has no room
+/// for a new pair.
+#[inline]
+fn count_edge(
+    edges: &mut PairTable<Counter>,
+    unrecorded: &mut Counter,
+    s: usize,
+    d: usize,
+    size: Size,
+) {
+    match edges.entry(s, d) {
+        Some(c) => c.add(size),
+        None => unrecorded.add(size),
+    }
+}
+
 fn drops_map(d: &Drops) -> BTreeMap<String, u64> {
     Verdict::ALL
         .iter()
@@ -1073,21 +1119,22 @@ fn drops_map(d: &Drops) -> BTreeMap<String, u64> {
 }
 
 fn stats_of(t: &ViolinTable) -> ViolinStats {
-    let n = t.n();
-    let mut edges = Vec::new();
-    for s in 0..n {
-        for d in 0..n {
-            let c = t.edges[s * n + d];
-            if c.packets > 0 {
-                edges.push(EdgeStats {
-                    from: t.spec.members[s].name.clone(),
-                    to: t.spec.members[d].name.clone(),
-                    packets: c.packets,
-                    bytes: c.bytes,
-                });
-            }
-        }
-    }
+    let mut sent: Vec<(usize, usize, Counter)> = t
+        .edges
+        .iter()
+        .filter(|(_, _, c)| c.packets > 0)
+        .map(|(s, d, c)| (s, d, *c))
+        .collect();
+    sent.sort_unstable_by_key(|(s, d, _)| (*s, *d));
+    let edges = sent
+        .into_iter()
+        .map(|(s, d, c)| EdgeStats {
+            from: t.spec.members[s].name.clone(),
+            to: t.spec.members[d].name.clone(),
+            packets: c.packets,
+            bytes: c.bytes,
+        })
+        .collect();
     ViolinStats {
         name: t.spec.name.clone(),
         vni: t.spec.vni,
@@ -1097,6 +1144,7 @@ fn stats_of(t: &ViolinTable) -> ViolinStats {
         ecn_marked: t.shapers.iter().map(|x| x.shaper.marked).sum(),
         queued_frames: t.shapers.iter().map(|x| x.shaper.queued().0 as u64).sum(),
         queued_bytes: t.shapers.iter().map(|x| x.shaper.queued().1 as u64).sum(),
+        unrecorded_packets: t.unrecorded.packets,
     }
 }
 

@@ -970,3 +970,76 @@ fn the_source_guard_holds_a_guest_to_its_own_addresses() {
     let s = f.sw.stats("blue").unwrap();
     assert_eq!((s.drops["spoofed_ip"], s.drops["spoofed_arp"]), (4, 2));
 }
+
+/// A Violin of `n` guests on h1 and no link table (every pair may talk).
+fn many(n: usize) -> (Switch, Vec<(PortId, EthernetAddress)>) {
+    let mut text = String::from("name = \"many\"\nvni = 77\n");
+    for i in 0..n {
+        text += &format!(
+            "[[guest]]\nname = \"g{i}\"\nhost = \"h1\"\nip = \"10.{}.{}.1/8\"\n",
+            i / 250,
+            i % 250 + 1
+        );
+    }
+    let spec = spec::parse(&text, &hosts()).unwrap();
+    let mut sw = Switch::new();
+    let ports = sw.add_violin(&spec, "h1", 0).unwrap();
+    let guests = (0..n)
+        .map(|i| (ports[i].1, spec.members[i].mac.0))
+        .collect();
+    (sw, guests)
+}
+
+#[test]
+fn every_pair_that_talks_is_counted_as_the_pair_table_grows_between_batches() {
+    let n = 120; // 14 280 pairs against room for 4 × 120 at the start
+    let (mut sw, g) = many(n);
+    let mut out = Vec::new();
+    for (s, &(ps, ms)) in g.iter().enumerate() {
+        for (d, &(_, md)) in g.iter().enumerate() {
+            if s != d {
+                out.clear();
+                let v = sw.process(Ingress::Port(ps), &frame(md, ms, 60), 0, &mut out);
+                assert_eq!(v, Verdict::Forward);
+            }
+        }
+        // What the worker does between batches.
+        sw.make_room();
+    }
+    let st = sw.stats("many").unwrap();
+    assert_eq!(st.unrecorded_packets, 0);
+    assert_eq!(st.edges.len(), n * (n - 1));
+    assert!(st.edges.iter().all(|e| e.packets == 1 && e.bytes == 60));
+}
+
+#[test]
+fn pairs_beyond_the_room_of_one_batch_are_counted_as_unrecorded_not_lost() {
+    let n = 60;
+    let (mut sw, g) = many(n);
+    let mut out = Vec::new();
+    let mut sent = 0;
+    for &(ps, ms) in &g {
+        for &(pd, md) in &g {
+            if ps != pd {
+                out.clear();
+                sw.process(Ingress::Port(ps), &frame(md, ms, 60), 0, &mut out);
+                sent += 1;
+            }
+        }
+    }
+    let st = sw.stats("many").unwrap();
+    let counted: u64 = st.edges.iter().map(|e| e.packets).sum();
+    assert!(st.unrecorded_packets > 0, "no room was ever made");
+    assert_eq!(counted + st.unrecorded_packets, sent);
+    // Once room is made, new pairs are counted again.
+    sw.make_room();
+    out.clear();
+    sw.process(
+        Ingress::Port(g[0].0),
+        &frame(g[1].1, g[0].1, 60),
+        0,
+        &mut out,
+    );
+    let after = sw.stats("many").unwrap();
+    assert_eq!(after.unrecorded_packets, st.unrecorded_packets);
+}
