@@ -121,6 +121,23 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Stream the Violin's dropped frames as they happen (time, host, reason, where
+    /// from, MACs, IPs, length), with a summary each second; Ctrl-C stops.
+    Monitor {
+        violin: String,
+        /// Only the drops: no summaries.
+        #[arg(long)]
+        drops: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// At most this many drops described a second per host (the rest are counted).
+        #[arg(long, default_value_t = crate::control::protocol::DEFAULT_MONITOR_RATE)]
+        rate: u32,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -301,6 +318,22 @@ pub fn run(cli: Cli) -> Result<()> {
             )
         }
         Cmd::Stats { violin, json } => violin_stats(&cluster::load(run_dir, name)?, &violin, json),
+        Cmd::Monitor {
+            violin,
+            drops,
+            json,
+            rate,
+            seconds,
+        } => crate::monitor::run(
+            &cluster::load(run_dir, name)?,
+            &violin,
+            &crate::monitor::Options {
+                drops_only: drops,
+                json,
+                rate,
+                seconds,
+            },
+        ),
     }
 }
 

@@ -12,7 +12,8 @@
 //! The rest is shared by the daemon and the CLI: the spec ([`spec`]), the counters
 //! workers publish ([`stats`]), the host config
 //! ([`config`]), the XDP classifier's loader ([`xdp`]), the simulated cluster
-//! ([`cluster`]), the CLI itself ([`cli`], [`lifecycle`], [`profile`], [`probe`]).
+//! ([`cluster`]), the CLI itself ([`cli`], [`lifecycle`], [`profile`], [`probe`],
+//! [`monitor`]).
 //!
 //! The daemon's parts need the `daemon` feature (on by default), which brings aya and
 //! xsk-rs; the CLI, the control protocol and the counters build without it.
@@ -27,6 +28,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod host;
 pub mod lifecycle;
+pub mod monitor;
 pub mod probe;
 pub mod profile;
 pub mod spec;

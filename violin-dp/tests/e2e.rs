@@ -1362,3 +1362,122 @@ fn a_daemon_interrupted_with_ctrl_c_cleans_up() {
     c.ok(&["cluster", "restart", "h1"]);
     assert!(c.ping_until("blue", "a", "10.0.0.2", Duration::from_secs(10)));
 }
+
+#[test]
+fn violin_monitor_streams_each_hosts_drops_rate_limited() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "udp", &[]);
+    // c (on h2) has no link to a (on h1).
+    let spec = r#"
+name = "mon"
+vni = 321
+[[guest]]
+name = "a"
+host = "h1"
+ip = "10.8.0.1/24"
+[[guest]]
+name = "b"
+host = "h2"
+ip = "10.8.0.2/24"
+[[guest]]
+name = "c"
+host = "h2"
+ip = "10.8.0.3/24"
+[[link]]
+between = ["a", "b"]
+"#;
+    c.up_spec("mon.toml", spec);
+    let st = c.stats("mon");
+    let mac = |g: &str| {
+        st.hosts
+            .iter()
+            .flat_map(|h| h.ports.iter())
+            .find(|p| p.name == g)
+            .map(|p| p.mac.clone())
+            .unwrap()
+    };
+    let (mac_a, mac_c) = (mac("a"), mac("c"));
+    // c knows a's MAC, so its pings are unicast frames the switch refuses (no link).
+    c.ok(&[
+        "exec", "mon", "c", "--", "ip", "neigh", "replace", "10.8.0.1", "lladdr", &mac_a, "dev",
+        "eth0",
+    ]);
+    let monitor = c
+        .command(&[
+            "monitor",
+            "mon",
+            "--json",
+            "--drops",
+            "--rate",
+            "20",
+            "--seconds",
+            "4",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let sent = 400;
+    let ping = c.cmd(&[
+        "exec",
+        "mon",
+        "c",
+        "--",
+        "ping",
+        "-q",
+        "-c",
+        &sent.to_string(),
+        "-i",
+        "0.005",
+        "-W",
+        "1",
+        "10.8.0.1",
+    ]);
+    assert!(!ping.status.success(), "c reached a without a link");
+    let out = monitor.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<violin_dp::control::MonitorEvent> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let pings: Vec<_> = events.iter().filter(|e| e.reason == "no_link").collect();
+    assert!(!pings.is_empty(), "no no_link event in {events:?}");
+    let e = pings[0];
+    assert_eq!(
+        (e.host.as_str(), e.violin.as_str(), e.from.as_str()),
+        ("h2", "mon", "c")
+    );
+    assert_eq!(
+        (e.src_mac.as_str(), e.dst_mac.as_str()),
+        (mac_c.as_str(), mac_a.as_str())
+    );
+    assert_eq!(e.src_ip, Some("10.8.0.3".parse().unwrap()));
+    assert_eq!(e.dst_ip, Some("10.8.0.1".parse().unwrap()));
+    assert_eq!(e.len, 98, "an ICMP echo of 56 bytes");
+    // 400 pings in about 2 s at 20 events a second: most are counted, not described,
+    // and every drop is either described or counted.
+    assert!(
+        pings.len() <= 20 + 4 * 20,
+        "{} events at 20 a second",
+        pings.len()
+    );
+    let missed: u64 = pings.iter().map(|e| u64::from(e.missed)).sum();
+    assert!(missed > 0, "nothing was left out at 20 a second");
+    let dropped = c.stats("mon").drops.get("no_link").copied().unwrap_or(0);
+    assert!(
+        pings.len() as u64 + missed <= dropped,
+        "{} described + {missed} missed > {dropped} dropped",
+        pings.len()
+    );
+    // A Violin that does not exist is refused with its name.
+    let o = c.cmd(&["monitor", "nope", "--seconds", "1"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nope"));
+}

@@ -194,7 +194,7 @@ impl Manager {
                 self.remove_violin(&name, true)?;
                 serde_json::Value::Null
             }
-            Request::Status | Request::Stats { .. } => {
+            Request::Status | Request::Stats { .. } | Request::Monitor { .. } => {
                 bail!("read-only requests are answered by the control server")
             }
         };

@@ -1,5 +1,7 @@
 //! The CLI ↔ daemon control protocol: one JSON request per connection on the daemon's
 //! UNIX control socket (one line, at most [`MAX_REQUEST`] bytes), one JSON response back.
+//! `monitor` alone keeps the connection: after its response come [`MonitorEvent`]
+//! lines until the client closes it ([`stream`]).
 
 use crate::spec::{GuestKind, Violin};
 use crate::stats::{AfXdpStats, PortCounters, SlotStats, ViolinStats, WorkerStats};
@@ -40,6 +42,41 @@ pub enum Request {
     Stats {
         name: String,
     },
+    /// Stream the Violin's dropped frames on this host, at most `rate` a second.
+    Monitor {
+        name: String,
+        #[serde(default = "default_monitor_rate")]
+        rate: u32,
+    },
+}
+
+/// Drop events a second a monitor gets from one host unless it asks otherwise.
+pub const DEFAULT_MONITOR_RATE: u32 = 100;
+/// The most a monitor may ask for.
+pub const MAX_MONITOR_RATE: u32 = 10_000;
+
+fn default_monitor_rate() -> u32 {
+    DEFAULT_MONITOR_RATE
+}
+
+/// One dropped frame, as a host's daemon reports it to `violin monitor`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitorEvent {
+    /// When it was dropped: ns since the Unix epoch.
+    pub unix_ns: u64,
+    pub host: String,
+    pub violin: String,
+    /// The verdict's name (`no_link`, `spoofed_ip`, …).
+    pub reason: String,
+    /// Where it came from: a guest's name, or `underlay ADDRESS`.
+    pub from: String,
+    pub src_mac: String,
+    pub dst_mac: String,
+    pub src_ip: Option<Ipv4Addr>,
+    pub dst_ip: Option<Ipv4Addr>,
+    pub len: u32,
+    /// Drops not described since the previous event (the rate limit).
+    pub missed: u32,
 }
 
 /// The largest request line the daemon reads; a longer one is refused.
@@ -165,6 +202,41 @@ pub struct XdpHostStats {
     pub rings: AfXdpStats,
     /// The kernel's counters of this Violin's socket.
     pub socket: Option<SlotStats>,
+}
+
+/// Sends a streaming request (`monitor`): checks its response, then hands each line
+/// after it to `each` until the daemon closes the connection or `each` returns false.
+pub fn stream<T: DeserializeOwned>(
+    socket: &Path,
+    req: &Request,
+    mut each: impl FnMut(T) -> bool,
+) -> Result<()> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the daemon at {} (is it running?)",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut lines = BufReader::new(&s).lines();
+    let first = lines
+        .next()
+        .context("the daemon closed the connection without answering")?
+        .context("reading the daemon's response")?;
+    let r: Response = serde_json::from_str(&first).context("decoding the daemon's response")?;
+    if !r.ok {
+        return Err(anyhow!(r.error.unwrap_or_else(|| "unknown error".into())));
+    }
+    for l in lines {
+        let l = l.context("reading from the daemon")?;
+        let item: T = serde_json::from_str(&l).context("decoding an event")?;
+        if !each(item) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Sends one request and decodes the response's data.

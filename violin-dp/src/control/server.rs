@@ -7,9 +7,12 @@
 //! changes go to the manager's thread one at a time, in arrival order.
 
 use crate::control::manager::{lock, HostView, ManagerMsg, SharedClassifier, SharedView};
-use crate::control::protocol::{Request, Response, MAX_REQUEST};
-use crate::datapath::worker::{Counters, Workers};
+use crate::control::protocol::{MonitorEvent, Request, Response, MAX_MONITOR_RATE, MAX_REQUEST};
+use crate::datapath::monitor::{DropEvent, From};
+use crate::datapath::timer::monotonic_ns;
+use crate::datapath::worker::{Command, Counters, Workers};
 use anyhow::{anyhow, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, warn};
+use violin_common::wire::EthernetAddress;
 use violin_common::Verdict;
 
 /// How long a client has to send its whole request line.
@@ -103,6 +107,9 @@ async fn client(stream: UnixStream, ctx: &Ctx) -> Result<()> {
         }
         Ok(Ok(0)) => return Ok(()),
         Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
+            Ok(Request::Monitor { name, rate }) => {
+                return monitor(limited, wr, ctx, &name, rate).await;
+            }
             Ok(req) => answer(req, ctx).await,
             Err(e) => Response::error(format!("bad request: {e}")),
         },
@@ -114,6 +121,149 @@ async fn client(stream: UnixStream, ctx: &Ctx) -> Result<()> {
         .await
         .map_err(|_| anyhow!("the client did not take its response"))??;
     Ok(())
+}
+
+/// Writes one line (a response or an event) within [`RESPONSE_DEADLINE`].
+async fn write_line<T: serde::Serialize>(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    item: &T,
+) -> Result<()> {
+    let mut text = serde_json::to_vec(item)?;
+    text.push(b'\n');
+    tokio::time::timeout(RESPONSE_DEADLINE, wr.write_all(&text))
+        .await
+        .map_err(|_| anyhow!("the client did not take its response"))??;
+    Ok(())
+}
+
+/// Monitor ids, unique in this daemon.
+static MONITORS: AtomicU64 = AtomicU64::new(1);
+
+/// Streams Violin `name`'s drop events to the client until it closes the connection
+/// (or stops reading: a line it does not take within the deadline ends it). The
+/// Violin's home worker describes the drops into a bounded channel, which a blocking
+/// thread bridges to this task.
+async fn monitor(
+    mut rd: impl tokio::io::AsyncRead + Unpin,
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    ctx: &Ctx,
+    name: &str,
+    rate: u32,
+) -> Result<()> {
+    let view = lock(&ctx.view).clone();
+    let Some(v) = view.violins.iter().find(|v| v.spec.name == name) else {
+        let msg = format!("no Violin named {name:?} on host {}", view.host);
+        return write_line(&mut wr, &Response::error(msg)).await;
+    };
+    if rate == 0 || rate > MAX_MONITOR_RATE {
+        let msg = format!("rate must be 1 to {MAX_MONITOR_RATE} events a second, not {rate}");
+        return write_line(&mut wr, &Response::error(msg)).await;
+    }
+    let vni = v.spec.vni;
+    let id = MONITORS.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<DropEvent>(256);
+    let worker = ctx.workers.of_vni(vni).clone();
+    let taken = worker
+        .ask_async(|reply| Command::Monitor {
+            id,
+            vni,
+            rate,
+            events: tx,
+            reply,
+        })
+        .await;
+    match taken {
+        Ok(true) => {}
+        Ok(false) => {
+            let msg = "too many monitors on this host; try again later".to_string();
+            return write_line(&mut wr, &Response::error(msg)).await;
+        }
+        Err(e) => return write_line(&mut wr, &Response::error(e.to_string())).await,
+    }
+    let r = relay_events(&mut rd, &mut wr, ctx, view, name, rx).await;
+    let _ = worker.send(Command::Unmonitor { id });
+    r
+}
+
+async fn relay_events(
+    rd: &mut (impl tokio::io::AsyncRead + Unpin),
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    ctx: &Ctx,
+    mut view: Arc<HostView>,
+    name: &str,
+    rx: std::sync::mpsc::Receiver<DropEvent>,
+) -> Result<()> {
+    write_line(
+        wr,
+        &Response::from_result(Ok(serde_json::json!({ "violin": name }))),
+    )
+    .await?;
+    // The worker's clock is CLOCK_MONOTONIC; events carry wall time.
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let offset = wall.wrapping_sub(monotonic_ns());
+    let (etx, mut erx) = tokio::sync::mpsc::channel::<DropEvent>(256);
+    let bridge = tokio::task::spawn_blocking(move || loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(e) => {
+                if etx.blocking_send(e).is_err() {
+                    return;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !etx.is_closed() => {}
+            Err(_) => return,
+        }
+    });
+    let mut scratch = [0u8; 256];
+    let r = loop {
+        tokio::select! {
+            got = rd.read(&mut scratch) => match got {
+                // The client closed its end (or sent something it should not have).
+                Ok(_) | Err(_) => break Ok(()),
+            },
+            e = erx.recv() => {
+                let Some(e) = e else { break Ok(()) };
+                let guest = |v: &HostView| {
+                    v.violins
+                        .iter()
+                        .flat_map(|x| x.guests.iter())
+                        .find(|g| matches!(e.from, From::Port(p) if p == g.port))
+                        .map(|g| g.name.clone())
+                };
+                let from = match e.from {
+                    From::Tunnel(a) => format!("underlay {a}"),
+                    From::Port(p) => match guest(&view) {
+                        Some(n) => n,
+                        None => {
+                            // A guest added since the monitor started.
+                            view = lock(&ctx.view).clone();
+                            guest(&view).unwrap_or_else(|| format!("port {p}"))
+                        }
+                    },
+                };
+                let ev = MonitorEvent {
+                    unix_ns: e.at_ns.wrapping_add(offset),
+                    host: view.host.clone(),
+                    violin: name.to_string(),
+                    reason: e.reason.name().to_string(),
+                    from,
+                    src_mac: EthernetAddress(e.src_mac).to_string(),
+                    dst_mac: EthernetAddress(e.dst_mac).to_string(),
+                    src_ip: e.src_ip,
+                    dst_ip: e.dst_ip,
+                    len: e.len,
+                    missed: e.missed,
+                };
+                if let Err(err) = write_line(wr, &ev).await {
+                    break Err(err);
+                }
+            }
+        }
+    };
+    drop(erx);
+    let _ = bridge.await;
+    r
 }
 
 async fn answer(req: Request, ctx: &Ctx) -> Response {

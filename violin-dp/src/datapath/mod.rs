@@ -2,6 +2,7 @@
 //!
 //! - [`fastpath`]: the switch, policing and encapsulation (rx → switch → police → encap → tx);
 //! - [`transport`]: the guest ports and the underlay, which only move bytes;
+//! - [`monitor`]: drop events for `violin monitor`, off until a client subscribes;
 //! - [`drr`]: the order in which a worker reads its sockets (fair across Violins);
 //! - [`timer`]: the worker's clock and timer (shaped links, held-back guests);
 //! - [`worker`]: the packet worker's loop, which owns one switch, its ports and its
@@ -12,6 +13,7 @@
 
 pub mod drr;
 pub mod fastpath;
+pub mod monitor;
 pub mod timer;
 pub mod transport;
 pub mod worker;

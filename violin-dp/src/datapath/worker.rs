@@ -26,6 +26,7 @@ use crate::datapath::drr::{Drr, Served};
 use crate::datapath::fastpath::switch::{
     AddError, Allowance, Egress, Ingress, PortId, Switch, Update, ViolinStats,
 };
+use crate::datapath::monitor::{self, DropEvent, Monitor};
 use crate::datapath::timer::{monotonic_ns, Timer};
 use crate::datapath::transport::afxdp::{AfXdpStats, Slot, SlotStats};
 use crate::datapath::transport::guest::{PortCounters, RxEvent};
@@ -223,6 +224,19 @@ pub enum Command {
     Snapshot {
         reply: Reply<Counters>,
     },
+    /// Describe Violin `vni`'s dropped frames to `events`, at most `rate` a second;
+    /// false when the worker has too many subscribers.
+    Monitor {
+        id: u64,
+        vni: u32,
+        rate: u32,
+        events: SyncSender<DropEvent>,
+        reply: Reply<bool>,
+    },
+    /// End subscription `id`.
+    Unmonitor {
+        id: u64,
+    },
     /// Leave the loop; the remaining ports are returned for teardown.
     Stop {
         reply: Reply<Vec<Port>>,
@@ -379,6 +393,8 @@ struct Fabric {
     /// Where a super-frame's segments (or their headers) are built for a transport
     /// that takes one frame at a time.
     seg: Box<[u8]>,
+    /// Who is told of dropped frames (`violin monitor`).
+    monitor: Monitor,
 }
 
 /// Bytes for one segment, or for the headers of one `UDP_SEGMENT` send.
@@ -458,13 +474,21 @@ impl Fabric {
             ports,
             out,
             seg,
+            monitor,
         } = self;
-        if switch.process_gso(ingress, frame, gso, now, out) != Verdict::Forward {
+        let v = switch.process_gso(ingress, frame, gso, now, out);
+        if v != Verdict::Forward {
+            if v.is_drop() && monitor.is_on() {
+                tell(monitor, switch, ingress, v, frame, now);
+            }
             return;
         }
         for &e in out.iter() {
             if let Err(v) = deliver(ports, seg, &mut tx, e, frame, gso) {
                 switch.count_egress_drop(e, v);
+                if monitor.is_on() {
+                    tell(monitor, switch, ingress, v, frame, now);
+                }
             }
         }
     }
@@ -478,6 +502,27 @@ impl Fabric {
             deliver(ports, seg, &mut tx, e, frame, gso)
         })
     }
+}
+
+/// Offers a dropped frame to the monitor's subscribers of its Violin (cold: only while
+/// someone monitors).
+#[cold]
+fn tell(
+    monitor: &mut Monitor,
+    switch: &Switch,
+    ingress: Ingress,
+    v: Verdict,
+    frame: &[u8],
+    now: u64,
+) {
+    let (vni, from) = match ingress {
+        Ingress::Port(p) => match switch.vni_of_port(p) {
+            Some(vni) => (vni, monitor::From::Port(p)),
+            None => return,
+        },
+        Ingress::Tunnel { src, vni } => (vni, monitor::From::Tunnel(src)),
+    };
+    monitor.offer(vni, v, from, frame, now);
 }
 
 /// Hands one switched frame (a super-frame with `gso`) to output `e`'s transport.
@@ -570,6 +615,7 @@ impl Worker {
                         ports: Vec::new(),
                         out: Vec::with_capacity(64),
                         seg: vec![0u8; SEG_BUF].into_boxed_slice(),
+                        monitor: Monitor::default(),
                     },
                     underlay,
                     commands,
@@ -696,6 +742,9 @@ impl Worker {
             Command::Remove { name, reply } => {
                 let mine: Vec<PortId> = self.fabric.switch.ports_of(&name);
                 let stats = self.fabric.switch.remove_violin(&name);
+                if let Some(s) = &stats {
+                    self.fabric.monitor.forget(s.vni);
+                }
                 let gone = mine.into_iter().filter_map(|p| self.detach(p)).collect();
                 let _ = reply.send((stats, gone));
             }
@@ -731,6 +780,17 @@ impl Worker {
             Command::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Command::Monitor {
+                id,
+                vni,
+                rate,
+                events,
+                reply,
+            } => {
+                let now = self.now();
+                let _ = reply.send(self.fabric.monitor.subscribe(id, vni, rate, events, now));
+            }
+            Command::Unmonitor { id } => self.fabric.monitor.unsubscribe(id),
             Command::Stop { .. } => unreachable!("handled by apply_commands"),
         }
     }

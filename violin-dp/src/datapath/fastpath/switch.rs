@@ -974,6 +974,12 @@ impl Switch {
 
     /// The Violin (its slot in this switch) port `p` belongs to: what the worker's fair
     /// service counts it under.
+    /// The VNI of the Violin guest port `p` belongs to.
+    pub fn vni_of_port(&self, p: PortId) -> Option<u32> {
+        let v = self.violin_of_port(p)?;
+        self.violins[v].as_ref().map(|t| t.spec.vni)
+    }
+
     pub fn violin_of_port(&self, p: PortId) -> Option<usize> {
         self.ports
             .get(p as usize)
