@@ -19,6 +19,34 @@ pub struct MemberKey {
     pub addr: u32,
 }
 
+/// Bytes of a dropped frame's inner (tunnelled) frame an [`XdpDropEvent`] carries:
+/// Ethernet, IPv4 and the start of what follows.
+pub const DROP_EVENT_HEAD: usize = 64;
+
+/// A frame the classifier dropped for a monitored Violin (`violin monitor`), as it
+/// goes through the `DROP_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XdpDropEvent {
+    pub vni: u32,
+    /// The `Verdict`.
+    pub reason: u32,
+    /// The outer source IPv4 address, in network order.
+    pub src: u32,
+    /// The inner (tunnelled) frame's length.
+    pub len: u32,
+    /// How many bytes of `head` hold the inner frame's start (0, 14, 34, 42 or 64).
+    pub head_len: u32,
+    pub _pad: u32,
+    pub head: [u8; DROP_EVENT_HEAD],
+}
+
+/// Name of the map of monitored VNIs (key: VNI; value unused): the classifier reports
+/// those Violins' drops to `DROP_EVENTS`.
+pub const MONITORED_MAP: &str = "MONITORED";
+/// Name of the ring buffer of [`XdpDropEvent`]s.
+pub const DROP_EVENT_RING: &str = "DROP_EVENTS";
+
 /// Name of the per-CPU verdict counter array in the eBPF object.
 pub const VERDICT_COUNTERS: &str = "VERDICTS";
 /// Name of the VNI map in the eBPF object.
@@ -47,6 +75,8 @@ mod pod {
     unsafe impl aya::Pod for super::VniEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MemberKey {}
+    // SAFETY: as above (the padding is an explicit field).
+    unsafe impl aya::Pod for super::XdpDropEvent {}
 }
 
 /// The guest-port program and its maps (ingress ifindex → slot, slot → AF_XDP socket).

@@ -243,11 +243,28 @@ impl Daemon {
             dataplane,
             exe,
         );
+        // The classifier's drop reports, for `violin monitor`.
+        let xdp_monitor = match classifier
+            .as_ref()
+            .and_then(|c| manager::lock(c).take_drop_events())
+        {
+            Some(ring) => {
+                let m = crate::xdp::events::XdpMonitor::default();
+                let reader = m.clone();
+                std::thread::Builder::new()
+                    .name("violin-xdp-events".into())
+                    .spawn(move || crate::xdp::events::run(ring, reader))
+                    .context("starting the XDP drop reader")?;
+                Some(m)
+            }
+            None => None,
+        };
         let ctx = Ctx {
             manager: to_manager,
             workers: handles.clone(),
             view: m.view(),
             classifier,
+            xdp_monitor,
         };
         if let Some(l) = metrics {
             spawn_runtime(

@@ -769,6 +769,7 @@ on_both_dataplanes!(
     a_link_capped_at_50mbit_carries_45_to_55_under_a_flood,
     socket_guests_framing_spoofing_malformed_frames_and_reconnect,
     malformed_and_foreign_vxlan_on_the_underlay_is_dropped_and_counted,
+    violin_monitor_streams_each_hosts_drops_rate_limited,
     a_linux_kernel_vxlan_device_joins_as_an_external_member,
     a_lightweight_guest_whose_relay_dies_reconnects,
     one_violin_flooding_does_not_hurt_another,
@@ -1363,12 +1364,14 @@ fn a_daemon_interrupted_with_ctrl_c_cleans_up() {
     assert!(c.ping_until("blue", "a", "10.0.0.2", Duration::from_secs(10)));
 }
 
-#[test]
-fn violin_monitor_streams_each_hosts_drops_rate_limited() {
+/// `violin monitor` on both planes: a guest's frames the switch refuses, rate-limited,
+/// and VXLAN from a non-member of the Violin (dropped by the daemon on the udp plane, by
+/// the XDP classifier on the xdp plane, which reports it through its ring buffer).
+fn violin_monitor_streams_each_hosts_drops_rate_limited(dp: &str) {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &[]);
+    let c = Cluster::up(2, dp, &[]);
     // c (on h2) has no link to a (on h1).
     let spec = r#"
 name = "mon"
@@ -1476,6 +1479,50 @@ between = ["a", "b"]
         "{} described + {missed} missed > {dropped} dropped",
         pings.len()
     );
+
+    // VXLAN for this Violin from an address that is no member of it.
+    let stranger = attach_to_underlay(&c, "zz", Ipv4Addr::new(172, 31, 0, 77), 24);
+    let monitor = c
+        .command(&["monitor", "mon", "--json", "--drops", "--seconds", "3"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let inner = arp_request(
+        EthernetAddress::parse(&mac_c).unwrap(),
+        Ipv4Addr::new(10, 8, 0, 9),
+        Ipv4Addr::new(10, 8, 0, 1),
+    );
+    let mut forged = vec![0x08, 0, 0, 0];
+    forged.extend_from_slice(&(321u32 << 8).to_be_bytes());
+    forged.extend_from_slice(&inner);
+    std::thread::spawn(move || {
+        violin_dp::host::netns::enter(&stranger).unwrap();
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..3 {
+            s.send_to(&forged, "172.31.0.1:4789").unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .join()
+    .unwrap();
+    let out = monitor.wait_with_output().unwrap();
+    let events: Vec<violin_dp::control::MonitorEvent> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let foreign: Vec<_> = events.iter().filter(|e| e.reason == "not_member").collect();
+    assert_eq!(foreign.len(), 3, "{events:?}");
+    let e = foreign[0];
+    assert_eq!(
+        (e.host.as_str(), e.from.as_str()),
+        ("h1", "underlay 172.31.0.77")
+    );
+    assert_eq!(e.src_ip, Some(Ipv4Addr::new(10, 8, 0, 9)));
+    assert_eq!(e.dst_ip, Some(Ipv4Addr::new(10, 8, 0, 1)));
+    assert_eq!(e.src_mac, mac_c);
+    assert_eq!(e.len as usize, inner.len(), "the tunnelled frame's length");
+
     // A Violin that does not exist is refused with its name.
     let o = c.cmd(&["monitor", "nope", "--seconds", "1"]);
     assert!(!o.status.success());

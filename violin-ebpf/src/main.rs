@@ -19,12 +19,15 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_xdp_get_buff_len,
+    helpers::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray, XskMap},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, XskMap},
     programs::XdpContext,
 };
-use violin_common::maps::{MemberKey, VniEntry, CONFIG_MAX_FRAME, CONFIG_PORT, CONFIG_QUEUES};
+use violin_common::maps::{
+    MemberKey, VniEntry, XdpDropEvent, CONFIG_MAX_FRAME, CONFIG_PORT, CONFIG_QUEUES,
+    DROP_EVENT_HEAD,
+};
 use violin_common::wire::{ethernet, ipv4, udp, vxlan, EtherType};
 use violin_common::Verdict;
 
@@ -44,6 +47,14 @@ static XSKS: XskMap = XskMap::with_max_entries(1024, 0);
 /// Per-CPU packet counters indexed by `Verdict`.
 #[map(name = "VERDICTS")]
 static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Verdict::COUNT as u32, 0);
+
+/// VNIs a `violin monitor` watches (value unused): their dropped frames are reported.
+#[map(name = "MONITORED")]
+static MONITORED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Dropped frames of monitored Violins, for the daemon to describe.
+#[map(name = "DROP_EVENTS")]
+static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 /// Frags-aware (`xdp.frags`): otherwise veth strips GSO from its peer, and every TCP
 /// stream of the host itself would be segmented on its way in.
@@ -146,6 +157,13 @@ fn classify(ctx: &XdpContext) -> Result<u32, Verdict> {
     let key = MemberKey { vni, addr: src };
     // SAFETY: as above.
     if unsafe { MEMBERS.get(&key) }.is_none() {
+        report(
+            ctx,
+            vni,
+            src,
+            Verdict::NotMember,
+            l4 + udp::HEADER_LEN + vxlan::HEADER_LEN,
+        );
         return Err(Verdict::NotMember);
     }
     let queues = CONFIG.get(CONFIG_QUEUES).copied().unwrap_or(1).max(1);
@@ -170,6 +188,43 @@ fn classify(ctx: &XdpContext) -> Result<u32, Verdict> {
     Ok(XSKS
         .redirect(slot, u64::from(xdp_action::XDP_DROP))
         .unwrap_or(xdp_action::XDP_DROP))
+}
+
+/// Reports a dropped frame of Violin `vni` to `DROP_EVENTS` if a monitor watches it
+/// (one map lookup otherwise). A full ring loses the event, not the verdict's count.
+#[inline(always)]
+fn report(ctx: &XdpContext, vni: u32, src: u32, v: Verdict, inner: usize) {
+    // SAFETY: map values are plain integers; the reference is not kept.
+    if unsafe { MONITORED.get(&vni) }.is_none() {
+        return;
+    }
+    let Some(mut slot) = DROP_EVENTS.reserve::<XdpDropEvent>(0) else {
+        return;
+    };
+    let mut e = XdpDropEvent {
+        vni,
+        reason: v as u32,
+        src,
+        // SAFETY: the helper only reads the xdp_md this program was given.
+        len: (unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as u32).saturating_sub(inner as u32),
+        head_len: 0,
+        _pad: 0,
+        head: [0; DROP_EVENT_HEAD],
+    };
+    // As much of the inner frame's start as there is, in constant sizes the verifier
+    // accepts: a whole head, Ethernet + ARP, Ethernet + IPv4, or Ethernet alone.
+    for n in [DROP_EVENT_HEAD, 42, 34, 14] {
+        // SAFETY: the helper writes at most `n` bytes into `head`, which holds 64.
+        let r = unsafe {
+            bpf_xdp_load_bytes(ctx.ctx, inner as u32, e.head.as_mut_ptr().cast(), n as u32)
+        };
+        if r == 0 {
+            e.head_len = n as u32;
+            break;
+        }
+    }
+    slot.write(e);
+    slot.submit(0);
 }
 
 /// Host ends of fast guest ports: ingress ifindex → slot in `PORT_XSKS`.

@@ -11,6 +11,7 @@ use crate::control::protocol::{MonitorEvent, Request, Response, MAX_MONITOR_RATE
 use crate::datapath::monitor::{DropEvent, From};
 use crate::datapath::timer::monotonic_ns;
 use crate::datapath::worker::{Command, Counters, Workers};
+use crate::xdp::events::XdpMonitor;
 use anyhow::{anyhow, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
@@ -37,6 +38,8 @@ pub struct Ctx {
     pub workers: Workers,
     pub view: SharedView,
     pub classifier: Option<SharedClassifier>,
+    /// Monitors of the drops the XDP classifier reports (xdp plane).
+    pub xdp_monitor: Option<XdpMonitor>,
 }
 
 /// The longest a reader waits for the packet workers' counters.
@@ -162,6 +165,7 @@ async fn monitor(
     let vni = v.spec.vni;
     let id = MONITORS.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = std::sync::mpsc::sync_channel::<DropEvent>(256);
+    let tx2 = tx.clone();
     let worker = ctx.workers.of_vni(vni).clone();
     let taken = worker
         .ask_async(|reply| Command::Monitor {
@@ -180,8 +184,24 @@ async fn monitor(
         }
         Err(e) => return write_line(&mut wr, &Response::error(e.to_string())).await,
     }
+    // On the xdp plane the classifier's drops (a non-member's frames) come too.
+    let xdp = ctx.xdp_monitor.as_ref().zip(ctx.classifier.as_ref());
+    if let Some((m, c)) = xdp {
+        let now = monotonic_ns();
+        if lock(m).subscribe(id, vni, rate, tx2, now) {
+            if let Err(e) = lock(c).watch(vni) {
+                warn!("the classifier's drops are not monitored: {e:#}");
+            }
+        }
+    }
     let r = relay_events(&mut rd, &mut wr, ctx, view, name, rx).await;
     let _ = worker.send(Command::Unmonitor { id });
+    if let Some((m, c)) = xdp {
+        let mut m = lock(m);
+        if m.unsubscribe(id) {
+            lock(c).unwatch(vni);
+        }
+    }
     r
 }
 
@@ -366,6 +386,7 @@ mod tests {
             workers: handles.clone(),
             view: m.view(),
             classifier: None,
+            xdp_monitor: None,
         };
         std::thread::spawn(move || manager::run(m, rx));
         let socket = cfg.control_socket();

@@ -35,7 +35,8 @@ pub struct DropEvent {
     /// IPv4 source and destination (ARP: sender and target protocol addresses).
     pub src_ip: Option<Ipv4Addr>,
     pub dst_ip: Option<Ipv4Addr>,
-    /// The frame's length (a super-frame's whole length).
+    /// The frame's length (a super-frame's whole length; a tunnelled frame's without
+    /// the outer headers).
     pub len: u32,
     /// Drops of this Violin not described since the previous event (rate limit or a
     /// full channel).
@@ -64,11 +65,12 @@ impl DropEvent {
         e.dst_mac = eth.dst_addr().0;
         let payload = eth.payload();
         match eth.ethertype() {
-            EtherType::IPV4 => {
-                if let Ok(ip) = Ipv4Packet::new_checked(payload) {
-                    e.src_ip = Some(ip.src_addr());
-                    e.dst_ip = Some(ip.dst_addr());
-                }
+            // The addresses only: a frame's head (the classifier reports 64 bytes) is
+            // enough, whatever its IPv4 total length says.
+            EtherType::IPV4 if payload.len() >= 20 => {
+                let ip = Ipv4Packet::new_unchecked(payload);
+                e.src_ip = Some(ip.src_addr());
+                e.dst_ip = Some(ip.dst_addr());
             }
             EtherType::ARP => {
                 if let Ok(arp) = ArpPacket::new_checked(payload) {
@@ -143,6 +145,13 @@ impl Monitor {
     /// Offers a drop of Violin `vni` to its subscribers; the event is built only if one
     /// of them takes it.
     pub fn offer(&mut self, vni: u32, reason: Verdict, from: From, frame: &[u8], now: u64) {
+        self.offer_with(vni, now, || {
+            DropEvent::describe(now, vni, reason, from, frame)
+        })
+    }
+
+    /// The same, with the event built by `make` (at most once per subscriber taking it).
+    pub fn offer_with(&mut self, vni: u32, now: u64, make: impl Fn() -> DropEvent) {
         let mut i = 0;
         while i < self.subs.len() {
             let s = &mut self.subs[i];
@@ -155,7 +164,7 @@ impl Monitor {
                 i += 1;
                 continue;
             }
-            let mut e = DropEvent::describe(now, vni, reason, from, frame);
+            let mut e = make();
             e.missed = s.missed;
             match s.tx.try_send(e) {
                 Ok(()) => {
@@ -173,9 +182,11 @@ impl Monitor {
         }
     }
 
-    /// Ends subscription `id` (its client went away).
-    pub fn unsubscribe(&mut self, id: u64) {
+    /// Ends subscription `id` (its client went away); false if it had already ended.
+    pub fn unsubscribe(&mut self, id: u64) -> bool {
+        let before = self.subs.len();
         self.subs.retain(|s| s.id != id);
+        self.subs.len() != before
     }
 
     /// Forgets every subscriber of Violin `vni` (it was removed).

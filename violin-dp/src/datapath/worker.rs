@@ -790,7 +790,9 @@ impl Worker {
                 let now = self.now();
                 let _ = reply.send(self.fabric.monitor.subscribe(id, vni, rate, events, now));
             }
-            Command::Unmonitor { id } => self.fabric.monitor.unsubscribe(id),
+            Command::Unmonitor { id } => {
+                self.fabric.monitor.unsubscribe(id);
+            }
             Command::Stop { .. } => unreachable!("handled by apply_commands"),
         }
     }

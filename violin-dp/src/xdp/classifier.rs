@@ -4,7 +4,7 @@
 
 use crate::config::XdpAttach;
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, XskMap};
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
@@ -50,6 +50,11 @@ pub struct Classifier {
     members: HashMap<MapData, MemberKey, u32>,
     xsks: XskMap<MapData>,
     verdicts: PerCpuArray<MapData, u64>,
+    /// VNIs whose drops the program reports, and how many monitors watch each.
+    monitored: HashMap<MapData, u32, u32>,
+    watchers: std::collections::HashMap<u32, usize>,
+    /// The ring the program reports them in, until [`Classifier::take_drop_events`].
+    drop_events: Option<RingBuf<MapData>>,
 }
 
 fn member_key(vni: u32, addr: Ipv4Addr) -> MemberKey {
@@ -88,6 +93,8 @@ impl Classifier {
         let verdicts = PerCpuArray::try_from(take(&mut ebpf, maps::VERDICT_COUNTERS)?)?;
         let port_slots = HashMap::try_from(take(&mut ebpf, maps::PORT_SLOT_MAP)?)?;
         let port_xsks = XskMap::try_from(take(&mut ebpf, maps::PORT_XSK_MAP)?)?;
+        let monitored = HashMap::try_from(take(&mut ebpf, maps::MONITORED_MAP)?)?;
+        let drop_events = Some(RingBuf::try_from(take(&mut ebpf, maps::DROP_EVENT_RING)?)?);
         Ok(Classifier {
             ebpf,
             port_slots,
@@ -96,7 +103,38 @@ impl Classifier {
             members,
             xsks,
             verdicts,
+            monitored,
+            watchers: Default::default(),
+            drop_events,
         })
+    }
+
+    /// The ring of drop reports, for the thread that reads it (once).
+    pub fn take_drop_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.drop_events.take()
+    }
+
+    /// One more monitor watches Violin `vni`: the program reports its drops.
+    pub fn watch(&mut self, vni: u32) -> Result<()> {
+        let n = self.watchers.entry(vni).or_insert(0);
+        if *n == 0 {
+            self.monitored
+                .insert(vni, 1, 0)
+                .context("adding a VNI to the MONITORED map")?;
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    /// One monitor fewer; the last one turns the reports off.
+    pub fn unwatch(&mut self, vni: u32) {
+        if let Some(n) = self.watchers.get_mut(&vni) {
+            *n -= 1;
+            if *n == 0 {
+                self.watchers.remove(&vni);
+                let _ = self.monitored.remove(&vni);
+            }
+        }
     }
 
     pub fn program(&mut self) -> &mut Xdp {
