@@ -56,7 +56,20 @@ fn classifier_fixture_table() {
     .unwrap();
 }
 
-fn run_table() {
+/// The classifier loaded in the current namespace, VNI 101 (slot 0, a real AF_XDP
+/// socket) and 102 (slot 1, no socket) from `MEMBER`, on a veth `xa` with 2 rx queues.
+struct Loaded {
+    cls: Classifier,
+    // The socket goes before its UMEM (fields drop in order).
+    _socket: (
+        xsk_rs::TxQueue,
+        xsk_rs::RxQueue,
+        Option<(xsk_rs::FillQueue, xsk_rs::CompQueue)>,
+    ),
+    _umem: xsk_rs::Umem,
+}
+
+fn load() -> Loaded {
     use violin_dp::host::netlink;
     netlink::with_handle(|h| async move {
         // Two rx queues: the daemon serves queue 0 only (see the end of the table).
@@ -81,10 +94,38 @@ fn run_table() {
         .bind_flags(xsk_rs::config::BindFlags::XDP_COPY)
         .build();
     // SAFETY: a fresh, unshared UMEM; the socket is dropped before the UMEM.
-    let (_tx, rx, _fq_cq) =
-        unsafe { xsk_rs::Socket::new(cfg, &umem, &"xa".parse().unwrap(), 0) }.unwrap();
-    cls.set_socket(0, rx.fd()).unwrap();
+    let socket = unsafe { xsk_rs::Socket::new(cfg, &umem, &"xa".parse().unwrap(), 0) }.unwrap();
+    cls.set_socket(0, socket.1.fd()).unwrap();
+    Loaded {
+        cls,
+        _socket: socket,
+        _umem: umem,
+    }
+}
 
+/// Runs the program on `pkt`: its action and the one verdict it counted.
+fn run(cls: &mut Classifier, pkt: &[u8]) -> (u32, Vec<Verdict>) {
+    let before = cls.verdicts();
+    let r = cls
+        .program()
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            ..TestRunOptions::new()
+        })
+        .unwrap_or_else(|e| panic!("test_run failed on {pkt:02x?}: {e}"));
+    let after = cls.verdicts();
+    let moved = Verdict::ALL
+        .iter()
+        .copied()
+        .filter(|v| after[*v as usize] != before[*v as usize])
+        .collect();
+    (r.return_value, moved)
+}
+
+fn run_table() {
+    use violin_dp::host::netlink;
+    let mut loaded = load();
+    let cls = &mut loaded.cls;
     let good = tunnelled(MEMBER, 101);
     let mut vlan = good.clone();
     vlan[12..14].copy_from_slice(&[0x81, 0x00]);
@@ -131,21 +172,8 @@ fn run_table() {
         ("VLAN-tagged", vlan, XDP_PASS, Pass),
     ];
     for (what, pkt, action, verdict) in table {
-        let before = cls.verdicts();
-        let r = cls
-            .program()
-            .test_run(TestRunOptions {
-                data_in: Some(&pkt),
-                ..TestRunOptions::new()
-            })
-            .unwrap_or_else(|e| panic!("{what}: test_run failed: {e}"));
-        let after = cls.verdicts();
-        assert_eq!(r.return_value, action, "{what}: action");
-        let moved: Vec<Verdict> = Verdict::ALL
-            .iter()
-            .copied()
-            .filter(|v| after[*v as usize] != before[*v as usize])
-            .collect();
+        let (got, moved) = run(cls, &pkt);
+        assert_eq!(got, action, "{what}: action");
         assert_eq!(moved, vec![verdict], "{what}: counters");
     }
     // The same good frame on rx queue 1 of xa, where no socket is: to the kernel (the
@@ -187,4 +215,97 @@ fn run_table() {
         })
         .unwrap();
     assert_eq!(r.return_value, XDP_DROP, "a removed VNI is unknown");
+}
+
+/// The fuzz target `outer`'s inputs (its seeds, the corpus a fuzz run left, and every
+/// truncation and many one-byte changes of the seeds) through the XDP classifier and
+/// the user-space parser (`tunnel::parse_outer`, what the AF_XDP path runs): the
+/// classifier never drops or passes what user space would switch, and what it sends to
+/// a Violin's socket user space reads as the same Violin and source, or refuses (then
+/// counted as `rx_bad`).
+#[test]
+fn the_classifier_agrees_with_the_user_space_parser_on_the_fuzz_inputs() {
+    if !common::can_run() {
+        return;
+    }
+    let ns = format!("tdif{}", std::process::id());
+    let _guard = violin_dp::host::netns::NetnsGuard::create(&ns).unwrap();
+    violin_dp::host::netns::run_in(&ns, || {
+        differential();
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn fuzz_inputs() -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../violin-common/fuzz");
+    let read = |sub: &str| -> Vec<Vec<u8>> {
+        std::fs::read_dir(dir.join(sub))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .collect()
+    };
+    let seeds = read("seeds/outer");
+    assert!(seeds.len() >= 3, "the outer seeds are missing");
+    let mut all = read("corpus/outer");
+    for s in &seeds {
+        for n in 0..=s.len() {
+            all.push(s[..n].to_vec());
+        }
+        for i in 0..s.len().min(64) {
+            for f in [|b: u8| b ^ 0x01, |b: u8| b ^ 0x80, |_| 0x00, |_| 0xff] {
+                let mut m = s.clone();
+                m[i] = f(m[i]);
+                all.push(m);
+            }
+        }
+    }
+    all.extend(seeds);
+    all
+}
+
+fn differential() {
+    use violin_common::wire::tunnel::parse_outer;
+    let mut loaded = load();
+    let cls = &mut loaded.cls;
+    let (mut runs, mut both, mut refused_after) = (0, 0, 0);
+    for pkt in fuzz_inputs() {
+        // The kernel runs XDP on 14 bytes to a page's worth (less its headroom).
+        if pkt.len() < 14 || pkt.len() > 3000 {
+            continue;
+        }
+        runs += 1;
+        let (action, moved) = run(cls, &pkt);
+        assert_eq!(
+            moved.len(),
+            1,
+            "one verdict per packet: {moved:?} for {pkt:02x?}"
+        );
+        let v = moved[0];
+        let fragment = pkt.len() >= 22 && u16::from_be_bytes([pkt[20], pkt[21]]) & 0x3fff != 0;
+        match parse_outer(&pkt, 4789) {
+            Ok((src, vni, _)) if !fragment => {
+                let want = match (src == MEMBER, vni) {
+                    (true, 101) => Verdict::Forward,
+                    (true, 102) => Verdict::Forward, // no socket: dropped after counting
+                    (_, 101 | 102) => Verdict::NotMember,
+                    _ => Verdict::UnknownVni,
+                };
+                assert_eq!(v, want, "user space reads ({src}, {vni}) from {pkt:02x?}");
+                if vni == 101 && src == MEMBER {
+                    assert_eq!(action, XDP_REDIRECT, "{pkt:02x?}");
+                    both += 1;
+                }
+            }
+            _ if v == Verdict::Forward => refused_after += 1,
+            _ => {}
+        }
+    }
+    eprintln!(
+        "{runs} inputs through the classifier: {both} switched by both, \
+         {refused_after} sent to a socket and refused by user space (rx_bad)"
+    );
+    assert!(runs >= 500 && both >= 10, "too few inputs ({runs}, {both})");
 }

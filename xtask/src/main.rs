@@ -31,6 +31,14 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The soak: 16 Violins × 32 guests on 4 simulated hosts under mixed traffic, guests
+    /// joining and leaving, a daemon restart; memory, descriptors and frame pools each
+    /// minute (root: it makes namespaces). Results in bench-results/soak-*.json and
+    /// .md; fails if memory grew more than 5 % or anything leaked.
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
     /// Run every fuzz target for a while (cargo-fuzz and nightly: scripts/setup.sh), each
     /// from its seed corpus; prints executions per target. A crash stops the run and is
     /// kept under CRATE/fuzz/artifacts/TARGET/ (add it to the seeds once fixed).
@@ -45,9 +53,10 @@ enum Cmd {
 }
 
 /// (crate directory, target) of every fuzz target.
-const FUZZ_TARGETS: [(&str, &str); 4] = [
+const FUZZ_TARGETS: [(&str, &str); 5] = [
     ("violin-common", "wire"),
     ("violin-common", "gso"),
+    ("violin-common", "outer"),
     ("violin-dp", "spec"),
     ("violin-dp", "control"),
 ];
@@ -201,6 +210,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf { debug } => build_ebpf(debug),
         Cmd::Bench { quick, args } => bench(quick, &args),
+        Cmd::Soak { minutes } => bench(false, &["--soak".into(), minutes.to_string()]),
         Cmd::Fuzz { seconds, target } => fuzz(seconds, target.as_deref()),
     }
 }

@@ -12,6 +12,7 @@ pub mod ethernet;
 pub mod gso;
 pub mod ipv4;
 pub mod tcp;
+pub mod tunnel;
 pub mod udp;
 pub mod virtio;
 pub mod vxlan;
