@@ -12,6 +12,7 @@
 mod charts;
 mod hpl;
 mod load;
+mod soak;
 mod testbed;
 
 use anyhow::{bail, Context, Result};
@@ -38,6 +39,9 @@ struct Cli {
     /// `--out`).
     #[arg(long, value_name = "JSON")]
     from: Option<PathBuf>,
+    /// Run the soak for this many minutes instead of the benchmarks.
+    #[arg(long, value_name = "MINUTES")]
+    soak: Option<f64>,
 }
 
 struct Plan {
@@ -250,6 +254,20 @@ fn main() -> Result<()> {
     }
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmarks make network namespaces: run as root");
+    }
+    if let Some(minutes) = cli.soak {
+        let r = soak::run(minutes)?;
+        std::fs::create_dir_all(&cli.out)?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let json = cli.out.join(format!("soak-{stamp}.json"));
+        std::fs::write(&json, serde_json::to_string_pretty(&r)?)?;
+        let md = soak::report(&r);
+        std::fs::write(json.with_extension("md"), &md)?;
+        print!("{md}");
+        say(&format!("results in {}", json.display()));
+        return soak::check(&r);
     }
     let plan = Plan::new(cli.quick);
     let t0 = Instant::now();

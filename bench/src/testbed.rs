@@ -103,7 +103,8 @@ impl Testbed {
         self.state.hosts.iter().map(|h| h.pid).collect()
     }
 
-    fn violin(&self, args: &[&str]) -> Result<String> {
+    /// Runs the `violin` CLI on this cluster; its output, or an error with its stderr.
+    pub fn violin(&self, args: &[&str]) -> Result<String> {
         let o = std::process::Command::new(violin_bin())
             .arg("--cluster")
             .arg(&self.name)
