@@ -235,7 +235,9 @@ pub fn run(minutes: f64) -> Result<Soak> {
         if let Err(e) = tb.violin(&["apply", &path.display().to_string()]) {
             r.failures.push(format!("minute {minute}: leave: {e:#}"));
         }
-        if !restarted && start.elapsed().as_secs_f64() >= secs as f64 / 2.0 {
+        // Halfway, or in the last minute of a short run.
+        let last_minute = 60 * (minute as u64 + 1) >= secs;
+        if !restarted && (start.elapsed().as_secs_f64() >= secs as f64 / 2.0 || last_minute) {
             tb.violin(&["cluster", "restart", "h2", "--hard"])?;
             restarted = true;
             note = "(h2 restarted --hard)".into();
