@@ -13,7 +13,7 @@
 set -euo pipefail
 
 # Bump when what goes into an image changes: older images are then rebuilt.
-IMAGE_VERSION=3
+IMAGE_VERSION=4
 
 say() { printf '\033[1m[guest-image]\033[0m %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -174,13 +174,19 @@ for p in /sys/class/virtio-ports/*; do
   [ "$(cat "$p/name" 2>/dev/null)" = violin.exec ] && port=/dev/${p##*/}
 done
 [ -n "$port" ] || { sleep 1; exit 1; }
+# The port stays open for good: when `violin exec` hangs up, a read returns end of file,
+# and closing the port then would discard what the next `violin exec` may already have
+# sent (the kernel drops a port's unread data on close), leaving it without an answer.
 exec 3<>"$port"
-while read -r nonce b64 <&3; do
-  [ -n "$nonce" ] || continue
-  cmd=$(echo "$b64" | base64 -d)
-  printf '%s start\n' "$nonce" >&3
-  (cd /root && sh -c "$cmd") </dev/null >&3 2>&3
-  printf '\n%s exit %d\n' "$nonce" $? >&3
+while :; do
+  while read -r nonce b64 <&3; do
+    [ -n "$nonce" ] || continue
+    cmd=$(echo "$b64" | base64 -d)
+    printf '%s start\n' "$nonce" >&3
+    (cd /root && sh -c "$cmd") </dev/null >&3 2>&3
+    printf '\n%s exit %d\n' "$nonce" $? >&3
+  done
+  sleep 0.1
 done
 AGENT
 chmod 755 $R/bin/violin-agent
