@@ -99,7 +99,7 @@ fn sample(tb: &Testbed, minute: f64, note: &str) -> Result<Sample> {
     let prefix = format!("{}-", tb.name);
     let processes = violin_dp::host::netns::list(&prefix)
         .iter()
-        .map(|ns| processes_in(ns))
+        .map(|ns| violin_dp::host::netns::pids_in(ns).len())
         .sum();
     Ok(Sample {
         minute,
@@ -107,20 +107,6 @@ fn sample(tb: &Testbed, minute: f64, note: &str) -> Result<Sample> {
         processes,
         note: note.into(),
     })
-}
-
-/// Processes whose network namespace is `ns`.
-fn processes_in(ns: &str) -> usize {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(target) = std::fs::metadata(violin_dp::host::netns::path(ns)) else {
-        return 0;
-    };
-    violin_dp::host::netns::other_pids()
-        .filter(|pid| {
-            std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|m| m.ino() == target.ino() && m.dev() == target.dev())
-        })
-        .count()
 }
 
 fn print(s: &Sample) {

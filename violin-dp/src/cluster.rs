@@ -485,18 +485,9 @@ pub fn down(run_dir: &Path, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
 
 /// Kills every process whose network namespace is the named one.
 pub fn kill_processes_in(ns: &str) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(target) = std::fs::metadata(netns::path(ns)) else {
-        return;
-    };
-    for pid in netns::other_pids() {
-        let Ok(m) = std::fs::metadata(format!("/proc/{pid}/ns/net")) else {
-            continue;
-        };
-        if m.ino() == target.ino() && m.dev() == target.dev() {
-            let p = nix::unistd::Pid::from_raw(pid);
-            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-        }
+    for pid in netns::pids_in(ns) {
+        let p = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
     }
 }

@@ -327,6 +327,20 @@ pub fn other_pids() -> impl Iterator<Item = i32> {
         .filter(move |pid| *pid != me)
 }
 
+/// The pids of the processes (but this one) in the named network namespace; none if
+/// it does not exist.
+pub fn pids_in(name: &str) -> Vec<i32> {
+    let Ok(target) = fs::metadata(path(name)) else {
+        return Vec::new();
+    };
+    other_pids()
+        .filter(|pid| {
+            fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| m.ino() == target.ino() && m.dev() == target.dev())
+        })
+        .collect()
+}
+
 /// Writes a sysctl of the calling thread's network namespace (`net/ipv6/conf/all/...`).
 pub fn sysctl(key: &str, value: &str) -> Result<()> {
     let p = Path::new("/proc/sys").join(key.replace('.', "/"));
