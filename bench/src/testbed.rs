@@ -88,6 +88,9 @@ impl Testbed {
             workers: None,
             xdp_attach: Default::default(),
             max_guests,
+            // Benchmarks drive the daemons directly; `scale_etcd` measures etcd.
+            etcd_members: 0,
+            lease_ttl: violin_dp::config::DEFAULT_LEASE_TTL,
         };
         let state = cluster::up(&run_dir, name, &opts, &|_| {})?;
         Ok(Testbed {

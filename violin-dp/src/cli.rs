@@ -30,6 +30,18 @@ pub struct Cli {
         default_value = "/run/violin"
     )]
     pub run_dir: PathBuf,
+    /// The cluster's etcd (client URLs, comma-separated). Default: the simulated
+    /// cluster's, from its state file. With it, the CLI needs no state file.
+    #[arg(long, global = true, env = "VIOLIN_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// With `--etcd`: the CA of the members' certificates, and the CLI's certificate
+    /// and key (its CN is its etcd user).
+    #[arg(long, global = true, env = "VIOLIN_ETCD_CA", requires_all = ["etcd_cert", "etcd_key"])]
+    pub etcd_ca: Option<PathBuf>,
+    #[arg(long, global = true, env = "VIOLIN_ETCD_CERT", requires = "etcd_ca")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "VIOLIN_ETCD_KEY", requires = "etcd_ca")]
+    pub etcd_key: Option<PathBuf>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -81,7 +93,12 @@ pub enum Cmd {
         json: bool,
     },
     /// Remove a Violin: its guests, sockets and switch state on every host.
-    Down { name: String },
+    Down {
+        name: String,
+        /// Seconds to wait for every host to report the removal (clusters with etcd).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// List the Violins on the cluster.
     Ls {
         #[arg(long)]
@@ -172,6 +189,14 @@ pub enum ClusterCmd {
         /// default 2048).
         #[arg(long)]
         max_guests: Option<usize>,
+        /// etcd members, each in a namespace on the underlay (0: no etcd; the CLI then
+        /// drives each daemon over its control socket).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=7))]
+        etcd_members: u32,
+        /// Seconds a host stays registered after its last keep-alive: a host silent
+        /// this long is shown down and its guests lost.
+        #[arg(long, default_value_t = crate::config::DEFAULT_LEASE_TTL, value_parser = clap::value_parser!(u64).range(2..=3600))]
+        lease_ttl: u64,
     },
     /// Show the bridge, subnet and each host's namespace and underlay address.
     Info {
@@ -195,6 +220,17 @@ fn progress(msg: &str) {
 
 pub fn run(cli: Cli) -> Result<()> {
     let (run_dir, name) = (&cli.run_dir, cli.cluster.as_str());
+    let etcd = cli.etcd.clone();
+    let tls = match (&cli.etcd_ca, &cli.etcd_cert, &cli.etcd_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(crate::config::EtcdTls {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    let load =
+        |run_dir: &PathBuf, name: &str| cluster::load_or_etcd(run_dir, name, &etcd, tls.as_ref());
     match cli.cmd {
         Cmd::Cluster(ClusterCmd::Up {
             hosts,
@@ -206,6 +242,8 @@ pub fn run(cli: Cli) -> Result<()> {
             workers,
             xdp_attach,
             max_guests,
+            etcd_members,
+            lease_ttl,
         }) => {
             eprintln!("Bringing up cluster {name} ({hosts} hosts)");
             let st = cluster::up(
@@ -221,6 +259,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     workers: workers.map(|w| w as usize),
                     xdp_attach,
                     max_guests,
+                    etcd_members: etcd_members as usize,
+                    lease_ttl,
                 },
                 &progress,
             )?;
@@ -246,23 +286,19 @@ pub fn run(cli: Cli) -> Result<()> {
             eprintln!("daemon of {host} restarted (pid {})", h.pid);
             Ok(())
         }
-        Cmd::Up { spec, timeout } => lifecycle::up(
-            &cluster::load(run_dir, name)?,
-            &spec,
-            Duration::from_secs(timeout),
-        ),
-        Cmd::Apply { spec, timeout } => lifecycle::apply_file(
-            &cluster::load(run_dir, name)?,
-            &spec,
-            Duration::from_secs(timeout),
-        ),
+        Cmd::Up { spec, timeout } => {
+            lifecycle::up(&load(run_dir, name)?, &spec, Duration::from_secs(timeout))
+        }
+        Cmd::Apply { spec, timeout } => {
+            lifecycle::apply_file(&load(run_dir, name)?, &spec, Duration::from_secs(timeout))
+        }
         Cmd::Scale {
             violin,
             add,
             links,
             timeout,
         } => lifecycle::scale(
-            &cluster::load(run_dir, name)?,
+            &load(run_dir, name)?,
             &violin,
             &add,
             &links,
@@ -276,7 +312,7 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let m = lifecycle::migrate(
-                &cluster::load(run_dir, name)?,
+                &load(run_dir, name)?,
                 &violin,
                 &guest,
                 &to,
@@ -287,13 +323,13 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Down { name: v } => lifecycle::down(&cluster::load(run_dir, name)?, &v),
-        Cmd::Ls { json } => violin_ls(&cluster::load(run_dir, name)?, json),
-        Cmd::Console { violin, guest } => {
-            violin_console(&cluster::load(run_dir, name)?, &violin, &guest)
+        Cmd::Down { name: v, timeout } => {
+            lifecycle::down_within(&load(run_dir, name)?, &v, Duration::from_secs(timeout))
         }
+        Cmd::Ls { json } => violin_ls(&load(run_dir, name)?, json),
+        Cmd::Console { violin, guest } => violin_console(&load(run_dir, name)?, &violin, &guest),
         Cmd::Exec { violin, guest, cmd } => {
-            violin_exec(&cluster::load(run_dir, name)?, &violin, &guest, &cmd)
+            violin_exec(&load(run_dir, name)?, &violin, &guest, &cmd)
         }
         Cmd::Profile {
             violin,
@@ -309,15 +345,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 (_, _, true) => ProfileFormat::Svg,
                 _ => ProfileFormat::Table,
             };
-            violin_profile(
-                &cluster::load(run_dir, name)?,
-                &violin,
-                interval,
-                format,
-                watch,
-            )
+            violin_profile(&load(run_dir, name)?, &violin, interval, format, watch)
         }
-        Cmd::Stats { violin, json } => violin_stats(&cluster::load(run_dir, name)?, &violin, json),
+        Cmd::Stats { violin, json } => violin_stats(&load(run_dir, name)?, &violin, json),
         Cmd::Monitor {
             violin,
             drops,
@@ -325,7 +355,7 @@ pub fn run(cli: Cli) -> Result<()> {
             rate,
             seconds,
         } => crate::monitor::run(
-            &cluster::load(run_dir, name)?,
+            &load(run_dir, name)?,
             &violin,
             &crate::monitor::Options {
                 drops_only: drops,
@@ -364,6 +394,8 @@ struct LsEntry {
     vni: u32,
     guests: usize,
     attached: usize,
+    /// Guests on hosts shown down (their lease in etcd expired).
+    lost: usize,
     hosts: Vec<String>,
 }
 
@@ -376,11 +408,17 @@ fn violin_ls(st: &ClusterState, json: bool) -> Result<()> {
                 vni: x.vni,
                 guests: 0,
                 attached: 0,
+                lost: 0,
                 hosts: Vec::new(),
             });
             e.guests += x.guests.len();
-            e.attached += x.guests.iter().filter(|g| g.connected).count();
-            e.hosts.push(s.host.clone());
+            if s.down {
+                e.lost += x.guests.len();
+                e.hosts.push(format!("{}(down)", s.host));
+            } else {
+                e.attached += x.guests.iter().filter(|g| g.connected).count();
+                e.hosts.push(s.host.clone());
+            }
         }
     }
     if json {
@@ -391,30 +429,50 @@ fn violin_ls(st: &ClusterState, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:>9} {:>8} {:>9}  HOSTS",
-        "VIOLIN", "VNI", "GUESTS", "ATTACHED"
+        "{:<16} {:>9} {:>8} {:>9} {:>5}  HOSTS",
+        "VIOLIN", "VNI", "GUESTS", "ATTACHED", "LOST"
     );
     for e in map.values() {
         println!(
-            "{:<16} {:>9} {:>8} {:>9}  {}",
+            "{:<16} {:>9} {:>8} {:>9} {:>5}  {}",
             e.name,
             e.vni,
             e.guests,
             e.attached,
+            e.lost,
             e.hosts.join(",")
         );
     }
     Ok(())
 }
 
+/// A guest's status, if it runs on this machine; else an error naming its host.
 fn find_guest(st: &ClusterState, violin: &str, guest: &str) -> Result<GuestStatus> {
-    statuses(st)?
+    let (host, g) = statuses(st)?
         .into_iter()
-        .flat_map(|s| s.violins)
-        .filter(|x| x.name == violin)
-        .flat_map(|x| x.guests)
-        .find(|g| g.name == guest)
-        .ok_or_else(|| anyhow!("no guest {guest:?} in Violin {violin:?}"))
+        .flat_map(|s| {
+            let h = (s.host.clone(), s.underlay, s.down);
+            s.violins
+                .into_iter()
+                .filter(|x| x.name == violin)
+                .flat_map(|x| x.guests)
+                .map(move |g| (h.clone(), g))
+        })
+        .find(|(_, g)| g.name == guest)
+        .ok_or_else(|| anyhow!("no guest {guest:?} in Violin {violin:?}"))?;
+    let here = match (&g.netns, &g.agent) {
+        (_, Some(agent)) => std::path::Path::new(agent).exists(),
+        (Some(ns), None) => crate::host::netns::exists(ns),
+        (None, None) => true,
+    };
+    if !here {
+        let (name, addr, down) = host;
+        bail!(
+            "guest {guest} runs on host {name} ({addr}{}), not on this machine: run the command there",
+            if down { ", shown down" } else { "" }
+        );
+    }
+    Ok(g)
 }
 
 fn violin_exec(st: &ClusterState, violin: &str, guest: &str, cmd: &[String]) -> Result<()> {

@@ -84,6 +84,44 @@ pub struct HostConfig {
     /// pass it is refused whole. Default [`DEFAULT_MAX_GUESTS`].
     #[serde(default)]
     pub max_guests: Option<usize>,
+    /// The cluster's etcd: this host registers there and takes its share of the Violin
+    /// specs stored there. Without it the host is driven over its control socket alone.
+    #[serde(default)]
+    pub etcd: Option<EtcdConfig>,
+}
+
+/// Where a host finds the cluster's state (`[etcd]` in the host config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members (`http://10.0.0.254:2379`).
+    pub endpoints: Vec<String>,
+    /// The cluster's name: its keys live under `/violin/CLUSTER/`.
+    pub cluster: String,
+    /// Seconds the host's registration outlives its last keep-alive: a host silent
+    /// this long is shown `down`.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: u64,
+    /// TLS with a client certificate (its CN is this host's etcd user).
+    #[serde(default)]
+    pub tls: Option<EtcdTls>,
+}
+
+/// A client's TLS files for etcd: the CA that signed the members' certificates, and
+/// the client's own certificate and key (PEM).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The lease of a host's registration unless its config says otherwise.
+pub const DEFAULT_LEASE_TTL: u64 = 10;
+
+fn default_lease_ttl() -> u64 {
+    DEFAULT_LEASE_TTL
 }
 
 /// Guests per host unless `max_guests` says otherwise.

@@ -279,6 +279,13 @@ impl Daemon {
         handles
             .send_all(|| Command::OpenUnderlay)
             .map_err(|e| anyhow!("{e}"))?;
+        if cfg.etcd.is_some() {
+            spawn_runtime(
+                "violin-etcd",
+                true,
+                crate::control::agent::run(cfg.clone(), ctx.clone()),
+            )?;
+        }
         let neighbours = (dataplane == "xdp").then(|| cfg.interface.clone());
         let server_ctx = ctx.clone();
         let nb_workers = handles.clone();

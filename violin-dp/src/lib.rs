@@ -11,7 +11,7 @@
 //!
 //! The rest is shared by the daemon and the CLI: the spec ([`spec`]), the counters
 //! workers publish ([`stats`]), the host config
-//! ([`config`]), the XDP classifier's loader ([`xdp`]), the simulated cluster
+//! ([`config`]), the cluster's state in etcd ([`store`]), the XDP classifier's loader ([`xdp`]), the simulated cluster
 //! ([`cluster`]), the CLI itself ([`cli`], [`lifecycle`], [`profile`], [`probe`],
 //! [`monitor`]).
 //!
@@ -33,5 +33,6 @@ pub mod probe;
 pub mod profile;
 pub mod spec;
 pub mod stats;
+pub mod store;
 #[cfg(feature = "daemon")]
 pub mod xdp;

@@ -1,14 +1,19 @@
 //! A Violin's life across the cluster's hosts: `up`, `apply`, `scale`, `migrate`, `down`.
 //!
-//! Every change is one new spec pushed to each host (`ApplyViolin`), the hosts that no
-//! longer have guests told to drop it; a host that refuses rolls the others back, so a
-//! change lands whole or not at all. The spec text a Violin was created from is kept in
-//! the cluster's state directory, so `scale` and `migrate` edit what the user wrote.
+//! Every change is one new spec. On a cluster with etcd (the default) it is written to
+//! etcd and every host takes its share; the CLI waits until each host it involves
+//! reports that revision, and a host that refuses brings the previous spec back. On a
+//! cluster without etcd the spec is pushed to each host's control socket
+//! (`ApplyViolin`), the hosts that no longer have guests told to drop it, and a host
+//! that refuses rolls the others back. Either way a change lands whole or not at all,
+//! and the spec text is kept (in etcd, or the cluster's state directory) so `scale` and
+//! `migrate` edit what the user wrote.
 
 use crate::cluster::{self, ClusterState};
 use crate::control::{self, Applied, HostStatus, Request};
 use crate::probe;
 use crate::spec::{self, GuestKind, MemberKind, Violin};
+use crate::store::Store;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,7 +28,15 @@ fn spec_path(st: &ClusterState, name: &str) -> PathBuf {
         .join(format!("{name}.toml"))
 }
 
+/// The cluster's etcd, when it has one.
+fn store(st: &ClusterState) -> Result<Option<Store>> {
+    st.store()
+}
+
 fn save_spec(st: &ClusterState, name: &str, text: &str) -> Result<()> {
+    if let Some(mut s) = store(st)? {
+        return s.put_spec(name, text).map(|_| ());
+    }
     let p = spec_path(st, name);
     std::fs::create_dir_all(p.parent().unwrap())?;
     std::fs::write(&p, text).with_context(|| format!("saving {}", p.display()))
@@ -31,6 +44,12 @@ fn save_spec(st: &ClusterState, name: &str, text: &str) -> Result<()> {
 
 /// The spec text `name` was last created or changed from.
 pub fn load_spec(st: &ClusterState, name: &str) -> Result<String> {
+    if let Some(mut s) = store(st)? {
+        return s
+            .spec(name)?
+            .map(|x| x.text)
+            .ok_or_else(|| anyhow!("no Violin named {name:?} in etcd"));
+    }
     let p = spec_path(st, name);
     std::fs::read_to_string(&p).with_context(|| {
         format!(
@@ -40,7 +59,33 @@ pub fn load_spec(st: &ClusterState, name: &str) -> Result<String> {
     })
 }
 
+/// Each host's status, in the order of `st.hosts`: from etcd (what each host last
+/// published; `down` when its lease expired), or asked of each daemon.
 pub fn statuses(st: &ClusterState) -> Result<Vec<HostStatus>> {
+    if let Some(mut s) = store(st)? {
+        let views = s.hosts()?;
+        return Ok(st
+            .hosts
+            .iter()
+            .map(|h| {
+                let v = views.iter().find(|v| v.record.name == h.name);
+                let mut status = v
+                    .and_then(|v| v.report.as_ref())
+                    .map(|r| r.status.clone())
+                    .unwrap_or_else(|| HostStatus {
+                        host: h.name.clone(),
+                        underlay: h.underlay,
+                        dataplane: String::new(),
+                        pid: 0,
+                        violins: Vec::new(),
+                        host_drops: Default::default(),
+                        down: true,
+                    });
+                status.down = !v.is_some_and(|v| v.alive);
+                status
+            })
+            .collect());
+    }
     st.hosts
         .iter()
         .map(|h| {
@@ -50,8 +95,14 @@ pub fn statuses(st: &ClusterState) -> Result<Vec<HostStatus>> {
         .collect()
 }
 
-/// The spec a Violin runs with now, as its hosts report it.
+/// The spec a Violin runs with now: as stored in etcd, or as its hosts report it.
 pub fn current(st: &ClusterState, name: &str) -> Result<Option<Violin>> {
+    if let Some(mut s) = store(st)? {
+        return s
+            .spec(name)?
+            .map(|x| parse_text(st, &x.text, &format!("the stored spec of {name}")))
+            .transpose();
+    }
     Ok(statuses(st)?
         .into_iter()
         .flat_map(|s| s.violins)
@@ -68,9 +119,156 @@ fn parse_text(st: &ClusterState, text: &str, origin: &str) -> Result<Violin> {
     spec::parse(text, &hosts).map_err(|e| anyhow!("{origin}: {e}"))
 }
 
+/// Brings every host `new` or `old` uses to `new` (written as `text`), whole or not
+/// at all: through etcd when the cluster has it, else over the hosts' sockets.
+fn program(
+    st: &ClusterState,
+    old: Option<&Violin>,
+    new: &Violin,
+    text: &str,
+    timeout: Duration,
+    pb: &ProgressBar,
+) -> Result<BTreeMap<String, Applied>> {
+    match store(st)? {
+        Some(mut s) => program_etcd(&mut s, old, new, text, timeout, pb),
+        None => program_sockets(st, old, new, &[], pb),
+    }
+}
+
+/// The hosts a change from `old` to `new` involves.
+fn involved(old: Option<&Violin>, new: &Violin) -> BTreeSet<String> {
+    new.hosts
+        .keys()
+        .chain(old.iter().flat_map(|o| o.hosts.keys()))
+        .cloned()
+        .collect()
+}
+
+/// Writes `new` to etcd and waits until every involved host has taken it; if one
+/// refuses, writes the previous spec back (or removes the new one) and waits for that.
+fn program_etcd(
+    s: &mut Store,
+    old: Option<&Violin>,
+    new: &Violin,
+    text: &str,
+    timeout: Duration,
+    pb: &ProgressBar,
+) -> Result<BTreeMap<String, Applied>> {
+    let before = s.spec(&new.name)?;
+    let hosts = involved(old, new);
+    let rev = s.put_spec(&new.name, text)?;
+    match wait_revision(s, &new.name, &hosts, rev, timeout, pb) {
+        Ok(()) => {}
+        Err(Wait::Refused(h, why)) => {
+            pb.set_message("putting the previous spec back");
+            let back = match &before {
+                Some(b) => s.put_spec(&new.name, &b.text)?,
+                None => s.delete_spec(&new.name)?,
+            };
+            if let Err(e) = wait_revision(s, &new.name, &hosts, back, timeout, pb) {
+                eprintln!("warning: putting the previous spec back: {e}");
+            }
+            let what = if before.is_some() {
+                "the previous spec is back in place"
+            } else {
+                "nothing was left behind"
+            };
+            bail!("host {h} refused Violin {}: {why}; {what}", new.name);
+        }
+        Err(e) => bail!(
+            "{e}; the spec stays in etcd at revision {rev}, and the hosts take it when they can"
+        ),
+    }
+    // What each host added: new guests, and guests whose spec changed (re-created).
+    let mut applied = BTreeMap::new();
+    for m in &new.members {
+        let Some(h) = m.host() else { continue };
+        let same = old.is_some_and(|o| o.members.iter().any(|x| x == m));
+        let a: &mut Applied = applied.entry(h.to_string()).or_default();
+        if same {
+            a.kept.push(m.name.clone());
+        } else {
+            a.added.push(m.name.clone());
+        }
+    }
+    Ok(applied)
+}
+
+/// Why a wait for hosts ended early.
+#[derive(Debug)]
+enum Wait {
+    Refused(String, String),
+    Timeout(String),
+    Store(anyhow::Error),
+}
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wait::Refused(h, why) => write!(f, "host {h} refused: {why}"),
+            Wait::Timeout(m) => write!(f, "{m}"),
+            Wait::Store(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+/// Waits until each of `hosts` reports revision `rev` or later, with Violin `name` at
+/// `rev` or later without an error.
+fn wait_revision(
+    s: &mut Store,
+    name: &str,
+    hosts: &BTreeSet<String>,
+    rev: i64,
+    timeout: Duration,
+    pb: &ProgressBar,
+) -> std::result::Result<(), Wait> {
+    let t0 = Instant::now();
+    loop {
+        let views = s.hosts().map_err(Wait::Store)?;
+        let mut waiting = Vec::new();
+        for h in hosts {
+            let v = views.iter().find(|v| &v.record.name == h);
+            let report = v.and_then(|v| v.report.as_ref());
+            match (v, report) {
+                (None, _) => waiting.push(format!("{h} (never registered)")),
+                (Some(v), _) if !v.alive => waiting.push(format!(
+                    "{h} (down; last at revision {})",
+                    report.map_or(0, |r| r.revision)
+                )),
+                (_, None) => waiting.push(format!("{h} (no report yet)")),
+                (_, Some(r)) if r.revision < rev => {
+                    waiting.push(format!("{h} (at revision {})", r.revision))
+                }
+                (_, Some(r)) => {
+                    if let Some(st) = r.specs.get(name).filter(|x| x.revision >= rev) {
+                        if let Some(e) = &st.error {
+                            return Err(Wait::Refused(h.clone(), e.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        pb.set_message(format!(
+            "waiting for revision {rev}: {}",
+            waiting.join(", ")
+        ));
+        if t0.elapsed() > timeout {
+            return Err(Wait::Timeout(format!(
+                "not every host took revision {rev} within {} s: {}",
+                timeout.as_secs(),
+                waiting.join(", ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Pushes `new` to every host it or `old` uses, `first` and `last` ordered as named;
 /// a host that refuses rolls back the hosts already changed.
-fn program(
+fn program_sockets(
     st: &ClusterState,
     old: Option<&Violin>,
     new: &Violin,
@@ -281,19 +479,34 @@ pub fn up(st: &ClusterState, path: &PathBuf, timeout: Duration) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let v = parse_text(st, &text, &path.display().to_string())?;
-    let current = statuses(st)?;
-    let existing: Vec<&Violin> = current
-        .iter()
-        .flat_map(|s| &s.violins)
-        .filter(|x| x.name == v.name || x.vni == v.vni)
-        .map(|x| &x.spec)
-        .collect();
+    // Every host's copy of the Violins with this name or VNI (etcd: the stored spec).
+    let (existing, copies): (Vec<Violin>, usize) = match store(st)? {
+        Some(mut s) => {
+            let all: Vec<Violin> = s
+                .specs()?
+                .into_iter()
+                .filter_map(|(n, x)| parse_text(st, &x.text, &format!("stored spec {n}")).ok())
+                .filter(|x| x.name == v.name || x.vni == v.vni)
+                .collect();
+            let n = if all.is_empty() { 0 } else { v.hosts.len() };
+            (all, n)
+        }
+        None => {
+            let all: Vec<Violin> = statuses(st)?
+                .into_iter()
+                .flat_map(|s| s.violins)
+                .filter(|x| x.name == v.name || x.vni == v.vni)
+                .map(|x| x.spec)
+                .collect();
+            let n = all.len();
+            (all, n)
+        }
+    };
     if !existing.is_empty() {
-        let other = existing[0];
-        if other.name != v.name {
+        if let Some(other) = existing.iter().find(|x| x.name != v.name) {
             bail!("VNI {} is already used by Violin {:?}", v.vni, other.name);
         }
-        if existing.iter().all(|x| **x == v) && existing.len() == v.hosts.len() {
+        if existing.iter().all(|x| *x == v) && copies == v.hosts.len() {
             eprintln!("Violin {} is already up with this spec", v.name);
             wait_attached(st, &v, &guest_names(&v), timeout)?;
             return print_summary(st, &v.name);
@@ -313,10 +526,12 @@ pub fn up(st: &ClusterState, path: &PathBuf, timeout: Duration) -> Result<()> {
     );
     ensure_images(&v)?;
     let pb = spinner("  ");
-    let r = program(st, None, &v, &[], &pb);
+    let r = program(st, None, &v, &text, timeout, &pb);
     pb.finish_and_clear();
     r?;
-    save_spec(st, &v.name, &text)?;
+    if st.etcd_endpoints().is_empty() {
+        save_spec(st, &v.name, &text)?;
+    }
     if let Err(e) = wait_attached(st, &v, &guest_names(&v), timeout) {
         eprintln!("removing the half-created Violin {}", v.name);
         let _ = down(st, &v.name);
@@ -437,10 +652,12 @@ fn apply(st: &ClusterState, v: &Violin, text: &str, timeout: Duration) -> Result
     }
     ensure_images(v)?;
     let pb = spinner("  ");
-    let r = program(st, Some(&old), v, &[], &pb);
+    let r = program(st, Some(&old), v, text, timeout, &pb);
     pb.finish_and_clear();
     let applied = r?;
-    save_spec(st, &v.name, text)?;
+    if st.etcd_endpoints().is_empty() {
+        save_spec(st, &v.name, text)?;
+    }
     let added: BTreeSet<String> = applied.values().flat_map(|a| a.added.clone()).collect();
     wait_attached(st, v, &added, timeout)
 }
@@ -594,7 +811,7 @@ pub fn migrate(
         None
     };
     let pb = spinner("  ");
-    let r = program(st, Some(&old), &v, &[to], &pb);
+    let r = program_sockets(st, Some(&old), &v, &[to], &pb);
     pb.finish_and_clear();
     r?;
     save_spec(st, name, &text)?;
@@ -772,6 +989,7 @@ pub fn print_summary(st: &ClusterState, name: &str) -> Result<()> {
         for x in s.violins.iter().filter(|x| x.name == name) {
             for g in &x.guests {
                 let state = match (ready(g), g.connected) {
+                    _ if s.down => "lost",
                     (true, _) if g.kind == GuestKind::Qemu => "running",
                     (true, _) => "attached",
                     (false, true) => "booting",
@@ -794,8 +1012,44 @@ pub fn print_summary(st: &ClusterState, name: &str) -> Result<()> {
 /// `violin down NAME`: removes the Violin from every host that has it, then anything a
 /// half-finished `up` may have left (guest namespaces of the saved spec).
 pub fn down(st: &ClusterState, name: &str) -> Result<()> {
+    down_within(st, name, Duration::from_secs(30))
+}
+
+/// `down`, waiting at most `timeout` for the hosts (a cluster with etcd).
+pub fn down_within(st: &ClusterState, name: &str, timeout: Duration) -> Result<()> {
     let mut found = false;
     let mut errors = Vec::new();
+    if let Some(mut s) = store(st)? {
+        let Some(spec) = s.spec(name)? else {
+            bail!("no Violin named {name:?} on cluster {}", st.name);
+        };
+        let hosts: BTreeSet<String> = match parse_text(st, &spec.text, "the stored spec") {
+            Ok(v) => v.hosts.keys().cloned().collect(),
+            Err(_) => st.hosts.iter().map(|h| h.name.clone()).collect(),
+        };
+        let rev = s.delete_spec(name)?;
+        let pb = spinner("  ");
+        let r = wait_revision(&mut s, name, &hosts, rev, timeout, &pb);
+        pb.finish_and_clear();
+        if let Err(e) = r {
+            bail!("removing {name}: {e}; the spec is gone from etcd, and the hosts that did not answer remove it when they return");
+        }
+        if let Ok(v) = parse_text(st, &spec.text, "the stored spec") {
+            for g in guest_names(&v) {
+                let ns = st.guest_netns(name, &g);
+                if crate::host::netns::exists(&ns) {
+                    if let Err(e) = crate::host::netns::delete(&ns) {
+                        errors.push(format!("{ns}: {e:#}"));
+                    }
+                }
+            }
+        }
+        if !errors.is_empty() {
+            bail!("removing {name}: {}", errors.join("; "));
+        }
+        eprintln!("Violin {name} removed");
+        return Ok(());
+    }
     for (h, s) in st.hosts.iter().zip(statuses(st)?) {
         if s.violins.iter().any(|x| x.name == name) {
             found = true;

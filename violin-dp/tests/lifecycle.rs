@@ -865,14 +865,25 @@ ip = "10.11.0.4/24"
         "the fast-port guest without its interface shows attached"
     );
     assert!(now["p"], "an untouched guest is still attached");
-    let ls = c.ok(&["ls"]);
-    let row: Vec<&str> = ls
-        .lines()
-        .find(|l| l.starts_with("health "))
-        .expect("health listed")
-        .split_whitespace()
-        .collect();
-    assert_ne!(row[3], "4", "`violin ls` counts every guest attached: {ls}");
+    // `ls` reads what the host publishes in etcd (within a quarter second of a change).
+    let t0 = std::time::Instant::now();
+    loop {
+        let ls = c.ok(&["ls"]);
+        let row: Vec<&str> = ls
+            .lines()
+            .find(|l| l.starts_with("health "))
+            .expect("health listed")
+            .split_whitespace()
+            .collect();
+        if row[3] != "4" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "`violin ls` counts every guest attached: {ls}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The relay's guest gets a new interface from a restarted relay (its old one ended
     // instead of spinning on a dead tap), and answers again.
     assert!(

@@ -928,6 +928,7 @@ impl HostView {
                 })
                 .collect(),
             host_drops: c.host_drops.clone(),
+            down: false,
         }
     }
 

@@ -3,8 +3,10 @@
 //! a size bound), the host manager that owns every Violin's record on this host and
 //! turns requests into worker commands and host changes ([`manager`]), persistence
 //! for restarts ([`persist`]), the neighbour watcher ([`neighbours`]) and the metrics
-//! server ([`metrics`]). None of it runs on a packet worker's thread.
+//! server ([`metrics`]), and the host's side of the cluster state in etcd ([`agent`]). None of it runs on a packet worker's thread.
 
+#[cfg(feature = "daemon")]
+pub mod agent;
 #[cfg(feature = "daemon")]
 pub mod manager;
 #[cfg(feature = "daemon")]

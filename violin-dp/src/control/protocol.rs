@@ -134,6 +134,10 @@ pub struct HostStatus {
     pub pid: u32,
     pub violins: Vec<ViolinStatus>,
     pub host_drops: BTreeMap<String, u64>,
+    /// The host's lease in etcd expired: what it reported last (its guests are lost
+    /// until it returns).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub down: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

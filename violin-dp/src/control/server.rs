@@ -286,7 +286,7 @@ async fn relay_events(
     r
 }
 
-async fn answer(req: Request, ctx: &Ctx) -> Response {
+pub(crate) async fn answer(req: Request, ctx: &Ctx) -> Response {
     if req.is_read_only() {
         return Response::from_result(read_only(req, ctx).await);
     }

@@ -121,6 +121,15 @@ pub async fn set_up(h: &Handle, name: &str) -> Result<()> {
         .with_context(|| format!("setting {name} up"))
 }
 
+pub async fn set_down(h: &Handle, name: &str) -> Result<()> {
+    let idx = require_index(h, name).await?;
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).down().build())
+        .execute()
+        .await
+        .with_context(|| format!("setting {name} down"))
+}
+
 pub async fn set_mtu(h: &Handle, name: &str, mtu: u32) -> Result<()> {
     let idx = require_index(h, name).await?;
     h.link()
@@ -319,4 +328,19 @@ pub fn disable_tx_checksum(name: &str) -> Result<()> {
             .with_context(|| format!("ethtool -K {name} tx off"));
     }
     Ok(())
+}
+
+/// Every IPv4 address of every link in the current namespace.
+pub async fn ipv4_addrs(h: &Handle) -> Result<Vec<Ipv4Addr>> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut addrs = h.address().get().execute();
+    let mut out = Vec::new();
+    while let Some(a) = addrs.try_next().await.context("listing addresses")? {
+        for attr in &a.attributes {
+            if let AddressAttribute::Address(std::net::IpAddr::V4(ip)) = attr {
+                out.push(*ip);
+            }
+        }
+    }
+    Ok(out)
 }

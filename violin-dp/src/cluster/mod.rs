@@ -5,8 +5,15 @@
 //! names): bridge `vb-NAME`, host namespaces `NAME-h1…`, guest namespaces
 //! `NAME-VIOLIN-GUEST`. State lives in `RUN_DIR/NAME/` (cluster.json, host configs,
 //! daemon logs, sockets).
+//!
+//! The cluster's state is in etcd ([`etcd`]: members in namespaces on the underlay)
+//! unless it is brought up with `--etcd-members 0`; then the CLI drives each daemon over
+//! its control socket.
 
-use crate::config::{DataplaneChoice, HostConfig};
+pub mod etcd;
+pub mod pki;
+
+use crate::config::{DataplaneChoice, EtcdTls, HostConfig};
 use crate::control::{self, HostStatus, Request};
 use crate::host::{netlink, netns, procs};
 use anyhow::{bail, Context, Result};
@@ -25,6 +32,19 @@ pub struct ClusterState {
     pub subnet: String,
     pub dataplane: DataplaneChoice,
     pub hosts: Vec<HostEntry>,
+    /// The cluster's etcd members (none: the CLI drives the daemons' sockets).
+    #[serde(default)]
+    pub etcd: Vec<etcd::Member>,
+    /// The CLI's and the administrator's (`root`) TLS identities for etcd.
+    #[serde(default)]
+    pub etcd_tls: Option<EtcdTls>,
+    #[serde(default)]
+    pub etcd_admin: Option<EtcdTls>,
+    /// Endpoints and identity given on the command line (`--etcd…`), which win.
+    #[serde(skip)]
+    pub etcd_override: Vec<String>,
+    #[serde(skip)]
+    pub etcd_tls_override: Option<EtcdTls>,
     /// Where this state was loaded from (set by `load`).
     #[serde(skip)]
     pub run_dir: PathBuf,
@@ -50,6 +70,28 @@ pub struct HostEntry {
 }
 
 impl ClusterState {
+    /// Where the CLI reaches the cluster's etcd.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        if !self.etcd_override.is_empty() {
+            return self.etcd_override.clone();
+        }
+        self.etcd.iter().map(etcd::Member::mgmt_url).collect()
+    }
+
+    /// The identity the CLI shows etcd.
+    pub fn etcd_identity(&self) -> Option<&EtcdTls> {
+        self.etcd_tls_override.as_ref().or(self.etcd_tls.as_ref())
+    }
+
+    /// The cluster's etcd as the CLI sees it, if it has one.
+    pub fn store(&self) -> Result<Option<crate::store::Store>> {
+        let e = self.etcd_endpoints();
+        if e.is_empty() {
+            return Ok(None);
+        }
+        crate::store::Store::connect(&e, self.etcd_identity(), &self.name).map(Some)
+    }
+
     pub fn host(&self, name: &str) -> Option<&HostEntry> {
         self.hosts.iter().find(|h| h.name == name)
     }
@@ -106,6 +148,59 @@ pub fn load(run_dir: &Path, cluster: &str) -> Result<ClusterState> {
     Ok(st)
 }
 
+/// The cluster's state file, its etcd endpoints replaced by `etcd` if given; or, with
+/// no state file here, what etcd holds (hosts on other machines: nothing local).
+pub fn load_or_etcd(
+    run_dir: &Path,
+    cluster: &str,
+    etcd: &[String],
+    tls: Option<&EtcdTls>,
+) -> Result<ClusterState> {
+    if etcd.is_empty() || state_file(run_dir, cluster).exists() {
+        let mut st = load(run_dir, cluster)?;
+        if !etcd.is_empty() {
+            st.etcd_override = etcd.to_vec();
+            st.etcd_tls_override = tls.cloned();
+        }
+        return Ok(st);
+    }
+    let mut s = crate::store::Store::connect(etcd, tls, cluster)?;
+    let views = s.hosts()?;
+    if views.is_empty() {
+        bail!(
+            "no host of cluster {cluster:?} is registered in etcd at {}",
+            etcd.join(",")
+        );
+    }
+    Ok(ClusterState {
+        name: cluster.into(),
+        bridge: String::new(),
+        subnet: String::new(),
+        dataplane: DataplaneChoice::Auto,
+        hosts: views
+            .into_iter()
+            .map(|v| HostEntry {
+                netns: format!("{cluster}-{}", v.record.name),
+                name: v.record.name,
+                underlay: v.record.underlay,
+                interface: String::new(),
+                control: PathBuf::new(),
+                config: PathBuf::new(),
+                log: PathBuf::new(),
+                pid: 0,
+                keeper: 0,
+                metrics: None,
+            })
+            .collect(),
+        etcd: Vec::new(),
+        etcd_tls: None,
+        etcd_admin: None,
+        etcd_override: etcd.to_vec(),
+        etcd_tls_override: tls.cloned(),
+        run_dir: run_dir.to_path_buf(),
+    })
+}
+
 /// Where a host's keeper records its daemon's pid: beside the host's config.
 fn daemon_pidfile(config: &Path) -> PathBuf {
     config.with_extension("pid")
@@ -159,6 +254,10 @@ pub struct UpOptions {
     pub xdp_attach: crate::config::XdpAttach,
     /// Most guests per host (`None`: the daemon's default).
     pub max_guests: Option<usize>,
+    /// etcd members (0: none; the CLI then drives the daemons' sockets).
+    pub etcd_members: usize,
+    /// Seconds a host's registration outlives its last keep-alive.
+    pub lease_ttl: u64,
 }
 
 /// Brings a cluster up; on any failure, removes what it made.
@@ -173,12 +272,16 @@ pub fn up(
         bail!("--hosts must be 1 to 250");
     }
     let (net, prefix) = parse_subnet(&opts.subnet)?;
-    if (opts.hosts as u64) + 2 > 1u64 << (32 - prefix) {
+    if (opts.hosts + opts.etcd_members) as u64 + 2 > 1u64 << (32 - prefix) {
         bail!(
-            "subnet {} has room for fewer than {} hosts",
+            "subnet {} has room for fewer than {} hosts and {} etcd members",
             opts.subnet,
-            opts.hosts
+            opts.hosts,
+            opts.etcd_members
         );
+    }
+    if opts.etcd_members > 7 {
+        bail!("--etcd-members must be 0 to 7");
     }
     if state_file(run_dir, name).exists() {
         bail!("cluster {name:?} is already up (`violin cluster down` removes it)");
@@ -199,6 +302,11 @@ pub fn up(
         subnet: format!("{net}/{prefix}"),
         dataplane: opts.dataplane,
         hosts: Vec::new(),
+        etcd: Vec::new(),
+        etcd_tls: None,
+        etcd_admin: None,
+        etcd_override: Vec::new(),
+        etcd_tls_override: None,
         run_dir: run_dir.to_path_buf(),
     };
     let r = (|| -> Result<()> {
@@ -210,6 +318,45 @@ pub fn up(
             netlink::set_mtu(&h, &br, mtu).await?;
             netlink::set_up(&h, &br).await
         })?;
+        let mut pki = None;
+        if opts.etcd_members > 0 {
+            progress("making the cluster's CA and certificates");
+            let p = pki::Pki::create(&dir.join("pki"), name)?;
+            let admin = p.issue("root", &[], false)?;
+            let sf = state_file(run_dir, name);
+            let mut st2 = state.clone();
+            state.etcd = etcd::start(
+                name,
+                &bridge,
+                net,
+                prefix,
+                mtu,
+                opts.etcd_members,
+                &dir,
+                &p,
+                &admin,
+                progress,
+                &mut |m| {
+                    // Recorded as soon as it runs, so a failed `up` stops it.
+                    st2.etcd.push(m.clone());
+                    std::fs::write(&sf, serde_json::to_string_pretty(&st2)?)?;
+                    Ok(())
+                },
+            )?;
+            progress("creating etcd's users and roles; turning authentication on");
+            let hosts: Vec<String> = (1..=opts.hosts).map(|i| format!("h{i}")).collect();
+            let endpoints = state.etcd_endpoints();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut c = crate::store::connect(&endpoints, Some(&admin)).await?;
+                pki::enable_auth(&mut c, name, &hosts).await
+            })?;
+            state.etcd_tls = Some(p.issue(pki::CLI_USER, &[], false)?);
+            state.etcd_admin = Some(admin);
+            pki = Some(p);
+        }
         for i in 1..=opts.hosts {
             let host = format!("h{i}");
             let ns = format!("{name}-{host}");
@@ -253,6 +400,15 @@ pub fn up(
                     .workers
                     .or((opts.queues > 1).then_some(opts.queues as usize)),
                 max_guests: opts.max_guests,
+                etcd: match &pki {
+                    Some(p) => Some(crate::config::EtcdConfig {
+                        endpoints: state.etcd.iter().map(etcd::Member::underlay_url).collect(),
+                        cluster: name.to_string(),
+                        lease_ttl: opts.lease_ttl,
+                        tls: Some(p.issue(&host, &[underlay], false)?),
+                    }),
+                    None => None,
+                },
             };
             let cfg_path = dir.join(format!("{host}.toml"));
             std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
@@ -440,6 +596,10 @@ pub fn down(run_dir: &Path, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
             stop_daemon(h.keeper);
             stop_daemon(h.pid);
         }
+        for m in &state.etcd {
+            progress(&format!("stopping etcd member {}", m.name));
+            stop_daemon(m.pid);
+        }
     }
     // Stray processes in this cluster's namespaces (guest relays, daemons of a lost state).
     let prefix = format!("{name}-");
@@ -459,6 +619,11 @@ pub fn down(run_dir: &Path, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
         for i in 1..=250 {
             if netlink::index(&h, &format!("v{name}h{i}")).await?.is_some() {
                 netlink::del_link(&h, &format!("v{name}h{i}")).await?;
+            }
+        }
+        for i in 1..=7 {
+            for l in [format!("v{name}e{i}"), format!("ve{name}{i}")] {
+                netlink::del_link(&h, &l).await?;
             }
         }
         Ok(())
