@@ -10,6 +10,7 @@
 //! Run it through `cargo xtask bench [--quick]` (root: it makes namespaces).
 
 mod charts;
+mod etcd_scale;
 mod hpl;
 mod load;
 mod soak;
@@ -42,6 +43,10 @@ struct Cli {
     /// Run the soak for this many minutes instead of the benchmarks.
     #[arg(long, value_name = "MINUTES")]
     soak: Option<f64>,
+    /// Measure the cluster's state in etcd at scale instead (32 hosts, 16 Violins × 32
+    /// guests; with --quick 4 hosts, 2 × 4), against a cluster without etcd.
+    #[arg(long)]
+    etcd_scale: bool,
 }
 
 struct Plan {
@@ -268,6 +273,23 @@ fn main() -> Result<()> {
         print!("{md}");
         say(&format!("results in {}", json.display()));
         return soak::check(&r);
+    }
+    if cli.etcd_scale {
+        let e = etcd_scale::measure(cli.quick, &say)?;
+        std::fs::create_dir_all(&cli.out)?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let json = cli.out.join(format!(
+            "etcd-scale-{stamp}{}.json",
+            if cli.quick { "-quick" } else { "" }
+        ));
+        std::fs::write(&json, serde_json::to_string_pretty(&e)?)?;
+        let md = etcd_scale::report(&e);
+        std::fs::write(json.with_extension("md"), &md)?;
+        print!("{md}");
+        say(&format!("results in {}", json.display()));
+        return Ok(());
     }
     let plan = Plan::new(cli.quick);
     let t0 = Instant::now();

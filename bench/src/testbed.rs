@@ -72,8 +72,6 @@ impl Testbed {
         hosts: usize,
         max_guests: Option<usize>,
     ) -> Result<Testbed> {
-        let run_dir = std::env::temp_dir().join(format!("violin-bench-{name}"));
-        let _ = cluster::down(&run_dir, name, &|_| {});
         let dp = match dataplane {
             "xdp" => DataplaneChoice::Xdp,
             _ => DataplaneChoice::Udp,
@@ -88,11 +86,18 @@ impl Testbed {
             workers: None,
             xdp_attach: Default::default(),
             max_guests,
-            // Benchmarks drive the daemons directly; `scale_etcd` measures etcd.
+            // The data path's figures leave etcd out; `--etcd-scale` measures it.
             etcd_members: 0,
             lease_ttl: violin_dp::config::DEFAULT_LEASE_TTL,
         };
-        let state = cluster::up(&run_dir, name, &opts, &|_| {})?;
+        Testbed::up_opts(name, dataplane, &opts)
+    }
+
+    /// A cluster brought up with these options.
+    pub fn up_opts(name: &str, dataplane: &'static str, opts: &UpOptions) -> Result<Testbed> {
+        let run_dir = std::env::temp_dir().join(format!("violin-bench-{name}"));
+        let _ = cluster::down(&run_dir, name, &|_| {});
+        let state = cluster::up(&run_dir, name, opts, &|_| {})?;
         Ok(Testbed {
             name: name.into(),
             run_dir,

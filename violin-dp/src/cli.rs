@@ -5,7 +5,7 @@ use crate::config::DataplaneChoice;
 use crate::control::{self, GuestStatus, HostViolinStats, Request};
 use crate::lifecycle::{self, statuses};
 use crate::profile;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -386,6 +386,26 @@ fn print_cluster(st: &ClusterState) {
             h.metrics.as_deref().unwrap_or("-")
         );
     }
+    if st.etcd.is_empty() {
+        println!("no etcd: the CLI drives each daemon over its control socket");
+    }
+    for m in &st.etcd {
+        println!(
+            "etcd {:<6} {:<16} {:<16} {:<10} {} (this machine)",
+            m.name,
+            m.netns,
+            m.underlay,
+            m.pid,
+            m.mgmt_url()
+        );
+    }
+    if let Some(t) = &st.etcd_tls {
+        println!(
+            "the CLI's etcd certificate: {} (CA {})",
+            t.cert.display(),
+            t.ca.display()
+        );
+    }
 }
 
 #[derive(Serialize)]
@@ -576,17 +596,48 @@ pub struct ClusterStats {
     pub hosts: Vec<HostViolinStats>,
 }
 
+/// Each host's counters of a Violin, summed: read from each host's metrics server
+/// (found through etcd), or asked over its control socket (a cluster without etcd).
 pub fn gather_stats(st: &ClusterState, violin: &str) -> Result<ClusterStats> {
+    let endpoints: Option<BTreeMap<String, Option<String>>> = match st.store()? {
+        Some(mut s) => Some(
+            s.hosts()?
+                .into_iter()
+                .map(|v| (v.record.name, v.record.endpoint))
+                .collect(),
+        ),
+        None => None,
+    };
     let mut hosts = Vec::new();
     for (h, s) in st.hosts.iter().zip(statuses(st)?) {
-        if s.violins.iter().any(|x| x.name == violin) {
+        if !s.violins.iter().any(|x| x.name == violin) {
+            continue;
+        }
+        let Some(endpoints) = &endpoints else {
             hosts.push(control::call::<HostViolinStats>(
                 &h.control,
                 &Request::Stats {
                     name: violin.into(),
                 },
             )?);
+            continue;
+        };
+        if s.down {
+            eprintln!(
+                "warning: host {} is down: its counters are left out",
+                h.name
+            );
+            continue;
         }
+        let ep = endpoints
+            .get(&h.name)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| anyhow!("host {} publishes no metrics endpoint", h.name))?;
+        hosts.push(
+            control::http_get_json::<HostViolinStats>(&format!("{ep}/violins/{violin}/stats"))
+                .with_context(|| format!("reading the counters of host {}", h.name))?,
+        );
     }
     if hosts.is_empty() {
         bail!("no Violin named {violin:?} on cluster {}", st.name);

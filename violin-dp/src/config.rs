@@ -105,6 +105,11 @@ pub struct EtcdConfig {
     /// TLS with a client certificate (its CN is this host's etcd user).
     #[serde(default)]
     pub tls: Option<EtcdTls>,
+    /// Where the CLI reaches this host's metrics server (`http://ADDRESS:PORT`), for
+    /// `violin stats` and `profile`; published with the host's registration. Default:
+    /// the underlay address and `metrics_port`.
+    #[serde(default)]
+    pub advertise: Option<String>,
 }
 
 /// A client's TLS files for etcd: the CA that signed the members' certificates, and

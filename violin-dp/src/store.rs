@@ -78,6 +78,9 @@ pub struct HostRecord {
     pub max_guests: usize,
     /// The daemon's version.
     pub version: String,
+    /// Its metrics server, where `violin stats` reads its counters.
+    #[serde(default)]
+    pub endpoint: Option<String>,
 }
 
 /// How a host stands with one Violin's spec.
@@ -468,5 +471,46 @@ impl Store {
             all.iter().map(|(k, v, _)| k.len() + v.len()).sum(),
             all.len(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_layout() {
+        let k = Keys::new("prod");
+        assert_eq!(k.host("h1"), "/violin/prod/config/hosts/h1");
+        assert_eq!(k.spec("blue"), "/violin/prod/config/specs/blue");
+        assert_eq!(k.alive("h1"), "/violin/prod/state/alive/h1");
+        assert_eq!(k.status("h1"), "/violin/prod/state/status/h1");
+        // What daemons watch holds hosts and specs, and nothing hosts write often.
+        assert!(k.host("h1").starts_with(&k.config()));
+        assert!(k.spec("x").starts_with(&k.config()));
+        assert!(!k.status("h1").starts_with(&k.config()));
+        assert!(!k.alive("h1").starts_with(&k.config()));
+        // One cluster's prefix is not another's.
+        assert!(!Keys::new("prod2").all().starts_with(&k.all()));
+    }
+
+    #[test]
+    fn a_mirror_reads_sub_prefixes() {
+        let mut m = Mirror::new("/violin/c/config/");
+        m.kv.insert("hosts/h1".into(), (b"1".to_vec(), 3));
+        m.kv.insert("specs/blue".into(), (b"2".to_vec(), 5));
+        let hosts: Vec<_> = m.under("hosts/").collect();
+        assert_eq!(hosts, vec![("h1", &b"1"[..], 3)]);
+        let specs: Vec<_> = m.under("specs/").map(|(k, _, r)| (k, r)).collect();
+        assert_eq!(specs, vec![("blue", 5)]);
+    }
+
+    #[test]
+    fn host_records_from_older_daemons_still_read() {
+        let r: HostRecord = serde_json::from_str(
+            r#"{"name":"h1","underlay":"10.0.0.1","dataplane":"udp","mtu":1500,"max_guests":2048,"version":"0.1.0"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.endpoint, None);
     }
 }

@@ -386,25 +386,44 @@ fn the_cli_needs_only_etcd() {
     let spec = c.write_spec("blue.toml", PAIRS);
     let run = c.run_dir.display().to_string();
     let violin = env!("CARGO_BIN_EXE_violin");
-    let script = format!(
-        "set -e; mount -t tmpfs none {run}; test -z \"$(ls -A {run})\"; \
-         V='{violin} --cluster {name} --etcd {url}{flags}'; \
-         if {violin} --cluster {name} ls 2>/dev/null; then echo 'ls without etcd worked'; exit 1; fi; \
-         $V up {spec}; $V ls --json; $V down blue",
-        name = c.name
-    );
-    let o = Command::new("unshare")
-        .args(["-m", "sh", "-c", &script])
-        .env("VIOLIN_RUN_DIR", &c.run_dir)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    // Runs `violin` commands in a mount namespace whose run directory is empty.
+    let without_state = |cmds: &str| {
+        let script = format!(
+            "set -e; mount -t tmpfs none {run}; test -z \"$(ls -A {run})\"; \
+             V='{violin} --cluster {name} --etcd {url}{flags}'; {cmds}",
+            name = c.name
+        );
+        let o = Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .env("VIOLIN_RUN_DIR", &c.run_dir)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "{cmds}: {out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    let out = without_state(&format!(
+        "if {violin} --cluster {} ls 2>/dev/null; then echo 'ls without etcd worked'; exit 1; fi; \
+         $V up {spec}; $V ls --json",
+        c.name
+    ));
     assert!(out.contains("\"attached\": 3"), "{out}");
+    assert!(c.ping("blue", "a", "10.0.0.2", 3));
+    // Counters come from each host's metrics server, found through etcd.
+    let out = without_state("$V stats blue --json");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ab = stats["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["from"] == "a" && e["to"] == "b")
+        .unwrap_or_else(|| panic!("no a→b edge: {out}"));
+    assert!(ab["packets"].as_u64().unwrap() >= 3, "{out}");
+    without_state("$V down blue");
     assert_eq!(ls(&c), serde_json::json!([]));
 }
 

@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// etcd's client port (daemons and CLI) and peer port (members).
+/// etcd's client port (daemons and CLI) and peer port (members); its metrics are
+/// served on the management link only, without TLS.
 pub const CLIENT_PORT: u16 = 2379;
 pub const PEER_PORT: u16 = 2380;
+pub const METRICS_PORT: u16 = 2381;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Member {
@@ -39,11 +41,16 @@ impl Member {
     pub fn mgmt_url(&self) -> String {
         format!("https://{}:{CLIENT_PORT}", self.mgmt)
     }
+    /// Its Prometheus metrics (from this machine).
+    pub fn metrics_addr(&self) -> std::net::SocketAddrV4 {
+        std::net::SocketAddrV4::new(self.mgmt, METRICS_PORT)
+    }
 }
 
 /// Free /30 blocks of 169.254.0.0/16 (none of their addresses on this machine), as
-/// many as asked, starting from a place derived from the cluster name.
-fn free_blocks(cluster: &str, n: usize) -> Result<Vec<u32>> {
+/// many as asked, starting from a place derived from the cluster name; each is the
+/// block's first address.
+pub fn free_blocks(cluster: &str, n: usize) -> Result<Vec<u32>> {
     let used = netlink::with_handle(|h| async move { netlink::ipv4_addrs(&h).await })?;
     let base = u32::from(Ipv4Addr::new(169, 254, 0, 0));
     let used: Vec<u32> = used
@@ -83,7 +90,7 @@ pub fn start(
     net: Ipv4Addr,
     prefix: u8,
     mtu: u32,
-    members: usize,
+    blocks: &[u32],
     dir: &Path,
     pki: &super::pki::Pki,
     admin: &EtcdTls,
@@ -94,46 +101,37 @@ pub fn start(
         "etcd is not installed (scripts/setup.sh installs Debian's etcd-server; \
          `--etcd-members 0` runs the cluster without it)",
     )?;
-    let blocks = free_blocks(cluster, members)?;
     let mut out = Vec::new();
-    for i in 1..=members {
+    for i in 1..=blocks.len() {
         let ns = format!("{cluster}-etcd{i}");
         let block = blocks[i - 1];
-        let (root_ip, ip) = (Ipv4Addr::from(block + 1), Ipv4Addr::from(block + 2));
+        let ip = Ipv4Addr::from(block + 2);
         let link = format!("ve{cluster}{i}");
         let underlay = underlay_addr(net, prefix, i);
         progress(&format!(
             "creating etcd member etcd{i} ({ns}, {underlay}; this machine reaches it at {ip})"
         ));
         netns::create(&ns)?;
-        let nsfile = netns::open(&ns)?;
         let (outer, inner) = (format!("v{cluster}e{i}"), format!("u{cluster}e{i}"));
-        let (mo, mi) = (link.clone(), format!("m{cluster}e{i}"));
-        let br = bridge.to_string();
+        let (br, inn) = (bridge.to_string(), inner.clone());
+        let nsf = netns::open(&ns)?;
         netlink::with_handle(|h| async move {
-            netlink::add_veth(&h, &outer, &inner).await?;
+            netlink::add_veth(&h, &outer, &inn).await?;
             netlink::set_mtu(&h, &outer, mtu).await?;
             netlink::set_master(&h, &outer, &br).await?;
             netlink::set_up(&h, &outer).await?;
-            netlink::move_to_netns(&h, &inner, &nsfile).await?;
-            netlink::add_veth(&h, &mo, &mi).await?;
-            netlink::add_addr(&h, &mo, root_ip, 30).await?;
-            netlink::set_up(&h, &mo).await?;
-            netlink::move_to_netns(&h, &mi, &nsfile).await
+            netlink::move_to_netns(&h, &inn, &nsf).await
         })?;
-        let (inner, mi) = (format!("u{cluster}e{i}"), format!("m{cluster}e{i}"));
         netns::run_in(&ns, || {
             netlink::with_handle(|h| async move {
                 netlink::rename(&h, &inner, "eth0").await?;
                 netlink::set_mtu(&h, "eth0", mtu).await?;
                 netlink::add_addr(&h, "eth0", underlay, prefix).await?;
                 netlink::set_up(&h, "eth0").await?;
-                netlink::rename(&h, &mi, "mgmt").await?;
-                netlink::add_addr(&h, "mgmt", ip, 30).await?;
-                netlink::set_up(&h, "mgmt").await?;
                 netlink::set_up(&h, "lo").await
             })
         })?;
+        mgmt_link(&link, &format!("m{cluster}e{i}"), &ns, block)?;
         out.push(Member {
             name: format!("etcd{i}"),
             netns: ns,
@@ -182,10 +180,17 @@ pub fn start(
                 &format!("violin-{cluster}"),
                 "--initial-cluster-state",
                 "new",
+                "--listen-metrics-urls",
+                &format!("http://{}:{METRICS_PORT}", m.mgmt),
                 "--heartbeat-interval",
                 "100",
                 "--election-timeout",
                 "1000",
+                // History is kept 5 minutes (hosts that were away longer list again).
+                "--auto-compaction-mode",
+                "periodic",
+                "--auto-compaction-retention",
+                "5m",
                 "--log-level",
                 "warn",
                 "--logger",
@@ -207,6 +212,29 @@ fn which(name: &str) -> Option<PathBuf> {
             .map(|d| d.join(name))
             .find(|f| f.is_file())
     })
+}
+
+/// A management link into namespace `ns`: a veth pair, `root` here with the block's
+/// first address, the other end in `ns` as `mgmt` with its second (returned).
+pub fn mgmt_link(root: &str, inner: &str, ns: &str, block: u32) -> Result<Ipv4Addr> {
+    let (root_ip, ip) = (Ipv4Addr::from(block + 1), Ipv4Addr::from(block + 2));
+    let nsfile = netns::open(ns)?;
+    let (r, i) = (root.to_string(), inner.to_string());
+    netlink::with_handle(|h| async move {
+        netlink::add_veth(&h, &r, &i).await?;
+        netlink::add_addr(&h, &r, root_ip, 30).await?;
+        netlink::set_up(&h, &r).await?;
+        netlink::move_to_netns(&h, &i, &nsfile).await
+    })?;
+    let i = inner.to_string();
+    netns::run_in(ns, || {
+        netlink::with_handle(|h| async move {
+            netlink::rename(&h, &i, "mgmt").await?;
+            netlink::add_addr(&h, "mgmt", ip, 30).await?;
+            netlink::set_up(&h, "mgmt").await
+        })
+    })?;
+    Ok(ip)
 }
 
 /// Starts `cmd` in namespace `ns` in a process group of its own, output to `log`.

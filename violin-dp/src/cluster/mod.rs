@@ -67,6 +67,9 @@ pub struct HostEntry {
     /// Where the daemon serves Prometheus metrics (inside the host's namespace).
     #[serde(default)]
     pub metrics: Option<String>,
+    /// Its address on the management link from this machine (clusters with etcd).
+    #[serde(default)]
+    pub mgmt: Option<Ipv4Addr>,
 }
 
 impl ClusterState {
@@ -189,7 +192,8 @@ pub fn load_or_etcd(
                 log: PathBuf::new(),
                 pid: 0,
                 keeper: 0,
-                metrics: None,
+                metrics: v.record.endpoint.map(|e| format!("{e}/metrics")),
+                mgmt: None,
             })
             .collect(),
         etcd: Vec::new(),
@@ -319,6 +323,12 @@ pub fn up(
             netlink::set_up(&h, &br).await
         })?;
         let mut pki = None;
+        // Management links: one per etcd member, then one per host.
+        let blocks = if opts.etcd_members > 0 {
+            etcd::free_blocks(name, opts.etcd_members + opts.hosts)?
+        } else {
+            Vec::new()
+        };
         if opts.etcd_members > 0 {
             progress("making the cluster's CA and certificates");
             let p = pki::Pki::create(&dir.join("pki"), name)?;
@@ -331,7 +341,7 @@ pub fn up(
                 net,
                 prefix,
                 mtu,
-                opts.etcd_members,
+                &blocks[..opts.etcd_members],
                 &dir,
                 &p,
                 &admin,
@@ -383,6 +393,16 @@ pub fn up(
                     netlink::set_up(&h, "lo").await
                 })
             })?;
+            // The CLI's way to the daemon's metrics server (stats, profile).
+            let mgmt = match blocks.get(opts.etcd_members + i - 1) {
+                Some(&b) => Some(etcd::mgmt_link(
+                    &format!("w{name}h{i}"),
+                    &format!("m{name}h{i}"),
+                    &ns,
+                    b,
+                )?),
+                None => None,
+            };
             let cfg = HostConfig {
                 name: host.clone(),
                 underlay,
@@ -406,6 +426,8 @@ pub fn up(
                         cluster: name.to_string(),
                         lease_ttl: opts.lease_ttl,
                         tls: Some(p.issue(&host, &[underlay], false)?),
+                        advertise: mgmt
+                            .map(|m| format!("http://{m}:{}", crate::config::DEFAULT_METRICS_PORT)),
                     }),
                     None => None,
                 },
@@ -427,6 +449,7 @@ pub fn up(
                 metrics: cfg
                     .metrics_port
                     .map(|p| format!("http://{underlay}:{p}/metrics")),
+                mgmt,
             });
             std::fs::write(
                 state_file(run_dir, name),
@@ -625,6 +648,9 @@ pub fn down(run_dir: &Path, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
             for l in [format!("v{name}e{i}"), format!("ve{name}{i}")] {
                 netlink::del_link(&h, &l).await?;
             }
+        }
+        for i in 1..=250 {
+            netlink::del_link(&h, &format!("w{name}h{i}")).await?;
         }
         Ok(())
     });

@@ -220,6 +220,10 @@ async fn session(cfg: &HostConfig, e: &EtcdConfig, ctx: &Ctx, f: &mut Follower) 
         mtu,
         max_guests: cfg.max_guests.unwrap_or(crate::config::DEFAULT_MAX_GUESTS),
         version: env!("CARGO_PKG_VERSION").into(),
+        endpoint: e.advertise.clone().or_else(|| {
+            cfg.metrics_port
+                .map(|p| format!("http://{}:{p}", cfg.underlay))
+        }),
     };
     c.put(f.keys.host(&f.me), serde_json::to_vec(&record)?, None)
         .await

@@ -357,6 +357,14 @@ pub fn wants_metrics(method: &str, path: &str) -> bool {
     method == "GET" && matches!(path, "/metrics" | "/")
 }
 
+/// The Violin whose counters `METHOD PATH` asks for (`GET /violins/NAME/stats`): what
+/// `violin stats` and `violin profile` read from hosts found through etcd.
+pub fn wants_stats<'a>(method: &str, path: &'a str) -> Option<&'a str> {
+    let name = path.strip_prefix("/violins/")?.strip_suffix("/stats")?;
+    (method == "GET" && !name.is_empty() && !name.contains('/')).then_some(name)
+}
+
+const JSON: &str = "application/json";
 const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 const PLAIN: &str = "text/plain; charset=utf-8";
 
@@ -395,17 +403,29 @@ pub async fn serve(
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let ctx = ctx.clone();
                     async move {
-                        let (status, ctype, body) =
-                            if wants_metrics(req.method().as_str(), req.uri().path()) {
-                                match scrape(&ctx).await {
-                                    Some(text) => (200, EXPOSITION, text),
-                                    None => {
-                                        (503, PLAIN, "the packet worker did not answer\n".into())
-                                    }
-                                }
-                            } else {
-                                (404, PLAIN, "try GET /metrics\n".to_string())
-                            };
+                        let (method, path) = (req.method().as_str(), req.uri().path());
+                        let (status, ctype, body) = if wants_metrics(method, path) {
+                            match scrape(&ctx).await {
+                                Some(text) => (200, EXPOSITION, text),
+                                None => (503, PLAIN, "the packet worker did not answer\n".into()),
+                            }
+                        } else if let Some(name) = wants_stats(method, path) {
+                            let r = crate::control::server::answer(
+                                crate::control::Request::Stats { name: name.into() },
+                                &ctx,
+                            )
+                            .await;
+                            match r.ok {
+                                true => (200, JSON, r.data.to_string()),
+                                false => (404, PLAIN, r.error.unwrap_or_default() + "\n"),
+                            }
+                        } else {
+                            (
+                                404,
+                                PLAIN,
+                                "try GET /metrics or /violins/NAME/stats\n".to_string(),
+                            )
+                        };
                         hyper::Response::builder()
                             .status(status)
                             .header(hyper::header::CONTENT_TYPE, ctype)
@@ -515,5 +535,9 @@ mod tests {
         assert!(wants_metrics("GET", "/"));
         assert!(!wants_metrics("GET", "/nope"));
         assert!(!wants_metrics("POST", "/metrics"));
+        assert_eq!(wants_stats("GET", "/violins/blue/stats"), Some("blue"));
+        assert_eq!(wants_stats("GET", "/violins//stats"), None);
+        assert_eq!(wants_stats("GET", "/violins/a/b/stats"), None);
+        assert_eq!(wants_stats("POST", "/violins/blue/stats"), None);
     }
 }

@@ -271,3 +271,40 @@ pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T> {
     }
     serde_json::from_value(r.data).context("decoding the daemon's response data")
 }
+
+/// `GET URL` (plain `http://HOST:PORT/PATH`) of a host's metrics server, its JSON body
+/// decoded; any status but 200 is an error carrying the body.
+pub fn http_get_json<T: DeserializeOwned>(url: &str) -> Result<T> {
+    use std::io::Read;
+    use std::net::ToSocketAddrs;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("{url}: only http:// URLs"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = authority
+        .to_socket_addrs()
+        .with_context(|| format!("{url}: bad address"))?
+        .next()
+        .ok_or_else(|| anyhow!("{url}: no address"))?;
+    let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("connecting to {authority}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        c,
+        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("{url}: no HTTP response"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        bail!("{url}: {} {}", status, body.trim());
+    }
+    serde_json::from_str(body).with_context(|| format!("{url}: not the expected JSON"))
+}
