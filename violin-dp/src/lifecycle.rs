@@ -62,7 +62,12 @@ pub fn load_spec(st: &ClusterState, name: &str) -> Result<String> {
 /// Each host's status, in the order of `st.hosts`: from etcd (what each host last
 /// published; `down` when its lease expired), or asked of each daemon.
 pub fn statuses(st: &ClusterState) -> Result<Vec<HostStatus>> {
-    if let Some(mut s) = store(st)? {
+    statuses_from(st, store(st)?.as_mut())
+}
+
+/// `statuses`, through an open connection to etcd if the cluster has one.
+fn statuses_from(st: &ClusterState, store: Option<&mut Store>) -> Result<Vec<HostStatus>> {
+    if let Some(s) = store {
         let views = s.hosts()?;
         return Ok(st
             .hosts
@@ -107,7 +112,7 @@ pub fn current(st: &ClusterState, name: &str) -> Result<Option<Violin>> {
         .into_iter()
         .flat_map(|s| s.violins)
         .find(|x| x.name == name)
-        .map(|x| x.spec))
+        .and_then(|x| x.spec))
 }
 
 fn parse_text(st: &ClusterState, text: &str, origin: &str) -> Result<Violin> {
@@ -262,7 +267,7 @@ fn wait_revision(
                 waiting.join(", ")
             )));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -373,10 +378,13 @@ fn wait_attached(
     );
     pb.enable_steady_tick(Duration::from_millis(100));
     let t0 = Instant::now();
+    // One connection for the whole wait; hosts publish a change within 250 ms.
+    let mut store = store(st)?;
+    let every = Duration::from_millis(if store.is_some() { 200 } else { 50 });
     loop {
         let mut waiting = Vec::new();
         let mut up = 0;
-        for s in statuses(st)? {
+        for s in statuses_from(st, store.as_mut())? {
             for x in s.violins.iter().filter(|x| x.name == v.name) {
                 for g in x.guests.iter().filter(|g| guests.contains(&g.name)) {
                     if let Some(log) = g
@@ -428,7 +436,7 @@ fn wait_attached(
                 cluster::state_dir(&st.run_dir, &st.name).display()
             );
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(every);
     }
 }
 
@@ -496,7 +504,7 @@ pub fn up(st: &ClusterState, path: &PathBuf, timeout: Duration) -> Result<()> {
                 .into_iter()
                 .flat_map(|s| s.violins)
                 .filter(|x| x.name == v.name || x.vni == v.vni)
-                .map(|x| x.spec)
+                .filter_map(|x| x.spec)
                 .collect();
             let n = all.len();
             (all, n)

@@ -491,3 +491,53 @@ fn each_party_writes_only_its_own_keys() {
         "the CA's own certificate (no user) wrote a spec"
     );
 }
+
+/// The README's recipe for joining a host on a real cluster works as written: a
+/// certificate made with openssl from the cluster's CA, a role and user made with
+/// etcdctl; the new host may write its own keys and no other.
+#[test]
+fn the_readme_recipe_for_joining_a_host_works() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(1, "udp", &[]);
+    let info = c.info();
+    let pki = c.run_dir.join(&c.name).join("pki");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    // The sh block after "Joining host `h7`".
+    let recipe = readme
+        .split("Joining host `h7`")
+        .nth(1)
+        .and_then(|r| r.split("```sh\n").nth(1))
+        .and_then(|r| r.split("```").next())
+        .expect("the recipe in the README");
+    let script = recipe
+        .replace("https://10.0.0.11:2379", &info.etcd_endpoints()[0])
+        .replace("/violin/prod/", &format!("/violin/{}/", c.name));
+    let o = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(&pki)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{script}\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let h7 = violin_dp::config::EtcdTls {
+        ca: pki.join("ca.pem"),
+        cert: pki.join("h7.pem"),
+        key: pki.join("h7.key"),
+    };
+    let keys = Keys::new(&c.name);
+    let mut s = Store::connect(&info.etcd_endpoints(), Some(&h7), &c.name).unwrap();
+    for k in [keys.host("h7"), keys.alive("h7"), keys.status("h7")] {
+        s.put_raw(&k, b"{}", None)
+            .unwrap_or_else(|e| panic!("h7 writing {k}: {e:#}"));
+    }
+    for k in [keys.host("h1"), keys.status("h1"), keys.spec("x")] {
+        assert!(s.put_raw(&k, b"x", None).is_err(), "h7 wrote {k}");
+    }
+}

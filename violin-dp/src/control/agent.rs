@@ -172,6 +172,10 @@ impl Follower {
         // State, not traffic: counters would rewrite the key every second (and grow
         // etcd's history); whether a guest has sent a frame yet stays.
         status.host_drops.clear();
+        // The specs are in etcd already: a host's report grows with its guests only.
+        for v in &mut status.violins {
+            v.spec = None;
+        }
         for g in status.violins.iter_mut().flat_map(|v| v.guests.iter_mut()) {
             let seen = g.counters.rx_frames.min(1);
             g.counters = Default::default();
@@ -246,7 +250,7 @@ async fn session(cfg: &HostConfig, e: &EtcdConfig, ctx: &Ctx, f: &mut Follower) 
     f.applied = status
         .violins
         .into_iter()
-        .map(|v| (v.name, v.spec))
+        .filter_map(|v| Some((v.name, v.spec?)))
         .collect();
     if f.mirror.lists == 0 {
         let changed = f.mirror.list(&mut c).await?;

@@ -923,7 +923,7 @@ impl HostView {
                 .map(|v| ViolinStatus {
                     name: v.spec.name.clone(),
                     vni: v.spec.vni,
-                    spec: v.spec.clone(),
+                    spec: Some(v.spec.clone()),
                     guests: self.guest_statuses(v, c),
                 })
                 .collect(),

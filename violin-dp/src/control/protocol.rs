@@ -144,8 +144,10 @@ pub struct HostStatus {
 pub struct ViolinStatus {
     pub name: String,
     pub vni: u32,
-    /// The spec as this host applied it.
-    pub spec: Violin,
+    /// The spec as this host applied it (left out of what hosts publish in etcd, where
+    /// the spec itself is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<Violin>,
     /// This host's guests of the Violin.
     pub guests: Vec<GuestStatus>,
 }
