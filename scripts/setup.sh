@@ -19,7 +19,7 @@ SUDO=""
 PKGS=(build-essential pkg-config m4 clang libelf-dev zlib1g-dev
       iproute2 ethtool iputils-ping tcpdump iperf3 procps fonts-dejavu-core libfontconfig1-dev
       qemu-system-x86 busybox-static cpio xz-utils e2fsprogs openmpi-bin hpcc openvswitch-switch
-      etcd-server etcd-client protobuf-compiler util-linux)
+      etcd-server etcd-client protobuf-compiler util-linux openssl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
