@@ -10,8 +10,7 @@ use crate::load;
 use crate::testbed::Testbed;
 use anyhow::{Context, Result};
 use serde::Serialize;
-use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use violin_dp::cluster::UpOptions;
 use violin_dp::config::DataplaneChoice;
 
@@ -79,15 +78,8 @@ fn spec(v: usize, size: Size) -> String {
 
 /// etcd's Prometheus metrics, summed by name.
 fn metrics(addr: std::net::SocketAddrV4) -> Result<std::collections::BTreeMap<String, f64>> {
-    let mut c = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))
+    let text = violin_dp::control::http_get(&format!("http://{addr}/metrics"))
         .with_context(|| format!("etcd metrics at {addr}"))?;
-    c.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        c,
-        "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    c.read_to_string(&mut text)?;
     let mut out = std::collections::BTreeMap::new();
     for l in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((k, v)) = l.rsplit_once(' ') else {

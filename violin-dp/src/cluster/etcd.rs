@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// etcd's client port (daemons and CLI) and peer port (members); its metrics are
@@ -112,25 +112,14 @@ pub fn start(
             "creating etcd member etcd{i} ({ns}, {underlay}; this machine reaches it at {ip})"
         ));
         netns::create(&ns)?;
-        let (outer, inner) = (format!("v{cluster}e{i}"), format!("u{cluster}e{i}"));
-        let (br, inn) = (bridge.to_string(), inner.clone());
-        let nsf = netns::open(&ns)?;
-        netlink::with_handle(|h| async move {
-            netlink::add_veth(&h, &outer, &inn).await?;
-            netlink::set_mtu(&h, &outer, mtu).await?;
-            netlink::set_master(&h, &outer, &br).await?;
-            netlink::set_up(&h, &outer).await?;
-            netlink::move_to_netns(&h, &inn, &nsf).await
-        })?;
-        netns::run_in(&ns, || {
-            netlink::with_handle(|h| async move {
-                netlink::rename(&h, &inner, "eth0").await?;
-                netlink::set_mtu(&h, "eth0", mtu).await?;
-                netlink::add_addr(&h, "eth0", underlay, prefix).await?;
-                netlink::set_up(&h, "eth0").await?;
-                netlink::set_up(&h, "lo").await
-            })
-        })?;
+        super::plug_into_underlay(
+            bridge,
+            &ns,
+            (&format!("v{cluster}e{i}"), &format!("u{cluster}e{i}")),
+            (underlay, prefix),
+            mtu,
+            1,
+        )?;
         mgmt_link(&link, &format!("m{cluster}e{i}"), &ns, block)?;
         out.push(Member {
             name: format!("etcd{i}"),
@@ -197,7 +186,7 @@ pub fn start(
                 "zap",
             ])
             .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
-        m.pid = spawn_in(cmd, &m.netns, &m.log)?;
+        m.pid = super::spawn_in(cmd, &m.netns, &m.log)?;
         recorded(m)?;
     }
     progress("waiting for etcd");
@@ -235,35 +224,6 @@ pub fn mgmt_link(root: &str, inner: &str, ns: &str, block: u32) -> Result<Ipv4Ad
         })
     })?;
     Ok(ip)
-}
-
-/// Starts `cmd` in namespace `ns` in a process group of its own, output to `log`.
-pub fn spawn_in(mut cmd: Command, ns: &str, log: &Path) -> Result<u32> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    let nsfile = netns::open(ns)?;
-    let logf = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let fd = nsfile.as_raw_fd();
-    cmd.stdin(Stdio::null())
-        .stdout(logf.try_clone()?)
-        .stderr(logf)
-        .process_group(0);
-    // SAFETY: setns is async-signal-safe; `fd` stays open in the parent until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
-    Ok(child.id())
 }
 
 /// Waits until the cluster answers a read (a quorum is up).

@@ -373,26 +373,14 @@ pub fn up(
             let underlay = Ipv4Addr::from(u32::from(net) + i as u32);
             progress(&format!("creating host {host} ({ns}, {underlay})"));
             netns::create(&ns)?;
-            let (outer, inner) = (format!("v{name}h{i}"), format!("u{name}h{i}"));
-            let nsfile = netns::open(&ns)?;
-            let (o, inn, br) = (outer.clone(), inner.clone(), bridge.clone());
-            let queues = opts.queues;
-            netlink::with_handle(|h| async move {
-                netlink::add_veth_queues(&h, &o, &inn, queues).await?;
-                netlink::set_mtu(&h, &o, mtu).await?;
-                netlink::set_master(&h, &o, &br).await?;
-                netlink::set_up(&h, &o).await?;
-                netlink::move_to_netns(&h, &inn, &nsfile).await
-            })?;
-            netns::run_in(&ns, || {
-                netlink::with_handle(|h| async move {
-                    netlink::rename(&h, &inner, "eth0").await?;
-                    netlink::set_mtu(&h, "eth0", mtu).await?;
-                    netlink::add_addr(&h, "eth0", underlay, prefix).await?;
-                    netlink::set_up(&h, "eth0").await?;
-                    netlink::set_up(&h, "lo").await
-                })
-            })?;
+            plug_into_underlay(
+                &bridge,
+                &ns,
+                (&format!("v{name}h{i}"), &format!("u{name}h{i}")),
+                (underlay, prefix),
+                mtu,
+                opts.queues,
+            )?;
             // The CLI's way to the daemon's metrics server (stats, profile).
             let mgmt = match blocks.get(opts.etcd_members + i - 1) {
                 Some(&b) => Some(etcd::mgmt_link(
@@ -474,23 +462,61 @@ pub fn up(
     Ok(state)
 }
 
+/// Plugs namespace `ns` into the underlay bridge: a veth pair (`names`: the bridge's
+/// end, then the one moved into `ns`, which becomes `eth0` with `addr`) of `queues`
+/// rx/tx queues.
+pub(crate) fn plug_into_underlay(
+    bridge: &str,
+    ns: &str,
+    names: (&str, &str),
+    addr: (Ipv4Addr, u8),
+    mtu: u32,
+    queues: u32,
+) -> Result<()> {
+    let nsfile = netns::open(ns)?;
+    let (o, inn, br) = (names.0.to_string(), names.1.to_string(), bridge.to_string());
+    netlink::with_handle(|h| async move {
+        netlink::add_veth_queues(&h, &o, &inn, queues).await?;
+        netlink::set_mtu(&h, &o, mtu).await?;
+        netlink::set_master(&h, &o, &br).await?;
+        netlink::set_up(&h, &o).await?;
+        netlink::move_to_netns(&h, &inn, &nsfile).await
+    })?;
+    let inner = names.1.to_string();
+    netns::run_in(ns, || {
+        netlink::with_handle(|h| async move {
+            netlink::rename(&h, &inner, "eth0").await?;
+            netlink::set_mtu(&h, "eth0", mtu).await?;
+            netlink::add_addr(&h, "eth0", addr.0, addr.1).await?;
+            netlink::set_up(&h, "eth0").await?;
+            netlink::set_up(&h, "lo").await
+        })
+    })
+}
+
 /// Starts a host's daemon in namespace `ns` under a keeper (`violin-dp keep`), which
 /// starts a new daemon when it dies; returns the keeper's pid.
 fn spawn_daemon(bin: &Path, cfg: &Path, ns: &str, log: &Path) -> Result<u32> {
-    let nsfile = netns::open(ns)?;
-    let logf = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let fd = nsfile.as_raw_fd();
     let mut cmd = Command::new(bin);
     cmd.arg("keep")
         .arg("--pidfile")
         .arg(daemon_pidfile(cfg))
         .arg("--")
         .arg("--config")
-        .arg(cfg)
-        .stdin(Stdio::null())
+        .arg(cfg);
+    spawn_in(cmd, ns, log)
+}
+
+/// Starts `cmd` in network namespace `ns`, in a process group of its own (Ctrl-C on
+/// the CLI does not reach it), its output appended to `log`; returns its pid.
+pub(crate) fn spawn_in(mut cmd: Command, ns: &str, log: &Path) -> Result<u32> {
+    let nsfile = netns::open(ns)?;
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let fd = nsfile.as_raw_fd();
+    cmd.stdin(Stdio::null())
         .stdout(logf.try_clone()?)
         .stderr(logf)
         .process_group(0);
@@ -505,7 +531,7 @@ fn spawn_daemon(bin: &Path, cfg: &Path, ns: &str, log: &Path) -> Result<u32> {
     }
     let child = cmd
         .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
+        .with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
     Ok(child.id())
 }
 

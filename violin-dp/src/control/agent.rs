@@ -106,46 +106,25 @@ impl Follower {
             self.specs.remove(name);
             return;
         };
-        let v = match spec::parse(&text, hosts) {
-            Ok(v) => v,
-            Err(e) => {
-                let here = self.applied.contains_key(name);
-                self.specs.insert(
-                    name.into(),
-                    SpecState {
-                        revision,
-                        here,
-                        error: Some(format!("{e}")),
-                    },
-                );
-                return;
+        let error = match spec::parse(&text, hosts) {
+            Err(e) => Some(format!("{e}")),
+            Ok(v) if !v.hosts.contains_key(&self.me) => {
+                self.remove(ctx, name).await;
+                None
             }
-        };
-        if !v.hosts.contains_key(&self.me) {
-            self.remove(ctx, name).await;
-            self.specs.insert(
-                name.into(),
-                SpecState {
-                    revision,
-                    here: false,
-                    error: None,
-                },
-            );
-            return;
-        }
-        let mut error = None;
-        if self.applied.get(name) != Some(&v) {
-            match request(ctx, Request::ApplyViolin { violin: v.clone() }).await {
+            Ok(v) if self.applied.get(name) == Some(&v) => None,
+            Ok(v) => match request(ctx, Request::ApplyViolin { violin: v.clone() }).await {
                 Ok(_) => {
                     info!(violin = name, revision, "applied from etcd");
                     self.applied.insert(name.into(), v);
+                    None
                 }
                 Err(e) => {
                     warn!(violin = name, revision, "refused: {e:#}");
-                    error = Some(format!("{e:#}"));
+                    Some(format!("{e:#}"))
                 }
-            }
-        }
+            },
+        };
         let here = self.applied.contains_key(name);
         self.specs.insert(
             name.into(),

@@ -274,9 +274,9 @@ pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T> {
     serde_json::from_value(r.data).context("decoding the daemon's response data")
 }
 
-/// `GET URL` (plain `http://HOST:PORT/PATH`) of a host's metrics server, its JSON body
-/// decoded; any status but 200 is an error carrying the body.
-pub fn http_get_json<T: DeserializeOwned>(url: &str) -> Result<T> {
+/// `GET URL` (plain `http://HOST:PORT/PATH`): the body of a 200 answer; any other
+/// status is an error carrying the body.
+pub fn http_get(url: &str) -> Result<String> {
     use std::io::Read;
     use std::net::ToSocketAddrs;
     let rest = url
@@ -308,5 +308,10 @@ pub fn http_get_json<T: DeserializeOwned>(url: &str) -> Result<T> {
     if status != "200" {
         bail!("{url}: {} {}", status, body.trim());
     }
-    serde_json::from_str(body).with_context(|| format!("{url}: not the expected JSON"))
+    Ok(body.to_string())
+}
+
+/// `GET URL` of a host's metrics server, its JSON body decoded.
+pub fn http_get_json<T: DeserializeOwned>(url: &str) -> Result<T> {
+    serde_json::from_str(&http_get(url)?).with_context(|| format!("{url}: not the expected JSON"))
 }
