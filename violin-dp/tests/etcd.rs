@@ -186,7 +186,7 @@ fn losing_one_of_three_etcd_members_changes_nothing_visible() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &["--etcd-members", "3"]);
+    let c = Cluster::up_etcd(2, "udp", &["--etcd-members", "3"]);
     let info = c.info();
     assert_eq!(info.etcd.len(), 3);
     // Guests are on the Violin's network only.
@@ -261,7 +261,7 @@ fn a_host_stopped_past_its_lease_is_shown_down_then_comes_back() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &["--lease-ttl", "3"]);
+    let c = Cluster::up_etcd(2, "udp", &["--lease-ttl", "3"]);
     c.up_spec("blue.toml", PAIRS);
     let info = c.info();
     let h2 = info.hosts[1].pid;
@@ -293,7 +293,7 @@ fn a_partitioned_host_lists_again_after_a_compaction_and_catches_up() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &["--lease-ttl", "3"]);
+    let c = Cluster::up_etcd(2, "udp", &["--lease-ttl", "3"]);
     c.up_spec("blue.toml", PAIRS);
     let info = c.info();
     underlay(&info.hosts[1].netns, false);
@@ -341,7 +341,7 @@ fn a_restarted_daemon_rebuilds_from_etcd() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &["--lease-ttl", "3"]);
+    let c = Cluster::up_etcd(2, "udp", &["--lease-ttl", "3"]);
     c.up_spec("blue.toml", PAIRS);
     let info = c.info();
     for pid in [info.hosts[1].keeper, info.hosts[1].pid] {
@@ -370,7 +370,7 @@ fn the_cli_needs_only_etcd() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &[]);
+    let c = Cluster::up_etcd(2, "udp", &[]);
     let info = c.info();
     let url = info.etcd_endpoints().join(",");
     // The CLI's certificate, where an operator would keep it (not in the run directory).
@@ -434,7 +434,7 @@ fn each_party_writes_only_its_own_keys() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &[]);
+    let c = Cluster::up_etcd(2, "udp", &[]);
     let info = c.info();
     let eps = info.etcd_endpoints();
     let pki = c.run_dir.join(&c.name).join("pki");
@@ -500,7 +500,7 @@ fn the_readme_recipe_for_joining_a_host_works() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(1, "udp", &[]);
+    let c = Cluster::up_etcd(1, "udp", &[]);
     let info = c.info();
     let pki = c.run_dir.join(&c.name).join("pki");
     let readme =

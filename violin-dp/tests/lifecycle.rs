@@ -53,7 +53,7 @@ fn apply_adds_and_removes_links_without_disturbing_other_guests() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &[]);
+    let c = Cluster::up_etcd(2, "udp", &[]);
     c.up_spec("blue.toml", PAIRS);
     assert!(c.ping("blue", "a", "10.0.0.2", 1));
     assert!(!c.ping("blue", "a", "10.0.0.3", 1), "a–c has no link yet");
@@ -116,7 +116,7 @@ fn scale_adds_a_guest_to_a_running_violin() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &[]);
+    let c = Cluster::up_etcd(2, "udp", &[]);
     c.up_spec("blue.toml", PAIRS);
     let out = c.ok(&[
         "scale",
@@ -147,7 +147,7 @@ fn migrate_moves_a_guest_while_a_peer_pings_it() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(3, "udp", &[]);
+    let c = Cluster::up_etcd(3, "udp", &[]);
     c.up_spec("blue.toml", PAIRS);
     assert!(c.ping("blue", "b", "10.0.0.1", 1));
     // b pings a throughout (independently of the CLI's own probe).
@@ -203,7 +203,7 @@ fn a_failure_halfway_through_up_leaves_nothing_behind() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &[]);
+    let c = Cluster::up_etcd(2, "udp", &[]);
     // h1 takes its guest; h2 refuses a fast port on the udp data plane.
     let spec = PAIRS.replace(
         "name = \"b\"\nhost = \"h2\"\nip = \"10.0.0.2/24\"",
@@ -248,7 +248,7 @@ fn up_is_idempotent() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &[]);
+    let c = Cluster::up_etcd(2, "udp", &[]);
     c.up_spec("blue.toml", BLUE);
     let p = c.write_spec("blue.toml", BLUE);
     let o = c.cmd(&["up", &p]);
@@ -284,7 +284,7 @@ fn a_netns_guest_over_its_memory_limit_is_contained() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &[]);
+    let c = Cluster::up_etcd(2, "udp", &[]);
     let spec = PAIRS.replace(
         "name = \"a\"\nhost = \"h1\"\nip = \"10.0.0.1/24\"",
         "name = \"a\"\nhost = \"h1\"\nip = \"10.0.0.1/24\"\nmemory = \"32mb\"\ncpus = 0.5",
@@ -406,7 +406,7 @@ fn profile_matrix_matches_what_was_sent() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &[]);
+    let c = Cluster::up_etcd(2, "udp", &[]);
     c.up_spec("blue.toml", PAIRS);
     let ns = |g| c.guest_ns("blue", g);
     // Static ARP entries: only the datagrams cross, so the expected bytes are exact.
@@ -541,7 +541,7 @@ fn daemons_serve_prometheus_metrics_inside_their_host() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "xdp", &[]);
+    let c = Cluster::up_etcd(2, "xdp", &[]);
     c.up_spec("blue.toml", BLUE);
     assert!(c.ping("blue", "a", "10.0.0.2", 3));
     // A unicast frame to c, which a has no link to: dropped and counted.
@@ -622,7 +622,7 @@ fn a_guest_is_root_inside_and_nobody_outside() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "xdp", &[]);
+    let c = Cluster::up_etcd(2, "xdp", &[]);
     // a and b have socket ports (relay + tap), c a fast port (veth driven by AF_XDP).
     let spec = PAIRS
         .replace("10.0.0.3/24\"", "10.0.0.3/24\"\nport = \"xdp\"")
@@ -755,7 +755,7 @@ fn a_guests_processes_end_with_it() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(1, "udp", &[]);
+    let c = Cluster::up_etcd(1, "udp", &[]);
     let spec =
         "name = \"ends\"\nvni = 77\n[[guest]]\nname = \"a\"\nhost = \"h1\"\nip = \"10.7.0.1/24\"\n";
     c.up_spec("ends.toml", spec);
@@ -814,7 +814,7 @@ fn a_guest_that_deletes_its_interface_is_shown_detached() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(1, "xdp", &[]);
+    let c = Cluster::up_etcd(1, "xdp", &[]);
     // One guest per netns port kind: a relay (s), a tap the daemon owns (t), a fast
     // port (x); p stays whole and pings.
     let spec = r#"
@@ -907,7 +907,7 @@ fn a_daemon_that_dies_is_started_again() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(2, "udp", &[]);
+    let c = Cluster::up_etcd(2, "udp", &[]);
     c.up_spec("blue.toml", PAIRS);
     assert!(c.ping("blue", "a", "10.0.0.2", 1), "a pings b first");
     let before = c.info().hosts[0].pid;

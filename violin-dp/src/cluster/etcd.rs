@@ -175,6 +175,10 @@ pub fn start(
                 "100",
                 "--election-timeout",
                 "1000",
+                // Users authenticate by certificate: their passwords (random, never
+                // used) need no costly hashing.
+                "--bcrypt-cost",
+                "4",
                 // History is kept 5 minutes (hosts that were away longer list again).
                 "--auto-compaction-mode",
                 "periodic",

@@ -70,9 +70,20 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl Cluster {
     /// Brings up a cluster of `hosts` hosts running data plane `dp`, with a name unique
-    /// to this process and test.
+    /// to this process and test; without etcd (the CLI drives each daemon's socket)
+    /// unless `extra` says `--etcd-members`: the data path's tests.
     pub fn up(hosts: usize, dp: &str, extra: &[&str]) -> Cluster {
         Cluster::up_with_env(hosts, dp, extra, &[])
+    }
+
+    /// `up` with the cluster's state in etcd (one member unless `extra` says more), as
+    /// `violin cluster up` does by default: the control path's tests.
+    pub fn up_etcd(hosts: usize, dp: &str, extra: &[&str]) -> Cluster {
+        let mut args = extra.to_vec();
+        if !args.contains(&"--etcd-members") {
+            args.extend(["--etcd-members", "1"]);
+        }
+        Cluster::up_with_env(hosts, dp, &args, &[])
     }
 
     /// `up`, with extra environment for the CLI and the daemons it starts.
@@ -91,6 +102,9 @@ impl Cluster {
         let hosts = hosts.to_string();
         let mut args = vec!["cluster", "up", "--hosts", &hosts, "--dataplane", dp];
         args.extend_from_slice(extra);
+        if !extra.contains(&"--etcd-members") {
+            args.extend(["--etcd-members", "0"]);
+        }
         let o = c
             .command(&args)
             .envs(env.iter().copied())
