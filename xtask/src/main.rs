@@ -46,9 +46,12 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Only this target (wire, gso, spec, control).
+        /// Only this target (wire, gso, outer, spec, control).
         #[arg(long)]
         target: Option<String>,
+        /// Only the targets of this crate (violin-common, violin-dp).
+        #[arg(long = "crate", value_name = "CRATE")]
+        krate: Option<String>,
     },
 }
 
@@ -61,7 +64,7 @@ const FUZZ_TARGETS: [(&str, &str); 5] = [
     ("violin-dp", "control"),
 ];
 
-fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
+fn fuzz(seconds: u64, only: Option<&str>, krate: Option<&str>) -> Result<()> {
     let root = workspace_root();
     if Command::new("cargo")
         .args(["+nightly", "fuzz", "--version"])
@@ -73,9 +76,14 @@ fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
     let chosen: Vec<_> = FUZZ_TARGETS
         .iter()
         .filter(|(_, t)| only.is_none_or(|o| o == *t))
+        .filter(|(c, _)| krate.is_none_or(|k| k == *c))
         .collect();
     if chosen.is_empty() {
-        bail!("no fuzz target named {:?}", only.unwrap_or_default());
+        bail!(
+            "no fuzz target named {:?} in crate {:?}",
+            only.unwrap_or("any"),
+            krate.unwrap_or("any")
+        );
     }
     let mut rows = Vec::new();
     for (krate, target) in chosen {
@@ -211,6 +219,10 @@ fn main() -> Result<()> {
         Cmd::BuildEbpf { debug } => build_ebpf(debug),
         Cmd::Bench { quick, args } => bench(quick, &args),
         Cmd::Soak { minutes } => bench(false, &["--soak".into(), minutes.to_string()]),
-        Cmd::Fuzz { seconds, target } => fuzz(seconds, target.as_deref()),
+        Cmd::Fuzz {
+            seconds,
+            target,
+            krate,
+        } => fuzz(seconds, target.as_deref(), krate.as_deref()),
     }
 }
