@@ -28,13 +28,8 @@ fn spec_path(st: &ClusterState, name: &str) -> PathBuf {
         .join(format!("{name}.toml"))
 }
 
-/// The cluster's etcd, when it has one.
-fn store(st: &ClusterState) -> Result<Option<Store>> {
-    st.store()
-}
-
 fn save_spec(st: &ClusterState, name: &str, text: &str) -> Result<()> {
-    if let Some(mut s) = store(st)? {
+    if let Some(mut s) = st.store()? {
         return s.put_spec(name, text).map(|_| ());
     }
     let p = spec_path(st, name);
@@ -44,7 +39,7 @@ fn save_spec(st: &ClusterState, name: &str, text: &str) -> Result<()> {
 
 /// The spec text `name` was last created or changed from.
 pub fn load_spec(st: &ClusterState, name: &str) -> Result<String> {
-    if let Some(mut s) = store(st)? {
+    if let Some(mut s) = st.store()? {
         return s
             .spec(name)?
             .map(|x| x.text)
@@ -62,7 +57,7 @@ pub fn load_spec(st: &ClusterState, name: &str) -> Result<String> {
 /// Each host's status, in the order of `st.hosts`: from etcd (what each host last
 /// published; `down` when its lease expired), or asked of each daemon.
 pub fn statuses(st: &ClusterState) -> Result<Vec<HostStatus>> {
-    statuses_from(st, store(st)?.as_mut())
+    statuses_from(st, st.store()?.as_mut())
 }
 
 /// `statuses`, through an open connection to etcd if the cluster has one.
@@ -102,7 +97,7 @@ fn statuses_from(st: &ClusterState, store: Option<&mut Store>) -> Result<Vec<Hos
 
 /// The spec a Violin runs with now: as stored in etcd, or as its hosts report it.
 pub fn current(st: &ClusterState, name: &str) -> Result<Option<Violin>> {
-    if let Some(mut s) = store(st)? {
+    if let Some(mut s) = st.store()? {
         return s
             .spec(name)?
             .map(|x| parse_text(st, &x.text, &format!("the stored spec of {name}")))
@@ -134,7 +129,7 @@ fn program(
     timeout: Duration,
     pb: &ProgressBar,
 ) -> Result<BTreeMap<String, Applied>> {
-    match store(st)? {
+    match st.store()? {
         Some(mut s) => program_etcd(&mut s, old, new, text, timeout, pb),
         None => program_sockets(st, old, new, &[], pb),
     }
@@ -281,12 +276,8 @@ fn program_sockets(
     pb: &ProgressBar,
 ) -> Result<BTreeMap<String, Applied>> {
     let mut hosts: Vec<&str> = order.to_vec();
-    let all: BTreeSet<&str> = new
-        .hosts
-        .keys()
-        .chain(old.iter().flat_map(|o| o.hosts.keys()))
-        .map(String::as_str)
-        .collect();
+    let all = involved(old, new);
+    let all: BTreeSet<&str> = all.iter().map(String::as_str).collect();
     let rest: Vec<&str> = all.iter().copied().filter(|h| !hosts.contains(h)).collect();
     hosts.splice(0..0, rest);
     hosts.retain(|h| all.contains(h));
@@ -379,7 +370,7 @@ fn wait_attached(
     pb.enable_steady_tick(Duration::from_millis(100));
     let t0 = Instant::now();
     // One connection for the whole wait; hosts publish a change within 250 ms.
-    let mut store = store(st)?;
+    let mut store = st.store()?;
     let every = Duration::from_millis(if store.is_some() { 200 } else { 50 });
     loop {
         let mut waiting = Vec::new();
@@ -488,7 +479,7 @@ pub fn up(st: &ClusterState, path: &PathBuf, timeout: Duration) -> Result<()> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let v = parse_text(st, &text, &path.display().to_string())?;
     // Every host's copy of the Violins with this name or VNI (etcd: the stored spec).
-    let (existing, copies): (Vec<Violin>, usize) = match store(st)? {
+    let (existing, copies): (Vec<Violin>, usize) = match st.store()? {
         Some(mut s) => {
             let all: Vec<Violin> = s
                 .specs()?
@@ -1027,7 +1018,7 @@ pub fn down(st: &ClusterState, name: &str) -> Result<()> {
 pub fn down_within(st: &ClusterState, name: &str, timeout: Duration) -> Result<()> {
     let mut found = false;
     let mut errors = Vec::new();
-    if let Some(mut s) = store(st)? {
+    if let Some(mut s) = st.store()? {
         let Some(spec) = s.spec(name)? else {
             bail!("no Violin named {name:?} on cluster {}", st.name);
         };
