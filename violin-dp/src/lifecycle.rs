@@ -13,7 +13,7 @@ use crate::cluster::{self, ClusterState};
 use crate::control::{self, Applied, HostStatus, Request};
 use crate::probe;
 use crate::spec::{self, GuestKind, MemberKind, Violin};
-use crate::store::Store;
+use crate::store::{MigrationOrder, MigrationPhase, Store};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, BTreeSet};
@@ -788,8 +788,13 @@ pub fn migrate(
     g.insert("host".into(), to.into());
     let text = toml::to_string(&doc)?;
     let v = parse_text(st, &text, &format!("{name} with {guest} on {to}"))?;
-    // A peer that pings the guest through the move measures the outage.
-    let peer = probe_peer(&old, i);
+    // A peer that pings the guest through the move measures the outage (if it runs on
+    // this machine).
+    let peer = probe_peer(&old, i).filter(|p| {
+        Path::new("/run/netns")
+            .join(st.guest_netns(name, p))
+            .exists()
+    });
     let prober = match &peer {
         Some(p) => Some(probe::Prober::start(
             &st.guest_netns(name, p),
@@ -803,27 +808,44 @@ pub fn migrate(
     }
     eprintln!("Migrating {guest} of Violin {name}: {host} → {to}");
     let t0 = Instant::now();
-    let live = if *kind == GuestKind::Qemu {
-        // The VM keeps running on the source until QEMU has copied it over.
-        Some(live_migrate_vm(st, &old, &v, guest, host, to, timeout)?)
-    } else {
-        None
+    let live = match st.store()? {
+        Some(mut s) => {
+            let order = MigrationOrder {
+                guest: guest.into(),
+                from: host.clone(),
+                to: to.into(),
+                live: *kind == GuestKind::Qemu,
+                spec: text.clone(),
+            };
+            let live = migrate_etcd(&mut s, &old, &v, &order, timeout)?;
+            wait_attached(st, &v, &[guest.to_string()].into(), timeout)?;
+            live
+        }
+        None => {
+            let live = if *kind == GuestKind::Qemu {
+                // The VM keeps running on the source until QEMU has copied it over.
+                Some(live_migrate_vm(st, &old, &v, guest, host, to, timeout)?)
+            } else {
+                None
+            };
+            let pb = spinner("  ");
+            let r = program_sockets(st, Some(&old), &v, &[to], &pb);
+            pb.finish_and_clear();
+            r?;
+            save_spec(st, name, &text)?;
+            wait_attached(st, &v, &[guest.to_string()].into(), timeout)?;
+            // Announce once every host agrees where the guest lives.
+            let target = st.host(to).unwrap();
+            control::call::<serde_json::Value>(
+                &target.control,
+                &Request::Announce {
+                    name: v.name.clone(),
+                    guests: vec![guest.to_string()],
+                },
+            )?;
+            live
+        }
     };
-    let pb = spinner("  ");
-    let r = program_sockets(st, Some(&old), &v, &[to], &pb);
-    pb.finish_and_clear();
-    r?;
-    save_spec(st, name, &text)?;
-    wait_attached(st, &v, &[guest.to_string()].into(), timeout)?;
-    // Announce once every host agrees where the guest lives.
-    let target = st.host(to).unwrap();
-    control::call::<serde_json::Value>(
-        &target.control,
-        &Request::Announce {
-            name: v.name.clone(),
-            guests: vec![guest.to_string()],
-        },
-    )?;
     let switched = t0.elapsed();
     let outage = match prober {
         Some(p) => {
@@ -858,6 +880,117 @@ pub fn migrate(
     })
 }
 
+/// `migrate` through etcd: stores the order; for a VM waits until the source reports
+/// its state copied to the target (the two daemons do the copy); then stores the spec
+/// with the guest on its new host, waits for every involved host, and removes the
+/// order, on which the target announces the guest. A migration of the same guest to
+/// the same host that a CLI left unfinished is taken up again.
+fn migrate_etcd(
+    s: &mut Store,
+    old: &Violin,
+    new: &Violin,
+    order: &MigrationOrder,
+    timeout: Duration,
+) -> Result<Option<crate::host::vm::LiveMigration>> {
+    let name = &new.name;
+    let (g, from, to) = (&order.guest, &order.from, &order.to);
+    let rev = match s.create_migration(name, order)? {
+        Some(r) => r,
+        None => match s.migration(name)? {
+            Some((o, r)) if o.guest == *g && o.to == *to => {
+                eprintln!("  · taking up the migration of {g} to {to} stored at revision {r}");
+                r
+            }
+            Some((o, r)) => bail!(
+                "Violin {name} has a migration under way (revision {r}): {} from {} to {}; run `violin migrate {name} {} --to {}` to finish it first",
+                o.guest, o.from, o.to, o.guest, o.to
+            ),
+            None => bail!("Violin {name}'s migration order changed while it was written; try again"),
+        },
+    };
+    let pb = spinner("  ");
+    let mut live = None;
+    if order.live {
+        let t0 = Instant::now();
+        let copied = loop {
+            let views = s.hosts()?;
+            let phase = |h: &str| {
+                views
+                    .iter()
+                    .find(|v| v.record.name == h)
+                    .and_then(|v| v.report.as_ref())
+                    .and_then(|r| r.migrations.get(name))
+                    .filter(|m| m.order == rev)
+                    .map(|m| m.phase.clone())
+            };
+            let (src, dst) = (phase(from), phase(to));
+            let failed = [(from, &src), (to, &dst)]
+                .into_iter()
+                .find_map(|(h, p)| match p {
+                    Some(MigrationPhase::Failed { error }) => Some(format!("{h}: {error}")),
+                    _ => None,
+                });
+            if let Some(why) = failed {
+                pb.finish_and_clear();
+                s.delete_migration(name)?;
+                bail!("migrating {g}: {why}; {g} keeps running on {from}");
+            }
+            if let Some(MigrationPhase::Copied {
+                downtime_ms,
+                total_ms,
+                ram_bytes,
+            }) = src
+            {
+                break crate::host::vm::LiveMigration {
+                    downtime_ms,
+                    total_ms,
+                    ram_transferred: ram_bytes,
+                };
+            }
+            let doing = match (&src, &dst) {
+                (Some(MigrationPhase::Copying { uri }), _) => {
+                    format!("{from} copying {g} to {to} ({uri})")
+                }
+                (_, Some(MigrationPhase::Listening { uri })) => {
+                    format!("{to} waits for {g}'s state at {uri}")
+                }
+                _ => format!("waiting for {to} to start {g} waiting for its state"),
+            };
+            pb.set_message(doing.clone());
+            if t0.elapsed() > timeout {
+                pb.finish_and_clear();
+                s.delete_migration(name)?;
+                bail!(
+                    "migrating {g}: not copied within {} s ({doing}); cancelled, {g} keeps running on {from}",
+                    timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        eprintln!(
+            "  · QEMU live migration done: {} ms in all, paused {} ms, {} KiB copied",
+            copied.total_ms.unwrap_or(0),
+            copied.downtime_ms.unwrap_or(0),
+            copied.ram_transferred.unwrap_or(0) / 1024
+        );
+        live = Some(copied);
+    }
+    let hosts = involved(Some(old), new);
+    let spec_rev = s.put_spec(name, &order.spec)?;
+    let r = wait_revision(s, name, &hosts, spec_rev, timeout, &pb);
+    if let Err(e) = r {
+        pb.finish_and_clear();
+        bail!("{e}; the spec with {g} on {to} is stored, and the migration order stays (run the same `violin migrate` again to finish it)");
+    }
+    let done = s.delete_migration(name)?;
+    // The target announces the guest when it sees the order go.
+    if let Err(e) = wait_revision(s, name, &[to.clone()].into(), done, timeout, &pb) {
+        eprintln!("warning: {to} has not announced {g} yet: {e}");
+    }
+    pb.finish_and_clear();
+    Ok(live)
+}
+
 /// Starts the VM on `to` waiting for its state, has QEMU on `from` send it, and waits
 /// until the copy completes. On failure the target's copy is removed again.
 fn live_migrate_vm(
@@ -877,6 +1010,7 @@ fn live_migrate_vm(
         &Request::PrepareIncoming {
             violin: new.clone(),
             guests: vec![guest.to_string()],
+            listen: None,
         },
     )?;
     let undo = || {
@@ -913,9 +1047,10 @@ fn live_migrate_vm(
         let t0 = Instant::now();
         let incoming = loop {
             let g = find(to)?;
-            if let Some(p) = g.as_ref().and_then(|g| g.incoming.clone()) {
-                if std::path::Path::new(&p).exists() {
-                    break p;
+            if let Some(uri) = g.as_ref().and_then(|g| g.incoming.clone()) {
+                let path = uri.strip_prefix("unix:").unwrap_or_default();
+                if std::path::Path::new(path).exists() {
+                    break uri;
                 }
             }
             if t0.elapsed() > timeout {
@@ -930,11 +1065,7 @@ fn live_migrate_vm(
             .and_then(|g| g.qmp)
             .ok_or_else(|| anyhow!("{guest} on {from} has no QMP socket"))?;
         pb.set_message(format!("copying {guest} {from} → {to}"));
-        crate::host::vm::live_migrate(
-            std::path::Path::new(&qmp),
-            std::path::Path::new(&incoming),
-            timeout,
-        )
+        crate::host::vm::live_migrate(std::path::Path::new(&qmp), &incoming, timeout)
     })();
     pb.finish_and_clear();
     match r {

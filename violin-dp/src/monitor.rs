@@ -2,15 +2,18 @@
 //! reason, where the frame came from, MACs, IPs, length), merged into one stream of
 //! text or JSON lines, with a once-a-second summary of what each host sent and dropped
 //! unless `--drops` asks for the drops alone. Each host describes at most `--rate`
-//! drops a second and says how many it left out.
+//! drops a second and says how many it left out. A cluster with etcd streams them from
+//! each host's metrics server (`GET /violins/NAME/drops`), at the endpoint the host
+//! registered; one without, over each host's control socket.
 
 use crate::cli::{gather_stats, ClusterStats};
 use crate::cluster::ClusterState;
 use crate::control::protocol::{self, MonitorEvent, Request, MAX_MONITOR_RATE};
 use crate::lifecycle::statuses;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,13 @@ pub struct Options {
     pub rate: u32,
     /// Stop after this long (default: until interrupted).
     pub seconds: Option<f64>,
+}
+
+/// Where a host's drop events come from.
+#[derive(Clone)]
+enum Source {
+    Control(std::path::PathBuf),
+    Http(String),
 }
 
 enum Item {
@@ -43,35 +53,58 @@ pub fn run(st: &ClusterState, violin: &str, o: &Options) -> Result<()> {
             o.rate
         );
     }
-    let hosts: Vec<_> = st
-        .hosts
-        .iter()
-        .zip(statuses(st)?)
-        .filter(|(_, s)| s.violins.iter().any(|x| x.name == violin))
-        .map(|(h, _)| h.clone())
-        .collect();
+    let endpoints: Option<BTreeMap<String, Option<String>>> = match st.store()? {
+        Some(mut s) => Some(
+            s.hosts()?
+                .into_iter()
+                .map(|v| (v.record.name, v.record.endpoint))
+                .collect(),
+        ),
+        None => None,
+    };
+    let mut hosts = Vec::new();
+    for (h, s) in st.hosts.iter().zip(statuses(st)?) {
+        if !s.violins.iter().any(|x| x.name == violin) {
+            continue;
+        }
+        if s.down {
+            eprintln!("warning: host {} is down: its drops are left out", h.name);
+            continue;
+        }
+        let from = match &endpoints {
+            None => Source::Control(h.control.clone()),
+            Some(eps) => {
+                let ep = eps
+                    .get(&h.name)
+                    .cloned()
+                    .flatten()
+                    .ok_or_else(|| anyhow!("host {} publishes no metrics endpoint", h.name))?;
+                Source::Http(format!("{ep}/violins/{violin}/drops?rate={}", o.rate))
+            }
+        };
+        hosts.push((h.name.clone(), from));
+    }
     if hosts.is_empty() {
         bail!("no Violin named {violin:?} on cluster {}", st.name);
     }
     let (tx, rx) = mpsc::channel();
-    for h in &hosts {
-        let (tx, h, req) = (
-            tx.clone(),
-            h.clone(),
-            Request::Monitor {
-                name: violin.to_string(),
-                rate: o.rate,
-            },
-        );
+    for (name, from) in &hosts {
+        let (tx, name, from) = (tx.clone(), name.clone(), from.clone());
+        let req = Request::Monitor {
+            name: violin.to_string(),
+            rate: o.rate,
+        };
         std::thread::spawn(move || {
-            let r = protocol::stream(&h.control, &req, |e: MonitorEvent| {
-                tx.send(Item::Event(e)).is_ok()
-            });
+            let each = |e: MonitorEvent| tx.send(Item::Event(e)).is_ok();
+            let r = match &from {
+                Source::Control(path) => protocol::stream(path, &req, each),
+                Source::Http(url) => protocol::http_stream(url, each),
+            };
             let why = match r {
                 Ok(()) => "the daemon closed the stream".to_string(),
                 Err(e) => format!("{e:#}"),
             };
-            let _ = tx.send(Item::Failed(h.name.clone(), why));
+            let _ = tx.send(Item::Failed(name, why));
         });
     }
     drop(tx);
@@ -80,7 +113,7 @@ pub fn run(st: &ClusterState, violin: &str, o: &Options) -> Result<()> {
             "monitoring {violin} on {} (at most {} drops a second per host; Ctrl-C stops)",
             hosts
                 .iter()
-                .map(|h| h.name.as_str())
+                .map(|(h, _)| h.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
             o.rate
@@ -96,7 +129,11 @@ pub fn run(st: &ClusterState, violin: &str, o: &Options) -> Result<()> {
                 .min(Duration::from_millis(200))
         });
         match rx.recv_timeout(wait) {
-            Ok(Item::Event(e)) => print_event(&e, o.json),
+            Ok(Item::Event(e)) => {
+                if print_event(&e, o.json).is_err() {
+                    return Ok(()); // whoever reads stdout went away
+                }
+            }
             Ok(Item::Failed(host, why)) => {
                 eprintln!("{host}: monitor ended: {why}");
                 live -= 1;
@@ -111,7 +148,9 @@ pub fn run(st: &ClusterState, violin: &str, o: &Options) -> Result<()> {
             if let Ok(now) = gather_stats(st, violin) {
                 if let Some(before) = &last.1 {
                     for s in summaries(before, &now, last.0.elapsed().as_secs_f64()) {
-                        print_summary(&s, o.json);
+                        if print_summary(&s, o.json).is_err() {
+                            return Ok(());
+                        }
                     }
                 }
                 last = (Instant::now(), Some(now));
@@ -165,12 +204,13 @@ fn clock(unix_ns: u64) -> String {
     )
 }
 
-fn print_event(e: &MonitorEvent, json: bool) {
+fn print_event(e: &MonitorEvent, json: bool) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
     if json {
         if let Ok(line) = serde_json::to_string(e) {
-            println!("{line}");
+            writeln!(out, "{line}")?;
         }
-        return;
+        return Ok(());
     }
     let ips = match (e.src_ip, e.dst_ip) {
         (Some(s), Some(d)) => format!("{s} → {d}"),
@@ -181,7 +221,8 @@ fn print_event(e: &MonitorEvent, json: bool) {
     } else {
         String::new()
     };
-    println!(
+    writeln!(
+        out,
         "{} {:<4} DROP {:<14} from {:<12} {} → {}  {:<31} {} B{}",
         clock(e.unix_ns),
         e.host,
@@ -192,18 +233,20 @@ fn print_event(e: &MonitorEvent, json: bool) {
         ips,
         e.len,
         missed
-    );
+    )
 }
 
-fn print_summary(s: &Summary, json: bool) {
+fn print_summary(s: &Summary, json: bool) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
     if json {
         if let Ok(line) = serde_json::to_string(&serde_json::json!({ "summary": s })) {
-            println!("{line}");
+            writeln!(out, "{line}")?;
         }
-        return;
+        return Ok(());
     }
     let dropped: Vec<String> = s.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!(
+    writeln!(
+        out,
         "{:>15} {:<4} sent {} packets in {:.1} s, dropped {}",
         "-- summary",
         s.host,
@@ -214,7 +257,7 @@ fn print_summary(s: &Summary, json: bool) {
         } else {
             dropped.join(", ")
         }
-    );
+    )
 }
 
 #[cfg(test)]

@@ -6,6 +6,9 @@
 //! - `config/hosts/HOST`: a host's registration ([`HostRecord`]), written when it joins;
 //! - `config/specs/VIOLIN`: the spec text a Violin runs with; its `mod_revision` names
 //!   the change;
+//! - `config/migrations/VIOLIN`: a guest of the Violin moving between two hosts
+//!   ([`MigrationOrder`]), written by the CLI and removed once every host runs the
+//!   spec with the guest on its new host;
 //! - `state/alive/HOST`: present while the host keeps its lease alive;
 //! - `state/status/HOST`: what the host runs and which revision it has taken
 //!   ([`HostReport`]), written by that host.
@@ -48,6 +51,12 @@ impl Keys {
     }
     pub fn spec(&self, v: &str) -> String {
         format!("{}{v}", self.specs())
+    }
+    pub fn migrations(&self) -> String {
+        format!("{}config/migrations/", self.root)
+    }
+    pub fn migration(&self, v: &str) -> String {
+        format!("{}{v}", self.migrations())
     }
     pub fn alive_prefix(&self) -> String {
         format!("{}state/alive/", self.root)
@@ -102,6 +111,48 @@ pub struct HostReport {
     pub revision: i64,
     pub specs: BTreeMap<String, SpecState>,
     pub status: HostStatus,
+    /// Its part in each Violin's migration under way, by Violin.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub migrations: BTreeMap<String, MigrationReport>,
+}
+
+/// `violin migrate`: move `guest` from host `from` to host `to`. `spec` is the Violin's
+/// spec with the guest on `to`; the CLI stores it as the Violin's spec once the guest's
+/// state is there (at once for a netns guest; after QEMU's copy for a VM).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationOrder {
+    pub guest: String,
+    pub from: String,
+    pub to: String,
+    /// A VM: `to` starts it waiting for its state, and `from` has QEMU send it.
+    pub live: bool,
+    pub spec: String,
+}
+
+/// A host's part in one migration: the order (by its `mod_revision`) and how far it got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub order: i64,
+    pub phase: MigrationPhase,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "phase")]
+pub enum MigrationPhase {
+    /// Source: waiting for the target to listen.
+    Waiting,
+    /// Target: the VM waits for its state at `uri` (QEMU's `-incoming`).
+    Listening { uri: String },
+    /// Source: QEMU is sending the VM's state.
+    Copying { uri: String },
+    /// Source: the copy completed; the VM is paused here and runs on the target.
+    Copied {
+        downtime_ms: Option<u64>,
+        total_ms: Option<u64>,
+        ram_bytes: Option<u64>,
+    },
+    /// Either side: the migration cannot go on; the guest keeps running on `from`.
+    Failed { error: String },
 }
 
 /// The keys and values under a prefix as of `revision`, kept by list + watch.
@@ -428,8 +479,52 @@ impl Store {
     /// Removes a spec; returns the revision of the removal.
     pub fn delete_spec(&mut self, name: &str) -> Result<i64> {
         let key = self.keys.spec(name);
-        let r = self.call(&format!("removing {key} from etcd"), |mut c| {
+        self.delete_raw(&key)
+    }
+
+    /// The Violin's migration under way, if any, and the revision that wrote it.
+    pub fn migration(&mut self, name: &str) -> Result<Option<(MigrationOrder, i64)>> {
+        let key = self.keys.migration(name);
+        let r = self.call(&format!("reading {key} from etcd"), |mut c| {
             let key = key.clone();
+            async move { c.get(key, None).await }
+        })?;
+        match r.kvs().first() {
+            None => Ok(None),
+            Some(x) => Ok(Some((
+                serde_json::from_slice(x.value())
+                    .with_context(|| format!("{key} in etcd is not a migration order"))?,
+                x.mod_revision(),
+            ))),
+        }
+    }
+
+    /// Stores a migration order unless the Violin has one already; returns its revision,
+    /// or None when another order is there.
+    pub fn create_migration(&mut self, name: &str, o: &MigrationOrder) -> Result<Option<i64>> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let key = self.keys.migration(name);
+        let value = serde_json::to_vec(o)?;
+        let r = self.call(&format!("writing {key} to etcd"), |mut c| {
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.clone(), value.clone(), None)]);
+            async move { c.txn(txn).await }
+        })?;
+        Ok(match r.succeeded() {
+            true => r.header().map(|h| h.revision()),
+            false => None,
+        })
+    }
+
+    pub fn delete_migration(&mut self, name: &str) -> Result<i64> {
+        let key = self.keys.migration(name);
+        self.delete_raw(&key)
+    }
+
+    fn delete_raw(&mut self, key: &str) -> Result<i64> {
+        let r = self.call(&format!("removing {key} from etcd"), |mut c| {
+            let key = key.to_string();
             async move { c.delete(key, None).await }
         })?;
         r.header()

@@ -423,6 +423,66 @@ fn the_cli_needs_only_etcd() {
         .find(|e| e["from"] == "a" && e["to"] == "b")
         .unwrap_or_else(|| panic!("no a→b edge: {out}"));
     assert!(ab["packets"].as_u64().unwrap() >= 3, "{out}");
+    // A move is carried out by the two hosts, through etcd.
+    let a_host = |c: &Cluster| {
+        let s = c.stats("blue");
+        let h: Vec<String> = s
+            .hosts
+            .iter()
+            .filter(|h| h.ports.iter().any(|p| p.name == "a"))
+            .map(|h| h.host.clone())
+            .collect();
+        h
+    };
+    let from = a_host(&c).pop().expect("a runs somewhere");
+    let to = if from == "h1" { "h2" } else { "h1" };
+    let out = without_state(&format!("$V migrate blue a --to {to} --json"));
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (m["from"].as_str(), m["to"].as_str()),
+        (Some(from.as_str()), Some(to)),
+        "{m}"
+    );
+    assert_eq!(a_host(&c), vec![to.to_string()]);
+    assert!(c.ping("blue", "b", "10.0.0.1", 3), "b reaches a on {to}");
+    // Drops stream from each host's metrics server: a has no link to c (a is told c's
+    // MAC, so it sends to c rather than asking for it).
+    let mac_c = violin_dp::spec::derive_mac(101, "c").to_string();
+    c.ok(&[
+        "exec", "blue", "a", "--", "ip", "neigh", "replace", "10.0.0.3", "lladdr", &mac_c, "dev",
+        "eth0",
+    ]);
+    let pinger = c
+        .command(&[
+            "exec",
+            "blue",
+            "a",
+            "--",
+            "sh",
+            "-c",
+            "sleep 1; ping -q -c 150 -i 0.01 -W 1 10.0.0.3",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = without_state("$V monitor blue --json --drops --rate 50 --seconds 3");
+    let _ = { pinger }.wait();
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "no_link" && e["host"] == to && e["from"] == "a"),
+        "no no_link drop of a on {to}: {out}"
+    );
+    assert!(
+        events.len() <= 5 * 50,
+        "{} events at 50 a second",
+        events.len()
+    );
     without_state("$V down blue");
     assert_eq!(ls(&c), serde_json::json!([]));
 }
@@ -449,7 +509,9 @@ fn each_party_writes_only_its_own_keys() {
         ("h1", keys.status("h2"), false),
         ("h1", keys.host("h2"), false),
         ("h1", keys.spec("evil"), false),
+        ("h1", keys.migration("blue"), false),
         ("violin", keys.spec("fine"), true),
+        ("violin", keys.migration("fine"), true),
         ("violin", keys.status("h1"), false),
         ("violin", keys.host("h1"), false),
     ];
@@ -477,6 +539,7 @@ fn each_party_writes_only_its_own_keys() {
     }
     let mut s = Store::connect(&eps, Some(&id("violin")), &c.name).unwrap();
     s.delete_spec("fine").unwrap();
+    s.delete_migration("fine").unwrap();
     // No certificate, or plain HTTP: no answer at all.
     let plain: Vec<String> = eps.iter().map(|e| e.replace("https", "http")).collect();
     assert!(Store::connect(&plain, None, &c.name).is_err());

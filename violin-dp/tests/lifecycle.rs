@@ -147,11 +147,16 @@ fn migrate_moves_a_guest_while_a_peer_pings_it() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up_etcd(3, "udp", &[]);
+    // Through etcd (the hosts carry it out), and over the hosts' control sockets.
+    migrate_a_while_b_pings(&Cluster::up_etcd(3, "udp", &[]));
+    migrate_a_while_b_pings(&Cluster::up(3, "udp", &[]));
+}
+
+fn migrate_a_while_b_pings(c: &Cluster) {
     c.up_spec("blue.toml", PAIRS);
     assert!(c.ping("blue", "b", "10.0.0.1", 1));
     // b pings a throughout (independently of the CLI's own probe).
-    let flow = background_ping(&c, "b", "10.0.0.1", 150, "0.02");
+    let flow = background_ping(c, "b", "10.0.0.1", 150, "0.02");
     std::thread::sleep(Duration::from_millis(300));
     let out = c.ok(&["migrate", "blue", "a", "--to", "h3", "--json"]);
     let m: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -328,7 +328,8 @@ fn a_vm_live_migrates_to_another_host_while_a_peer_pings_it() {
     if !can_run() {
         return;
     }
-    let c = Cluster::up(3, "udp", &[]);
+    // Through etcd: the two hosts' daemons move the VM's state over TCP between them.
+    let c = Cluster::up_etcd(3, "udp", &[]);
     // This VM boots an image with an extra Debian package (built once, then cached).
     let pk = "packages = [\"iperf3\"]\ncpus = 1";
     c.up_spec("blue.toml", &spec("blue", 101, "h1", "h2", "stream", pk));

@@ -106,8 +106,10 @@ fn random_password() -> Result<String> {
 }
 
 /// Creates the users and roles (as the administrator, before auth is on), then turns
-/// authentication on: `root` may do anything; host `h` reads `config/` and writes only
-/// its registration, liveness and status; the CLI reads everything and writes specs.
+/// authentication on: `root` may do anything; host `h` reads `config/` and the hosts'
+/// statuses (a migration's source reads where its target listens) and writes only its
+/// registration, liveness and status; the CLI reads everything and writes specs and
+/// migration orders.
 pub async fn enable_auth(c: &mut Client, cluster: &str, hosts: &[String]) -> Result<()> {
     let keys = Keys::new(cluster);
     c.role_add("root").await.context("adding role root")?;
@@ -118,6 +120,7 @@ pub async fn enable_auth(c: &mut Client, cluster: &str, hosts: &[String]) -> Res
         c.role_add(role.as_str()).await?;
         for p in [
             Permission::read(keys.config()).with_prefix(),
+            Permission::read(keys.statuses()).with_prefix(),
             Permission::read_write(keys.host(h)),
             Permission::read_write(keys.alive(h)),
             Permission::read_write(keys.status(h)),
@@ -131,6 +134,7 @@ pub async fn enable_auth(c: &mut Client, cluster: &str, hosts: &[String]) -> Res
     for p in [
         Permission::read(keys.all()).with_prefix(),
         Permission::read_write(keys.specs()).with_prefix(),
+        Permission::read_write(keys.migrations()).with_prefix(),
     ] {
         c.role_grant_permission("cli", p).await?;
     }

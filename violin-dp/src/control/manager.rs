@@ -87,8 +87,8 @@ pub struct GuestView {
     /// The guest's cgroup (guests with limits), read for OOM kills.
     pub cgroup: Option<String>,
     pub vm: Option<(PathBuf, String)>,
-    /// The VM waits for a live migration.
-    pub incoming: bool,
+    /// Where the VM waits for a live migration (QEMU's `-incoming` URI), if it does.
+    pub incoming: Option<String>,
 }
 
 /// The published view, shared by the control thread (writer) and the servers.
@@ -177,14 +177,22 @@ impl Manager {
                         violin.name
                     );
                 }
-                self.apply_violin(&violin, &[])?;
+                self.apply_violin(&violin, &Incoming::NONE)?;
                 serde_json::Value::Null
             }
             Request::ApplyViolin { violin } => {
-                serde_json::to_value(self.apply_violin(&violin, &[])?)?
+                serde_json::to_value(self.apply_violin(&violin, &Incoming::NONE)?)?
             }
-            Request::PrepareIncoming { violin, guests } => {
-                serde_json::to_value(self.apply_violin(&violin, &guests)?)?
+            Request::PrepareIncoming {
+                violin,
+                guests,
+                listen,
+            } => {
+                let incoming = Incoming {
+                    guests: &guests,
+                    tcp: listen,
+                };
+                serde_json::to_value(self.apply_violin(&violin, &incoming)?)?
             }
             Request::Announce { name, guests } => {
                 self.announce(&name, &guests)?;
@@ -261,7 +269,7 @@ impl Manager {
                         incoming: self
                             .supervisor
                             .get(&r.spec.name, &g.name)
-                            .is_some_and(|p| p.incoming.is_some()),
+                            .and_then(|p| Some(p.incoming.as_ref()?[1].clone())),
                     })
                     .collect(),
             })
@@ -291,7 +299,7 @@ impl Manager {
     /// Adds a Violin, or brings an existing one to this spec (`violin apply`, `scale`,
     /// `migrate`): guests whose attachment is unchanged keep running untouched. VMs
     /// named in `incoming` start waiting for a live migration.
-    fn apply_violin(&mut self, v: &Violin, incoming: &[String]) -> Result<Applied> {
+    fn apply_violin(&mut self, v: &Violin, incoming: &Incoming) -> Result<Applied> {
         let here = |spec: &Violin| {
             spec.members
                 .iter()
@@ -348,7 +356,7 @@ impl Manager {
             match &old {
                 // Back to the old spec, as far as it goes.
                 Some(old) => {
-                    if let Err(e2) = self.apply_violin(old, &[]) {
+                    if let Err(e2) = self.apply_violin(old, &Incoming::NONE) {
                         error!(violin = %v.name, "restoring the previous spec after a failed apply: {e2:#}");
                     }
                 }
@@ -362,7 +370,7 @@ impl Manager {
         // it is ever restarted.
         if let Some(rec) = self.records.get(&v.name) {
             for g in rec.guests.values() {
-                if !incoming.contains(&g.name) {
+                if !incoming.guests.contains(&g.name) {
                     if let Some(p) = self.supervisor.get_mut(&v.name, &g.name) {
                         p.incoming = None;
                     }
@@ -388,7 +396,7 @@ impl Manager {
         &mut self,
         v: &Violin,
         ports: &[(usize, PortId)],
-        incoming: &[String],
+        incoming: &Incoming,
     ) -> Result<()> {
         for &(m, p) in ports {
             let member = &v.members[m];
@@ -466,7 +474,7 @@ impl Manager {
         rec: &mut GuestRecord,
         port_kind: PortKind,
         framing: Framing,
-        incoming: &[String],
+        incoming: &Incoming,
     ) -> Result<Port> {
         let member = &v.members[m];
         if port_kind == PortKind::Tap {
@@ -516,7 +524,8 @@ impl Manager {
             // kept running may have nothing to say until it is spoken to.
             let dir = self.cfg.vm_dir(&v.name, &member.name);
             port.set_default_peer(&vm::net_socket(&dir));
-            let g = self.vm_proc(v, m, &path, incoming.contains(&member.name))?;
+            let waits = incoming.guests.contains(&member.name);
+            let g = self.vm_proc(v, m, &path, waits.then_some(incoming.tcp))?;
             rec.vm = Some((dir, vm::accelerator().0.into()));
             self.supervisor.add(g);
         } else if let Some(ns) = &rec.netns {
@@ -562,7 +571,7 @@ impl Manager {
         v: &Violin,
         m: usize,
         socket: &std::path::Path,
-        incoming: bool,
+        incoming: Option<Option<Ipv4Addr>>,
     ) -> Result<GuestProc> {
         let member = &v.members[m];
         let MemberKind::Guest {
@@ -607,9 +616,10 @@ impl Manager {
             dir.join("qemu.log"),
             vm::pid_file(&dir),
         );
-        if incoming {
-            g.incoming = Some(vm::incoming_args(&dir));
+        if let Some(tcp) = incoming {
+            g.incoming = Some(vm::incoming_args(&dir, tcp)?);
         }
+        let incoming = incoming.is_some();
         // A VM on a datagram socket that a previous daemon started keeps running: it
         // sends to the socket's path, which this daemon has just bound again. It is
         // found by its pidfile, whatever command line it was started with. (A stream
@@ -847,7 +857,7 @@ impl Manager {
     /// Re-creates the Violins this host had before a restart (or a crash).
     pub fn restore(&mut self) {
         for (file, r) in persist::load_all(&self.cfg) {
-            match r.and_then(|v| self.apply_violin(&v, &[]).map(|_| v.name)) {
+            match r.and_then(|v| self.apply_violin(&v, &Incoming::NONE).map(|_| v.name)) {
                 Ok(name) => info!(violin = %name, "restored after restart"),
                 Err(e) => error!("restoring {}: {e:#}", file.display()),
             }
@@ -862,6 +872,20 @@ impl Manager {
             let _ = self.remove_violin(&n, false);
         }
     }
+}
+
+/// The VMs an apply starts waiting for a live migration instead of booting, and the
+/// address they wait on (TCP, for a source on another machine; else a UNIX socket).
+pub struct Incoming<'a> {
+    pub guests: &'a [String],
+    pub tcp: Option<Ipv4Addr>,
+}
+
+impl Incoming<'_> {
+    pub const NONE: Incoming<'static> = Incoming {
+        guests: &[],
+        tcp: None,
+    };
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -900,11 +924,7 @@ impl HostView {
                         .vm
                         .as_ref()
                         .map(|(d, _)| vm::qmp_socket(d).display().to_string()),
-                    incoming: g
-                        .vm
-                        .as_ref()
-                        .filter(|_| g.incoming)
-                        .map(|(d, _)| vm::migration_socket(d).display().to_string()),
+                    incoming: g.vm.as_ref().and(g.incoming.clone()),
                 }
             })
             .collect()

@@ -364,7 +364,26 @@ pub fn wants_stats<'a>(method: &str, path: &'a str) -> Option<&'a str> {
     (method == "GET" && !name.is_empty() && !name.contains('/')).then_some(name)
 }
 
+/// The Violin and rate `METHOD PATH?QUERY` asks drop events of
+/// (`GET /violins/NAME/drops?rate=N`): what `violin monitor` streams from hosts found
+/// through etcd.
+pub fn wants_drops<'a>(method: &str, path: &'a str, query: Option<&str>) -> Option<(&'a str, u32)> {
+    let name = path.strip_prefix("/violins/")?.strip_suffix("/drops")?;
+    if method != "GET" || name.is_empty() || name.contains('/') {
+        return None;
+    }
+    let rate = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("rate="))
+        .map_or(Some(crate::control::protocol::DEFAULT_MONITOR_RATE), |r| {
+            r.parse().ok()
+        })?;
+    Some((name, rate))
+}
+
 const JSON: &str = "application/json";
+const JSON_LINES: &str = "application/jsonl";
 const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 const PLAIN: &str = "text/plain; charset=utf-8";
 
@@ -378,7 +397,7 @@ pub async fn serve(
     listener: std::net::TcpListener,
     ctx: crate::control::server::Ctx,
 ) -> anyhow::Result<()> {
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;
     use hyper_util::rt::{TokioIo, TokioTimer};
     use std::sync::Arc;
@@ -399,11 +418,17 @@ pub async fn serve(
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let service = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
                     let ctx = ctx.clone();
                     async move {
                         let (method, path) = (req.method().as_str(), req.uri().path());
+                        if let Some((name, rate)) = wants_drops(method, path, req.uri().query()) {
+                            return hyper::Response::builder()
+                                .status(200)
+                                .header(hyper::header::CONTENT_TYPE, JSON_LINES)
+                                .body(drops(&ctx, name, rate));
+                        }
                         let (status, ctype, body) = if wants_metrics(method, path) {
                             match scrape(&ctx).await {
                                 Some(text) => (200, EXPOSITION, text),
@@ -423,15 +448,21 @@ pub async fn serve(
                             (
                                 404,
                                 PLAIN,
-                                "try GET /metrics or /violins/NAME/stats\n".to_string(),
+                                "try GET /metrics, /violins/NAME/stats or /violins/NAME/drops?rate=N\n"
+                                    .to_string(),
                             )
                         };
                         hyper::Response::builder()
                             .status(status)
                             .header(hyper::header::CONTENT_TYPE, ctype)
-                            .body(Full::new(Bytes::from(body)))
+                            .body(
+                                Full::new(Bytes::from(body))
+                                    .map_err(|never| match never {})
+                                    .boxed(),
+                            )
                     }
-                });
+                },
+            );
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_DEADLINE)
@@ -441,6 +472,38 @@ pub async fn serve(
             drop(permit);
         });
     }
+}
+
+type Body = http_body_util::combinators::BoxBody<hyper::body::Bytes, std::io::Error>;
+
+/// Violin `name`'s drop events as JSON lines (the control socket's `monitor` stream:
+/// its response line, then one line per event), until the client goes away: the
+/// monitor writes into one end of a pipe whose other end is the response body, and
+/// ends when the body, and with it the pipe's write end, is dropped.
+fn drops(ctx: &crate::control::server::Ctx, name: &str, rate: u32) -> Body {
+    use http_body_util::{BodyExt, StreamBody};
+    use tokio::io::AsyncReadExt;
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (trd, twr) = tokio::io::split(theirs);
+    let (ctx, name) = (ctx.clone(), name.to_string());
+    tokio::spawn(async move {
+        if let Err(e) = crate::control::server::monitor(trd, twr, &ctx, &name, rate).await {
+            tracing::debug!("drop monitor over HTTP ended: {e:#}");
+        }
+    });
+    let (rd, wr) = tokio::io::split(ours);
+    let chunks = futures::stream::unfold((rd, wr), |(mut rd, wr)| async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                let frame = hyper::body::Frame::data(hyper::body::Bytes::from(buf));
+                Some((Ok(frame), (rd, wr)))
+            }
+        }
+    });
+    StreamBody::new(chunks).boxed()
 }
 
 /// The exposition text of this host now, or `None` if the worker did not answer.
@@ -539,5 +602,19 @@ mod tests {
         assert_eq!(wants_stats("GET", "/violins//stats"), None);
         assert_eq!(wants_stats("GET", "/violins/a/b/stats"), None);
         assert_eq!(wants_stats("POST", "/violins/blue/stats"), None);
+        assert_eq!(
+            wants_drops("GET", "/violins/blue/drops", None),
+            Some(("blue", 100))
+        );
+        assert_eq!(
+            wants_drops("GET", "/violins/blue/drops", Some("x=1&rate=7")),
+            Some(("blue", 7))
+        );
+        assert_eq!(
+            wants_drops("GET", "/violins/blue/drops", Some("rate=many")),
+            None
+        );
+        assert_eq!(wants_drops("GET", "/violins/a/b/drops", None), None);
+        assert_eq!(wants_drops("POST", "/violins/blue/drops", None), None);
     }
 }

@@ -8,7 +8,7 @@ use crate::stats::{AfXdpStats, PortCounters, SlotStats, ViolinStats, WorkerStats
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -30,6 +30,10 @@ pub enum Request {
     PrepareIncoming {
         violin: Violin,
         guests: Vec<String>,
+        /// Wait on TCP at this address (a port of [`crate::host::vm::MIGRATION_PORTS`])
+        /// rather than on a UNIX socket beside the VM.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listen: Option<std::net::Ipv4Addr>,
     },
     /// The named guests (which moved here) send a gratuitous ARP once attached.
     Announce {
@@ -172,7 +176,8 @@ pub struct GuestStatus {
     pub agent: Option<String>,
     #[serde(default)]
     pub accel: Option<String>,
-    /// A VM's QMP socket, and where it waits for an incoming migration (if it does).
+    /// A VM's QMP socket, and where it waits for an incoming migration, if it does
+    /// (QEMU's `-incoming` URI: `unix:PATH` or `tcp:ADDR:PORT`).
     #[serde(default)]
     pub qmp: Option<String>,
     #[serde(default)]
@@ -215,7 +220,7 @@ pub struct XdpHostStats {
 pub fn stream<T: DeserializeOwned>(
     socket: &Path,
     req: &Request,
-    mut each: impl FnMut(T) -> bool,
+    each: impl FnMut(T) -> bool,
 ) -> Result<()> {
     let mut s = UnixStream::connect(socket).with_context(|| {
         format!(
@@ -226,7 +231,43 @@ pub fn stream<T: DeserializeOwned>(
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     s.write_all(line.as_bytes())?;
-    let mut lines = BufReader::new(&s).lines();
+    read_stream(BufReader::new(&s), each)
+}
+
+/// `GET URL` of a streaming resource of a host's metrics server
+/// (`/violins/NAME/drops?rate=N`): the same lines as [`stream`], after the HTTP head.
+pub fn http_stream<T: DeserializeOwned>(url: &str, each: impl FnMut(T) -> bool) -> Result<()> {
+    let (mut c, authority, path) = http_connect(url)?;
+    write!(
+        c,
+        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut r = BufReader::new(c);
+    let mut status = String::new();
+    r.read_line(&mut status)
+        .with_context(|| format!("{url}: reading the response"))?;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+    }
+    let code = status.split_whitespace().nth(1).unwrap_or("");
+    if code != "200" {
+        let mut body = String::new();
+        let _ = r.read_to_string(&mut body);
+        bail!("{url}: {code} {}", body.trim());
+    }
+    read_stream(r, each)
+}
+
+/// A streamed answer: the response line, then one item per line until the end or
+/// until `each` returns false.
+fn read_stream<T: DeserializeOwned>(
+    r: impl BufRead,
+    mut each: impl FnMut(T) -> bool,
+) -> Result<()> {
+    let mut lines = r.lines();
     let first = lines
         .next()
         .context("the daemon closed the connection without answering")?
@@ -277,22 +318,7 @@ pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T> {
 /// `GET URL` (plain `http://HOST:PORT/PATH`): the body of a 200 answer; any other
 /// status is an error carrying the body.
 pub fn http_get(url: &str) -> Result<String> {
-    use std::io::Read;
-    use std::net::ToSocketAddrs;
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("{url}: only http:// URLs"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let addr = authority
-        .to_socket_addrs()
-        .with_context(|| format!("{url}: bad address"))?
-        .next()
-        .ok_or_else(|| anyhow!("{url}: no address"))?;
-    let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .with_context(|| format!("connecting to {authority}"))?;
+    let (mut c, authority, path) = http_connect(url)?;
     c.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         c,
@@ -309,6 +335,27 @@ pub fn http_get(url: &str) -> Result<String> {
         bail!("{url}: {} {}", status, body.trim());
     }
     Ok(body.to_string())
+}
+
+/// Connects to the server of an `http://` URL; returns the connection, the authority
+/// and the path.
+fn http_connect(url: &str) -> Result<(std::net::TcpStream, &str, &str)> {
+    use std::net::ToSocketAddrs;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("{url}: only http:// URLs"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = authority
+        .to_socket_addrs()
+        .with_context(|| format!("{url}: bad address"))?
+        .next()
+        .ok_or_else(|| anyhow!("{url}: no address"))?;
+    let c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("connecting to {authority}"))?;
+    Ok((c, authority, path))
 }
 
 /// `GET URL` of a host's metrics server, its JSON body decoded.

@@ -128,7 +128,7 @@ async fn client(stream: UnixStream, ctx: &Ctx) -> Result<()> {
 
 /// Writes one line (a response or an event) within [`RESPONSE_DEADLINE`].
 async fn write_line<T: serde::Serialize>(
-    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
     item: &T,
 ) -> Result<()> {
     let mut text = serde_json::to_vec(item)?;
@@ -145,10 +145,10 @@ static MONITORS: AtomicU64 = AtomicU64::new(1);
 /// Streams Violin `name`'s drop events to the client until it closes the connection
 /// (or stops reading: a line it does not take within the deadline ends it). The
 /// Violin's home worker describes the drops into a bounded channel, which a blocking
-/// thread bridges to this task.
-async fn monitor(
+/// thread bridges to this task. (The metrics server streams the same over HTTP.)
+pub(crate) async fn monitor(
     mut rd: impl tokio::io::AsyncRead + Unpin,
-    mut wr: tokio::net::unix::OwnedWriteHalf,
+    mut wr: impl tokio::io::AsyncWrite + Unpin,
     ctx: &Ctx,
     name: &str,
     rate: u32,
@@ -207,7 +207,7 @@ async fn monitor(
 
 async fn relay_events(
     rd: &mut (impl tokio::io::AsyncRead + Unpin),
-    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
     ctx: &Ctx,
     mut view: Arc<HostView>,
     name: &str,
@@ -451,6 +451,7 @@ mod tests {
                 Request::PrepareIncoming {
                     violin: v.clone(),
                     guests: vec![],
+                    listen: None,
                 },
             ] {
                 let e = call::<serde_json::Value>(&h.socket, &req).unwrap_err();

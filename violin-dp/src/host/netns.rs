@@ -262,7 +262,8 @@ pub fn delete(name: &str) -> Result<()> {
         return Ok(());
     }
     let _ = umount2(&p, MntFlags::MNT_DETACH);
-    fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    // The name goes last: once it is free, a guest of that name may be created (by
+    // another simulated host of this machine) with a uid range of its own.
     if let Some(first) = guest_uid(name) {
         let left = crate::host::procs::kill_uids(first..first + crate::host::uids::RANGE);
         if left > 0 {
@@ -274,6 +275,7 @@ pub fn delete(name: &str) -> Result<()> {
         }
     }
     crate::host::uids::release(name);
+    fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
     Ok(())
 }
 

@@ -172,12 +172,51 @@ pub fn migration_socket(dir: &Path) -> PathBuf {
     dir.join("migrate.sock")
 }
 
-/// Extra arguments of a VM that waits for a live migration.
-pub fn incoming_args(dir: &Path) -> [String; 2] {
-    [
-        "-incoming".into(),
-        format!("unix:{}", migration_socket(dir).display()),
-    ]
+/// TCP ports a VM waiting for a live migration from another machine listens on (the
+/// first one free on the host's underlay address): open them between hosts.
+pub const MIGRATION_PORTS: std::ops::RangeInclusive<u16> = 7700..=7799;
+
+/// Extra arguments of a VM that waits for a live migration: on a UNIX socket beside
+/// it, or on `tcp` and the first free port of [`MIGRATION_PORTS`].
+pub fn incoming_args(dir: &Path, tcp: Option<std::net::Ipv4Addr>) -> Result<[String; 2]> {
+    let uri = match tcp {
+        None => format!("unix:{}", migration_socket(dir).display()),
+        Some(a) => {
+            let port = MIGRATION_PORTS
+                .clone()
+                .find(|p| std::net::TcpListener::bind((a, *p)).is_ok())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "no free TCP port on {a} in {}-{} for a live migration",
+                        MIGRATION_PORTS.start(),
+                        MIGRATION_PORTS.end()
+                    )
+                })?;
+            format!("tcp:{a}:{port}")
+        }
+    };
+    Ok(["-incoming".into(), uri])
+}
+
+/// Whether something in this network namespace listens on TCP `addr:port` (read from
+/// `/proc/net/tcp`: connecting to find out would be taken as the migration stream).
+pub fn tcp_listening(addr: Ipv4Addr, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/net/tcp") else {
+        return false;
+    };
+    // "0300A8C0:1E14": the address as the kernel's u32 in host order, then the port.
+    let want = format!("{:08X}:{port:04X}", u32::from_ne_bytes(addr.octets()));
+    let any = format!("00000000:{port:04X}");
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && (f[1] == want || f[1] == any) && f[3] == "0A"
+    })
+}
+
+/// The address and port of a `tcp:ADDR:PORT` URI.
+pub fn tcp_uri(uri: &str) -> Option<(Ipv4Addr, u16)> {
+    let (a, p) = uri.strip_prefix("tcp:")?.rsplit_once(':')?;
+    Some((a.parse().ok()?, p.parse().ok()?))
 }
 
 /// The QEMU command line (program first).
@@ -374,18 +413,15 @@ pub struct LiveMigration {
     pub ram_transferred: Option<u64>,
 }
 
-/// Live-migrates the VM behind `source_qmp` into the VM waiting at `target` (a unix
-/// socket its `-incoming` listens on), and waits until it completes.
+/// Live-migrates the VM behind `source_qmp` into the VM waiting at `target` (the URI
+/// its `-incoming` listens on), and waits until it completes.
 pub fn live_migrate(
     source_qmp: &Path,
-    target: &Path,
+    target: &str,
     timeout: std::time::Duration,
 ) -> Result<LiveMigration> {
     let mut q = Qmp::connect(source_qmp)?;
-    q.execute(
-        "migrate",
-        Some(serde_json::json!({ "uri": format!("unix:{}", target.display()) })),
-    )?;
+    q.execute("migrate", Some(serde_json::json!({ "uri": target })))?;
     let t0 = std::time::Instant::now();
     loop {
         let r = q.execute("query-migrate", None)?;
@@ -615,6 +651,20 @@ pub fn console(sock: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listening_tcp_port_is_found_without_connecting() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(tcp_listening(Ipv4Addr::LOCALHOST, port));
+        drop(l);
+        assert!(!tcp_listening(Ipv4Addr::LOCALHOST, port));
+        assert_eq!(
+            tcp_uri("tcp:172.31.0.3:7700"),
+            Some((Ipv4Addr::new(172, 31, 0, 3), 7700))
+        );
+        assert_eq!(tcp_uri("unix:/x"), None);
+    }
 
     #[test]
     fn quoting() {
