@@ -104,6 +104,7 @@ fn run(id: &str, size: Size, etcd: bool, say: &dyn Fn(&str)) -> Result<Run> {
         workers: None,
         xdp_attach: Default::default(),
         max_guests: None,
+        busy_poll_us: None,
         etcd_members: usize::from(etcd),
         lease_ttl: violin_dp::config::DEFAULT_LEASE_TTL,
     };

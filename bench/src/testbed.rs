@@ -86,6 +86,7 @@ impl Testbed {
             workers: None,
             xdp_attach: Default::default(),
             max_guests,
+            busy_poll_us: None,
             // The data path's figures leave etcd out; `--etcd-scale` measures it.
             etcd_members: 0,
             lease_ttl: violin_dp::config::DEFAULT_LEASE_TTL,

@@ -189,6 +189,10 @@ pub enum ClusterCmd {
         /// default 2048).
         #[arg(long)]
         max_guests: Option<usize>,
+        /// Microseconds each packet worker keeps polling after a round with work before
+        /// it sleeps (`busy_poll_us` in the host config; default 200, 0: off).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        busy_poll_us: Option<u64>,
         /// etcd members, each in a namespace on the underlay (0: no etcd; the CLI then
         /// drives each daemon over its control socket).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=7))]
@@ -242,6 +246,7 @@ pub fn run(cli: Cli) -> Result<()> {
             workers,
             xdp_attach,
             max_guests,
+            busy_poll_us,
             etcd_members,
             lease_ttl,
         }) => {
@@ -259,6 +264,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     workers: workers.map(|w| w as usize),
                     xdp_attach,
                     max_guests,
+                    busy_poll_us,
                     etcd_members: etcd_members as usize,
                     lease_ttl,
                 },

@@ -80,6 +80,11 @@ pub struct HostConfig {
     /// serves at most as many queues as the interface has.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Microseconds a packet worker keeps polling without sleeping after a round with
+    /// work, before it blocks in `epoll_wait` (spin, then sleep): a frame that arrives
+    /// meanwhile costs no wake-up. 0 turns it off. Default [`DEFAULT_BUSY_POLL_US`].
+    #[serde(default)]
+    pub busy_poll_us: Option<u64>,
     /// Most guests this host takes, over all its Violins; an `up`/`apply` that would
     /// pass it is refused whole. Default [`DEFAULT_MAX_GUESTS`].
     #[serde(default)]
@@ -131,6 +136,8 @@ fn default_lease_ttl() -> u64 {
 
 /// Guests per host unless `max_guests` says otherwise.
 pub const DEFAULT_MAX_GUESTS: usize = 2048;
+/// How long a packet worker spins after a round with work (see `busy_poll_us`).
+pub const DEFAULT_BUSY_POLL_US: u64 = 200;
 
 /// Most packet workers a host runs.
 pub const MAX_WORKERS: usize = 32;
@@ -182,6 +189,10 @@ impl HostConfig {
 
     pub fn max_guests(&self) -> usize {
         self.max_guests.unwrap_or(DEFAULT_MAX_GUESTS)
+    }
+
+    pub fn busy_poll_us(&self) -> u64 {
+        self.busy_poll_us.unwrap_or(DEFAULT_BUSY_POLL_US)
     }
 
     pub fn load(path: &Path) -> Result<HostConfig> {

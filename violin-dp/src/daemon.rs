@@ -107,7 +107,12 @@ impl Daemon {
             ),
         };
         let dataplane = underlays[0].name();
-        let (workers, handles) = Worker::team(underlays).context("creating the packet workers")?;
+        let (mut workers, handles) =
+            Worker::team(underlays).context("creating the packet workers")?;
+        let spin = std::time::Duration::from_micros(cfg.busy_poll_us());
+        for w in &mut workers {
+            w.set_spin(spin);
+        }
         let ctl_path = cfg.control_socket();
         let _ = std::fs::remove_file(&ctl_path);
         let control = UnixListener::bind(&ctl_path)

@@ -258,6 +258,8 @@ pub struct UpOptions {
     pub xdp_attach: crate::config::XdpAttach,
     /// Most guests per host (`None`: the daemon's default).
     pub max_guests: Option<usize>,
+    /// Packet workers' spin after work, µs (`None`: the daemon's default).
+    pub busy_poll_us: Option<u64>,
     /// etcd members (0: none; the CLI then drives the daemons' sockets).
     pub etcd_members: usize,
     /// Seconds a host's registration outlives its last keep-alive.
@@ -408,6 +410,7 @@ pub fn up(
                     .workers
                     .or((opts.queues > 1).then_some(opts.queues as usize)),
                 max_guests: opts.max_guests,
+                busy_poll_us: opts.busy_poll_us,
                 etcd: match &pki {
                     Some(p) => Some(crate::config::EtcdConfig {
                         endpoints: state.etcd.iter().map(etcd::Member::underlay_url).collect(),

@@ -564,9 +564,17 @@ pub struct Worker {
     udp_rx_frames: u64,
     team: Team,
     stop: Option<Reply<Vec<Port>>>,
+    /// After a round with work, poll without blocking for this long before sleeping in
+    /// `epoll_wait` (0: always sleep when there is nothing to do).
+    spin_ns: u64,
 }
 
 impl Worker {
+    /// Busy-polls for `d` after each round with work (spin, then sleep).
+    pub fn set_spin(&mut self, d: Duration) {
+        self.spin_ns = d.as_nanos() as u64;
+    }
+
     /// One worker per underlay (worker `i` serves `underlays[i]`, rx queue `i`), and
     /// the handles that command them.
     pub fn team(underlays: Vec<Underlay>) -> std::io::Result<(Vec<Worker>, Workers)> {
@@ -631,6 +639,7 @@ impl Worker {
                     udp_rx_frames: 0,
                     team,
                     stop: None,
+                    spin_ns: 0,
                 }
             })
             .collect();
@@ -651,17 +660,28 @@ impl Worker {
         // SAFETY: prctl(2) PR_SET_TIMERSLACK takes one integer argument.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000 as libc::c_ulong) };
         let mut events = Events::with_capacity(256);
+        // When a round last had something to do (spin, then sleep).
+        let mut worked = 0u64;
         loop {
             if !self.apply_commands() {
                 break;
             }
-            let timeout = (!self.drr.is_idle()).then_some(Duration::ZERO);
+            let spinning = self.spin_ns > 0 && self.now().saturating_sub(worked) < self.spin_ns;
+            let timeout = (spinning || !self.drr.is_idle()).then_some(Duration::ZERO);
+            if spinning && self.drr.is_idle() {
+                // Whatever else wants this CPU (the guest that is to answer) goes first.
+                // SAFETY: sched_yield(2) takes no arguments.
+                unsafe { libc::sched_yield() };
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
                 warn!("packet worker: poll failed: {e}");
                 break;
+            }
+            if !events.is_empty() {
+                worked = self.now();
             }
             for ev in events.iter() {
                 self.on_event(ev.token(), ev.is_readable(), ev.is_writable());
@@ -1249,5 +1269,79 @@ impl Worker {
         self.fabric
             .switch_and_deliver(Ingress::Port(p), &garp, None, now, &mut self.underlay);
         info!(%ip, %mac, "gratuitous ARP sent");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::transport::udp::UdpUnderlay;
+    use std::os::unix::thread::JoinHandleExt;
+
+    /// CPU time a thread has used.
+    fn cpu_of(t: &std::thread::JoinHandle<()>) -> Duration {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: the thread is alive (its handle is held and it only returns when
+        // stopped); `clock` is a valid out-pointer.
+        assert_eq!(
+            unsafe { libc::pthread_getcpuclockid(t.as_pthread_t(), &mut clock) },
+            0
+        );
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out-pointer; `clock` names a live thread's clock.
+        assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// A worker (spinning `spin` after work) on a loopback socket: its thread, the
+    /// handle that stops it, and its port.
+    fn worker(spin: Duration) -> (std::thread::JoinHandle<()>, Workers, u16) {
+        let u = UdpUnderlay::bind_group(Ipv4Addr::LOCALHOST, 0, 1).unwrap();
+        let port = u[0].port();
+        let (mut team, handles) = Worker::team(u.into_iter().map(Underlay::Udp).collect()).unwrap();
+        let mut w = team.pop().unwrap();
+        w.set_spin(spin);
+        handles.send_all(|| Command::OpenUnderlay).unwrap();
+        (std::thread::spawn(move || w.run()), handles, port)
+    }
+
+    fn stop(t: std::thread::JoinHandle<()>, h: Workers) {
+        let _ = h.send_all(|| Command::Stop {
+            reply: oneshot::channel().0,
+        });
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_worker_spins_only_for_its_window_after_work() {
+        let (t, h, port) = worker(Duration::from_millis(50));
+        let (t0, h0, port0) = worker(Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(100));
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Idle: neither spins.
+        let (a, a0) = (cpu_of(&t), cpu_of(&t0));
+        std::thread::sleep(Duration::from_millis(200));
+        let idle = cpu_of(&t) - a;
+        assert!(idle < Duration::from_millis(5), "idle worker used {idle:?}");
+        assert!(cpu_of(&t0) - a0 < Duration::from_millis(5));
+        // A datagram (not VXLAN: dropped and counted) is work: the spinning worker
+        // polls for its window, then sleeps again; the other goes back to sleep at once.
+        s.send_to(b"not vxlan", ("127.0.0.1", port)).unwrap();
+        s.send_to(b"not vxlan", ("127.0.0.1", port0)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let (spun, slept) = (cpu_of(&t) - a - idle, cpu_of(&t0) - a0);
+        assert!(
+            spun > Duration::from_millis(2) && spun < Duration::from_millis(150),
+            "a 50 ms window cost {spun:?}"
+        );
+        assert!(slept < Duration::from_millis(5), "no window, yet {slept:?}");
+        let b = cpu_of(&t);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(cpu_of(&t) - b < Duration::from_millis(5), "still spinning");
+        stop(t, h);
+        stop(t0, h0);
     }
 }
