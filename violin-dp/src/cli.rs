@@ -602,10 +602,9 @@ pub struct ClusterStats {
     pub hosts: Vec<HostViolinStats>,
 }
 
-/// Each host's counters of a Violin, summed: read from each host's metrics server
-/// (found through etcd), or asked over its control socket (a cluster without etcd).
-pub fn gather_stats(st: &ClusterState, violin: &str) -> Result<ClusterStats> {
-    let endpoints: Option<BTreeMap<String, Option<String>>> = match st.store()? {
+/// Each host's metrics server, as registered in etcd (`None`: a cluster without etcd).
+pub fn metrics_endpoints(st: &ClusterState) -> Result<Option<BTreeMap<String, Option<String>>>> {
+    Ok(match st.store()? {
         Some(mut s) => Some(
             s.hosts()?
                 .into_iter()
@@ -613,7 +612,22 @@ pub fn gather_stats(st: &ClusterState, violin: &str) -> Result<ClusterStats> {
                 .collect(),
         ),
         None => None,
-    };
+    })
+}
+
+/// Host `h`'s metrics server among `endpoints`.
+pub fn endpoint_of(endpoints: &BTreeMap<String, Option<String>>, h: &str) -> Result<String> {
+    endpoints
+        .get(h)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| anyhow!("host {h} publishes no metrics endpoint"))
+}
+
+/// Each host's counters of a Violin, summed: read from each host's metrics server
+/// (found through etcd), or asked over its control socket (a cluster without etcd).
+pub fn gather_stats(st: &ClusterState, violin: &str) -> Result<ClusterStats> {
+    let endpoints = metrics_endpoints(st)?;
     let mut hosts = Vec::new();
     for (h, s) in st.hosts.iter().zip(statuses(st)?) {
         if !s.violins.iter().any(|x| x.name == violin) {
@@ -635,11 +649,7 @@ pub fn gather_stats(st: &ClusterState, violin: &str) -> Result<ClusterStats> {
             );
             continue;
         }
-        let ep = endpoints
-            .get(&h.name)
-            .cloned()
-            .flatten()
-            .ok_or_else(|| anyhow!("host {} publishes no metrics endpoint", h.name))?;
+        let ep = endpoint_of(endpoints, &h.name)?;
         hosts.push(
             control::http_get_json::<HostViolinStats>(&format!("{ep}/violins/{violin}/stats"))
                 .with_context(|| format!("reading the counters of host {}", h.name))?,

@@ -6,11 +6,11 @@
 //! each host's metrics server (`GET /violins/NAME/drops`), at the endpoint the host
 //! registered; one without, over each host's control socket.
 
-use crate::cli::{gather_stats, ClusterStats};
+use crate::cli::{endpoint_of, gather_stats, metrics_endpoints, ClusterStats};
 use crate::cluster::ClusterState;
 use crate::control::protocol::{self, MonitorEvent, Request, MAX_MONITOR_RATE};
 use crate::lifecycle::statuses;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -53,15 +53,7 @@ pub fn run(st: &ClusterState, violin: &str, o: &Options) -> Result<()> {
             o.rate
         );
     }
-    let endpoints: Option<BTreeMap<String, Option<String>>> = match st.store()? {
-        Some(mut s) => Some(
-            s.hosts()?
-                .into_iter()
-                .map(|v| (v.record.name, v.record.endpoint))
-                .collect(),
-        ),
-        None => None,
-    };
+    let endpoints = metrics_endpoints(st)?;
     let mut hosts = Vec::new();
     for (h, s) in st.hosts.iter().zip(statuses(st)?) {
         if !s.violins.iter().any(|x| x.name == violin) {
@@ -74,11 +66,7 @@ pub fn run(st: &ClusterState, violin: &str, o: &Options) -> Result<()> {
         let from = match &endpoints {
             None => Source::Control(h.control.clone()),
             Some(eps) => {
-                let ep = eps
-                    .get(&h.name)
-                    .cloned()
-                    .flatten()
-                    .ok_or_else(|| anyhow!("host {} publishes no metrics endpoint", h.name))?;
+                let ep = endpoint_of(eps, &h.name)?;
                 Source::Http(format!("{ep}/violins/{violin}/drops?rate={}", o.rate))
             }
         };
