@@ -666,6 +666,8 @@ impl Worker {
             if !self.apply_commands() {
                 break;
             }
+            // What the commands sent (an announcement) leaves before any wait.
+            self.flush_underlay();
             let spinning = self.spin_ns > 0 && self.now().saturating_sub(worked) < self.spin_ns;
             let timeout = (spinning || !self.drr.is_idle()).then_some(Duration::ZERO);
             if spinning && self.drr.is_idle() {
@@ -690,7 +692,7 @@ impl Worker {
             let mut drr = std::mem::take(&mut self.drr);
             drr.round(|src, bytes| self.serve(src, bytes));
             self.drr = drr;
-            self.underlay.flush();
+            self.flush_underlay();
             self.team.wake();
             let busy = !self.drr.is_idle();
             let Fabric { switch, ports, .. } = &mut self.fabric;
@@ -710,6 +712,16 @@ impl Worker {
             let _ = reply.send(ports);
         }
         info!("packet worker stopped");
+    }
+
+    /// Sends what waits in the underlay's batches; what the kernel refused counts as
+    /// its Violin's `tunnel_tx_error`.
+    fn flush_underlay(&mut self) {
+        self.underlay.flush();
+        let sw = &mut self.fabric.switch;
+        self.underlay.udp().take_failed(|dst, vni| {
+            sw.count_egress_drop(Egress::Tunnel { dst, vni }, Verdict::TunnelTxError)
+        });
     }
 
     /// Applies every queued command; false once the worker is to stop.
@@ -820,7 +832,7 @@ impl Worker {
     fn open_underlay(&mut self) {
         let udp = self.underlay.udp();
         let mut stale = 0u64;
-        while let Ok(n @ 1..) = udp.recv(&mut self.scratch, |_| {}) {
+        while let Ok(n @ 1..) = udp.recv(|_| {}) {
             stale += n as u64;
         }
         if stale > 0 {
@@ -1071,14 +1083,13 @@ impl Worker {
         let Worker {
             fabric,
             underlay,
-            scratch,
             udp_rx_frames,
             team,
             ..
         } = self;
         let udp = underlay.udp();
         while budget.left() {
-            let r = udp.recv(scratch, |r| match r {
+            let r = udp.recv(|r| match r {
                 Received::Frame(src, vni, inner) => {
                     *udp_rx_frames += 1;
                     budget.spend(inner.len());

@@ -2,18 +2,22 @@
 //! outer IPv4/UDP headers. Used where XDP is unavailable, and as the reference the
 //! kernel-bypass path must match.
 //!
-//! Receive: `recvmsg` with `UDP_GRO`, so the kernel hands over a run of same-sized
-//! datagrams of one flow in one call (the segment size in a control message) → each
-//! datagram's VXLAN header checked → (VNI, inner frame). Send: a frame is `sendmsg` of
-//! two iovecs, the 8-byte VXLAN header and the frame, never copied; a super-frame is
-//! one `sendmsg` with `UDP_SEGMENT` per up to [`GSO_MAX`] segments, each segment's
-//! VXLAN and inner headers built beside it and its payload sent from where it lies.
+//! Receive: `recvmmsg` of up to [`RX_BATCH`] messages with `UDP_GRO`, so the kernel
+//! hands over several datagrams, each message a run of same-sized datagrams of one
+//! flow (the segment size in a control message), in one call → each datagram's VXLAN
+//! header checked → (VNI, inner frame). Send: a frame joins a batch
+//! (copied beside its VXLAN header) that leaves in one `sendmmsg` when it is full, at
+//! the end of the worker's round, or before anything that must not overtake it; a
+//! longer frame is `sendmsg` of two iovecs, header and frame, never copied; a
+//! super-frame is one `sendmsg` with `UDP_SEGMENT` per up to [`GSO_MAX`] segments, each
+//! segment's VXLAN and inner headers built beside it and its payload sent from where it
+//! lies.
 //! When the kernel refuses segmentation offload (`EIO`), the socket says so once and
 //! sends segment by segment from then on.
 
 use crate::datapath::fastpath::encap;
 use nix::sys::socket::{sendmsg, MsgFlags, SockaddrIn};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
@@ -26,6 +30,14 @@ pub const GSO_MAX: usize = 64;
 /// The largest UDP payload one send may carry (an IPv4 packet of 64 KiB).
 const UDP_PAYLOAD_MAX: usize = 65535 - 20 - 8;
 const VXLAN_HDR: usize = 8;
+/// Datagrams per `sendmmsg`.
+pub const TX_BATCH: usize = 32;
+/// Messages per `recvmmsg`, each with room for a whole GRO run.
+pub const RX_BATCH: usize = 8;
+const RX_SLOT: usize = 65536;
+/// Room for one batched datagram: a VXLAN header and a frame of a 1500-byte MTU with
+/// two VLAN tags; longer frames are sent at once.
+const TX_SLOT: usize = 1536;
 
 pub struct UdpUnderlay {
     sock: UdpSocket,
@@ -35,6 +47,44 @@ pub struct UdpUnderlay {
     /// The longest frame a receiver takes as one, when known (see
     /// [`UdpUnderlay::set_largest_frame`]).
     largest_frame: usize,
+    tx: RefCell<TxBatch>,
+    rx: RefCell<Box<[u8]>>,
+}
+
+/// Datagrams waiting for one `sendmmsg`, and those the kernel refused.
+struct TxBatch {
+    buf: Box<[u8]>,
+    len: [usize; TX_BATCH],
+    to: [libc::sockaddr_in; TX_BATCH],
+    vni: [u32; TX_BATCH],
+    n: usize,
+    /// (destination, VNI) of each datagram the last flushes could not send, until
+    /// [`UdpUnderlay::take_failed`] (its capacity is kept: no allocation per frame).
+    failed: Vec<(Ipv4Addr, u32)>,
+}
+
+impl TxBatch {
+    fn new() -> TxBatch {
+        TxBatch {
+            buf: vec![0u8; TX_BATCH * TX_SLOT].into_boxed_slice(),
+            len: [0; TX_BATCH],
+            to: [unsafe_zeroed_sockaddr(); TX_BATCH],
+            vni: [0; TX_BATCH],
+            n: 0,
+            failed: Vec::with_capacity(4 * TX_BATCH),
+        }
+    }
+}
+
+fn sockaddr(dst: Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(dst).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
 }
 
 /// One received datagram, decapsulated.
@@ -167,6 +217,8 @@ impl UdpUnderlay {
             port,
             gso: Cell::new(true),
             largest_frame: 0,
+            tx: RefCell::new(TxBatch::new()),
+            rx: RefCell::new(vec![0u8; RX_BATCH * RX_SLOT].into_boxed_slice()),
         })
     }
 
@@ -187,28 +239,45 @@ impl UdpUnderlay {
         self.port
     }
 
-    /// Receives one datagram, or one GRO run of them, into `buf` (64 KiB or more) and
-    /// hands each on decapsulated. Returns how many there were (0: nothing waiting).
-    pub fn recv(&self, buf: &mut [u8], mut f: impl FnMut(Received<'_>)) -> io::Result<usize> {
-        let mut from: libc::sockaddr_in = unsafe_zeroed_sockaddr();
-        // Room for one int-sized control message (the GRO segment size).
-        let mut cbuf = [0u64; 8];
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let (n, seg) = loop {
-            // SAFETY: an all-zero msghdr is valid; every pointer set below refers to a
-            // live local (`from`, `iov`, `cbuf`) that outlives the call.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_name = (&mut from as *mut libc::sockaddr_in).cast();
-            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = cbuf.as_mut_ptr().cast();
-            msg.msg_controllen = std::mem::size_of_val(&cbuf);
-            // SAFETY: `msg` describes buffers valid for writing, as set up above.
-            let r = unsafe { libc::recvmsg(self.fd(), &mut msg, libc::MSG_DONTWAIT) };
+    /// Receives what is waiting, up to [`RX_BATCH`] messages (each a datagram or a GRO
+    /// run of them) in one call, and hands each datagram on decapsulated. Returns how
+    /// many datagrams there were (0: nothing waiting).
+    pub fn recv(&self, mut f: impl FnMut(Received<'_>)) -> io::Result<usize> {
+        let mut bufs = self.rx.borrow_mut();
+        let mut from = [unsafe_zeroed_sockaddr(); RX_BATCH];
+        // Room for one int-sized control message (the GRO segment size) per message.
+        let mut cbuf = [[0u64; 4]; RX_BATCH];
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; RX_BATCH];
+        // SAFETY: an all-zero mmsghdr is valid (null pointers, zero lengths).
+        let mut msgs: [libc::mmsghdr; RX_BATCH] = unsafe { std::mem::zeroed() };
+        for (i, m) in msgs.iter_mut().enumerate() {
+            iov[i] = libc::iovec {
+                iov_base: bufs[i * RX_SLOT..].as_mut_ptr().cast(),
+                iov_len: RX_SLOT,
+            };
+            let h = &mut m.msg_hdr;
+            h.msg_name = (&mut from[i] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = cbuf[i].as_mut_ptr().cast();
+            h.msg_controllen = std::mem::size_of_val(&cbuf[i]);
+        }
+        let got = loop {
+            // SAFETY: every message points at live locals (`from`, `iov`, `cbuf`) and
+            // at `bufs`, all of which outlive the call.
+            let r = unsafe {
+                libc::recvmmsg(
+                    self.fd(),
+                    msgs.as_mut_ptr(),
+                    RX_BATCH as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
             if r < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -217,27 +286,130 @@ impl UdpUnderlay {
                     _ => return Err(e),
                 }
             }
-            break (r as usize, gro_segment_size(&msg));
+            break r as usize;
         };
-        if from.sin_family != libc::AF_INET as libc::sa_family_t {
-            f(Received::Bad(Verdict::NotMember));
-            return Ok(1);
-        }
-        let src = Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr));
-        let seg = seg.filter(|&s| s > 0).unwrap_or(n.max(1));
         let mut count = 0;
-        for d in buf[..n].chunks(seg) {
+        for (i, m) in msgs.iter().enumerate().take(got) {
             count += 1;
-            f(match encap::decap(d) {
-                Ok((vni, inner)) => Received::Frame(src, vni, inner),
-                Err(v) => Received::Bad(v),
-            });
+            if from[i].sin_family != libc::AF_INET as libc::sa_family_t {
+                f(Received::Bad(Verdict::NotMember));
+                continue;
+            }
+            let n = m.msg_len as usize;
+            let src = Ipv4Addr::from(u32::from_be(from[i].sin_addr.s_addr));
+            let seg = gro_segment_size(&m.msg_hdr)
+                .filter(|&s| s > 0)
+                .unwrap_or(n.max(1));
+            let data = &bufs[i * RX_SLOT..i * RX_SLOT + n];
+            for (k, d) in data.chunks(seg).enumerate() {
+                count += usize::from(k > 0);
+                f(match encap::decap(d) {
+                    Ok((vni, inner)) => Received::Frame(src, vni, inner),
+                    Err(v) => Received::Bad(v),
+                });
+            }
         }
-        Ok(count.max(1))
+        Ok(count)
     }
 
-    /// Encapsulates `frame` with `vni` and sends it to `dst` on the VXLAN port.
+    /// Encapsulates `frame` with `vni` for `dst` on the VXLAN port: into the batch, or
+    /// (longer than a batch slot) sent at once after it.
     pub fn send(&self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
+        if VXLAN_HDR + frame.len() > TX_SLOT {
+            self.flush();
+            return self.send_now(dst, vni, frame);
+        }
+        let full = {
+            let mut b = self.tx.borrow_mut();
+            let i = b.n;
+            let slot = &mut b.buf[i * TX_SLOT..(i + 1) * TX_SLOT];
+            slot[..VXLAN_HDR].copy_from_slice(&encap::header(vni));
+            slot[VXLAN_HDR..VXLAN_HDR + frame.len()].copy_from_slice(frame);
+            b.len[i] = VXLAN_HDR + frame.len();
+            b.to[i] = sockaddr(dst, self.port);
+            b.vni[i] = vni;
+            b.n += 1;
+            b.n == TX_BATCH
+        };
+        if full {
+            self.flush();
+        }
+        Ok(())
+    }
+
+    /// Sends the batch in one `sendmmsg` (more if the kernel takes part of it). A
+    /// datagram the kernel refuses is dropped and kept for [`UdpUnderlay::take_failed`].
+    pub fn flush(&self) {
+        let mut b = self.tx.borrow_mut();
+        let n = b.n;
+        if n == 0 {
+            return;
+        }
+        let TxBatch {
+            buf,
+            len,
+            to,
+            vni,
+            failed,
+            ..
+        } = &mut *b;
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; TX_BATCH];
+        // SAFETY: an all-zero mmsghdr is valid (null pointers, zero lengths).
+        let mut msgs: [libc::mmsghdr; TX_BATCH] = unsafe { std::mem::zeroed() };
+        for i in 0..n {
+            iov[i] = libc::iovec {
+                iov_base: buf[i * TX_SLOT..].as_mut_ptr().cast(),
+                iov_len: len[i],
+            };
+            let h = &mut msgs[i].msg_hdr;
+            h.msg_name = (&mut to[i] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut iov[i];
+            h.msg_iovlen = 1;
+        }
+        let mut sent = 0;
+        while sent < n {
+            // SAFETY: `msgs[sent..n]` point at `iov`, `to` and `buf`, which outlive the
+            // call; the kernel reads them and writes only `msg_len`.
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.fd(),
+                    msgs[sent..].as_mut_ptr(),
+                    (n - sent) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r > 0 {
+                sent += r as usize;
+                continue;
+            }
+            if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // The kernel refused the first datagram left (a full socket buffer, an
+            // unreachable address): it is dropped, the rest tried again.
+            failed.push((
+                Ipv4Addr::from(u32::from_be(to[sent].sin_addr.s_addr)),
+                vni[sent],
+            ));
+            sent += 1;
+        }
+        b.n = 0;
+    }
+
+    /// Hands over (destination, VNI) of each datagram a flush dropped.
+    pub fn take_failed(&self, mut f: impl FnMut(Ipv4Addr, u32)) {
+        let mut b = self.tx.borrow_mut();
+        for (dst, vni) in b.failed.drain(..) {
+            f(dst, vni);
+        }
+    }
+
+    /// Sends one datagram now: the VXLAN header and `frame`, two iovecs.
+    fn send_now(&self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
         let hdr = encap::header(vni);
         let iov = [IoSlice::new(&hdr), IoSlice::new(frame)];
         let addr = SockaddrIn::from(SocketAddrV4::new(dst, self.port));
@@ -271,16 +443,11 @@ impl UdpUnderlay {
         if !self.gso.get() || n == 1 || shortest <= self.largest_frame {
             return super::each_segment(g, frame, scratch, |s| self.send(dst, vni, s));
         }
+        // What was batched before goes first.
+        self.flush();
         let per_send = (UDP_PAYLOAD_MAX / datagram).clamp(1, GSO_MAX);
         let vx = encap::header(vni);
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: self.port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(dst).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
+        let addr = sockaddr(dst, self.port);
         let mut first = 0;
         while first < n {
             let k = per_send.min(n - first);
@@ -382,10 +549,9 @@ mod tests {
 
     /// Everything waiting on `u`, as VNIs.
     fn drain_vnis(u: &UdpUnderlay) -> Vec<u32> {
-        let mut buf = vec![0u8; 65536];
         let mut got = Vec::new();
         while u
-            .recv(&mut buf, |r| {
+            .recv(|r| {
                 if let Received::Frame(_, vni, _) = r {
                     got.push(vni)
                 }
@@ -435,11 +601,11 @@ mod tests {
         let b = UdpUnderlay::bind(Ipv4Addr::new(127, 0, 0, 2), a.port()).unwrap();
         a.send(Ipv4Addr::new(127, 0, 0, 2), 101, b"inner frame")
             .unwrap();
-        let mut buf = [0u8; 2048];
+        a.flush();
         let mut got = None;
         for _ in 0..200 {
             let n = b
-                .recv(&mut buf, |r| {
+                .recv(|r| {
                     got = Some(match r {
                         Received::Frame(src, vni, f) => Ok((src, vni, f.to_vec())),
                         Received::Bad(v) => Err(v),
@@ -461,7 +627,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let mut bad = None;
         assert_eq!(
-            b.recv(&mut buf, |r| {
+            b.recv(|r| {
                 if let Received::Bad(v) = r {
                     bad = Some(v)
                 }
@@ -470,6 +636,77 @@ mod tests {
             1
         );
         assert_eq!(bad, Some(Verdict::Truncated));
+    }
+
+    #[test]
+    fn small_frames_leave_in_batches_in_order_and_refusals_are_counted() {
+        let a = UdpUnderlay::bind(Ipv4Addr::LOCALHOST, 0).unwrap();
+        let b = UdpUnderlay::bind(Ipv4Addr::new(127, 0, 0, 4), a.port()).unwrap();
+        let to = Ipv4Addr::new(127, 0, 0, 4);
+        let frame = |i: usize| format!("frame {i:03}").into_bytes();
+        let read_all = |b: &UdpUnderlay| {
+            let mut got = Vec::new();
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            while b
+                .recv(|r| {
+                    if let Received::Frame(_, 7, f) = r {
+                        got.push(f.to_vec())
+                    }
+                })
+                .unwrap()
+                > 0
+            {}
+            got
+        };
+        // Fewer than a batch: nothing leaves until the flush.
+        for i in 0..5 {
+            a.send(to, 7, &frame(i)).unwrap();
+        }
+        assert!(read_all(&b).is_empty(), "sent before the flush");
+        // More than a batch: a full batch leaves by itself, in order; a long frame
+        // (sent at once) does not overtake the batch before it.
+        for i in 5..TX_BATCH + 10 {
+            a.send(to, 7, &frame(i)).unwrap();
+        }
+        let long = vec![0xabu8; TX_SLOT + 100];
+        a.send(to, 7, &long).unwrap();
+        // A datagram the kernel refuses (broadcast without SO_BROADCAST) is dropped
+        // alone and reported.
+        a.send(to, 7, &frame(100)).unwrap();
+        a.send(Ipv4Addr::BROADCAST, 9, &frame(101)).unwrap();
+        a.send(to, 7, &frame(102)).unwrap();
+        a.flush();
+        let mut want: Vec<Vec<u8>> = (0..TX_BATCH + 10).map(frame).collect();
+        want.push(long);
+        want.push(frame(100));
+        want.push(frame(102));
+        assert_eq!(read_all(&b), want);
+        let mut failed = Vec::new();
+        a.take_failed(|dst, vni| failed.push((dst, vni)));
+        assert_eq!(failed, vec![(Ipv4Addr::BROADCAST, 9)]);
+        a.take_failed(|_, _| panic!("reported twice"));
+    }
+
+    #[test]
+    fn one_receive_takes_a_batch_of_datagrams() {
+        let a = UdpUnderlay::bind(Ipv4Addr::LOCALHOST, 0).unwrap();
+        let b = UdpUnderlay::bind(Ipv4Addr::new(127, 0, 0, 5), a.port()).unwrap();
+        for i in 0..20u32 {
+            a.send(Ipv4Addr::new(127, 0, 0, 5), 1000 + i, b"x").unwrap();
+        }
+        a.flush();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let mut vnis = Vec::new();
+        let first = b
+            .recv(|r| {
+                if let Received::Frame(_, vni, _) = r {
+                    vnis.push(vni)
+                }
+            })
+            .unwrap();
+        assert_eq!(first, RX_BATCH, "one call, a batch");
+        vnis.extend(drain_vnis(&b));
+        assert_eq!(vnis, (1000..1020).collect::<Vec<u32>>());
     }
 
     /// A TCP/IPv4 super-frame as a tap hands it over (checksum left partial).
@@ -514,14 +751,13 @@ mod tests {
             .unwrap();
         // Every segment arrives as its own VXLAN datagram (in one or more GRO runs) and
         // is a whole, checksummed TCP segment: they coalesce into the super-frame.
-        let mut buf = vec![0u8; 70_000];
         let mut out = vec![0u8; 14 + 65535];
         let mut c = Coalescer::default();
         let mut got = 0;
         let mut calls = 0;
         for _ in 0..200 {
             let n = b
-                .recv(&mut buf, |r| match r {
+                .recv(|r| match r {
                     Received::Frame(src, vni, inner) => {
                         assert_eq!((src, vni), (Ipv4Addr::LOCALHOST, 42));
                         assert_eq!(c.push(&mut out, inner), Push::Added);

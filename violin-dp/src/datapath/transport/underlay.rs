@@ -47,11 +47,16 @@ impl Underlay {
         }
     }
 
-    /// Pushes queued AF_XDP frames to the kernel (no-op for UDP).
+    /// Pushes queued frames to the kernel: the UDP socket's batch, and the AF_XDP TX
+    /// ring.
     #[inline]
     pub fn flush(&mut self) {
-        if let Underlay::Xdp { xsk, .. } = self {
-            xsk.flush();
+        match self {
+            Underlay::Udp(u) => u.flush(),
+            Underlay::Xdp { udp, xsk } => {
+                udp.flush();
+                xsk.flush();
+            }
         }
     }
 
