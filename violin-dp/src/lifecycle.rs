@@ -790,11 +790,7 @@ pub fn migrate(
     let v = parse_text(st, &text, &format!("{name} with {guest} on {to}"))?;
     // A peer that pings the guest through the move measures the outage (if it runs on
     // this machine).
-    let peer = probe_peer(&old, i).filter(|p| {
-        Path::new("/run/netns")
-            .join(st.guest_netns(name, p))
-            .exists()
-    });
+    let peer = probe_peer(&old, i).filter(|p| crate::host::netns::exists(&st.guest_netns(name, p)));
     let prober = match &peer {
         Some(p) => Some(probe::Prober::start(
             &st.guest_netns(name, p),

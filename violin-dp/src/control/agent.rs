@@ -13,7 +13,7 @@
 
 use crate::config::{EtcdConfig, HostConfig};
 use crate::control::server::{answer, Ctx};
-use crate::control::{HostStatus, Request};
+use crate::control::{GuestStatus, HostStatus, Request};
 use crate::spec::{self, Violin};
 use crate::store::{
     self, HostRecord, HostReport, Keys, MigrationOrder, MigrationPhase, MigrationReport, Mirror,
@@ -75,7 +75,7 @@ struct Follower {
     applied: BTreeMap<String, Violin>,
     specs: BTreeMap<String, SpecState>,
     published: Vec<u8>,
-    underlay: Ipv4Addr,
+    cfg: HostConfig,
     /// Each Violin's migration order as last seen, and the revision that wrote it.
     orders: BTreeMap<String, (MigrationOrder, i64)>,
     /// This host's part in them (published).
@@ -86,7 +86,6 @@ struct Follower {
     /// The session's connection, for the sources' copies.
     client: Option<Client>,
     progress: mpsc::UnboundedSender<Progress>,
-    netns_prefix: String,
     /// Specs not applied yet because a guest's namespace name is still taken: since
     /// when, and the spec's revision (this host does not report it taken).
     deferred: BTreeMap<String, (Instant, i64)>,
@@ -106,13 +105,12 @@ impl Follower {
             applied: BTreeMap::new(),
             specs: BTreeMap::new(),
             published: Vec::new(),
-            underlay: cfg.underlay,
+            cfg: cfg.clone(),
             orders: BTreeMap::new(),
             migrations: BTreeMap::new(),
             force: BTreeSet::new(),
             client: None,
             progress,
-            netns_prefix: cfg.netns_prefix.clone(),
             deferred: BTreeMap::new(),
         }
     }
@@ -139,7 +137,7 @@ impl Follower {
                         .any(|x| x.name == m.name && x.host() == m.host())
                 })
             })
-            .map(|m| format!("{}{name}-{}", self.netns_prefix, m.name))
+            .map(|m| self.cfg.guest_netns(name, &m.name))
             .filter(|ns| crate::host::netns::exists(ns))
             .collect()
     }
@@ -342,21 +340,16 @@ impl Follower {
                 Request::PrepareIncoming {
                     violin: v.clone(),
                     guests: vec![o.guest.clone()],
-                    listen: Some(self.underlay),
+                    listen: Some(self.cfg.underlay),
                 },
             )
             .await?;
             // What was prepared goes again when the order does.
             self.applied.insert(name.into(), v);
             self.force.insert(name.into());
-            let st: HostStatus = serde_json::from_value(request(ctx, Request::Status).await?)?;
-            let uri = st
-                .violins
-                .iter()
-                .filter(|x| x.name == name)
-                .flat_map(|x| &x.guests)
-                .find(|g| g.name == o.guest)
-                .and_then(|g| g.incoming.clone())
+            let uri = guest_status(ctx, name, &o.guest)
+                .await?
+                .and_then(|g| g.incoming)
                 .ok_or_else(|| {
                     anyhow!("{} was started but does not wait for its state", o.guest)
                 })?;
@@ -395,17 +388,10 @@ impl Follower {
     /// Source of a live migration: once the target listens, have QEMU send the VM's
     /// state there (on a task of its own; progress comes back to the session).
     async fn send_state(&mut self, ctx: &Ctx, name: &str, o: &MigrationOrder, rev: i64) {
-        let qmp = async {
-            let st: HostStatus = serde_json::from_value(request(ctx, Request::Status).await?)?;
-            st.violins
-                .iter()
-                .filter(|x| x.name == name)
-                .flat_map(|x| &x.guests)
-                .find(|g| g.name == o.guest)
-                .and_then(|g| g.qmp.clone())
+        let qmp = guest_status(ctx, name, &o.guest).await.and_then(|g| {
+            g.and_then(|g| g.qmp)
                 .ok_or_else(|| anyhow!("{} on {} has no QMP socket", o.guest, self.me))
-        }
-        .await;
+        });
         let (qmp, client) = match (qmp, self.client.clone()) {
             (Ok(q), Some(c)) => (q, c),
             (Err(e), _) => {
@@ -565,6 +551,17 @@ async fn copy(
         total_ms: m.total_ms,
         ram_bytes: m.ram_transferred,
     }))
+}
+
+/// What this host's daemon reports of `guest` of Violin `violin`, if it runs here.
+async fn guest_status(ctx: &Ctx, violin: &str, guest: &str) -> Result<Option<GuestStatus>> {
+    let st: HostStatus = serde_json::from_value(request(ctx, Request::Status).await?)?;
+    Ok(st
+        .violins
+        .into_iter()
+        .filter(|x| x.name == violin)
+        .flat_map(|x| x.guests)
+        .find(|g| g.name == guest))
 }
 
 async fn request(ctx: &Ctx, req: Request) -> Result<serde_json::Value> {

@@ -666,8 +666,6 @@ impl Worker {
             if !self.apply_commands() {
                 break;
             }
-            // What the commands sent (an announcement) leaves before any wait.
-            self.flush_underlay();
             let spinning = self.spin_ns > 0 && self.now().saturating_sub(worked) < self.spin_ns;
             let timeout = (spinning || !self.drr.is_idle()).then_some(Duration::ZERO);
             if spinning && self.drr.is_idle() {
@@ -724,19 +722,28 @@ impl Worker {
         });
     }
 
-    /// Applies every queued command; false once the worker is to stop.
+    /// Applies every queued command, and sends what they sent (an announcement) before
+    /// the worker waits; false once the worker is to stop.
     fn apply_commands(&mut self) -> bool {
+        let mut applied = false;
         loop {
             match self.commands.try_recv() {
                 Ok(Command::Stop { reply }) => {
                     self.stop = Some(reply);
                     return false;
                 }
-                Ok(c) => self.apply(c),
-                Err(TryRecvError::Empty) => return true,
+                Ok(c) => {
+                    self.apply(c);
+                    applied = true;
+                }
+                Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return false,
             }
         }
+        if applied {
+            self.flush_underlay();
+        }
+        true
     }
 
     fn apply(&mut self, c: Command) {
