@@ -302,14 +302,27 @@ pub fn icmp_avg_us(client_ns: &str, dst: Ipv4Addr, count: u32) -> Result<f64> {
     Ok(avg * 1000.0)
 }
 
-/// TCP goodput in bit/s with `streams` parallel streams (iperf3).
+/// A TCP run: goodput and what it cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Tcp {
+    pub bits_per_second: f64,
+    /// Busy CPU time of the whole machine (both cores: senders, receivers, daemons,
+    /// softirq) per Gbit delivered, in seconds.
+    pub cpu_s_per_gbit: f64,
+    /// The data-plane daemons' share of it.
+    pub dp_cpu_s_per_gbit: f64,
+}
+
+/// TCP goodput with `streams` parallel streams (iperf3) and its CPU cost, measured
+/// over the client's run (`daemons`: pids whose CPU counts as the data plane's).
 pub fn tcp_throughput(
     client_ns: &str,
     server_ns: &str,
     dst: Ipv4Addr,
     streams: u32,
     secs: f64,
-) -> Result<f64> {
+    daemons: &[u32],
+) -> Result<Tcp> {
     let mut server = ns_command(server_ns, "iperf3")?;
     server
         .args(["-s", "-1", "-p", "5302"])
@@ -331,13 +344,31 @@ pub fn tcp_throughput(
         "-t",
         &format!("{secs}"),
     ]);
+    let (busy0, dp0) = (machine_busy_ticks(), process_ticks(daemons));
     let r = run(c);
+    let (busy1, dp1) = (machine_busy_ticks(), process_ticks(daemons));
     let _ = srv.kill();
     let _ = srv.wait();
     let j: serde_json::Value = serde_json::from_slice(&r?.stdout)?;
-    j["end"]["sum_received"]["bits_per_second"]
+    let sum = &j["end"]["sum_received"];
+    let bps = sum["bits_per_second"]
         .as_f64()
-        .context("iperf3 JSON without sum_received")
+        .context("iperf3 JSON without sum_received")?;
+    // Bytes over the whole run (the CPU window), not the rate over iperf3's interval.
+    let gbit = sum["bytes"].as_f64().unwrap_or(0.0) * 8.0 / 1e9;
+    let tps = ticks_per_second();
+    let per_gbit = |t: u64| {
+        if gbit > 0.0 {
+            t as f64 / tps / gbit
+        } else {
+            f64::NAN
+        }
+    };
+    Ok(Tcp {
+        bits_per_second: bps,
+        cpu_s_per_gbit: per_gbit(busy1 - busy0),
+        dp_cpu_s_per_gbit: per_gbit(dp1 - dp0),
+    })
 }
 
 /// Resident memory of processes, KiB (`VmRSS`).

@@ -146,6 +146,14 @@ struct Results {
     packet_rate: BTreeMap<String, load::Flood>,
     /// Figure 2: TCP goodput, Gbit/s, by streams.
     tcp_gbps: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Figure 2: what that TCP cost, by streams.
+    #[serde(default)]
+    tcp_cost: BTreeMap<String, BTreeMap<String, TcpCost>>,
+    /// Figure 2c: TCP goodput, Gbit/s, by streams, on an underlay of MTU 9000.
+    #[serde(default)]
+    tcp_jumbo_gbps: BTreeMap<String, BTreeMap<String, f64>>,
+    #[serde(default)]
+    tcp_jumbo_cost: BTreeMap<String, BTreeMap<String, TcpCost>>,
     /// Figure 2b: TCP goodput, Gbit/s, 1 stream, with the underlay shaped to 1 Gbit/s.
     tcp_shaped_gbps: BTreeMap<String, f64>,
     /// Figure 3: round-trip latency.
@@ -206,6 +214,15 @@ struct Sharing {
     shares: Vec<f64>,
     /// Largest |share - 1|.
     max_deviation: f64,
+}
+
+/// CPU per Gbit/s of TCP (medians of the rounds).
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+struct TcpCost {
+    /// Busy machine CPU-seconds (both cores, everything) per Gbit delivered.
+    cpu_s_per_gbit: f64,
+    /// The data-plane daemons' CPU-seconds per Gbit (0 for the kernel's paths).
+    dp_cpu_s_per_gbit: f64,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -361,11 +378,43 @@ fn main() -> Result<()> {
 
     say("figure 2: TCP throughput, 1, 4 and 8 streams");
     for streams in [1u32, 4, 8] {
-        for (c, g) in tcp_medians(&pairs, streams, &plan)? {
-            r.tcp_gbps
-                .entry(c.into())
-                .or_default()
-                .insert(format!("{streams}"), g);
+        for (c, (g, cost)) in tcp_medians(&pairs, streams, &plan)? {
+            let s = format!("{streams}");
+            r.tcp_gbps.entry(c.into()).or_default().insert(s.clone(), g);
+            r.tcp_cost.entry(c.into()).or_default().insert(s, cost);
+        }
+    }
+
+    say("figure 2c: TCP throughput on an underlay of MTU 9000");
+    {
+        let ju = Testbed::up_mtu(&format!("ju{id}"), "udp", 9000)?;
+        let jx = Testbed::up_mtu(&format!("jx{id}"), "xdp", 9000)?;
+        let jumbo: Vec<Pair> = vec![
+            ju.physical(),
+            Pair {
+                config: "physical-xdp",
+                ..jx.physical()
+            },
+            ju.kernel_overlay()?,
+            ju.violin_pair("perf", 100, 1, "socket", None)?,
+            ju.violin_pair("tap", 102, 3, "tap", None)?,
+            jx.violin_pair("perf", 100, 1, "socket", None)?,
+            jx.violin_pair("tap", 102, 3, "tap", None)?,
+        ];
+        say("  (not ovs: its userspace datapath runs without offloads here; not fast ports:");
+        say("   a fast port takes frames of one 2 KiB AF_XDP buffer)");
+        for streams in [1u32, 4, 8] {
+            for (c, (g, cost)) in tcp_medians(&jumbo, streams, &plan)? {
+                let s = format!("{streams}");
+                r.tcp_jumbo_gbps
+                    .entry(c.into())
+                    .or_default()
+                    .insert(s.clone(), g);
+                r.tcp_jumbo_cost
+                    .entry(c.into())
+                    .or_default()
+                    .insert(s, cost);
+            }
         }
     }
 
@@ -374,7 +423,10 @@ fn main() -> Result<()> {
     tx.shape_underlay(Some("1gbit"))?;
     to.shape_underlay(Some("1gbit"))?;
     let shaped = tcp_medians(&pairs, 1, &plan).map(|m| {
-        r.tcp_shaped_gbps = m.into_iter().map(|(c, g)| (c.to_string(), g)).collect();
+        r.tcp_shaped_gbps = m
+            .into_iter()
+            .map(|(c, (g, _))| (c.to_string(), g))
+            .collect();
     });
     tu.shape_underlay(None)?;
     tx.shape_underlay(None)?;
@@ -693,22 +745,38 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// TCP goodput in Gbit/s per configuration, the median of alternating rounds.
-fn tcp_medians<'a>(pairs: &'a [Pair], streams: u32, plan: &Plan) -> Result<BTreeMap<&'a str, f64>> {
-    let mut v: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+/// TCP goodput in Gbit/s per configuration and its CPU cost, the medians of
+/// alternating rounds.
+fn tcp_medians<'a>(
+    pairs: &'a [Pair],
+    streams: u32,
+    plan: &Plan,
+) -> Result<BTreeMap<&'a str, (f64, TcpCost)>> {
+    let mut v: BTreeMap<&str, Vec<load::Tcp>> = BTreeMap::new();
     for _ in 0..plan.rounds {
         for p in pairs {
-            let bps = load::tcp_throughput(
+            let t = load::tcp_throughput(
                 &p.client.ns,
                 &p.server.ns,
                 p.server.ip,
                 streams,
                 plan.tcp_secs,
-            )?;
-            v.entry(p.config).or_default().push(bps / 1e9);
+                &p.daemons,
+            )
+            .with_context(|| format!("{}: TCP, {streams} streams", p.config))?;
+            v.entry(p.config).or_default().push(t);
         }
     }
-    Ok(v.into_iter().map(|(c, x)| (c, median(x))).collect())
+    Ok(v.into_iter()
+        .map(|(c, x)| {
+            let m = |g: fn(&load::Tcp) -> f64| median(x.iter().map(g).collect());
+            let cost = TcpCost {
+                cpu_s_per_gbit: m(|t| t.cpu_s_per_gbit),
+                dp_cpu_s_per_gbit: m(|t| t.dp_cpu_s_per_gbit),
+            };
+            (c, (m(|t| t.bits_per_second) / 1e9, cost))
+        })
+        .collect())
 }
 
 /// Floods the capped a→b link (or capped guest a) with UDP, then runs TCP over it;
@@ -735,7 +803,9 @@ fn police(
     let dt = t.elapsed().as_secs_f64();
     let s1 = tb.stats(violin)?;
     let udp_mbit = (edge(&s1) - edge(&s0)) as f64 * 8.0 / dt / 1e6;
-    let tcp_mbit = load::tcp_throughput(&p.client.ns, &p.server.ns, p.server.ip, 1, secs)? / 1e6;
+    let tcp_mbit = load::tcp_throughput(&p.client.ns, &p.server.ns, p.server.ip, 1, secs, &[])?
+        .bits_per_second
+        / 1e6;
     Ok(Policing {
         capped: capped.into(),
         configured_mbit: mbit,
@@ -921,6 +991,17 @@ fn machine() -> String {
     format!("{cpus} CPUs, {model}, Linux {}", kernel.trim())
 }
 
+/// The configurations of figure 2c (TCP on an MTU 9000 underlay).
+const JUMBO_CONFIGS: [&str; 7] = [
+    "physical",
+    "physical-xdp",
+    "kernel",
+    "violin-udp",
+    "violin-udp-tap",
+    "violin-xdp",
+    "violin-xdp-tap",
+];
+
 fn ratio(x: f64, base: f64) -> String {
     if base > 0.0 && x.is_finite() {
         format!("{:.2}", x / base)
@@ -930,6 +1011,103 @@ fn ratio(x: f64, base: f64) -> String {
 }
 
 /// The figures as text tables (printed, and written with `--report`).
+/// A TCP figure: goodput for 1, 4 and 8 streams against physical and the kernel
+/// overlay, then what each Gbit cost in CPU.
+fn tcp_table(
+    o: &mut String,
+    title: &str,
+    configs: &[String],
+    gbps: &BTreeMap<String, BTreeMap<String, f64>>,
+    cost: &BTreeMap<String, BTreeMap<String, TcpCost>>,
+) {
+    use std::fmt::Write;
+    let _ = writeln!(o, "\n{title}");
+    let _ = writeln!(
+        o,
+        "{:<17} {:>9} {:>7} {:>8} {:>9} {:>7} {:>8} {:>9} {:>8}",
+        "config",
+        "1 stream",
+        "/phys",
+        "/kernel",
+        "4 streams",
+        "/phys",
+        "/kernel",
+        "8 streams",
+        "/kernel"
+    );
+    let at = |c: &str, s: &str| {
+        gbps.get(c)
+            .and_then(|m| m.get(s))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    for c in configs.iter().filter(|c| gbps.contains_key(*c)) {
+        let (a, b, e) = (at(c, "1"), at(c, "4"), at(c, "8"));
+        let _ = writeln!(
+            o,
+            "{:<17} {:>9.2} {:>7} {:>8} {:>9.2} {:>7} {:>8} {:>9.2} {:>8}",
+            c,
+            a,
+            ratio(a, at("physical", "1")),
+            ratio(a, at("kernel", "1")),
+            b,
+            ratio(b, at("physical", "4")),
+            ratio(b, at("kernel", "4")),
+            e,
+            ratio(e, at("kernel", "8"))
+        );
+    }
+    if cost.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "   CPU per Gbit: busy machine CPU-seconds (both cores: iperf3, guests' stacks,\n    daemons, softirq) per Gbit delivered; dp: the daemons' part"
+    );
+    let _ = writeln!(
+        o,
+        "{:<17} {:>9} {:>8} {:>7} {:>9} {:>8} {:>7} {:>9} {:>8} {:>7}",
+        "config",
+        "1: CPU s",
+        "/kernel",
+        "dp",
+        "4: CPU s",
+        "/kernel",
+        "dp",
+        "8: CPU s",
+        "/kernel",
+        "dp"
+    );
+    let cpu = |c: &str, s: &str| cost.get(c).and_then(|m| m.get(s)).copied();
+    let cell = |c: &str, s: &str| match cpu(c, s) {
+        Some(t) => {
+            let dp = if t.dp_cpu_s_per_gbit > 0.0 {
+                format!("{:.3}", t.dp_cpu_s_per_gbit)
+            } else {
+                "-".into()
+            };
+            let kern = cpu("kernel", s).map_or(f64::NAN, |k| k.cpu_s_per_gbit);
+            format!(
+                "{:>9.3} {:>8} {:>7}",
+                t.cpu_s_per_gbit,
+                ratio(t.cpu_s_per_gbit, kern),
+                dp
+            )
+        }
+        None => format!("{:>9} {:>8} {:>7}", "-", "-", "-"),
+    };
+    for c in configs.iter().filter(|c| cost.contains_key(*c)) {
+        let _ = writeln!(
+            o,
+            "{:<17} {} {} {}",
+            c,
+            cell(c, "1"),
+            cell(c, "4"),
+            cell(c, "8")
+        );
+    }
+}
+
 fn tables(r: &Results) -> String {
     use std::fmt::Write;
     let mut o = String::new();
@@ -990,44 +1168,21 @@ fn tables(r: &Results) -> String {
             );
         }
     }
-    let _ = writeln!(o, "\n2. TCP throughput (iperf3), Gbit/s");
-    let _ = writeln!(
-        o,
-        "{:<17} {:>9} {:>7} {:>8} {:>9} {:>7} {:>8} {:>9} {:>8}",
-        "config",
-        "1 stream",
-        "/phys",
-        "/kernel",
-        "4 streams",
-        "/phys",
-        "/kernel",
-        "8 streams",
-        "/kernel"
+    tcp_table(
+        &mut o,
+        "2. TCP throughput (iperf3), Gbit/s",
+        &r.configs,
+        &r.tcp_gbps,
+        &r.tcp_cost,
     );
-    let at = |c: &str, s: &str| {
-        r.tcp_gbps
-            .get(c)
-            .and_then(|m| m.get(s))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-    for c in &r.configs {
-        if r.tcp_gbps.contains_key(c) {
-            let (a, b, e) = (at(c, "1"), at(c, "4"), at(c, "8"));
-            let _ = writeln!(
-                o,
-                "{:<17} {:>9.2} {:>7} {:>8} {:>9.2} {:>7} {:>8} {:>9.2} {:>8}",
-                c,
-                a,
-                ratio(a, at("physical", "1")),
-                ratio(a, at("kernel", "1")),
-                b,
-                ratio(b, at("physical", "4")),
-                ratio(b, at("kernel", "4")),
-                e,
-                ratio(e, at("kernel", "8"))
-            );
-        }
+    if !r.tcp_jumbo_gbps.is_empty() {
+        tcp_table(
+            &mut o,
+            "2c. TCP throughput on an underlay of MTU 9000 (guests 8950), Gbit/s",
+            &r.configs,
+            &r.tcp_jumbo_gbps,
+            &r.tcp_jumbo_cost,
+        );
     }
     let _ = writeln!(
         o,
@@ -1221,6 +1376,14 @@ fn check(r: &Results) -> Result<()> {
             {
                 problems.push(format!("TCP {s} stream(s) of {c}"));
             }
+            if !r
+                .tcp_cost
+                .get(c)
+                .and_then(|m| m.get(s))
+                .is_some_and(|t| t.cpu_s_per_gbit > 0.0 && t.cpu_s_per_gbit.is_finite())
+            {
+                problems.push(format!("CPU per Gbit of TCP, {s} stream(s), of {c}"));
+            }
         }
         if !r
             .latency
@@ -1234,6 +1397,18 @@ fn check(r: &Results) -> Result<()> {
         }
         if !r.icmp_avg_us.get(c).is_some_and(|v| *v > 0.0) {
             problems.push(format!("ICMP of {c}"));
+        }
+    }
+    for c in JUMBO_CONFIGS {
+        for s in ["1", "4", "8"] {
+            if !r
+                .tcp_jumbo_gbps
+                .get(c)
+                .and_then(|m| m.get(s))
+                .is_some_and(|v| *v > 0.0)
+            {
+                problems.push(format!("TCP at MTU 9000, {s} stream(s), of {c}"));
+            }
         }
     }
     for c in ["violin-udp", "violin-udp-tap", "violin-xdp-fast"] {

@@ -206,7 +206,7 @@ pub fn run(minutes: f64) -> Result<Soak> {
             tb.guest_ns(&format!("s{}", (minute + 1) % VIOLINS), "g4"),
             tb.guest_ns(&format!("s{}", (minute + 1) % VIOLINS), "g5"),
         );
-        if let Err(e) = load::tcp_throughput(&a, &b, Ipv4Addr::new(10, 70, 0, 6), 1, 5.0) {
+        if let Err(e) = load::tcp_throughput(&a, &b, Ipv4Addr::new(10, 70, 0, 6), 1, 5.0, &[]) {
             r.failures.push(format!("minute {minute}: tcp: {e:#}"));
         }
         let (c, d) = (

@@ -38,6 +38,8 @@ pub struct Testbed {
     pub run_dir: PathBuf,
     pub state: ClusterState,
     pub dataplane: &'static str,
+    /// The underlay's MTU; guests get 50 bytes less (VXLAN over IPv4).
+    pub mtu: u32,
     /// Open vSwitch instances started here (stopped on drop).
     ovs_dirs: Vec<PathBuf>,
 }
@@ -65,6 +67,18 @@ impl Testbed {
         Testbed::up_with(name, dataplane, hosts, None)
     }
 
+    /// Two hosts on an underlay of this MTU (1500 elsewhere).
+    pub fn up_mtu(name: &str, dataplane: &'static str, mtu: u32) -> Result<Testbed> {
+        Testbed::up_opts(
+            name,
+            dataplane,
+            &UpOptions {
+                mtu,
+                ..Testbed::options(dataplane, 2, None)
+            },
+        )
+    }
+
     /// A cluster of `hosts` hosts whose daemons take up to `max_guests` guests each.
     pub fn up_with(
         name: &str,
@@ -72,11 +86,19 @@ impl Testbed {
         hosts: usize,
         max_guests: Option<usize>,
     ) -> Result<Testbed> {
+        Testbed::up_opts(
+            name,
+            dataplane,
+            &Testbed::options(dataplane, hosts, max_guests),
+        )
+    }
+
+    fn options(dataplane: &str, hosts: usize, max_guests: Option<usize>) -> UpOptions {
         let dp = match dataplane {
             "xdp" => DataplaneChoice::Xdp,
             _ => DataplaneChoice::Udp,
         };
-        let opts = UpOptions {
+        UpOptions {
             hosts,
             subnet: "172.31.0.0/24".into(),
             dataplane: dp,
@@ -90,8 +112,7 @@ impl Testbed {
             // The data path's figures leave etcd out; `--etcd-scale` measures it.
             etcd_members: 0,
             lease_ttl: violin_dp::config::DEFAULT_LEASE_TTL,
-        };
-        Testbed::up_opts(name, dataplane, &opts)
+        }
     }
 
     /// A cluster brought up with these options.
@@ -104,6 +125,7 @@ impl Testbed {
             run_dir,
             state,
             dataplane,
+            mtu: opts.mtu,
             ovs_dirs: Vec::new(),
         })
     }
@@ -202,6 +224,11 @@ impl Testbed {
         format!("{}-{violin}-{guest}", self.name)
     }
 
+    /// The MTU of guests on this underlay.
+    pub fn guest_mtu(&self) -> u32 {
+        self.mtu - 50
+    }
+
     /// The hosts themselves.
     pub fn physical(&self) -> Pair {
         let h = &self.state.hosts;
@@ -250,8 +277,13 @@ impl Testbed {
             Cap::Guest(r) => (String::new(), format!("rate = \"{r}\"\n")),
             Cap::None => (String::new(), String::new()),
         };
+        let mtu = if self.mtu == 1500 {
+            String::new()
+        } else {
+            format!("mtu = {}\n", self.guest_mtu())
+        };
         let spec = format!(
-            "name = \"{name}\"\nvni = {vni}\n[[guest]]\nname = \"a\"\nhost = \"h1\"\nip = \"10.{subnet}.0.1/24\"\nport = \"{port}\"\n{guest}\
+            "name = \"{name}\"\nvni = {vni}\n{mtu}[[guest]]\nname = \"a\"\nhost = \"h1\"\nip = \"10.{subnet}.0.1/24\"\nport = \"{port}\"\n{guest}\
              [[guest]]\nname = \"b\"\nhost = \"h2\"\nip = \"10.{subnet}.0.2/24\"\nport = \"{port}\"\n{link}"
         );
         self.up_spec(name, &spec)?;
@@ -439,7 +471,7 @@ impl Testbed {
                     String::from_utf8_lossy(&o.stderr)
                 );
             }
-            guest_end(&gns, "ovg", gip)?;
+            guest_end(&gns, "ovg", gip, self.guest_mtu())?;
             ends.push(Endpoint { ns: gns, ip: gip });
         }
         Ok(Pair {
@@ -490,6 +522,7 @@ impl Testbed {
     /// The kernel overlay: bridge + vxlan per host, a guest namespace on each bridge.
     pub fn kernel_overlay(&self) -> Result<Pair> {
         let h = &self.state.hosts;
+        let mtu = self.guest_mtu();
         let mut ends = Vec::new();
         for (i, host) in h.iter().enumerate() {
             let other = h[1 - i].underlay;
@@ -512,12 +545,13 @@ impl Testbed {
                     netlink::add_veth(&hd, "kvh", "kvg").await?;
                     netlink::set_master(&hd, "kvh", "kbr0").await?;
                     for l in ["kbr0", "kvx0", "kvh"] {
+                        netlink::set_mtu(&hd, l, mtu).await?;
                         netlink::set_up(&hd, l).await?;
                     }
                     netlink::move_to_netns(&hd, "kvg", &gfile).await
                 })
             })?;
-            guest_end(&gns, "kvg", gip)?;
+            guest_end(&gns, "kvg", gip, mtu)?;
             ends.push(Endpoint { ns: gns, ip: gip });
         }
         Ok(Pair {
@@ -529,12 +563,12 @@ impl Testbed {
     }
 }
 
-/// Inside a peer's guest namespace: its veth end becomes `eth0` at `ip`/24, MTU 1450.
-fn guest_end(ns: &str, dev: &'static str, ip: Ipv4Addr) -> Result<()> {
+/// Inside a peer's guest namespace: its veth end becomes `eth0` at `ip`/24, MTU `mtu`.
+fn guest_end(ns: &str, dev: &'static str, ip: Ipv4Addr, mtu: u32) -> Result<()> {
     netns::run_in(ns, || {
         netlink::with_handle(|hd| async move {
             netlink::rename(&hd, dev, "eth0").await?;
-            netlink::set_mtu(&hd, "eth0", 1450).await?;
+            netlink::set_mtu(&hd, "eth0", mtu).await?;
             netlink::add_addr(&hd, "eth0", ip, 24).await?;
             netlink::set_up(&hd, "eth0").await?;
             netlink::set_up(&hd, "lo").await
