@@ -144,6 +144,9 @@ struct Results {
     failures: Vec<String>,
     /// Figure 1: 64-byte UDP frames received per second, with CPU cost.
     packet_rate: BTreeMap<String, load::Flood>,
+    /// Figure 3b: packet rate and round trips with two rx queues (two workers) a host.
+    #[serde(default)]
+    queues2: BTreeMap<String, Queues>,
     /// Figure 2: TCP goodput, Gbit/s, by streams.
     tcp_gbps: BTreeMap<String, BTreeMap<String, f64>>,
     /// Figure 2: what that TCP cost, by streams.
@@ -216,6 +219,13 @@ struct Sharing {
     max_deviation: f64,
 }
 
+/// One configuration on hosts with two rx queues.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct Queues {
+    flood: load::Flood,
+    latency: load::Latency,
+}
+
 /// CPU per Gbit/s of TCP (medians of the rounds).
 #[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
 struct TcpCost {
@@ -255,6 +265,17 @@ fn median(mut v: Vec<f64>) -> f64 {
         f64::NAN
     } else {
         v[v.len() / 2]
+    }
+}
+
+/// The medians of floods' figures, each taken on its own.
+fn median_flood(fs: &[load::Flood]) -> load::Flood {
+    let m = |g: fn(&load::Flood) -> f64| median(fs.iter().map(g).collect());
+    load::Flood {
+        sent_pps: m(|f| f.sent_pps),
+        received_pps: m(|f| f.received_pps),
+        cpu_us_per_packet: m(|f| f.cpu_us_per_packet),
+        dp_cpu_s_per_mpkt: m(|f| f.dp_cpu_s_per_mpkt),
     }
 }
 
@@ -364,16 +385,7 @@ fn main() -> Result<()> {
         }
     }
     for (c, fs) in floods {
-        let m = |g: fn(&load::Flood) -> f64| median(fs.iter().map(g).collect());
-        r.packet_rate.insert(
-            c.into(),
-            load::Flood {
-                sent_pps: m(|f| f.sent_pps),
-                received_pps: m(|f| f.received_pps),
-                cpu_us_per_packet: m(|f| f.cpu_us_per_packet),
-                dp_cpu_s_per_mpkt: m(|f| f.dp_cpu_s_per_mpkt),
-            },
-        );
+        r.packet_rate.insert(c.into(), median_flood(&fs));
     }
 
     say("figure 2: TCP throughput, 1, 4 and 8 streams");
@@ -443,6 +455,47 @@ fn main() -> Result<()> {
             p.config.into(),
             load::icmp_avg_us(&p.client.ns, p.server.ip, plan.icmp)?,
         );
+    }
+
+    say("figure 3b: two rx queues (a packet worker each): packet rate and round trips");
+    {
+        let q2 = |name: &str, dp: &'static str| {
+            Testbed::up_opts(
+                name,
+                dp,
+                &violin_dp::cluster::UpOptions {
+                    queues: 2,
+                    ..Testbed::options(dp, 2, None)
+                },
+            )
+        };
+        let qu = q2(&format!("qu{id}"), "udp")?;
+        let qx = q2(&format!("qx{id}"), "xdp")?;
+        let two: Vec<Pair> = vec![
+            qu.physical(),
+            qu.violin_pair("tap", 102, 3, "tap", None)?,
+            qx.violin_pair("fast", 101, 2, "xdp", None)?,
+            qx.violin_pair("tap", 102, 3, "tap", None)?,
+        ];
+        let mut floods: BTreeMap<&str, Vec<load::Flood>> = BTreeMap::new();
+        for _ in 0..plan.rounds {
+            for p in &two {
+                let f = load::udp_flood(
+                    &p.client.ns,
+                    &p.server.ns,
+                    p.server.ip,
+                    18,
+                    plan.flood_secs,
+                    &p.daemons,
+                )?;
+                floods.entry(p.config).or_default().push(f);
+            }
+        }
+        for p in &two {
+            let flood = median_flood(&floods[p.config]);
+            let latency = load::udp_ping_pong(&p.client.ns, &p.server.ns, p.server.ip, plan.pings)?;
+            r.queues2.insert(p.config.into(), Queues { flood, latency });
+        }
     }
 
     say("figure 4: rate caps (a link's, a guest's)");
@@ -1226,6 +1279,48 @@ fn tables(r: &Results) -> String {
             );
         }
     }
+    if !r.queues2.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n3b. Two rx queues a host (a packet worker each): 64-byte packet rate and round trips,\n    against the same configuration with one queue (figures 1 and 3)"
+        );
+        let _ = writeln!(
+            o,
+            "{:<17} {:>9} {:>8} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "config",
+            "pps",
+            "/1 queue",
+            "CPU µs/pkt",
+            "/1 queue",
+            "p50",
+            "p99",
+            "p99.9",
+            "/1 queue"
+        );
+        for (c, q) in &r.queues2 {
+            let one = r.packet_rate.get(c);
+            let one_p99 = r.latency.get(c).map_or(f64::NAN, |l| l.p99_us);
+            let _ = writeln!(
+                o,
+                "{:<17} {:>9.0} {:>8} {:>11.2} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>8}",
+                c,
+                q.flood.received_pps,
+                ratio(
+                    q.flood.received_pps,
+                    one.map_or(f64::NAN, |f| f.received_pps)
+                ),
+                q.flood.cpu_us_per_packet,
+                ratio(
+                    q.flood.cpu_us_per_packet,
+                    one.map_or(f64::NAN, |f| f.cpu_us_per_packet)
+                ),
+                q.latency.p50_us,
+                q.latency.p99_us,
+                q.latency.p999_us,
+                ratio(q.latency.p99_us, one_p99)
+            );
+        }
+    }
     let _ = writeln!(
         o,
         "\n4. Rate caps: measured / configured rate, the a→b link or guest a capped \
@@ -1397,6 +1492,21 @@ fn check(r: &Results) -> Result<()> {
         }
         if !r.icmp_avg_us.get(c).is_some_and(|v| *v > 0.0) {
             problems.push(format!("ICMP of {c}"));
+        }
+    }
+    for c in [
+        "physical",
+        "violin-udp-tap",
+        "violin-xdp-fast",
+        "violin-xdp-tap",
+    ] {
+        if !r.queues2.get(c).is_some_and(|q| {
+            q.flood.received_pps > 0.0
+                && q.flood.cpu_us_per_packet.is_finite()
+                && q.latency.samples > 0
+                && q.latency.p99_us >= q.latency.p50_us
+        }) {
+            problems.push(format!("two rx queues: {c}"));
         }
     }
     for c in JUMBO_CONFIGS {

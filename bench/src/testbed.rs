@@ -93,7 +93,7 @@ impl Testbed {
         )
     }
 
-    fn options(dataplane: &str, hosts: usize, max_guests: Option<usize>) -> UpOptions {
+    pub fn options(dataplane: &str, hosts: usize, max_guests: Option<usize>) -> UpOptions {
         let dp = match dataplane {
             "xdp" => DataplaneChoice::Xdp,
             _ => DataplaneChoice::Udp,
