@@ -10,7 +10,10 @@
 //! - [`Coalescer`] builds a super-frame back from in-order TCP/IPv4 segments of one
 //!   flow, by Linux GRO's rules: same addresses, ports, ACK, window, options, TTL and
 //!   TOS; contiguous sequence numbers; no flag but ACK and PSH; every segment as long as
-//!   the first but the last. The result carries a partial checksum for the receiver.
+//!   the first but the last. Where the receiver takes USO, UDP/IPv4 datagrams of one
+//!   flow coalesce the same way (Linux's UDP GRO, wireguard-go's TUN path): same
+//!   addresses, ports, TTL and TOS, every datagram as long as the first but the last,
+//!   at most [`UDP_MAX_SEGS`]. The result carries a partial checksum for the receiver.
 //! - [`complete_checksum`] finishes a plain frame's partial checksum.
 
 use super::checksum;
@@ -278,9 +281,14 @@ pub enum Push {
     Alone,
 }
 
-/// A TCP/IPv4 super-frame being built in a caller's buffer from segments of one flow.
+/// A TCP/IPv4 (or, when enabled, UDP/IPv4) super-frame being built in a caller's
+/// buffer from segments of one flow.
 #[derive(Debug, Clone, Default)]
 pub struct Coalescer {
+    /// UDP datagrams coalesce too (the receiver takes USO super-frames).
+    udp: bool,
+    /// The pending super-frame's transport (meaningful while `segs > 0`).
+    kind: Option<Kind>,
     len: usize,
     hdr_len: usize,
     seg_size: usize,
@@ -292,24 +300,50 @@ pub struct Coalescer {
 
 /// A segment the coalescer may take: offsets into it.
 struct Seg {
+    kind: Kind,
     hdr_len: usize,
     end: usize,
+    /// TCP: sequence number and flags (0 for UDP).
     seq: u32,
     flags: u8,
 }
 
-/// Checks `f` is a plain, checksummed TCP/IPv4 data segment without IP options.
-fn coalescable(f: &[u8]) -> Option<Seg> {
-    if f.len() < ETH + IPV4_MIN + tcp::HEADER_LEN || EtherType(get_u16(f, 12)) != EtherType::IPV4 {
+/// Checks `f` is a plain, checksummed TCP/IPv4 data segment, or (with `udp`) UDP/IPv4
+/// datagram, without IP options.
+fn coalescable(f: &[u8], udp: bool) -> Option<Seg> {
+    if f.len() < ETH + IPV4_MIN + UDP_LEN || EtherType(get_u16(f, 12)) != EtherType::IPV4 {
         return None;
     }
     let ip = &f[ETH..];
     let total = usize::from(get_u16(ip, 2));
-    // Version 4, no options, TCP, not a fragment, whole.
-    if ip[0] != 0x45 || ip[9] != 6 || get_u16(ip, 6) & 0x3fff != 0 || total > ip.len() {
+    // Version 4, no options, TCP (or UDP), not a fragment, whole.
+    let proto_ok = ip[9] == 6 || (udp && ip[9] == 17);
+    if ip[0] != 0x45 || !proto_ok || get_u16(ip, 6) & 0x3fff != 0 || total > ip.len() {
         return None;
     }
-    if !Ipv4Packet::new_unchecked(ip).verify_checksum() || total < IPV4_MIN + tcp::HEADER_LEN {
+    if !Ipv4Packet::new_unchecked(ip).verify_checksum() {
+        return None;
+    }
+    if ip[9] == 17 {
+        let u = &ip[IPV4_MIN..total.max(IPV4_MIN)];
+        if u.len() <= UDP_LEN || usize::from(get_u16(u, 4)) != u.len() {
+            return None;
+        }
+        // A zero checksum is "none" (IPv4): nothing to verify, and a partial one for
+        // the whole is as good.
+        let c = get_u16(u, 6);
+        if c != 0 && checksum::combine(&[pseudo4(ip, 17, u.len()), checksum::sum(u)]) != 0xffff {
+            return None;
+        }
+        return Some(Seg {
+            kind: Kind::Udp4,
+            hdr_len: ETH + IPV4_MIN + UDP_LEN,
+            end: ETH + total,
+            seq: 0,
+            flags: 0,
+        });
+    }
+    if total < IPV4_MIN + tcp::HEADER_LEN {
         return None;
     }
     let t = TcpPacket::new_checked(&ip[IPV4_MIN..total]).ok()?;
@@ -324,6 +358,7 @@ fn coalescable(f: &[u8]) -> Option<Seg> {
         return None;
     }
     Some(Seg {
+        kind: Kind::Tcp4,
         hdr_len: ETH + IPV4_MIN + t.header_len(),
         end: ETH + total,
         seq: t.seq(),
@@ -332,6 +367,15 @@ fn coalescable(f: &[u8]) -> Option<Seg> {
 }
 
 impl Coalescer {
+    /// A coalescer of TCP segments and, with `udp`, of UDP datagrams (for a receiver
+    /// that takes USO super-frames: a tap with `TUN_F_USO4`).
+    pub fn new(udp: bool) -> Coalescer {
+        Coalescer {
+            udp,
+            ..Coalescer::default()
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.segs == 0
     }
@@ -344,7 +388,7 @@ impl Coalescer {
     /// Offers frame `f`; `buf` holds the pending super-frame (the same buffer every
     /// call, at least 14 + 65535 bytes).
     pub fn push(&mut self, buf: &mut [u8], f: &[u8]) -> Push {
-        let Some(s) = coalescable(f) else {
+        let Some(s) = coalescable(f, self.udp) else {
             return Push::Alone;
         };
         let plen = s.end - s.hdr_len;
@@ -354,6 +398,8 @@ impl Coalescer {
             }
             buf[..s.end].copy_from_slice(&f[..s.end]);
             *self = Coalescer {
+                udp: self.udp,
+                kind: Some(s.kind),
                 len: s.end,
                 hdr_len: s.hdr_len,
                 seg_size: plen,
@@ -367,8 +413,8 @@ impl Coalescer {
         let ip = ETH;
         let t = ETH + IPV4_MIN;
         let same = !self.closed
+            && self.kind == Some(s.kind)
             && s.hdr_len == h
-            && s.seq == self.next_seq
             && plen <= self.seg_size
             && self.len + plen - ETH <= IP_MAX
             && self.len + plen <= buf.len()
@@ -377,12 +423,21 @@ impl Coalescer {
             && buf[ip + 6] & 0x40 == f[ip + 6] & 0x40
             && buf[ip + 8..ip + 10] == f[ip + 8..ip + 10]
             && buf[ip + 12..ip + 20] == f[ip + 12..ip + 20]
-            // Ports, ACK, data offset, window, options; flags but PSH.
-            && buf[t..t + 4] == f[t..t + 4]
-            && buf[t + 8..t + 13] == f[t + 8..t + 13]
-            && buf[t + 14..t + 16] == f[t + 14..t + 16]
-            && buf[t + tcp::HEADER_LEN..h] == f[t + tcp::HEADER_LEN..h]
-            && (buf[t + 13] ^ s.flags) & !tcp::flags::PSH == 0;
+            // Ports.
+            && buf[t..t + 4] == f[t..t + 4];
+        let same = same
+            && match s.kind {
+                // Contiguous; ACK, data offset, window, options; flags but PSH.
+                Kind::Tcp4 => {
+                    s.seq == self.next_seq
+                        && buf[t + 8..t + 13] == f[t + 8..t + 13]
+                        && buf[t + 14..t + 16] == f[t + 14..t + 16]
+                        && buf[t + tcp::HEADER_LEN..h] == f[t + tcp::HEADER_LEN..h]
+                        && (buf[t + 13] ^ s.flags) & !tcp::flags::PSH == 0
+                }
+                // No more datagrams than the receiver's kernel takes in one.
+                _ => self.segs < UDP_MAX_SEGS,
+            };
         if !same {
             return Push::Flush;
         }
@@ -402,13 +457,15 @@ impl Coalescer {
 
     /// Finishes the pending super-frame in `buf`: its virtio header and length, or
     /// `None` when nothing is pending. One segment comes back as it arrived (checksum
-    /// verified); more carry IPv4 length and checksum for the whole, and a TCP checksum
-    /// left partial (pseudo-header sum), for the receiver to take as verified.
+    /// verified); more carry IPv4 length and checksum for the whole (UDP: and its
+    /// length), and an L4 checksum left partial (pseudo-header sum), for the receiver
+    /// to take as verified.
     pub fn finish(&mut self, buf: &mut [u8]) -> Option<(VirtioNetRepr, usize)> {
         if self.segs == 0 {
             return None;
         }
-        let c = core::mem::take(self);
+        let udp = self.udp;
+        let c = core::mem::replace(self, Coalescer::new(udp));
         if c.segs == 1 {
             let v = VirtioNetRepr {
                 flags: F_DATA_VALID,
@@ -416,14 +473,22 @@ impl Coalescer {
             };
             return Some((v, c.len));
         }
+        let kind = c.kind.unwrap_or(Kind::Tcp4);
         let t = ETH + IPV4_MIN;
         let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETH..]);
         ip.set_total_len((c.len - ETH) as u16);
         ip.fill_checksum();
-        let pseudo = pseudo4(&buf[ETH..], 6, c.len - t);
-        set_u16(buf, t + tcp::field::CHECKSUM, pseudo);
+        let (proto, csum_at) = match kind {
+            Kind::Udp4 => {
+                set_u16(buf, t + 4, (c.len - t) as u16);
+                (17, t + 6)
+            }
+            _ => (6, t + tcp::field::CHECKSUM),
+        };
+        let pseudo = pseudo4(&buf[ETH..], proto, c.len - t);
+        set_u16(buf, csum_at, pseudo);
         let g = Gso {
-            kind: Kind::Tcp4,
+            kind,
             l4: t as u16,
             hdr_len: c.hdr_len as u16,
             seg_size: c.seg_size as u16,

@@ -480,7 +480,7 @@ impl Manager {
         if port_kind == PortKind::Tap {
             // The daemon drives the guest's tap itself: no relay process.
             let ns = rec.netns.clone().unwrap_or_default();
-            let tap = crate::host::guest::setup_tap_guest(
+            let (tap, uso) = crate::host::guest::setup_tap_guest(
                 &ns,
                 member.mac.0,
                 rec.ip,
@@ -488,7 +488,7 @@ impl Manager {
                 v.mtu,
             )
             .with_context(|| format!("setting up tap-port guest {}", member.name))?;
-            return Ok(Port::Tap(Box::new(TapPort::new(tap, &ns))));
+            return Ok(Port::Tap(Box::new(TapPort::new(tap, &ns, uso))));
         }
         if port_kind == PortKind::Xdp {
             // A fast port: the daemon drives the host end of the guest's veth.

@@ -320,34 +320,35 @@ const TUN_F_USO6: libc::c_ulong = 0x40;
 /// the calling thread's namespace with a virtio-net header and a virtio NIC's
 /// offloads: checksum, TSO4/6, and USO4/6 where the kernel has them (6.2+). The tap
 /// persists, so the guest's `eth0` and its addresses outlive a daemon restart.
-pub fn open_offload_tap(name: &str) -> Result<File> {
+/// Also says whether the tap took USO (so it takes UDP super-frames).
+pub fn open_offload_tap(name: &str) -> Result<(File, bool)> {
     let f = tun_open(name, libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)?;
     let fd = f.as_raw_fd();
     let base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+    let uso;
     // SAFETY: TUNSETOFFLOAD and TUNSETPERSIST take an integer argument, no pointer.
     unsafe {
-        if libc::ioctl(fd, TUNSETOFFLOAD, base | TUN_F_USO4 | TUN_F_USO6) < 0
-            && libc::ioctl(fd, TUNSETOFFLOAD, base) < 0
-        {
+        uso = libc::ioctl(fd, TUNSETOFFLOAD, base | TUN_F_USO4 | TUN_F_USO6) == 0;
+        if !uso && libc::ioctl(fd, TUNSETOFFLOAD, base) < 0 {
             return Err(io::Error::last_os_error()).context(format!("offloads on tap {name}"));
         }
         if libc::ioctl(fd, TUNSETPERSIST, 1 as libc::c_ulong) < 0 {
             return Err(io::Error::last_os_error()).context(format!("making tap {name} persist"));
         }
     }
-    Ok(f)
+    Ok((f, uso))
 }
 
 /// Sets up a tap-port guest: namespace `ns` (created if missing) whose `eth0` is a tap
 /// with offloads that the daemon itself reads and writes (no relay process). Returns
-/// the tap, non-blocking.
+/// the tap, non-blocking, and whether it takes UDP super-frames (USO).
 pub fn setup_tap_guest(
     ns: &str,
     mac: EthernetAddress,
     ip: Ipv4Addr,
     prefix: u8,
     mtu: u16,
-) -> Result<File> {
+) -> Result<(File, bool)> {
     if !netns::exists(ns) {
         netns::create_guest(ns)?;
     }

@@ -63,6 +63,43 @@ fn tcp4_super(payload: &[u8], opts: &[u8], flags: u8, seq: u32, id: u16) -> Vec<
     f
 }
 
+/// A UDP/IPv4 super-frame as a Linux tap with USO hands it over: IP and UDP lengths
+/// of the whole, valid IP checksum, UDP checksum field holding the pseudo-header's sum.
+fn udp4_super(payload: &[u8], id: u16) -> Vec<u8> {
+    let mut f = tcp4_super(payload, &[], 0, 0, id);
+    // The 12 TCP header bytes a UDP header does not have.
+    f.drain(34 + 8..34 + 20);
+    let total = (20 + 8 + payload.len()) as u16;
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f[23] = 17;
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = !checksum::sum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    let l4 = (8 + payload.len()) as u16;
+    f[38..40].copy_from_slice(&l4.to_be_bytes());
+    let pseudo = checksum::pseudo_header(
+        core::net::Ipv4Addr::new(10, 0, 0, 1),
+        core::net::Ipv4Addr::new(10, 0, 0, 2),
+        17,
+        l4,
+    );
+    f[40..42].copy_from_slice(&pseudo.to_be_bytes());
+    f
+}
+
+fn uso4(seg: u16, f: &[u8]) -> Gso {
+    let v = VirtioNetRepr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GsoType::UdpL4,
+        ecn: false,
+        hdr_len: 0,
+        gso_size: seg,
+        csum_start: 34,
+        csum_offset: 6,
+    };
+    Gso::from_virtio(&v, f).unwrap().unwrap()
+}
+
 fn tso4(seg: u16, f: &[u8]) -> Gso {
     let v = VirtioNetRepr {
         flags: F_NEEDS_CSUM,
@@ -170,6 +207,85 @@ fn coalescing_gives_the_super_frame_back_property() {
         assert_eq!(v, g.to_virtio(), "case {case}");
         assert_eq!(v.hdr_len as usize, 14 + 20 + 20 + opts.len());
     }
+}
+
+#[test]
+fn coalescing_udp_gives_the_super_frame_back_property() {
+    let mut rng = Rng(0x5eed_1234_abcd_0002);
+    let mut buf = std::vec![0u8; 14 + 65535];
+    for case in 0..400 {
+        let seg = 1 + rng.below(1472) as u16;
+        let max_payload = (65535 - 20 - 8).min(seg as usize * UDP_MAX_SEGS);
+        let len = 1 + rng.below(max_payload);
+        let payload: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let f = udp4_super(&payload, rng.next() as u16);
+        let g = uso4(seg, &f);
+        let segs = segments(&g, &f);
+        let mut c = Coalescer::new(true);
+        for s in &segs {
+            assert_eq!(c.push(&mut buf, s), Push::Added, "case {case}");
+        }
+        let (v, n) = c.finish(&mut buf).unwrap();
+        assert!(c.is_empty());
+        if segs.len() == 1 {
+            assert_eq!(&buf[..n], &segs[0][..], "case {case}");
+            assert_eq!(v.flags, F_DATA_VALID);
+            continue;
+        }
+        assert_eq!(&buf[..n], &f[..], "case {case}: seg {seg}, len {len}");
+        assert_eq!(v, g.to_virtio(), "case {case}");
+    }
+}
+
+#[test]
+fn udp_coalesces_only_where_enabled_and_by_the_rules() {
+    let mut buf = std::vec![0u8; 14 + 65535];
+    let f = udp4_super(&[0x33; 4000], 9);
+    let segs = segments(&uso4(1000, &f), &f);
+    // Off by default: every datagram goes alone.
+    let mut off = Coalescer::default();
+    assert_eq!(off.push(&mut buf, &segs[0]), Push::Alone);
+    let mut c = Coalescer::new(true);
+    assert_eq!(c.push(&mut buf, &segs[0]), Push::Added);
+    // Another flow (source port; no checksum, so it stays valid) does not join.
+    let mut other = segs[1].clone();
+    other[34] ^= 1;
+    other[40..42].copy_from_slice(&[0, 0]);
+    assert_eq!(c.push(&mut buf, &other), Push::Flush);
+    // A bad checksum is never coalesced; a zero one ("none") is.
+    let mut bad = segs[1].clone();
+    bad[50] ^= 0xff;
+    assert_eq!(c.push(&mut buf, &bad), Push::Alone);
+    let mut none = segs[1].clone();
+    none[40..42].copy_from_slice(&[0, 0]);
+    assert_eq!(c.push(&mut buf, &none), Push::Added);
+    // A TCP segment is another kind: it does not join a UDP super-frame.
+    let t = tcp4_super(&[1; 1000], &[], tcp::flags::ACK, 1, 1);
+    let t = segments(&tso4(1000, &t), &t);
+    assert_eq!(c.push(&mut buf, &t[0]), Push::Flush);
+    // A shorter datagram ends it.
+    let short = segments(&uso4(1000, &f), &udp4_super(&[0x33; 500], 9));
+    assert_eq!(c.push(&mut buf, &short[0]), Push::Added);
+    assert_eq!(c.push(&mut buf, &segs[2]), Push::Flush);
+    let (v, n) = c.finish(&mut buf).unwrap();
+    assert_eq!(
+        (v.gso_type, v.gso_size, n),
+        (GsoType::UdpL4, 1000, 42 + 2500)
+    );
+    // At most UDP_MAX_SEGS datagrams in one.
+    let tiny = udp4_super(&[7; 8 * (UDP_MAX_SEGS + 1)], 1);
+    let mut c = Coalescer::new(true);
+    let parts = segments(
+        &Gso {
+            seg_size: 8,
+            ..uso4(1000, &tiny)
+        },
+        &tiny,
+    );
+    for p in &parts[..UDP_MAX_SEGS] {
+        assert_eq!(c.push(&mut buf, p), Push::Added);
+    }
+    assert_eq!(c.push(&mut buf, &parts[UDP_MAX_SEGS]), Push::Flush);
 }
 
 #[test]

@@ -4,8 +4,8 @@
 //! The tap has `IFF_VNET_HDR` and the offloads a virtio NIC offers (`TUNSETOFFLOAD`:
 //! checksum, TSO4/6, USO4/6 where the kernel has them), so the guest's TCP hands over
 //! frames of up to 64 KiB with a virtio-net header, and takes them back: frames switched
-//! to this port are coalesced (TCP/IPv4, [`Coalescer`]) until the end of the batch and
-//! written as one super-frame. A frame whose checksum the guest left partial is
+//! to this port are coalesced (TCP/IPv4, and UDP/IPv4 where the tap took USO:
+//! [`Coalescer`]) until the end of the batch and written as one super-frame. A frame whose checksum the guest left partial is
 //! completed on reading, unless it stays a super-frame. Opening the tap in the guest's
 //! namespace is control work ([`crate::host::guest::open_tap_port`]); this is the part
 //! the packet worker drives.
@@ -41,8 +41,9 @@ pub struct TapPort {
 const HOLD_ROUNDS: u8 = 2;
 
 impl TapPort {
-    /// Wraps a tap opened with `IFF_VNET_HDR` (non-blocking) in namespace `netns`.
-    pub fn new(file: File, netns: &str) -> TapPort {
+    /// Wraps a tap opened with `IFF_VNET_HDR` (non-blocking) in namespace `netns`;
+    /// `uso`: it took USO, so UDP datagrams coalesce too.
+    pub fn new(file: File, netns: &str, uso: bool) -> TapPort {
         TapPort {
             file,
             netns: netns.to_string(),
@@ -50,7 +51,7 @@ impl TapPort {
                 connects: 1,
                 ..Default::default()
             },
-            coalescer: Coalescer::default(),
+            coalescer: Coalescer::new(uso),
             pending: vec![0u8; VNET + MAX_SUPER].into_boxed_slice(),
             pending_rounds: 0,
         }
@@ -265,7 +266,7 @@ mod tests {
         );
         // SAFETY: both fds were just created and are owned by nothing else.
         let (r, w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-        (TapPort::new(w, "test"), r)
+        (TapPort::new(w, "test", false), r)
     }
 
     /// What the port wrote: one record (virtio header and frame) per read.
