@@ -268,15 +268,41 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// The medians of floods' figures, each taken on its own.
-fn median_flood(fs: &[load::Flood]) -> load::Flood {
-    let m = |g: fn(&load::Flood) -> f64| median(fs.iter().map(g).collect());
-    load::Flood {
-        sent_pps: m(|f| f.sent_pps),
-        received_pps: m(|f| f.received_pps),
-        cpu_us_per_packet: m(|f| f.cpu_us_per_packet),
-        dp_cpu_s_per_mpkt: m(|f| f.dp_cpu_s_per_mpkt),
+/// Measures every configuration once a round, alternating, for the plan's rounds.
+fn rounds<'a, T>(
+    pairs: &'a [Pair],
+    plan: &Plan,
+    measure: impl Fn(&Pair) -> Result<T>,
+) -> Result<BTreeMap<&'a str, Vec<T>>> {
+    let mut v: BTreeMap<&str, Vec<T>> = BTreeMap::new();
+    for _ in 0..plan.rounds {
+        for p in pairs {
+            v.entry(p.config).or_default().push(measure(p)?);
+        }
     }
+    Ok(v)
+}
+
+/// A 64-byte flood per configuration in alternating rounds; the medians of each
+/// figure, each taken on its own.
+fn flood_medians<'a>(pairs: &'a [Pair], plan: &Plan) -> Result<BTreeMap<&'a str, load::Flood>> {
+    let floods = rounds(pairs, plan, |p| {
+        let (c, s) = (&p.client, &p.server);
+        load::udp_flood(&c.ns, &s.ns, s.ip, 18, plan.flood_secs, &p.daemons)
+    })?;
+    Ok(floods
+        .into_iter()
+        .map(|(c, fs)| {
+            let m = |g: fn(&load::Flood) -> f64| median(fs.iter().map(g).collect());
+            let f = load::Flood {
+                sent_pps: m(|f| f.sent_pps),
+                received_pps: m(|f| f.received_pps),
+                cpu_us_per_packet: m(|f| f.cpu_us_per_packet),
+                dp_cpu_s_per_mpkt: m(|f| f.dp_cpu_s_per_mpkt),
+            };
+            (c, f)
+        })
+        .collect())
 }
 
 fn say(msg: &str) {
@@ -370,22 +396,8 @@ fn main() -> Result<()> {
     }
 
     say("figure 1: 64-byte UDP packet rate");
-    let mut floods: BTreeMap<&str, Vec<load::Flood>> = BTreeMap::new();
-    for _ in 0..plan.rounds {
-        for p in &pairs {
-            let f = load::udp_flood(
-                &p.client.ns,
-                &p.server.ns,
-                p.server.ip,
-                18,
-                plan.flood_secs,
-                &p.daemons,
-            )?;
-            floods.entry(p.config).or_default().push(f);
-        }
-    }
-    for (c, fs) in floods {
-        r.packet_rate.insert(c.into(), median_flood(&fs));
+    for (c, f) in flood_medians(&pairs, &plan)? {
+        r.packet_rate.insert(c.into(), f);
     }
 
     say("figure 2: TCP throughput, 1, 4 and 8 streams");
@@ -477,22 +489,9 @@ fn main() -> Result<()> {
             qx.violin_pair("fast", 101, 2, "xdp", None)?,
             qx.violin_pair("tap", 102, 3, "tap", None)?,
         ];
-        let mut floods: BTreeMap<&str, Vec<load::Flood>> = BTreeMap::new();
-        for _ in 0..plan.rounds {
-            for p in &two {
-                let f = load::udp_flood(
-                    &p.client.ns,
-                    &p.server.ns,
-                    p.server.ip,
-                    18,
-                    plan.flood_secs,
-                    &p.daemons,
-                )?;
-                floods.entry(p.config).or_default().push(f);
-            }
-        }
+        let mut floods = flood_medians(&two, &plan)?;
         for p in &two {
-            let flood = median_flood(&floods[p.config]);
+            let flood = floods.remove(p.config).context("a flood without figures")?;
             let latency = load::udp_ping_pong(&p.client.ns, &p.server.ns, p.server.ip, plan.pings)?;
             r.queues2.insert(p.config.into(), Queues { flood, latency });
         }
@@ -805,21 +804,11 @@ fn tcp_medians<'a>(
     streams: u32,
     plan: &Plan,
 ) -> Result<BTreeMap<&'a str, (f64, TcpCost)>> {
-    let mut v: BTreeMap<&str, Vec<load::Tcp>> = BTreeMap::new();
-    for _ in 0..plan.rounds {
-        for p in pairs {
-            let t = load::tcp_throughput(
-                &p.client.ns,
-                &p.server.ns,
-                p.server.ip,
-                streams,
-                plan.tcp_secs,
-                &p.daemons,
-            )
-            .with_context(|| format!("{}: TCP, {streams} streams", p.config))?;
-            v.entry(p.config).or_default().push(t);
-        }
-    }
+    let v = rounds(pairs, plan, |p| {
+        let (c, s) = (&p.client, &p.server);
+        load::tcp_throughput(&c.ns, &s.ns, s.ip, streams, plan.tcp_secs, &p.daemons)
+            .with_context(|| format!("{}: TCP, {streams} streams", p.config))
+    })?;
     Ok(v.into_iter()
         .map(|(c, x)| {
             let m = |g: fn(&load::Tcp) -> f64| median(x.iter().map(g).collect());
