@@ -5,8 +5,9 @@
 //! checksum, TSO4/6, USO4/6 where the kernel has them), so the guest's TCP hands over
 //! frames of up to 64 KiB with a virtio-net header, and takes them back: frames switched
 //! to this port are coalesced (TCP/IPv4, and UDP/IPv4 where the tap took USO:
-//! [`Coalescer`]) until the end of the batch and written as one super-frame. A frame whose checksum the guest left partial is
-//! completed on reading, unless it stays a super-frame. Opening the tap in the guest's
+//! [`Coalescer`]) until the end of the batch and written as one super-frame. A frame
+//! whose checksum the guest left partial is completed on reading, unless it stays a
+//! super-frame. Opening the tap in the guest's
 //! namespace is control work ([`crate::host::guest::open_tap_port`]); this is the part
 //! the packet worker drives.
 
