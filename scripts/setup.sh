@@ -6,8 +6,8 @@
 #
 # Steps: Debian packages, the nightly toolchain's rust-src (for the eBPF build),
 # bpf-linker built against the nightly rustc's own libLLVM (no prebuilt binary can be
-# downloaded here; see ../shared/notes/toolchain.md), cargo-fuzz (the fuzz targets), and
-# the default image of QEMU guests (a Debian kernel + busybox initramfs,
+# downloaded here; see ../shared/notes/toolchain.md), cargo-fuzz (the fuzz targets), the
+# bench's xhpl (scripts/build-hpl.sh), and the default image of QEMU guests (a Debian kernel + busybox initramfs,
 # scripts/build-guest-image.sh).
 set -euo pipefail
 
@@ -17,8 +17,8 @@ SUDO=""
 
 # --- 1. Debian packages -----------------------------------------------------------------
 PKGS=(build-essential pkg-config m4 clang libelf-dev zlib1g-dev
-      iproute2 ethtool iputils-ping tcpdump iperf3 procps fonts-dejavu-core libfontconfig1-dev
-      qemu-system-x86 busybox-static cpio xz-utils e2fsprogs openmpi-bin hpcc openvswitch-switch
+      curl iproute2 ethtool iputils-ping tcpdump iperf3 procps fonts-dejavu-core libfontconfig1-dev
+      qemu-system-x86 busybox-static cpio xz-utils e2fsprogs openmpi-bin libopenmpi-dev libblas3 openvswitch-switch
       etcd-server etcd-client protobuf-compiler util-linux openssl)
 missing=()
 for p in "${PKGS[@]}"; do
@@ -76,6 +76,9 @@ else
   say "building cargo-fuzz $CARGO_FUZZ_VERSION (about two minutes)"
   cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 fi
+
+# --- 3c. the bench's HPL (HPL alone from Debian's hpcc source, with MPI ping-pong) -------
+bash "$(dirname "$0")/build-hpl.sh"
 
 # --- 4. the default image of QEMU guests ------------------------------------------------------
 IMAGES=${VIOLIN_IMAGES_DIR:-/var/cache/violin/images}

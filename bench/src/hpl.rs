@@ -1,10 +1,12 @@
-//! Figure 6: HPL (Debian's `hpcc`, which contains it) with one MPI rank per simulated
-//! host, once in the host namespaces (physical) and once in one guest per host of a
-//! Violin, with the same problem size. MPI is launched without ssh: `mpirun` runs in
-//! the first rank's namespace and starts the others through a launch agent that enters
-//! the namespace of the address it is given (see ../shared/notes/toolchain.md;
-//! `--bind-to none` matters: bound ranks all land on core 0). Stock hpcc runs its whole
-//! suite around HPL; only HPL's own result line is used.
+//! Figure 6: HPL with one MPI rank per simulated host, once in the host namespaces
+//! (physical) and once in one guest per host of a Violin, with the same problem size.
+//! The binary is HPL alone (`xhpl`, built by scripts/build-hpl.sh from the HPL in
+//! Debian's hpcc source, whose own driver would run the whole HPC Challenge suite around
+//! it); before HPL it measures MPI ping-pong between rank 0 and every other rank, so
+//! latency and bandwidth come from the same run. MPI is launched without ssh: `mpirun`
+//! runs in the first rank's namespace and starts the others through a launch agent that
+//! enters the namespace of the address it is given (see ../shared/notes/toolchain.md;
+//! `--bind-to none` matters: bound ranks all land on core 0).
 
 use crate::testbed::Endpoint;
 use anyhow::{bail, Context, Result};
@@ -20,8 +22,30 @@ pub struct Hpl {
     /// HPL's own figure for the solve.
     pub gflops: f64,
     pub hpl_seconds: f64,
-    /// The whole hpcc run (stock hpcc also runs its other tests).
+    /// The whole `mpirun`: start-up, ping-pong, HPL with its residual check.
     pub wall_seconds: f64,
+    /// MPI ping-pong, 8-byte messages: half the round trip, µs, mean over rank 0's peers.
+    #[serde(default)]
+    pub latency_us: f64,
+    /// MPI ping-pong, 2 MB messages: MB/s (both directions), mean over rank 0's peers.
+    #[serde(default)]
+    pub bandwidth_mbs: f64,
+}
+
+/// Where the bench finds `xhpl`: `$VIOLIN_XHPL`, or where scripts/build-hpl.sh puts it.
+pub fn xhpl() -> std::path::PathBuf {
+    std::env::var_os("VIOLIN_XHPL")
+        .map(Into::into)
+        .unwrap_or_else(|| "/usr/local/libexec/violin/xhpl".into())
+}
+
+/// The N for which HPL on these ranks takes about `seconds`, from a run that took
+/// `took` seconds at `n` (HPL's work grows as N³), a multiple of `2 × nb`, never below
+/// `n`.
+pub fn size_for(n: u32, took: f64, seconds: f64, nb: u32) -> u32 {
+    let scaled = n as f64 * (seconds / took.max(1e-3)).cbrt();
+    let step = 2 * nb;
+    ((scaled / step as f64).ceil() as u32 * step).max(n)
 }
 
 /// The HPL input: hpcc's example with our N, NB and process grid.
@@ -44,8 +68,13 @@ fn grid(ranks: usize) -> (usize, usize) {
 
 /// Runs HPL with one rank per endpoint; `subnet` (CIDR) is where MPI's TCP traffic goes.
 pub fn run(ranks: &[Endpoint], subnet: &str, n: u32, nb: u32, work: &Path) -> Result<Hpl> {
-    if which("mpirun").is_none() || which("hpcc").is_none() {
-        bail!("HPL needs Debian's openmpi-bin and hpcc (scripts/setup.sh installs them)");
+    let xhpl = xhpl();
+    if which("mpirun").is_none() || !xhpl.exists() {
+        bail!(
+            "HPL needs Debian's openmpi-bin and {} (scripts/setup.sh installs them; \
+             scripts/build-hpl.sh builds xhpl)",
+            xhpl.display()
+        );
     }
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work)?;
@@ -106,7 +135,8 @@ pub fn run(ranks: &[Endpoint], subnet: &str, n: u32, nb: u32, work: &Path) -> Re
         // More ranks than cores (4 hosts on 2 cores): idle ranks must yield, or each
         // message waits for a spinning peer's time slice (the suite then takes minutes).
         .args(["-x", "OMPI_MCA_mpi_yield_when_idle"])
-        .args(["-np", &ranks.len().to_string(), "hpcc"])
+        .args(["-np", &ranks.len().to_string()])
+        .arg(&xhpl)
         .current_dir(work)
         .env("OMPI_MCA_mpi_yield_when_idle", "1")
         .output()
@@ -123,6 +153,16 @@ pub fn run(ranks: &[Endpoint], subnet: &str, n: u32, nb: u32, work: &Path) -> Re
     }
     let (hpl_seconds, gflops) = parse(&out)
         .with_context(|| format!("no HPL result in {}", work.join("hpccoutf.txt").display()))?;
+    let pp = ping_pongs(&String::from_utf8_lossy(&o.stdout));
+    if pp.len() + 1 != ranks.len() {
+        bail!(
+            "ping-pong: {} of {} peers reported:\n{}",
+            pp.len(),
+            ranks.len() - 1,
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+    let mean = |f: fn(&(f64, f64)) -> f64| pp.iter().map(f).sum::<f64>() / pp.len() as f64;
     Ok(Hpl {
         ranks: ranks.len(),
         n,
@@ -130,7 +170,25 @@ pub fn run(ranks: &[Endpoint], subnet: &str, n: u32, nb: u32, work: &Path) -> Re
         gflops,
         hpl_seconds,
         wall_seconds: wall,
+        latency_us: mean(|p| p.0),
+        bandwidth_mbs: mean(|p| p.1),
     })
+}
+
+/// The (latency µs, bandwidth MB/s) of each `pingpong PEER latency_us L bandwidth_MBps B`
+/// line xhpl prints.
+fn ping_pongs(out: &str) -> Vec<(f64, f64)> {
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f[..] {
+                ["pingpong", _, "latency_us", lat, "bandwidth_MBps", bw] => {
+                    Some((lat.parse().ok()?, bw.parse().ok()?))
+                }
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 /// The (time, Gflops) of HPL's result line: `WR11C2R4  N  NB  P  Q  Time  Gflops`.
@@ -158,6 +216,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sizes_grow_with_the_cube_root_of_time() {
+        // 1.4 s at N = 2000: 8 × the time takes 2 × N (then up to a multiple of 256).
+        assert_eq!(size_for(2000, 1.4, 11.2, 128), 4096);
+        // Never smaller than the run it is scaled from.
+        assert_eq!(size_for(2000, 60.0, 20.0, 128), 2000);
+    }
+
+    #[test]
     fn grids() {
         assert_eq!(grid(2), (1, 2));
         assert_eq!(grid(4), (2, 2));
@@ -171,6 +237,9 @@ mod tests {
                    WR11C2R4        2000   128     1     2               1.19              4.497e+00\n";
         assert_eq!(parse(out), Some((1.19, 4.497)));
         assert_eq!(parse("nothing"), None);
+        let pp = "pingpong 1 latency_us 15.140 bandwidth_MBps 2189.718\n\
+                  pingpong 2 latency_us 31.5 bandwidth_MBps 900\nnoise\n";
+        assert_eq!(ping_pongs(pp), vec![(15.14, 2189.718), (31.5, 900.0)]);
         let i = input(3000, 128, 1, 2);
         assert!(i.contains("3000         Ns") && i.contains("1            Ps"));
     }

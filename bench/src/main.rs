@@ -47,6 +47,10 @@ struct Cli {
     /// guests; with --quick 4 hosts, 2 × 4), against a cluster without etcd.
     #[arg(long)]
     etcd_scale: bool,
+    /// Run only figure 6 (HPL alone, with MPI ping-pong), into a results file of its own
+    /// (`hpl-*.json`).
+    #[arg(long)]
+    hpl: bool,
 }
 
 struct Plan {
@@ -70,8 +74,13 @@ struct Plan {
     /// Socket guests in one Violin on one host, for the per-guest memory figure.
     scale_guests: Vec<usize>,
     hpl_hosts: Vec<usize>,
+    /// HPL's N, or where sizing starts when `hpl_seconds` is set.
     hpl_n: u32,
+    /// N is sized so HPL in the host namespaces takes about this long.
+    hpl_seconds: Option<f64>,
     hpl_rounds: usize,
+    /// HPL again with the underlay shaped to this rate (tc's units).
+    hpl_shaped: Option<&'static str>,
 }
 
 impl Plan {
@@ -96,7 +105,9 @@ impl Plan {
                 scale_guests: vec![100, 300],
                 hpl_hosts: vec![2],
                 hpl_n: 1000,
+                hpl_seconds: None,
                 hpl_rounds: 1,
+                hpl_shaped: Some("1gbit"),
             }
         } else {
             Plan {
@@ -123,10 +134,12 @@ impl Plan {
                 mem_guests: 32,
                 scale_guests: vec![100, 1000, 3000],
                 hpl_hosts: vec![2, 4],
-                // Stock hpcc runs its whole suite around HPL (RandomAccess over MPI takes
-                // minutes at N = 3000 with 4 ranks): this keeps a full run near 20 min.
                 hpl_n: 2000,
-                hpl_rounds: 1,
+                // At least 20 s in the host namespaces, so start-up and noise are small
+                // beside the solve (about 20 min for the whole figure here).
+                hpl_seconds: Some(24.0),
+                hpl_rounds: 3,
+                hpl_shaped: Some("1gbit"),
             }
         }
     }
@@ -178,8 +191,11 @@ struct Results {
     /// Daemon memory per guest as one Violin grows (socket guests, one host).
     #[serde(default)]
     scaling: Vec<Scaling>,
-    /// Figure 6: HPL by config and number of hosts (one rank per host), median Gflops.
+    /// Figure 6: HPL by config and number of hosts (one rank per host), medians.
     hpl: BTreeMap<String, BTreeMap<String, hpl::Hpl>>,
+    /// Figure 6: the same with the underlay shaped (to 1 Gbit/s).
+    #[serde(default)]
+    hpl_shaped: BTreeMap<String, BTreeMap<String, hpl::Hpl>>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -305,6 +321,86 @@ fn flood_medians<'a>(pairs: &'a [Pair], plan: &Plan) -> Result<BTreeMap<&'a str,
         .collect())
 }
 
+/// Figure 6 on `hosts` simulated hosts: N sized so HPL in the host namespaces takes
+/// `plan.hpl_seconds` (if set), then alternating rounds of every configuration, on the
+/// plain underlay and on one shaped to `plan.hpl_shaped`. A failed run is reported (and
+/// fails the check) after the results are written, instead of losing the whole run.
+fn hpl_figure(r: &mut Results, plan: &Plan, name: &str, hosts: usize) -> Result<()> {
+    const NB: u32 = 128;
+    let tb = Testbed::up_hosts(name, "xdp", hosts)?;
+    let configs = [
+        ("physical", tb.hosts(), "172.31.0.0/24".to_string()),
+        (
+            "violin-xdp-fast",
+            tb.violin_per_host("hplf", 601, 71, "xdp")?,
+            "10.71.0.0/24".into(),
+        ),
+        (
+            "violin-xdp-tap",
+            tb.violin_per_host("hplt", 602, 72, "tap")?,
+            "10.72.0.0/24".into(),
+        ),
+    ];
+    let work = tb.run_dir.join("hpl");
+    let mut n = plan.hpl_n;
+    if let Some(target) = plan.hpl_seconds {
+        let (_, ranks, subnet) = &configs[0];
+        let h = match hpl::run(ranks, subnet, n, NB, &work) {
+            Ok(h) => h,
+            Err(e) => {
+                let msg = format!("HPL with {hosts} hosts: the sizing run: {e:#}");
+                say(&msg);
+                r.failures.push(msg);
+                return Ok(());
+            }
+        };
+        n = hpl::size_for(n, h.hpl_seconds, target, NB);
+        say(&format!(
+            "HPL with {hosts} hosts: N = {} took {:.1} s in the host namespaces; N = {n} for {target} s",
+            h.n, h.hpl_seconds
+        ));
+    }
+    let shapes = std::iter::once(None).chain(plan.hpl_shaped.map(Some));
+    for shape in shapes {
+        tb.shape_underlay(shape)?;
+        let mut runs: BTreeMap<&str, Vec<hpl::Hpl>> = BTreeMap::new();
+        for _ in 0..plan.hpl_rounds {
+            for (c, ranks, subnet) in &configs {
+                match hpl::run(ranks, subnet, n, NB, &work) {
+                    Ok(h) => runs.entry(c).or_default().push(h),
+                    Err(e) => {
+                        let on = shape.map(|s| format!(", underlay {s}")).unwrap_or_default();
+                        let msg = format!("HPL on {c} with {hosts} hosts{on}: {e:#}");
+                        say(&msg);
+                        r.failures.push(msg);
+                    }
+                }
+            }
+        }
+        tb.shape_underlay(None)?;
+        let into = if shape.is_some() {
+            &mut r.hpl_shaped
+        } else {
+            &mut r.hpl
+        };
+        for (c, v) in runs {
+            let m = |g: fn(&hpl::Hpl) -> f64| median(v.iter().map(g).collect());
+            into.entry(c.into()).or_default().insert(
+                format!("{hosts}"),
+                hpl::Hpl {
+                    gflops: m(|h| h.gflops),
+                    hpl_seconds: m(|h| h.hpl_seconds),
+                    wall_seconds: m(|h| h.wall_seconds),
+                    latency_us: m(|h| h.latency_us),
+                    bandwidth_mbs: m(|h| h.bandwidth_mbs),
+                    ..v[0]
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
 fn say(msg: &str) {
     eprintln!("\x1b[1m[bench]\x1b[0m {msg}");
 }
@@ -367,6 +463,31 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let id = std::process::id() % 10000;
+    if cli.hpl {
+        say("figure 6 only: HPL alone, one MPI rank per host, physical vs in a Violin");
+        for &hosts in &plan.hpl_hosts {
+            hpl_figure(&mut r, &plan, &format!("bh{id}"), hosts)?;
+        }
+        r.seconds = t0.elapsed().as_secs_f64();
+        std::fs::create_dir_all(&cli.out)?;
+        let file = cli.out.join(format!(
+            "hpl-{}{}.json",
+            r.started_unix,
+            if cli.quick { "-quick" } else { "" }
+        ));
+        std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
+        let text = hpl_table(&r);
+        print!("{text}");
+        if let Some(p) = &cli.report {
+            std::fs::write(p, &text)?;
+        }
+        say(&format!("results in {}", file.display()));
+        let problems = [hpl_problems(&r), r.failures.clone()].concat();
+        if !problems.is_empty() {
+            bail!("figure 6 is incomplete: {}", problems.join("; "));
+        }
+        return Ok(());
+    }
     say("bringing up two simulated 2-host clusters (udp and xdp data planes)");
     let tu = Testbed::up(&format!("bu{id}"), "udp")?;
     let tx = Testbed::up(&format!("bx{id}"), "xdp")?;
@@ -717,51 +838,9 @@ fn main() -> Result<()> {
             up_secs,
         });
     }
-    say("figure 6: HPL, one MPI rank per host, physical vs in a Violin");
+    say("figure 6: HPL alone, one MPI rank per host, physical vs in a Violin");
     for &hosts in &plan.hpl_hosts {
-        let tb = Testbed::up_hosts(&format!("bh{id}"), "xdp", hosts)?;
-        let configs = [
-            ("physical", tb.hosts(), "172.31.0.0/24".to_string()),
-            (
-                "violin-xdp",
-                tb.violin_per_host("hpl", 600, 70, "socket")?,
-                "10.70.0.0/24".into(),
-            ),
-            (
-                "violin-xdp-fast",
-                tb.violin_per_host("hplf", 601, 71, "xdp")?,
-                "10.71.0.0/24".into(),
-            ),
-            (
-                "violin-xdp-tap",
-                tb.violin_per_host("hplt", 602, 72, "tap")?,
-                "10.72.0.0/24".into(),
-            ),
-        ];
-        let work = tb.run_dir.join("hpl");
-        let mut runs: BTreeMap<&str, Vec<hpl::Hpl>> = BTreeMap::new();
-        for _ in 0..plan.hpl_rounds {
-            for (c, ranks, subnet) in &configs {
-                // A failed run is reported (and fails the check) after the results
-                // are written, instead of losing the whole run.
-                match hpl::run(ranks, subnet, plan.hpl_n, 128, &work) {
-                    Ok(h) => runs.entry(c).or_default().push(h),
-                    Err(e) => {
-                        let msg = format!("HPL on {c} with {hosts} hosts: {e:#}");
-                        say(&msg);
-                        r.failures.push(msg);
-                    }
-                }
-            }
-        }
-        for (c, mut v) in runs {
-            v.sort_by(|a, b| a.gflops.total_cmp(&b.gflops));
-            let mid = v[v.len() / 2];
-            r.hpl
-                .entry(c.into())
-                .or_default()
-                .insert(format!("{hosts}"), mid);
-        }
+        hpl_figure(&mut r, &plan, &format!("bh{id}"), hosts)?;
     }
     r.seconds = t0.elapsed().as_secs_f64();
 
@@ -910,27 +989,24 @@ fn draw_charts(r: &Results, dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     // Figure 6 like the paper's Figure 2: HPL relative to physical, by number of hosts.
     let hpl_cats: Vec<String> = ["violin-xdp", "violin-xdp-fast", "violin-xdp-tap"]
         .iter()
-        .filter(|c| r.hpl.contains_key(**c))
+        .filter(|c| r.hpl.contains_key(**c) || r.hpl_shaped.contains_key(**c))
         .map(|c| c.to_string())
         .collect();
-    let host_counts: Vec<String> = r
-        .hpl
-        .get("physical")
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default();
-    let series: Vec<Series> = host_counts
-        .iter()
-        .map(|h| Series {
-            name: format!("{h} hosts"),
-            values: hpl_cats
-                .iter()
-                .map(|c| {
-                    let g = |c: &str| r.hpl.get(c).and_then(|m| m.get(h)).map(|x| x.gflops);
-                    rel(g(c), g("physical"))
-                })
-                .collect(),
-        })
-        .collect();
+    let mut series: Vec<Series> = Vec::new();
+    for (under, m) in [("", &r.hpl), (", 1 Gbit/s underlay", &r.hpl_shaped)] {
+        for h in m.get("physical").into_iter().flat_map(|m| m.keys()) {
+            series.push(Series {
+                name: format!("{h} hosts{under}"),
+                values: hpl_cats
+                    .iter()
+                    .map(|c| {
+                        let g = |c: &str| m.get(c).and_then(|m| m.get(h)).map(|x| x.gflops);
+                        rel(g(c), g("physical"))
+                    })
+                    .collect(),
+            });
+        }
+    }
     if !hpl_cats.is_empty() {
         files.extend(charts::draw(
             dir,
@@ -1050,6 +1126,52 @@ fn ratio(x: f64, base: f64) -> String {
     } else {
         "-".into()
     }
+}
+
+/// Figure 6 as a table: HPL and MPI ping-pong, unshaped and shaped.
+fn hpl_table(r: &Results) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\n6. HPL alone, one MPI rank per host over TCP (median of rounds), with MPI \
+         ping-pong from the same runs"
+    );
+    let _ = writeln!(
+        o,
+        "{:<16} {:>9} {:>5} {:>6} {:>8} {:>6} {:>7} {:>8} {:>9}",
+        "config", "underlay", "hosts", "N", "Gflops", "/phys", "HPL s", "lat µs", "MB/s"
+    );
+    for (under, m) in [("plain", &r.hpl), ("shaped", &r.hpl_shaped)] {
+        for c in [
+            "physical",
+            "violin-xdp",
+            "violin-xdp-fast",
+            "violin-xdp-tap",
+        ] {
+            for (hosts, h) in m.get(c).into_iter().flatten() {
+                let base = m
+                    .get("physical")
+                    .and_then(|m| m.get(hosts))
+                    .map(|p| p.gflops)
+                    .unwrap_or(f64::NAN);
+                let _ = writeln!(
+                    o,
+                    "{:<16} {:>9} {:>5} {:>6} {:>8.3} {:>6} {:>7.1} {:>8.1} {:>9.0}",
+                    c,
+                    under,
+                    hosts,
+                    h.n,
+                    h.gflops,
+                    ratio(h.gflops, base),
+                    h.hpl_seconds,
+                    h.latency_us,
+                    h.bandwidth_mbs
+                );
+            }
+        }
+    }
+    o
 }
 
 /// The figures as text tables (printed, and written with `--report`).
@@ -1397,40 +1519,7 @@ fn tables(r: &Results) -> String {
             );
         }
     }
-    let _ = writeln!(
-        o,
-        "\n6. HPL (hpcc), one MPI rank per host over TCP, Gflops (median of rounds)"
-    );
-    let _ = writeln!(
-        o,
-        "{:<17} {:>5} {:>6} {:>9} {:>7} {:>10}",
-        "config", "hosts", "N", "Gflops", "/phys", "HPL s"
-    );
-    for c in [
-        "physical",
-        "violin-xdp",
-        "violin-xdp-fast",
-        "violin-xdp-tap",
-    ] {
-        for (hosts, h) in r.hpl.get(c).into_iter().flatten() {
-            let base = r
-                .hpl
-                .get("physical")
-                .and_then(|m| m.get(hosts))
-                .map(|p| p.gflops)
-                .unwrap_or(f64::NAN);
-            let _ = writeln!(
-                o,
-                "{:<17} {:>5} {:>6} {:>9.3} {:>7} {:>10.2}",
-                c,
-                hosts,
-                h.n,
-                h.gflops,
-                ratio(h.gflops, base),
-                h.hpl_seconds
-            );
-        }
-    }
+    o.push_str(&hpl_table(r));
     let _ = writeln!(
         o,
         "\n7. Idle daemon CPU with {} Violins configured (per daemon, % of one core)",
@@ -1444,6 +1533,28 @@ fn tables(r: &Results) -> String {
 
 /// The smoke test's check: every figure has every configuration, with finite, positive
 /// numbers. Never a timing threshold.
+/// What is missing or malformed in figure 6.
+fn hpl_problems(r: &Results) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (under, m) in [("", &r.hpl), (" (shaped underlay)", &r.hpl_shaped)] {
+        for c in ["physical", "violin-xdp-fast", "violin-xdp-tap"] {
+            let ok = m.get(c).is_some_and(|m| {
+                !m.is_empty()
+                    && m.values().all(|h| {
+                        h.gflops > 0.0
+                            && h.hpl_seconds > 0.0
+                            && h.latency_us > 0.0
+                            && h.bandwidth_mbs > 0.0
+                    })
+            });
+            if !ok {
+                problems.push(format!("HPL of {c}{under}"));
+            }
+        }
+    }
+    problems
+}
+
 fn check(r: &Results) -> Result<()> {
     let mut problems = Vec::new();
     for c in &r.configs {
@@ -1544,14 +1655,7 @@ fn check(r: &Results) -> Result<()> {
     }) {
         problems.push("memory".into());
     }
-    for c in ["physical", "violin-xdp", "violin-xdp-fast"] {
-        let ok = r.hpl.get(c).is_some_and(|m| {
-            !m.is_empty() && m.values().all(|h| h.gflops > 0.0 && h.hpl_seconds > 0.0)
-        });
-        if !ok {
-            problems.push(format!("HPL of {c}"));
-        }
-    }
+    problems.extend(hpl_problems(r));
     if r.idle_cpu_percent.len() != 2 || r.idle_cpu_percent.values().any(|v| !v.is_finite()) {
         problems.push("idle CPU".into());
     }
