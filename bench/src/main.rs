@@ -505,8 +505,10 @@ fn main() -> Result<()> {
         tu.kernel_overlay()?,
         to.ovs_overlay()?,
         tu.violin_pair("perf", 100, 1, "socket", None)?,
+        tu.violin_pair("dgram", 103, 4, "dgram", None)?,
         tu.violin_pair("tap", 102, 3, "tap", None)?,
         tx.violin_pair("perf", 100, 1, "socket", None)?,
+        tx.violin_pair("dgram", 103, 4, "dgram", None)?,
         tx.violin_pair("fast", 101, 2, "xdp", None)?,
         tx.violin_pair("tap", 102, 3, "tap", None)?,
     ];

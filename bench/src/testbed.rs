@@ -282,15 +282,23 @@ impl Testbed {
         } else {
             format!("mtu = {}\n", self.guest_mtu())
         };
+        // `dgram`: a socket port with QEMU's `-netdev dgram` framing (the guest's relay
+        // plays QEMU's part), where `socket` has `-netdev stream`'s.
+        let port_spec = match port {
+            "dgram" => "port = \"socket\"\nsocket = \"dgram\"".to_string(),
+            p => format!("port = \"{p}\""),
+        };
         let spec = format!(
-            "name = \"{name}\"\nvni = {vni}\n{mtu}[[guest]]\nname = \"a\"\nhost = \"h1\"\nip = \"10.{subnet}.0.1/24\"\nport = \"{port}\"\n{guest}\
-             [[guest]]\nname = \"b\"\nhost = \"h2\"\nip = \"10.{subnet}.0.2/24\"\nport = \"{port}\"\n{link}"
+            "name = \"{name}\"\nvni = {vni}\n{mtu}[[guest]]\nname = \"a\"\nhost = \"h1\"\nip = \"10.{subnet}.0.1/24\"\n{port_spec}\n{guest}\
+             [[guest]]\nname = \"b\"\nhost = \"h2\"\nip = \"10.{subnet}.0.2/24\"\n{port_spec}\n{link}"
         );
         self.up_spec(name, &spec)?;
         let config = match (self.dataplane, port) {
             ("xdp", "xdp") => "violin-xdp-fast",
             ("xdp", "tap") => "violin-xdp-tap",
             (_, "tap") => "violin-udp-tap",
+            ("xdp", "dgram") => "violin-xdp-dgram",
+            (_, "dgram") => "violin-udp-dgram",
             ("xdp", _) => "violin-xdp",
             _ => "violin-udp",
         };
