@@ -83,6 +83,8 @@ pub struct HostConfig {
     /// Microseconds a packet worker keeps polling without sleeping after a round with
     /// work, before it blocks in `epoll_wait` (spin, then sleep): a frame that arrives
     /// meanwhile costs no wake-up. 0 turns it off. Default [`DEFAULT_BUSY_POLL_US`].
+    /// A worker that finds its CPU wanted by another thread mid-spin sleeps instead
+    /// for a while (`datapath::worker::Spin`).
     #[serde(default)]
     pub busy_poll_us: Option<u64>,
     /// Most guests this host takes, over all its Violins; an `up`/`apply` that would

@@ -111,7 +111,7 @@ impl Daemon {
             Worker::team(underlays).context("creating the packet workers")?;
         let spin = std::time::Duration::from_micros(cfg.busy_poll_us());
         for w in &mut workers {
-            w.set_spin(spin);
+            w.set_spin(crate::datapath::worker::Spin::new(spin));
         }
         let ctl_path = cfg.control_socket();
         let _ = std::fs::remove_file(&ctl_path);

@@ -564,15 +564,96 @@ pub struct Worker {
     udp_rx_frames: u64,
     team: Team,
     stop: Option<Reply<Vec<Port>>>,
-    /// After a round with work, poll without blocking for this long before sleeping in
-    /// `epoll_wait` (0: always sleep when there is nothing to do).
-    spin_ns: u64,
+    /// When to poll without blocking instead of sleeping in `epoll_wait`.
+    spin: Spin,
+}
+
+/// How long a worker keeps off spinning after finding its CPU shared mid-spin.
+pub const SPIN_BACKOFF_NS: u64 = 100_000_000;
+
+/// Involuntary switches in one spin window that are still "brief": the guest that was
+/// to answer runs once and blocks again. More mean a thread that wants the CPU for
+/// longer (an MPI rank polling for its message, a busy neighbour).
+pub const SPIN_SHARED_SWITCHES: u64 = 2;
+
+/// Spin, then sleep: after a round with work a worker polls without blocking for a
+/// window, so the answer to what it just forwarded costs no wake-up. Spinning is only
+/// free while nothing else wants the CPU: when the kernel switched the worker out
+/// involuntarily during a window (a runnable thread on this CPU: an MPI rank polling for
+/// its message, the guest that is to answer), the worker stops and sleeps through
+/// windows for [`SPIN_BACKOFF_NS`]. Time and the switch count are passed in.
+#[derive(Debug, Default)]
+pub struct Spin {
+    window_ns: u64,
+    /// More involuntary switches than this in one window: the CPU is shared.
+    shared_after: u64,
+    worked: u64,
+    /// The thread's involuntary switches when this window's spinning began.
+    base: Option<u64>,
+    off_until: u64,
+}
+
+impl Spin {
+    /// A window of `window` (zero: always sleep when there is nothing to do).
+    pub fn new(window: Duration) -> Spin {
+        Spin {
+            window_ns: window.as_nanos() as u64,
+            shared_after: SPIN_SHARED_SWITCHES,
+            ..Spin::default()
+        }
+    }
+
+    /// Spins through whole windows however often the thread is switched out.
+    pub fn regardless_of_sharing(self) -> Spin {
+        Spin {
+            shared_after: u64::MAX,
+            ..self
+        }
+    }
+
+    /// A round had work at `now`: a new window starts.
+    pub fn worked(&mut self, now: u64) {
+        self.worked = now;
+        self.base = None;
+    }
+
+    /// Whether to poll without blocking at `now`; `switches` reads the thread's
+    /// involuntary context switches (only called inside a window).
+    pub fn spin(&mut self, now: u64, switches: impl FnOnce() -> u64) -> bool {
+        if self.window_ns == 0
+            || now.saturating_sub(self.worked) >= self.window_ns
+            || now < self.off_until
+        {
+            return false;
+        }
+        let n = switches();
+        match self.base {
+            None => {
+                self.base = Some(n);
+                true
+            }
+            Some(b) if n.saturating_sub(b) > self.shared_after => {
+                self.off_until = now + SPIN_BACKOFF_NS;
+                false
+            }
+            Some(_) => true,
+        }
+    }
+}
+
+/// This thread's involuntary context switches so far (`ru_nivcsw`).
+fn involuntary_switches() -> u64 {
+    // SAFETY: an all-zero rusage is valid; getrusage(2) fills it for RUSAGE_THREAD.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    ru.ru_nivcsw as u64
 }
 
 impl Worker {
-    /// Busy-polls for `d` after each round with work (spin, then sleep).
-    pub fn set_spin(&mut self, d: Duration) {
-        self.spin_ns = d.as_nanos() as u64;
+    /// How it busy-polls after each round with work (spin, then sleep).
+    pub fn set_spin(&mut self, spin: Spin) {
+        self.spin = spin;
     }
 
     /// One worker per underlay (worker `i` serves `underlays[i]`, rx queue `i`), and
@@ -639,7 +720,7 @@ impl Worker {
                     udp_rx_frames: 0,
                     team,
                     stop: None,
-                    spin_ns: 0,
+                    spin: Spin::default(),
                 }
             })
             .collect();
@@ -660,15 +741,14 @@ impl Worker {
         // SAFETY: prctl(2) PR_SET_TIMERSLACK takes one integer argument.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000 as libc::c_ulong) };
         let mut events = Events::with_capacity(256);
-        // When a round last had something to do (spin, then sleep).
-        let mut worked = 0u64;
         loop {
             if !self.apply_commands() {
                 break;
             }
-            let spinning = self.spin_ns > 0 && self.now().saturating_sub(worked) < self.spin_ns;
-            let timeout = (spinning || !self.drr.is_idle()).then_some(Duration::ZERO);
-            if spinning && self.drr.is_idle() {
+            let idle = self.drr.is_idle();
+            let spinning = idle && self.spin.spin(self.now(), involuntary_switches);
+            let timeout = (spinning || !idle).then_some(Duration::ZERO);
+            if spinning {
                 // Whatever else wants this CPU (the guest that is to answer) goes first.
                 // SAFETY: sched_yield(2) takes no arguments.
                 unsafe { libc::sched_yield() };
@@ -681,7 +761,7 @@ impl Worker {
                 break;
             }
             if !events.is_empty() {
-                worked = self.now();
+                self.spin.worked(self.now());
             }
             for ev in events.iter() {
                 self.on_event(ev.token(), ev.is_readable(), ev.is_writable());
@@ -1321,7 +1401,8 @@ mod tests {
         let port = u[0].port();
         let (mut team, handles) = Worker::team(u.into_iter().map(Underlay::Udp).collect()).unwrap();
         let mut w = team.pop().unwrap();
-        w.set_spin(spin);
+        // Other tests share the CPUs: the window is what this checks, not sharing.
+        w.set_spin(Spin::new(spin).regardless_of_sharing());
         handles.send_all(|| Command::OpenUnderlay).unwrap();
         (std::thread::spawn(move || w.run()), handles, port)
     }
@@ -1331,6 +1412,46 @@ mod tests {
             reply: oneshot::channel().0,
         });
         t.join().unwrap();
+    }
+
+    #[test]
+    fn spins_for_its_window_after_work_only() {
+        let never = || -> u64 { panic!("switches read outside a window") };
+        assert!(!Spin::new(Duration::ZERO).spin(5, never));
+        let mut s = Spin::new(Duration::from_micros(200));
+        assert!(!s.spin(1_000_000, never), "no work yet");
+        s.worked(1_000_000);
+        assert!(s.spin(1_000_000, || 7));
+        assert!(s.spin(1_199_999, || 7));
+        assert!(!s.spin(1_200_000, never), "the window is over");
+    }
+
+    #[test]
+    fn a_shared_cpu_stops_spinning_for_the_backoff() {
+        let w = 200_000;
+        let mut s = Spin::new(Duration::from_nanos(w));
+        s.worked(0);
+        assert!(s.spin(10, || 100));
+        // The answering guest ran in between: brief, keep spinning.
+        assert!(s.spin(20, || 100 + SPIN_SHARED_SWITCHES));
+        // A thread that keeps wanting the CPU: stop, and stay off for the backoff,
+        // new windows included.
+        assert!(!s.spin(30, || 101 + SPIN_SHARED_SWITCHES));
+        s.worked(50);
+        assert!(!s.spin(60, || panic!("no reading while backing off")));
+        s.worked(30 + SPIN_BACKOFF_NS);
+        assert!(
+            s.spin(30 + SPIN_BACKOFF_NS, || 500),
+            "spins again after the backoff"
+        );
+        assert!(s.spin(40 + SPIN_BACKOFF_NS, || 500));
+        // Each window counts its own switches.
+        s.worked(w + 40 + SPIN_BACKOFF_NS);
+        assert!(s.spin(w + 50 + SPIN_BACKOFF_NS, || 600));
+        assert!(s.spin(w + 60 + SPIN_BACKOFF_NS, || 600 + SPIN_SHARED_SWITCHES));
+        let mut r = Spin::new(Duration::from_nanos(w)).regardless_of_sharing();
+        r.worked(0);
+        assert!(r.spin(1, || 0) && r.spin(2, || 1_000_000));
     }
 
     #[test]
