@@ -51,6 +51,13 @@ struct Cli {
     /// (`hpl-*.json`).
     #[arg(long)]
     hpl: bool,
+    /// Run only figure 8 (a quiet Violin's round trips while a neighbour floods), into
+    /// a results file of its own (`isolation-*.json`).
+    #[arg(long)]
+    isolation: bool,
+    /// Host counts of figure 6, e.g. `--hpl-hosts 4` (default 2,4; with --quick 2).
+    #[arg(long, value_delimiter = ',')]
+    hpl_hosts: Vec<usize>,
 }
 
 struct Plan {
@@ -321,6 +328,96 @@ fn flood_medians<'a>(pairs: &'a [Pair], plan: &Plan) -> Result<BTreeMap<&'a str,
         .collect())
 }
 
+/// Figure 8: a quiet Violin's round trips alone and while a neighbour Violin floods the
+/// same hosts, on each cluster (`[udp, xdp]`); the kernel overlay beside the udp plane's.
+fn isolation_figure(
+    r: &mut Results,
+    plan: &Plan,
+    [tu, tx]: [&Testbed; 2],
+    pairs: &[Pair],
+) -> Result<()> {
+    say("figure 8: a quiet Violin's round trips while a neighbour floods");
+    let quiet_of = |names: &[&str]| -> Vec<&Pair> {
+        pairs.iter().filter(|p| names.contains(&p.config)).collect()
+    };
+    for (tb, quiet) in [
+        (tu, quiet_of(&["kernel", "violin-udp", "violin-udp-tap"])),
+        (
+            tx,
+            quiet_of(&["violin-xdp", "violin-xdp-fast", "violin-xdp-tap"]),
+        ),
+    ] {
+        let noisy = tb.violin_pair("noisy", 250, 50, "tap", None)?;
+        for q in quiet {
+            let alone = load::udp_ping_pong(
+                &q.client.ns,
+                &q.server.ns,
+                q.server.ip,
+                plan.isolation_pings,
+            )?;
+            let flood = {
+                let (c, s, ip) = (
+                    noisy.client.ns.clone(),
+                    noisy.server.ns.clone(),
+                    noisy.server.ip,
+                );
+                let secs = 1.0 + plan.isolation_pings as f64 * 300e-6;
+                std::thread::spawn(move || load::udp_flood(&c, &s, ip, 1400, secs, &[]))
+            };
+            std::thread::sleep(Duration::from_millis(500));
+            let flooded = load::udp_ping_pong(
+                &q.client.ns,
+                &q.server.ns,
+                q.server.ip,
+                plan.isolation_pings,
+            );
+            let flood = flood
+                .join()
+                .map_err(|_| anyhow::anyhow!("the flood panicked"))??;
+            let flooded = flooded?;
+            say(&format!(
+                "  {} (next to {}): p99 {:.0} us alone, {:.0} us flooded",
+                q.config, noisy.config, alone.p99_us, flooded.p99_us
+            ));
+            r.isolation.insert(
+                format!("{} / {}", q.config, noisy.config),
+                Isolation {
+                    alone,
+                    flooded,
+                    flood_mbit: flood.received_pps * 1400.0 * 8.0 / 1e6,
+                },
+            );
+        }
+        tb.down_violin("noisy")?;
+    }
+    Ok(())
+}
+
+/// Writes the results as `PREFIX-STARTED[-quick].json` into `--out`, prints `text`
+/// and writes it to `--report`; returns the JSON's path.
+fn write_results(r: &Results, cli: &Cli, prefix: &str, text: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(&cli.out)?;
+    let file = cli.out.join(format!(
+        "{prefix}-{}{}.json",
+        r.started_unix,
+        if cli.quick { "-quick" } else { "" }
+    ));
+    std::fs::write(&file, serde_json::to_string_pretty(r)?)?;
+    print!("{text}");
+    if let Some(p) = &cli.report {
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(file)
+}
+
+/// Figure 6 for every host count of the plan.
+fn hpl_figures(r: &mut Results, plan: &Plan, id: u32) -> Result<()> {
+    for &hosts in &plan.hpl_hosts {
+        hpl_figure(r, plan, &format!("bh{id}"), hosts)?;
+    }
+    Ok(())
+}
+
 /// Figure 6 on `hosts` simulated hosts: N sized so HPL in the host namespaces takes
 /// `plan.hpl_seconds` (if set), then alternating rounds of every configuration, on the
 /// plain underlay and on one shaped to `plan.hpl_shaped`. A failed run is reported (and
@@ -451,7 +548,10 @@ fn main() -> Result<()> {
         say(&format!("results in {}", json.display()));
         return Ok(());
     }
-    let plan = Plan::new(cli.quick);
+    let mut plan = Plan::new(cli.quick);
+    if !cli.hpl_hosts.is_empty() {
+        plan.hpl_hosts = cli.hpl_hosts.clone();
+    }
     let t0 = Instant::now();
     let mut r = Results {
         machine: machine(),
@@ -465,22 +565,9 @@ fn main() -> Result<()> {
     let id = std::process::id() % 10000;
     if cli.hpl {
         say("figure 6 only: HPL alone, one MPI rank per host, physical vs in a Violin");
-        for &hosts in &plan.hpl_hosts {
-            hpl_figure(&mut r, &plan, &format!("bh{id}"), hosts)?;
-        }
+        hpl_figures(&mut r, &plan, id)?;
         r.seconds = t0.elapsed().as_secs_f64();
-        std::fs::create_dir_all(&cli.out)?;
-        let file = cli.out.join(format!(
-            "hpl-{}{}.json",
-            r.started_unix,
-            if cli.quick { "-quick" } else { "" }
-        ));
-        std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
-        let text = hpl_table(&r);
-        print!("{text}");
-        if let Some(p) = &cli.report {
-            std::fs::write(p, &text)?;
-        }
+        let file = write_results(&r, &cli, "hpl", &hpl_table(&r))?;
         say(&format!("results in {}", file.display()));
         let problems = [hpl_problems(&r), r.failures.clone()].concat();
         if !problems.is_empty() {
@@ -513,6 +600,13 @@ fn main() -> Result<()> {
         tx.violin_pair("tap", 102, 3, "tap", None)?,
     ];
     r.configs = pairs.iter().map(|p| p.config.to_string()).collect();
+    if cli.isolation {
+        isolation_figure(&mut r, &plan, [&tu, &tx], &pairs)?;
+        r.seconds = t0.elapsed().as_secs_f64();
+        let file = write_results(&r, &cli, "isolation", &isolation_table(&r))?;
+        say(&format!("results in {}", file.display()));
+        return Ok(());
+    }
     for p in &pairs {
         load::udp_ping_pong(&p.client.ns, &p.server.ns, p.server.ip, 20)
             .with_context(|| format!("{}: warm-up", p.config))?;
@@ -647,54 +741,7 @@ fn main() -> Result<()> {
         }
     }
 
-    say("figure 8: a quiet Violin's round trips while a neighbour floods");
-    for (tb, quiet) in [
-        (&tu, vec![&pairs[2], &pairs[4], &pairs[5]]),
-        (&tx, vec![&pairs[6], &pairs[7], &pairs[8]]),
-    ] {
-        let noisy = tb.violin_pair("noisy", 250, 50, "tap", None)?;
-        for q in quiet {
-            let alone = load::udp_ping_pong(
-                &q.client.ns,
-                &q.server.ns,
-                q.server.ip,
-                plan.isolation_pings,
-            )?;
-            let flood = {
-                let (c, s, ip) = (
-                    noisy.client.ns.clone(),
-                    noisy.server.ns.clone(),
-                    noisy.server.ip,
-                );
-                let secs = 1.0 + plan.isolation_pings as f64 * 300e-6;
-                std::thread::spawn(move || load::udp_flood(&c, &s, ip, 1400, secs, &[]))
-            };
-            std::thread::sleep(Duration::from_millis(500));
-            let flooded = load::udp_ping_pong(
-                &q.client.ns,
-                &q.server.ns,
-                q.server.ip,
-                plan.isolation_pings,
-            );
-            let flood = flood
-                .join()
-                .map_err(|_| anyhow::anyhow!("the flood panicked"))??;
-            let flooded = flooded?;
-            say(&format!(
-                "  {} (next to {}): p99 {:.0} us alone, {:.0} us flooded",
-                q.config, noisy.config, alone.p99_us, flooded.p99_us
-            ));
-            r.isolation.insert(
-                format!("{} / {}", q.config, noisy.config),
-                Isolation {
-                    alone,
-                    flooded,
-                    flood_mbit: flood.received_pps * 1400.0 * 8.0 / 1e6,
-                },
-            );
-        }
-        tb.down_violin("noisy")?;
-    }
+    isolation_figure(&mut r, &plan, [&tu, &tx], &pairs)?;
 
     say(&format!(
         "figure 7: idle daemons with {} Violins",
@@ -841,23 +888,9 @@ fn main() -> Result<()> {
         });
     }
     say("figure 6: HPL alone, one MPI rank per host, physical vs in a Violin");
-    for &hosts in &plan.hpl_hosts {
-        hpl_figure(&mut r, &plan, &format!("bh{id}"), hosts)?;
-    }
+    hpl_figures(&mut r, &plan, id)?;
     r.seconds = t0.elapsed().as_secs_f64();
-
-    std::fs::create_dir_all(&cli.out)?;
-    let file = cli.out.join(format!(
-        "bench-{}{}.json",
-        r.started_unix,
-        if cli.quick { "-quick" } else { "" }
-    ));
-    std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
-    let text = tables(&r);
-    print!("{text}");
-    if let Some(p) = &cli.report {
-        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
-    }
+    let file = write_results(&r, &cli, "bench", &tables(&r))?;
     // Charts before the check: a run with a failed figure still draws the rest.
     let charts = draw_charts(
         &r,
@@ -1128,6 +1161,35 @@ fn ratio(x: f64, base: f64) -> String {
     } else {
         "-".into()
     }
+}
+
+/// Figure 8 (4b in the tables) as a table.
+fn isolation_table(r: &Results) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\n4b. Isolation: a quiet pair's UDP round trips (µs) alone and while a neighbour \
+         Violin floods the same hosts (1400-byte UDP)"
+    );
+    let _ = writeln!(
+        o,
+        "{:<38} {:>9} {:>9} {:>9} {:>9} {:>11}",
+        "quiet / flooding", "p50", "p99", "p99 fl.", "+p99", "flood Mbit"
+    );
+    for (c, i) in &r.isolation {
+        let _ = writeln!(
+            o,
+            "{:<38} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.1}",
+            c,
+            i.alone.p50_us,
+            i.alone.p99_us,
+            i.flooded.p99_us,
+            i.flooded.p99_us - i.alone.p99_us,
+            i.flood_mbit
+        );
+    }
+    o
 }
 
 /// Figure 6 as a table: HPL and MPI ping-pong, unshaped and shaped.
@@ -1453,28 +1515,7 @@ fn tables(r: &Results) -> String {
             );
         }
     }
-    let _ = writeln!(
-        o,
-        "\n4b. Isolation: a quiet pair's UDP round trips (µs) alone and while a neighbour \
-         Violin floods the same hosts (1400-byte UDP)"
-    );
-    let _ = writeln!(
-        o,
-        "{:<38} {:>9} {:>9} {:>9} {:>9} {:>11}",
-        "quiet / flooding", "p50", "p99", "p99 fl.", "+p99", "flood Mbit"
-    );
-    for (c, i) in &r.isolation {
-        let _ = writeln!(
-            o,
-            "{:<38} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.1}",
-            c,
-            i.alone.p50_us,
-            i.alone.p99_us,
-            i.flooded.p99_us,
-            i.flooded.p99_us - i.alone.p99_us,
-            i.flood_mbit
-        );
-    }
+    o.push_str(&isolation_table(r));
     let _ = writeln!(
         o,
         "\n5. Sharing: N Violins with the same addresses, each flooding (1400-byte UDP)"
