@@ -7,8 +7,8 @@
 # Steps: Debian packages, the nightly toolchain's rust-src (for the eBPF build),
 # bpf-linker built against the nightly rustc's own libLLVM (no prebuilt binary can be
 # downloaded here; see ../shared/notes/toolchain.md), cargo-fuzz (the fuzz targets), the
-# bench's xhpl (scripts/build-hpl.sh), and the default image of QEMU guests (a Debian kernel + busybox initramfs,
-# scripts/build-guest-image.sh).
+# bench's xhpl (scripts/build-hpl.sh), and the default image of QEMU guests (a Debian
+# kernel + busybox initramfs, scripts/build-guest-image.sh).
 set -euo pipefail
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
