@@ -19,3 +19,9 @@ pub const VXLAN_OVERHEAD: usize = 14 + 20 + 8 + 8;
 
 /// The largest VNI: VXLAN network identifiers are 24 bits.
 pub const VNI_MAX: u32 = (1 << 24) - 1;
+
+/// The bytes of one AF_XDP frame a packet can use: user space's UMEM frames are 2048
+/// bytes, of which the kernel keeps the first `XDP_PACKET_HEADROOM` (256) for XDP. A
+/// longer frame takes the kernel's UDP socket on the underlay (and cannot use a fast
+/// guest port at all).
+pub const XSK_FRAME_DATA: usize = 2048 - 256;

@@ -82,7 +82,7 @@ impl SlotOpener {
 pub enum SendError {
     /// No neighbour entry for the destination: send it through the kernel instead.
     NoNeighbour,
-    /// Longer than one AF_XDP frame (a jumbo frame): send it through the kernel.
+    /// Longer than one AF_XDP frame's data (a jumbo frame): send it through the kernel.
     TooLong,
     Dropped(Verdict),
 }
@@ -183,7 +183,7 @@ impl AfXdp {
 
     /// Encapsulates `frame` for `dst` and queues it for transmission ([`Self::flush`]).
     pub fn send(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), SendError> {
-        if VXLAN_OVERHEAD + frame.len() > super::xsk::FRAME_SIZE as usize {
+        if VXLAN_OVERHEAD + frame.len() > super::xsk::FRAME_DATA as usize {
             return Err(SendError::TooLong);
         }
         let Some(&mac) = self.neighbours.get(&dst) else {

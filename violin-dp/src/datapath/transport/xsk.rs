@@ -19,13 +19,18 @@ use xsk_rs::config::{
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
 pub const FRAME_SIZE: u32 = 2048;
+/// What a frame holds after the kernel's XDP headroom: the longest packet one AF_XDP
+/// descriptor carries, received or sent (checked against the UMEM's layout in
+/// [`XskCore::open`]).
+pub const FRAME_DATA: u32 = violin_common::XSK_FRAME_DATA as u32;
 
 /// The longest frame the xdp plane carries as one frame on an underlay of MTU `mtu`:
 /// longer, it is a super-frame (longer than the MTU) or a jumbo one (longer than an
-/// AF_XDP frame), and goes through the kernel's UDP socket. The classifier passes such
-/// frames to the kernel, and senders send a super-frame whole only when it is longer.
+/// AF_XDP frame's data), and goes through the kernel's UDP socket. The classifier
+/// passes such frames to the kernel, and senders send a super-frame whole only when it
+/// is longer.
 pub fn largest_single_frame(mtu: u32) -> u32 {
-    (mtu + 14).min(FRAME_SIZE)
+    (mtu + 14).min(FRAME_DATA)
 }
 const BATCH: usize = 64;
 
@@ -112,6 +117,11 @@ impl XskCore {
             .comp_queue_size(QueueSize::new(tx_ring).unwrap())
             .build()
             .context("UMEM configuration")?;
+        ensure!(
+            cfg.mtu() == FRAME_DATA,
+            "AF_XDP frames hold {} bytes of packet, not the {FRAME_DATA} assumed",
+            cfg.mtu()
+        );
         let (umem, mut descs) = Umem::new(cfg, frames.try_into().context("frames")?, false)
             .map_err(|e| anyhow!("creating a UMEM of {frames} frames: {e}"))?;
         let ifname: Interface = iface
@@ -185,9 +195,9 @@ impl XskCore {
     }
 
     /// Copies `parts` into one frame and queues it; sent by [`Self::flush`] (or when a
-    /// batch is full).
+    /// batch is full). Longer than [`FRAME_DATA`]: `Oversize`, nothing sent.
     pub fn send(&mut self, parts: &[&[u8]]) -> Result<(), Verdict> {
-        if parts.iter().map(|p| p.len()).sum::<usize>() > FRAME_SIZE as usize {
+        if parts.iter().map(|p| p.len()).sum::<usize>() > FRAME_DATA as usize {
             return Err(Verdict::Oversize);
         }
         if self.free.is_empty() {
@@ -203,7 +213,7 @@ impl XskCore {
             let mut c = data.cursor();
             c.set_pos(0);
             for p in parts {
-                // Cannot fail: the frame holds FRAME_SIZE bytes, checked above.
+                // Cannot fail: the frame holds FRAME_DATA bytes, checked above.
                 let _ = c.write_all(p);
             }
         }
