@@ -202,6 +202,15 @@ impl AfXdp {
         self.core.flush()
     }
 
+    /// Sends what waits in the TX batch now, if anything does (no system call
+    /// otherwise): before a frame that takes the kernel's socket instead.
+    #[inline]
+    pub fn flush_pending(&mut self) {
+        if self.core.pending() > 0 {
+            self.core.flush()
+        }
+    }
+
     /// True when the TX path is backed up: the daemon then stops reading guests (their
     /// sockets fill and push back) instead of dropping frames here.
     pub fn congested(&self) -> bool {

@@ -279,6 +279,11 @@ impl XskCore {
     pub fn pool_frames(&self) -> usize {
         self.pool_frames
     }
+    /// Queued by `send`, not yet handed to the TX ring.
+    #[inline]
+    pub fn pending(&self) -> usize {
+        self.tx_pending.len()
+    }
     /// Sent but not yet completed.
     pub fn backlog(&self) -> usize {
         self.pool_frames - self.free.len() - self.tx_pending.len()
