@@ -55,6 +55,10 @@ struct Cli {
     /// a results file of its own (`isolation-*.json`).
     #[arg(long)]
     isolation: bool,
+    /// Run only figure 2c (TCP on an underlay of MTU 9000), into a results file of its
+    /// own (`jumbo-*.json`).
+    #[arg(long)]
+    jumbo: bool,
     /// Host counts of figure 6, e.g. `--hpl-hosts 4` (default 2,4; with --quick 2).
     #[arg(long, value_delimiter = ',')]
     hpl_hosts: Vec<usize>,
@@ -410,6 +414,41 @@ fn write_results(r: &Results, cli: &Cli, prefix: &str, text: &str) -> Result<Pat
     Ok(file)
 }
 
+/// Figure 2c: TCP with 1, 4 and 8 streams on two more clusters whose underlay has MTU
+/// 9000 (guests 8950). Returns the configurations measured.
+fn jumbo_figure(r: &mut Results, plan: &Plan, id: u32) -> Result<Vec<String>> {
+    let ju = Testbed::up_mtu(&format!("ju{id}"), "udp", 9000)?;
+    let jx = Testbed::up_mtu(&format!("jx{id}"), "xdp", 9000)?;
+    let jumbo: Vec<Pair> = vec![
+        ju.physical(),
+        Pair {
+            config: "physical-xdp",
+            ..jx.physical()
+        },
+        ju.kernel_overlay()?,
+        ju.violin_pair("perf", 100, 1, "socket", None)?,
+        ju.violin_pair("tap", 102, 3, "tap", None)?,
+        jx.violin_pair("perf", 100, 1, "socket", None)?,
+        jx.violin_pair("tap", 102, 3, "tap", None)?,
+    ];
+    say("  (not ovs: its userspace datapath runs without offloads here; not fast ports:");
+    say("   a fast port takes frames of one AF_XDP frame, 1792 bytes)");
+    for streams in [1u32, 4, 8] {
+        for (c, (g, cost)) in tcp_medians(&jumbo, streams, plan)? {
+            let s = format!("{streams}");
+            r.tcp_jumbo_gbps
+                .entry(c.into())
+                .or_default()
+                .insert(s.clone(), g);
+            r.tcp_jumbo_cost
+                .entry(c.into())
+                .or_default()
+                .insert(s, cost);
+        }
+    }
+    Ok(jumbo.iter().map(|p| p.config.to_string()).collect())
+}
+
 /// Figure 6 for every host count of the plan.
 fn hpl_figures(r: &mut Results, plan: &Plan, id: u32) -> Result<()> {
     for &hosts in &plan.hpl_hosts {
@@ -575,6 +614,14 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    if cli.jumbo {
+        say("figure 2c only: TCP throughput on an underlay of MTU 9000");
+        r.configs = jumbo_figure(&mut r, &plan, id)?;
+        r.seconds = t0.elapsed().as_secs_f64();
+        let file = write_results(&r, &cli, "jumbo", &jumbo_table(&r))?;
+        say(&format!("results in {}", file.display()));
+        return Ok(());
+    }
     say("bringing up two simulated 2-host clusters (udp and xdp data planes)");
     let tu = Testbed::up(&format!("bu{id}"), "udp")?;
     let tx = Testbed::up(&format!("bx{id}"), "xdp")?;
@@ -627,37 +674,7 @@ fn main() -> Result<()> {
     }
 
     say("figure 2c: TCP throughput on an underlay of MTU 9000");
-    {
-        let ju = Testbed::up_mtu(&format!("ju{id}"), "udp", 9000)?;
-        let jx = Testbed::up_mtu(&format!("jx{id}"), "xdp", 9000)?;
-        let jumbo: Vec<Pair> = vec![
-            ju.physical(),
-            Pair {
-                config: "physical-xdp",
-                ..jx.physical()
-            },
-            ju.kernel_overlay()?,
-            ju.violin_pair("perf", 100, 1, "socket", None)?,
-            ju.violin_pair("tap", 102, 3, "tap", None)?,
-            jx.violin_pair("perf", 100, 1, "socket", None)?,
-            jx.violin_pair("tap", 102, 3, "tap", None)?,
-        ];
-        say("  (not ovs: its userspace datapath runs without offloads here; not fast ports:");
-        say("   a fast port takes frames of one 2 KiB AF_XDP buffer)");
-        for streams in [1u32, 4, 8] {
-            for (c, (g, cost)) in tcp_medians(&jumbo, streams, &plan)? {
-                let s = format!("{streams}");
-                r.tcp_jumbo_gbps
-                    .entry(c.into())
-                    .or_default()
-                    .insert(s.clone(), g);
-                r.tcp_jumbo_cost
-                    .entry(c.into())
-                    .or_default()
-                    .insert(s, cost);
-            }
-        }
-    }
+    jumbo_figure(&mut r, &plan, id)?;
 
     say("figure 2b: TCP throughput, 1 stream, underlay shaped to 1 Gbit/s");
     tu.shape_underlay(Some("1gbit"))?;
@@ -1193,6 +1210,21 @@ fn isolation_table(r: &Results) -> String {
 }
 
 /// Figure 6 as a table: HPL and MPI ping-pong, unshaped and shaped.
+/// Figure 2c's table (empty if it was not measured).
+fn jumbo_table(r: &Results) -> String {
+    let mut o = String::new();
+    if !r.tcp_jumbo_gbps.is_empty() {
+        tcp_table(
+            &mut o,
+            "2c. TCP throughput on an underlay of MTU 9000 (guests 8950), Gbit/s",
+            &r.configs,
+            &r.tcp_jumbo_gbps,
+            &r.tcp_jumbo_cost,
+        );
+    }
+    o
+}
+
 fn hpl_table(r: &Results) -> String {
     use std::fmt::Write;
     let mut o = String::new();
@@ -1403,15 +1435,7 @@ fn tables(r: &Results) -> String {
         &r.tcp_gbps,
         &r.tcp_cost,
     );
-    if !r.tcp_jumbo_gbps.is_empty() {
-        tcp_table(
-            &mut o,
-            "2c. TCP throughput on an underlay of MTU 9000 (guests 8950), Gbit/s",
-            &r.configs,
-            &r.tcp_jumbo_gbps,
-            &r.tcp_jumbo_cost,
-        );
-    }
+    o.push_str(&jumbo_table(r));
     let _ = writeln!(
         o,
         "\n2b. TCP throughput, 1 stream, underlay shaped to 1 Gbit/s (tc tbf), Gbit/s"
