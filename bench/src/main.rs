@@ -1209,7 +1209,6 @@ fn isolation_table(r: &Results) -> String {
     o
 }
 
-/// Figure 6 as a table: HPL and MPI ping-pong, unshaped and shaped.
 /// Figure 2c's table (empty if it was not measured).
 fn jumbo_table(r: &Results) -> String {
     let mut o = String::new();
@@ -1225,6 +1224,7 @@ fn jumbo_table(r: &Results) -> String {
     o
 }
 
+/// Figure 6 as a table: HPL and MPI ping-pong, unshaped and shaped.
 fn hpl_table(r: &Results) -> String {
     use std::fmt::Write;
     let mut o = String::new();

@@ -318,12 +318,18 @@ fn jumbo_frames_cross_an_mtu_9000_underlay(dp: &str) {
         "tapv.toml",
         &TAP_SPEC.replace("vni = 150", "vni = 150\nmtu = 8950"),
     );
-    for (from, to) in [("a", "10.5.0.2"), ("a", "10.5.0.3"), ("s", "10.5.0.1")] {
+    // `count` pings of `size` bytes (not fragmented) from guest `from` to `to`: ping's
+    // output.
+    let ping = |from: &str, to: &str, size: u32, count: u32| {
+        let (size, count) = (size.to_string(), count.to_string());
         let o = c.cmd(&[
-            "exec", "tapv", from, "--", "ping", "-q", "-c", "3", "-i", "0.2", "-W", "1", "-s",
-            "8000", "-M", "do", to,
+            "exec", "tapv", from, "--", "ping", "-q", "-c", &count, "-i", "0.2", "-W", "1", "-s",
+            &size, "-M", "do", to,
         ]);
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    for (from, to) in [("a", "10.5.0.2"), ("a", "10.5.0.3"), ("s", "10.5.0.1")] {
+        let out = ping(from, to, 8000, 3);
         assert!(
             out.contains("3 received"),
             "{dp}: 8000-byte ping {from} → {to}: {out}"
@@ -334,13 +340,7 @@ fn jumbo_frames_cross_an_mtu_9000_underlay(dp: &str) {
     // frame: the xdp plane once sent 1743..1998-byte frames truncated through AF_XDP,
     // and the frames were lost.
     for size in [1700, 1701, 1760, 1850, 1956, 1957] {
-        let size = size.to_string();
-        let ping = "ping -q -c 2 -i 0.2 -W 1 -M do -s";
-        let mut args = vec!["exec", "tapv", "a", "--"];
-        args.extend(ping.split(' '));
-        args.extend([size.as_str(), "10.5.0.2"]);
-        let o = c.cmd(&args);
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let out = ping("a", "10.5.0.2", size, 2);
         assert!(
             out.contains("2 received"),
             "{dp}: {size}-byte ping a → b: {out}"
