@@ -19,7 +19,8 @@ SUDO=""
 PKGS=(build-essential pkg-config m4 clang libelf-dev zlib1g-dev
       curl iproute2 ethtool iputils-ping tcpdump iperf3 procps fonts-dejavu-core libfontconfig1-dev
       qemu-system-x86 busybox-static cpio xz-utils e2fsprogs openmpi-bin libopenmpi-dev libblas3 openvswitch-switch
-      etcd-server etcd-client protobuf-compiler util-linux openssl)
+      etcd-server etcd-client protobuf-compiler util-linux openssl
+      libprotobuf-dev)  # google/protobuf/*.proto for etcd-client's build (only Recommended by protoc)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
