@@ -100,6 +100,7 @@ fn run(id: &str, size: Size, etcd: bool, say: &dyn Fn(&str)) -> Result<Run> {
         dataplane: DataplaneChoice::Udp,
         mtu: 1500,
         xdp_single_socket: false,
+        no_remote_checksum: false,
         queues: 1,
         workers: None,
         xdp_attach: Default::default(),

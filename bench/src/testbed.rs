@@ -104,6 +104,7 @@ impl Testbed {
             dataplane: dp,
             mtu: 1500,
             xdp_single_socket: false,
+            no_remote_checksum: false,
             queues: 1,
             workers: None,
             xdp_attach: Default::default(),

@@ -174,6 +174,10 @@ pub enum ClusterCmd {
         /// back to where a driver refuses shared UMEM), instead of one per Violin.
         #[arg(long)]
         xdp_single_socket: bool,
+        /// Super-frames between the daemons carry complete checksums (no VXLAN remote
+        /// checksum offload: `remote_checksum = false` in each host's config).
+        #[arg(long)]
+        no_remote_checksum: bool,
         /// Rx/tx queues of each host's NIC (a veth): more than one simulates a multi-queue
         /// NIC. Each host runs a packet worker per queue (unless --workers says otherwise).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
@@ -242,6 +246,7 @@ pub fn run(cli: Cli) -> Result<()> {
             dataplane,
             mtu,
             xdp_single_socket,
+            no_remote_checksum,
             queues,
             workers,
             xdp_attach,
@@ -260,6 +265,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     dataplane,
                     mtu,
                     xdp_single_socket,
+                    no_remote_checksum,
                     queues,
                     workers: workers.map(|w| w as usize),
                     xdp_attach,

@@ -66,6 +66,9 @@ impl Daemon {
                     cfg.underlay, cfg.vxlan_port
                 )
             })?;
+        group
+            .iter_mut()
+            .for_each(|u| u.set_remote_checksum(cfg.remote_checksum));
         match &link {
             Ok(l) => {
                 let largest = crate::datapath::transport::xsk::largest_single_frame(l.mtu) as usize;

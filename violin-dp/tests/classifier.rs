@@ -286,7 +286,8 @@ fn differential() {
         let v = moved[0];
         let fragment = pkt.len() >= 22 && u16::from_be_bytes([pkt[20], pkt[21]]) & 0x3fff != 0;
         match parse_outer(&pkt, 4789) {
-            Ok((src, vni, _)) if !fragment => {
+            Ok((src, vx, _)) if !fragment => {
+                let vni = vx.vni;
                 let want = match (src == MEMBER, vni) {
                     (true, 101) => Verdict::Forward,
                     (true, 102) => Verdict::Forward, // no socket: dropped after counting

@@ -2,7 +2,8 @@
 //! take TCP super-frames (far fewer port frames than wire segments, both ways), and
 //! take UDP datagrams coalesced into USO super-frames, split back whole; a
 //! super-frame to a socket guest or to a Linux kernel vxlan device is segmented with
-//! correct checksums (TCP would stall otherwise); a capped link still holds TCP under
+//! correct checksums (TCP would stall otherwise) — between the daemons their checksums
+//! travel partial (remote checksum offload) unless the cluster turns that off; a capped link still holds TCP under
 //! its rate; and the host's own TCP keeps its segmentation offload with the xdp plane
 //! attached.
 mod common;
@@ -364,6 +365,40 @@ on_both_dataplanes!(
     a_tap_guest_survives_a_daemon_crash,
     jumbo_frames_cross_an_mtu_9000_underlay,
 );
+
+/// With remote checksum offload off (`--no-remote-checksum`: a cluster that still has
+/// daemons older than it), super-frames between the daemons carry complete checksums,
+/// and tap guests' TCP runs the same way.
+#[test]
+fn tap_guests_without_remote_checksum_offload() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "udp", &["--no-remote-checksum"]);
+    for h in ["h1", "h2"] {
+        let p = violin_dp::cluster::state_dir(&c.run_dir, &c.name).join(format!("{h}.toml"));
+        let cfg = violin_dp::config::HostConfig::load(&p).unwrap();
+        assert!(!cfg.remote_checksum, "{h}'s config turns it off");
+    }
+    c.up_spec("tapv.toml", TAP_SPEC);
+    assert!(c.ping("tapv", "a", "10.5.0.2", 3), "a → b");
+    let (na, nb) = (c.guest_ns("tapv", "a"), c.guest_ns("tapv", "b"));
+    let bps = iperf(&nb, &na, "10.5.0.2", 2, false);
+    let back = iperf(&nb, &na, "10.5.0.2", 2, true);
+    eprintln!(
+        "no RCO: TCP a → b {:.2} Gbit/s, back {:.2} Gbit/s",
+        bps / 1e9,
+        back / 1e9
+    );
+    assert!(bps > 50e6 && back > 50e6, "{bps} / {back}");
+    let s = c.stats("tapv");
+    assert_eq!(
+        s.drops.get("malformed").copied().unwrap_or(0),
+        0,
+        "{:?}",
+        s.drops
+    );
+}
 
 /// The xdp plane attaches generic on a veth, so the host's own TCP keeps segmentation
 /// offload; attached native it would arrive segmented. Behaviour, not speed: the veth

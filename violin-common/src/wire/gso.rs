@@ -15,12 +15,18 @@
 //!   addresses, ports, TTL and TOS, every datagram as long as the first but the last,
 //!   at most [`UDP_MAX_SEGS`]. The result carries a partial checksum for the receiver.
 //! - [`complete_checksum`] finishes a plain frame's partial checksum.
+//! - Between Violin daemons a segment may travel with its L4 checksum partial (remote
+//!   checksum offload, [`Gso::segment_header_partial`]); the receiver describes it as a
+//!   one-segment [`Gso::from_rco`], which a tap takes as it is and any other consumer
+//!   completes on segmenting, and the coalescer takes it unverified
+//!   ([`Coalescer::push_partial`]).
 
 use super::checksum;
 use super::ethernet::EtherType;
 use super::ipv4::Ipv4Packet;
 use super::tcp::{self, TcpPacket};
 use super::virtio::{GsoType, VirtioNetRepr, F_DATA_VALID, F_NEEDS_CSUM};
+use super::vxlan::Rco;
 use super::{get_u16, get_u32, set_u16, Error, Result};
 use core::ops::Range;
 
@@ -45,10 +51,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn v6(self) -> bool {
+    pub fn v6(self) -> bool {
         matches!(self, Kind::Tcp6 | Kind::Udp6)
     }
-    fn tcp(self) -> bool {
+    pub fn tcp(self) -> bool {
         matches!(self, Kind::Tcp4 | Kind::Tcp6)
     }
 }
@@ -74,6 +80,22 @@ impl Gso {
         if v.gso_type == GsoType::None {
             return Ok(None);
         }
+        let g = Gso::check(v, frame)?;
+        // A super-frame may not stand for more segments than its sender's kernel would
+        // make: a guest cannot turn one frame into thousands of sends.
+        let too_many = if g.kind.tcp() {
+            v.gso_size < TCP_MIN_SEG
+        } else {
+            g.segments(frame.len()) > UDP_MAX_SEGS
+        };
+        if too_many {
+            return Err(Error::Malformed);
+        }
+        Ok(Some(g))
+    }
+
+    /// The layout `v` describes, checked against `frame`'s own headers.
+    fn check(v: &VirtioNetRepr, frame: &[u8]) -> Result<Gso> {
         if v.gso_size == 0 {
             return Err(Error::Malformed);
         }
@@ -126,21 +148,57 @@ impl Gso {
             hdr_len: hdr_len as u16,
             seg_size: v.gso_size,
         };
-        // Every segment must be a valid IP packet, and a super-frame may not stand for
-        // more segments than its sender's kernel would make: a guest cannot turn one
-        // frame into thousands of sends.
+        // Every segment must be a valid IP packet.
         if hdr_len - ETH + usize::from(v.gso_size) > IP_MAX {
             return Err(Error::Malformed);
         }
-        let too_many = if kind.tcp() {
-            v.gso_size < TCP_MIN_SEG
-        } else {
-            g.segments(frame.len()) > UDP_MAX_SEGS
+        Ok(g)
+    }
+
+    /// The layout of `frame`, one segment whose L4 checksum is partial at `r` (remote
+    /// checksum offload): the same checks as [`Gso::from_virtio`] for a frame that stays
+    /// one segment, so a transport can complete the checksum on segmenting, and a tap
+    /// can take the frame with `NEEDS_CSUM`.
+    pub fn from_rco(r: Rco, frame: &[u8]) -> Result<Gso> {
+        let tcp = TcpPacket::new_checked(frame.get(usize::from(r.start)..).unwrap_or(&[]));
+        let hdr = usize::from(r.start)
+            + match (r.udp, tcp) {
+                (true, _) => UDP_LEN,
+                (false, Ok(t)) => t.header_len(),
+                (false, Err(e)) => return Err(e),
+            };
+        let v = VirtioNetRepr {
+            flags: F_NEEDS_CSUM,
+            gso_type: if r.udp {
+                GsoType::UdpL4
+            } else {
+                GsoType::TcpV4
+            },
+            ecn: false,
+            hdr_len: hdr as u16,
+            gso_size: frame.len().saturating_sub(hdr).max(1) as u16,
+            csum_start: r.start,
+            csum_offset: r.offset(),
         };
-        if too_many {
+        let v = match frame.get(12..14) {
+            // The GSO type names the IP version; `from_virtio` checks it against the frame.
+            Some([0x86, 0xdd]) if !r.udp => VirtioNetRepr {
+                gso_type: GsoType::TcpV6,
+                ..v
+            },
+            _ => v,
+        };
+        let one = Gso::check(&v, frame)?;
+        if one.segments(frame.len()) != 1 {
             return Err(Error::Malformed);
         }
-        Ok(Some(g))
+        Ok(one)
+    }
+
+    /// Whether `len` bytes of this layout stand for one segment with a partial checksum
+    /// (what [`Gso::from_rco`] gives) rather than a super-frame.
+    pub fn is_one(&self, len: usize) -> bool {
+        self.segments(len) == 1
     }
 
     /// How many segments a `len`-byte super-frame becomes.
@@ -158,6 +216,17 @@ impl Gso {
     pub fn largest(&self, len: usize) -> usize {
         let payload = len.saturating_sub(usize::from(self.hdr_len));
         usize::from(self.hdr_len) + payload.min(usize::from(self.seg_size))
+    }
+
+    /// The virtio header of a one-segment frame with its checksum partial: a plain
+    /// frame with `NEEDS_CSUM`.
+    pub fn to_virtio_one(&self) -> VirtioNetRepr {
+        VirtioNetRepr {
+            flags: F_NEEDS_CSUM,
+            csum_start: self.l4,
+            csum_offset: if self.kind.tcp() { 16 } else { 6 },
+            ..VirtioNetRepr::PLAIN
+        }
     }
 
     /// The virtio header that hands the super-frame on unsegmented.
@@ -181,6 +250,17 @@ impl Gso {
     /// where the segment's payload lies in `frame`. The L4 checksum is complete (it
     /// covers that payload). `i` must be below [`Gso::segments`].
     pub fn segment_header(&self, frame: &[u8], i: usize, out: &mut [u8]) -> Range<usize> {
+        self.headers(frame, i, out, false)
+    }
+
+    /// [`Gso::segment_header`] with the L4 checksum left partial: the pseudo-header's
+    /// sum, as a `NEEDS_CSUM` frame carries it, for a receiver that completes it where
+    /// needed (remote checksum offload). The payload is not read.
+    pub fn segment_header_partial(&self, frame: &[u8], i: usize, out: &mut [u8]) -> Range<usize> {
+        self.headers(frame, i, out, true)
+    }
+
+    fn headers(&self, frame: &[u8], i: usize, out: &mut [u8], partial: bool) -> Range<usize> {
         let hl = usize::from(self.hdr_len);
         let l4 = usize::from(self.l4);
         let seg = usize::from(self.seg_size);
@@ -223,6 +303,10 @@ impl Gso {
             set_u16(out, l4 + 4, (UDP_LEN + plen) as u16);
             l4 + 6
         };
+        if partial {
+            set_u16(out, csum_at, pseudo);
+            return start..end;
+        }
         set_u16(out, csum_at, 0);
         let mut c = !checksum::combine(&[
             pseudo,
@@ -296,6 +380,9 @@ pub struct Coalescer {
     next_seq: u32,
     /// A short or PSH segment ended it: nothing more may follow.
     closed: bool,
+    /// The first segment's L4 checksum is partial (it came with remote checksum
+    /// offload): alone, it leaves with `NEEDS_CSUM`.
+    partial: bool,
 }
 
 /// A segment the coalescer may take: offsets into it.
@@ -309,8 +396,9 @@ struct Seg {
 }
 
 /// Checks `f` is a plain, checksummed TCP/IPv4 data segment, or (with `udp`) UDP/IPv4
-/// datagram, without IP options.
-fn coalescable(f: &[u8], udp: bool) -> Option<Seg> {
+/// datagram, without IP options. With `partial`, its L4 checksum is partial and is not
+/// verified (the outer UDP checksum covered it on the way).
+fn coalescable(f: &[u8], udp: bool, partial: bool) -> Option<Seg> {
     if f.len() < ETH + IPV4_MIN + UDP_LEN || EtherType(get_u16(f, 12)) != EtherType::IPV4 {
         return None;
     }
@@ -332,7 +420,10 @@ fn coalescable(f: &[u8], udp: bool) -> Option<Seg> {
         // A zero checksum is "none" (IPv4): nothing to verify, and a partial one for
         // the whole is as good.
         let c = get_u16(u, 6);
-        if c != 0 && checksum::combine(&[pseudo4(ip, 17, u.len()), checksum::sum(u)]) != 0xffff {
+        if !partial
+            && c != 0
+            && checksum::combine(&[pseudo4(ip, 17, u.len()), checksum::sum(u)]) != 0xffff
+        {
             return None;
         }
         return Some(Seg {
@@ -354,7 +445,7 @@ fn coalescable(f: &[u8], udp: bool) -> Option<Seg> {
     if t.payload().is_empty() {
         return None;
     }
-    if !t.verify_checksum(pseudo4(ip, 6, total - IPV4_MIN)) {
+    if !partial && !t.verify_checksum(pseudo4(ip, 6, total - IPV4_MIN)) {
         return None;
     }
     Some(Seg {
@@ -388,7 +479,17 @@ impl Coalescer {
     /// Offers frame `f`; `buf` holds the pending super-frame (the same buffer every
     /// call, at least 14 + 65535 bytes).
     pub fn push(&mut self, buf: &mut [u8], f: &[u8]) -> Push {
-        let Some(s) = coalescable(f, self.udp) else {
+        self.offer(buf, f, false)
+    }
+
+    /// Offers frame `f`, whose L4 checksum is partial (remote checksum offload: it is
+    /// taken as verified). `Push::Alone` means it goes on with `NEEDS_CSUM`.
+    pub fn push_partial(&mut self, buf: &mut [u8], f: &[u8]) -> Push {
+        self.offer(buf, f, true)
+    }
+
+    fn offer(&mut self, buf: &mut [u8], f: &[u8], partial: bool) -> Push {
+        let Some(s) = coalescable(f, self.udp, partial) else {
             return Push::Alone;
         };
         let plen = s.end - s.hdr_len;
@@ -406,6 +507,7 @@ impl Coalescer {
                 segs: 1,
                 next_seq: s.seq.wrapping_add(plen as u32),
                 closed: s.flags & tcp::flags::PSH != 0,
+                partial,
             };
             return Push::Added;
         }
@@ -457,7 +559,7 @@ impl Coalescer {
 
     /// Finishes the pending super-frame in `buf`: its virtio header and length, or
     /// `None` when nothing is pending. One segment comes back as it arrived (checksum
-    /// verified); more carry IPv4 length and checksum for the whole (UDP: and its
+    /// verified, or partial with `NEEDS_CSUM` if it came so); more carry IPv4 length and checksum for the whole (UDP: and its
     /// length), and an L4 checksum left partial (pseudo-header sum), for the receiver
     /// to take as verified.
     pub fn finish(&mut self, buf: &mut [u8]) -> Option<(VirtioNetRepr, usize)> {
@@ -466,6 +568,16 @@ impl Coalescer {
         }
         let udp = self.udp;
         let c = core::mem::replace(self, Coalescer::new(udp));
+        let kind = c.kind.unwrap_or(Kind::Tcp4);
+        if c.segs == 1 && c.partial {
+            let v = VirtioNetRepr {
+                flags: F_NEEDS_CSUM,
+                csum_start: (ETH + IPV4_MIN) as u16,
+                csum_offset: if kind.tcp() { 16 } else { 6 },
+                ..VirtioNetRepr::PLAIN
+            };
+            return Some((v, c.len));
+        }
         if c.segs == 1 {
             let v = VirtioNetRepr {
                 flags: F_DATA_VALID,
@@ -473,7 +585,6 @@ impl Coalescer {
             };
             return Some((v, c.len));
         }
-        let kind = c.kind.unwrap_or(Kind::Tcp4);
         let t = ETH + IPV4_MIN;
         let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETH..]);
         ip.set_total_len((c.len - ETH) as u16);

@@ -21,7 +21,7 @@ pub use arp::{ArpOperation, ArpPacket, ArpRepr};
 pub use ethernet::{EtherType, EthernetAddress, EthernetFrame, EthernetRepr};
 pub use ipv4::{IpProtocol, Ipv4Packet, Ipv4Repr};
 pub use udp::{UdpPacket, UdpRepr};
-pub use vxlan::{VxlanPacket, VxlanRepr};
+pub use vxlan::{Rco, VxlanPacket, VxlanRepr};
 
 /// Why a buffer could not be read as a header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

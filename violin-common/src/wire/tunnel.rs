@@ -2,6 +2,10 @@
 //! frame. The user-space counterpart of the XDP classifier's checks (the AF_XDP path
 //! reads whole packets with [`parse_outer`]; the UDP-socket path gets the UDP payload
 //! and reads it with [`decap`]). Each refusal is a `Verdict`.
+//!
+//! A frame whose header announces remote checksum offload leans on the outer UDP
+//! checksum: the kernel verified it before a UDP socket got the datagram, and
+//! [`parse_outer`] verifies it for the AF_XDP path (a zero one vouches for nothing).
 
 use super::{
     EtherType, EthernetFrame, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, VxlanPacket, VxlanRepr,
@@ -10,9 +14,9 @@ use crate::Verdict;
 use core::net::Ipv4Addr;
 
 /// Parses a whole tunnelled packet (outer Ethernet/IPv4/UDP/VXLAN) sent to UDP `port`:
-/// returns (outer source, VNI, inner frame).
+/// returns (outer source, VXLAN header, inner frame).
 #[inline]
-pub fn parse_outer(pkt: &[u8], port: u16) -> Result<(Ipv4Addr, u32, &[u8]), Verdict> {
+pub fn parse_outer(pkt: &[u8], port: u16) -> Result<(Ipv4Addr, VxlanRepr, &[u8]), Verdict> {
     let eth = EthernetFrame::new_checked(pkt)?;
     if eth.ethertype() != EtherType::IPV4 {
         return Err(Verdict::Malformed);
@@ -30,16 +34,21 @@ pub fn parse_outer(pkt: &[u8], port: u16) -> Result<(Ipv4Addr, u32, &[u8]), Verd
     if udp.dst_port() != port {
         return Err(Verdict::Malformed);
     }
-    let (vni, inner) = decap(&l4[8..udp.len() as usize])?;
-    Ok((ipr.src_addr, vni, inner))
+    let (vx, inner) = decap(&l4[8..udp.len() as usize])?;
+    if vx.rco.is_some() && (udp.checksum() == 0 || !udp.verify_checksum(ipr.src_addr, ipr.dst_addr))
+    {
+        return Err(Verdict::Malformed);
+    }
+    Ok((ipr.src_addr, vx, inner))
 }
 
-/// Splits a received UDP payload into (VNI, inner frame), or says why it is not VXLAN.
+/// Splits a received UDP payload into (VXLAN header, inner frame), or says why it is
+/// not VXLAN.
 #[inline]
-pub fn decap(payload: &[u8]) -> Result<(u32, &[u8]), Verdict> {
+pub fn decap(payload: &[u8]) -> Result<(VxlanRepr, &[u8]), Verdict> {
     let p = VxlanPacket::new_checked(payload)?;
     let r = VxlanRepr::parse(&p)?;
-    Ok((r.vni, &payload[r.buffer_len()..]))
+    Ok((r, &payload[r.buffer_len()..]))
 }
 
 #[cfg(test)]
@@ -62,10 +71,16 @@ mod tests {
 
     #[test]
     fn a_tunnelled_packet_gives_its_source_vni_and_inner_frame() {
-        let (src, vni, inner) = parse_outer(&PACKET, 4789).unwrap();
-        assert_eq!((src, vni), (Ipv4Addr::new(172, 31, 0, 2), 101));
+        let (src, vx, inner) = parse_outer(&PACKET, 4789).unwrap();
+        assert_eq!(
+            (src, vx),
+            (Ipv4Addr::new(172, 31, 0, 2), VxlanRepr::new(101))
+        );
         assert_eq!(inner, &PACKET[50..]);
-        assert_eq!(decap(&PACKET[42..]), Ok((101, &PACKET[50..])));
+        assert_eq!(
+            decap(&PACKET[42..]),
+            Ok((VxlanRepr::new(101), &PACKET[50..]))
+        );
     }
 
     #[test]
@@ -83,5 +98,27 @@ mod tests {
         assert_eq!(parse_outer(&udp_len, 4789), Err(Verdict::Truncated));
         assert_eq!(decap(&[0x08, 0, 0]), Err(Verdict::Truncated));
         assert_eq!(decap(&[0; 20]), Err(Verdict::Malformed));
+    }
+
+    /// A partial inner checksum is taken only under an outer UDP checksum that holds.
+    #[test]
+    fn remote_checksum_offload_needs_a_valid_outer_checksum() {
+        use crate::wire::checksum;
+        let mut rco = PACKET;
+        rco[43] |= crate::wire::vxlan::FLAG_RCO;
+        rco[49] = 17;
+        // The fixture's UDP checksum is zero: nothing vouches for the inner frame.
+        assert_eq!(parse_outer(&rco, 4789), Err(Verdict::Malformed));
+        let src = Ipv4Addr::new(172, 31, 0, 2);
+        let dst = Ipv4Addr::new(172, 31, 0, 1);
+        let c = !checksum::combine(&[
+            checksum::pseudo_header(src, dst, 17, 58),
+            checksum::sum(&rco[34..92]),
+        ]);
+        rco[40..42].copy_from_slice(&c.to_be_bytes());
+        let (_, vx, _) = parse_outer(&rco, 4789).unwrap();
+        assert_eq!(vx.rco, crate::wire::vxlan::Rco::new(34, false));
+        rco[60] ^= 1; // the inner frame changed on the way
+        assert_eq!(parse_outer(&rco, 4789), Err(Verdict::Malformed));
     }
 }

@@ -250,6 +250,8 @@ pub struct UpOptions {
     pub mtu: u32,
     /// xdp: one AF_XDP socket per queue for all Violins instead of one per Violin.
     pub xdp_single_socket: bool,
+    /// Host configs say `remote_checksum = false`.
+    pub no_remote_checksum: bool,
     /// Rx/tx queues of each host's veth.
     pub queues: u32,
     /// Packet workers per host (`None`: the daemon's default, one per queue).
@@ -410,6 +412,7 @@ pub fn up(
                     .workers
                     .or((opts.queues > 1).then_some(opts.queues as usize)),
                 max_guests: opts.max_guests,
+                remote_checksum: !opts.no_remote_checksum,
                 busy_poll_us: opts.busy_poll_us,
                 etcd: match &pki {
                     Some(p) => Some(crate::config::EtcdConfig {

@@ -44,7 +44,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 use violin_common::wire::gso::Gso;
-use violin_common::wire::{arp, EthernetAddress};
+use violin_common::wire::{arp, EthernetAddress, Rco};
 use violin_common::Verdict;
 
 const UNDERLAY: Token = Token(0);
@@ -132,6 +132,7 @@ impl Team {
         src: Ipv4Addr,
         vni: u32,
         frame: &[u8],
+        partial: Option<&Gso>,
     ) -> Result<(), Verdict> {
         let Some(Some((tx, _))) = self.peers.get(to) else {
             return Err(Verdict::HandoffFull);
@@ -145,7 +146,13 @@ impl Team {
             len: frame.len() as u16,
             frame: [0; HANDOFF_FRAME],
         };
-        h.frame[..frame.len()].copy_from_slice(frame);
+        match partial {
+            // A partial checksum is completed here: the handoff carries plain frames.
+            Some(g) => {
+                g.write_segment(frame, 0, &mut h.frame);
+            }
+            None => h.frame[..frame.len()].copy_from_slice(frame),
+        }
         match tx.try_send(h) {
             Ok(()) => {
                 self.handed_off += 1;
@@ -403,6 +410,7 @@ const SEG_BUF: usize = 14 + 65535 + 64 * 128;
 /// Where tunnel outputs go: the underlay the frame did not come from.
 trait TunnelTx {
     fn tunnel(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict>;
+    /// To a `peer` daemon, segments may leave with partial checksums.
     fn tunnel_super(
         &mut self,
         dst: Ipv4Addr,
@@ -410,6 +418,7 @@ trait TunnelTx {
         g: &Gso,
         frame: &[u8],
         seg: &mut [u8],
+        peer: bool,
     ) -> Result<(), Verdict>;
 }
 /// Both underlays send the same way; the frame goes to whichever the worker holds.
@@ -426,8 +435,9 @@ macro_rules! tunnel_tx {
                 g: &Gso,
                 frame: &[u8],
                 seg: &mut [u8],
+                peer: bool,
             ) -> Result<(), Verdict> {
-                self.send_super(dst, vni, g, frame, seg)
+                self.send_super(dst, vni, g, frame, seg, peer)
             }
         }
     };
@@ -439,22 +449,35 @@ impl Fabric {
     /// A tunnelled frame this worker received: switched here if its Violin lives here,
     /// else copied to the worker that owns it.
     #[inline]
+    /// A frame with `rco` has a partial L4 checksum (remote checksum offload): it is
+    /// switched as a one-segment super-frame, which a tap takes as it is and any other
+    /// output completes; handed to another worker, it is completed on the way.
+    #[allow(clippy::too_many_arguments)]
     fn tunnel_in(
         &mut self,
         team: &mut Team,
         src: Ipv4Addr,
         vni: u32,
         inner: &[u8],
+        rco: Option<Rco>,
         now: u64,
         tx: impl TunnelTx,
     ) {
+        let one = match rco.map(|r| Gso::from_rco(r, inner)) {
+            None => None,
+            Some(Ok(g)) => Some(g),
+            Some(Err(e)) => return self.switch.count_host_drop(e.into()),
+        };
         match team.elsewhere(vni) {
             Some(home) => {
-                if let Err(v) = team.hand_off(home, src, vni, inner) {
+                if let Err(v) = team.hand_off(home, src, vni, inner, one.as_ref()) {
                     self.switch.count_host_drop(v);
                 }
             }
-            None => self.switch_and_deliver(Ingress::Tunnel { src, vni }, inner, None, now, tx),
+            None => {
+                let ingress = Ingress::Tunnel { src, vni };
+                self.switch_and_deliver(ingress, inner, one.as_ref(), now, tx)
+            }
         }
     }
 
@@ -543,8 +566,10 @@ fn deliver(
             },
             None => Err(Verdict::PortDown),
         },
-        (Egress::Tunnel { dst, vni }, None) => tx.tunnel(dst, vni, frame),
-        (Egress::Tunnel { dst, vni }, Some(g)) => tx.tunnel_super(dst, vni, g, frame, seg),
+        (Egress::Tunnel { dst, vni, .. }, None) => tx.tunnel(dst, vni, frame),
+        (Egress::Tunnel { dst, vni, peer }, Some(g)) => {
+            tx.tunnel_super(dst, vni, g, frame, seg, peer)
+        }
     }
 }
 
@@ -798,7 +823,13 @@ impl Worker {
         self.underlay.flush();
         let sw = &mut self.fabric.switch;
         self.underlay.udp().take_failed(|dst, vni| {
-            sw.count_egress_drop(Egress::Tunnel { dst, vni }, Verdict::TunnelTxError)
+            // Only the VNI picks the counter.
+            let e = Egress::Tunnel {
+                dst,
+                vni,
+                peer: true,
+            };
+            sw.count_egress_drop(e, Verdict::TunnelTxError)
         });
     }
 
@@ -1177,11 +1208,11 @@ impl Worker {
         let udp = underlay.udp();
         while budget.left() {
             let r = udp.recv(|r| match r {
-                Received::Frame(src, vni, inner) => {
+                Received::Frame(src, vni, inner, rco) => {
                     *udp_rx_frames += 1;
                     budget.spend(inner.len());
                     // Handed over only if the kernel did not steer by VNI (bind_group).
-                    fabric.tunnel_in(team, src, vni, inner, now, udp);
+                    fabric.tunnel_in(team, src, vni, inner, rco, now, udp);
                 }
                 Received::Bad(v) => fabric.switch.count_host_drop(v),
             });
@@ -1213,8 +1244,8 @@ impl Worker {
         // Tunnel → guest only (split horizon): outputs are local ports, or an
         // external member reached through the kernel's socket. The NIC chose the
         // queue, so a frame's Violin may live on another worker (`tunnel_in`).
-        xsk.rx(slot, budget, |src, vni, inner| {
-            fabric.tunnel_in(team, src, vni, inner, now, udp)
+        xsk.rx(slot, budget, |src, vx, inner| {
+            fabric.tunnel_in(team, src, vx.vni, inner, vx.rco, now, udp)
         })
     }
 

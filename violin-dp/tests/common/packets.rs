@@ -48,7 +48,7 @@ pub fn udp(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
 
 /// A VXLAN header and the inner frame.
 pub fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
-    let mut b = VxlanRepr { vni }.to_bytes().to_vec();
+    let mut b = VxlanRepr::new(vni).to_bytes().to_vec();
     b.extend_from_slice(inner);
     b
 }

@@ -488,3 +488,68 @@ fn splits_byte_for_byte_as_the_linux_kernel_does() {
     assert_eq!(&buf[..n], frame);
     assert_eq!((v2.gso_size, v2.csum_start), (v.gso_size, v.csum_start));
 }
+
+/// Remote checksum offload end to end: a super-frame split with partial checksums (no
+/// payload read), each segment described by `from_rco` as the receiver would, is (a)
+/// the complete split once `complete_checksum` runs where a consumer needs it, and (b)
+/// the super-frame again through `push_partial`; a lone partial segment leaves the
+/// coalescer with `NEEDS_CSUM`, and completing it gives the segment as sent.
+#[test]
+fn partial_checksums_complete_and_coalesce_like_full_ones_property() {
+    let mut rng = Rng(0x5eed_1234_abcd_0003);
+    let mut buf = std::vec![0u8; 14 + 65535];
+    for case in 0..300 {
+        let seg = TCP_MIN_SEG + rng.below(1460 - 87) as u16;
+        let len = 1 + rng.below((65535 - 20 - 32).min(seg as usize * 45));
+        let payload: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let f = tcp4_super(&payload, &[], tcp::flags::ACK, rng.next() as u32, 9);
+        let g = tso4(seg, &f);
+        let full = segments(&g, &f);
+        let mut c = Coalescer::default();
+        for (i, want) in full.iter().enumerate() {
+            let mut s = std::vec![0u8; 14 + 65535];
+            let p = g.segment_header_partial(&f, i, &mut s);
+            let hl = usize::from(g.hdr_len);
+            s[hl..hl + p.len()].copy_from_slice(&f[p.clone()]);
+            s.truncate(hl + p.len());
+            let r = Rco::new(34, false).unwrap();
+            let one = Gso::from_rco(r, &s).unwrap();
+            assert!(one.is_one(s.len()), "case {case}");
+            assert_eq!((one.l4, one.hdr_len), (34, g.hdr_len));
+            // A per-frame consumer gets the segment complete.
+            let mut done = std::vec![0u8; s.len()];
+            assert_eq!(one.write_segment(&s, 0, &mut done), s.len());
+            assert_eq!(&done, want, "case {case} segment {i}");
+            let mut c2 = s.clone();
+            complete_checksum(&mut c2, 34, 16).unwrap();
+            assert_eq!(&c2, want, "case {case} segment {i}");
+            assert_eq!(c.push_partial(&mut buf, &s), Push::Added, "case {case}");
+        }
+        let (v, n) = c.finish(&mut buf).unwrap();
+        if full.len() > 1 {
+            assert_eq!((&buf[..n], v), (&f[..], g.to_virtio()), "case {case}");
+        } else {
+            assert_eq!((v.flags, v.gso_type), (F_NEEDS_CSUM, GsoType::None));
+            assert_eq!((v.csum_start, v.csum_offset), (34, 16));
+            complete_checksum(&mut buf[..n], 34, 16).unwrap();
+            assert_eq!(&buf[..n], &full[0][..], "case {case}");
+        }
+    }
+}
+
+/// `from_rco` believes no more than the frame's own headers: the checksum position must
+/// be the frame's L4 header, of the transport the header names.
+#[test]
+fn a_partial_checksum_where_the_frame_has_none_is_refused() {
+    let f = tcp4_super(&[7u8; 100], &[], tcp::flags::ACK, 1, 1);
+    assert!(Gso::from_rco(Rco::new(34, false).unwrap(), &f).is_ok());
+    for (start, udp) in [(36, false), (34, true), (14, false), (254, false)] {
+        let r = Rco::new(start, udp).unwrap();
+        assert!(Gso::from_rco(r, &f).is_err(), "start {start} udp {udp}");
+    }
+    let headers_only = &f[..54];
+    assert!(Gso::from_rco(Rco::new(34, false).unwrap(), headers_only).is_err());
+    let u = udp4_super(&[1u8; 40], 3);
+    let one = Gso::from_rco(Rco::new(34, true).unwrap(), &u).unwrap();
+    assert_eq!((one.kind, one.hdr_len), (Kind::Udp4, 42));
+}

@@ -51,7 +51,7 @@ pub fn write_outer(
         payload_len: 8 + inner.len(),
     }
     .emit(&mut UdpPacket::new_unchecked(&mut buf[34..42]));
-    VxlanRepr { vni }.emit(&mut VxlanPacket::new_unchecked(
+    VxlanRepr::new(vni).emit(&mut VxlanPacket::new_unchecked(
         &mut buf[42..VXLAN_OVERHEAD],
     ));
 }
@@ -69,7 +69,7 @@ fn entropy_port(inner: &[u8]) -> u16 {
 /// The 8-byte VXLAN header for `vni`.
 #[inline]
 pub fn header(vni: u32) -> [u8; 8] {
-    VxlanRepr { vni }.to_bytes()
+    VxlanRepr::new(vni).to_bytes()
 }
 
 #[cfg(test)]
@@ -81,7 +81,10 @@ mod tests {
     fn round_trip() {
         let mut pkt = header(0xabcdef).to_vec();
         pkt.extend_from_slice(&[1, 2, 3]);
-        assert_eq!(decap(&pkt), Ok((0xabcdef, &[1u8, 2, 3][..])));
+        assert_eq!(
+            decap(&pkt),
+            Ok((VxlanRepr::new(0xabcdef), &[1u8, 2, 3][..]))
+        );
     }
 
     #[test]
@@ -123,7 +126,11 @@ mod tests {
             .verify_checksum());
         assert_eq!(
             parse_outer(&pkt, 4789),
-            Ok((Ipv4Addr::new(172, 31, 0, 1), 101, &inner[..]))
+            Ok((
+                Ipv4Addr::new(172, 31, 0, 1),
+                VxlanRepr::new(101),
+                &inner[..]
+            ))
         );
         assert_eq!(parse_outer(&pkt, 4790), Err(Verdict::Malformed));
         assert_eq!(parse_outer(&pkt[..40], 4789), Err(Verdict::Truncated));

@@ -47,10 +47,12 @@ pub enum Ingress {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Egress {
     Port(PortId),
-    /// Encapsulate with this VNI and send to this underlay address.
+    /// Encapsulate with this VNI and send to this underlay address: another Violin
+    /// daemon (`peer`), or an external VTEP.
     Tunnel {
         dst: Ipv4Addr,
         vni: u32,
+        peer: bool,
     },
 }
 
@@ -282,10 +284,12 @@ impl ViolinTable {
             Location::Remote(h) => Egress::Tunnel {
                 dst: self.hosts[h],
                 vni: self.spec.vni,
+                peer: true,
             },
             Location::External(a) => Egress::Tunnel {
                 dst: a,
                 vni: self.spec.vni,
+                peer: false,
             },
         }
     }

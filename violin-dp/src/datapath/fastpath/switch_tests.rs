@@ -8,6 +8,17 @@ const H1: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
 const H2: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
 const X: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 50);
 const VNI: u32 = 101;
+/// Tunnel outputs: to h2's daemon (a peer), and to the external VTEP x.
+const TO_H2: Egress = Egress::Tunnel {
+    dst: H2,
+    vni: VNI,
+    peer: true,
+};
+const TO_X: Egress = Egress::Tunnel {
+    dst: X,
+    vni: VNI,
+    peer: false,
+};
 
 /// a, d on h1 (local); b, c on h2; external x. Links: a–b (50 Mbit/s), b–c, a–d, a–x.
 const SPEC: &str = r#"
@@ -98,8 +109,8 @@ fn fixture_table() {
     let mut f = fixture(SPEC);
     let (pa, pd) = (f.pa, f.pd);
     let [a, b, c, d, x] = ["a", "b", "c", "d", "x"].map(|n| mac(&f, n));
-    let t2 = Egress::Tunnel { dst: H2, vni: VNI };
-    let tx = Egress::Tunnel { dst: X, vni: VNI };
+    let t2 = TO_H2;
+    let tx = TO_X;
     let from_h2 = Ingress::Tunnel { src: H2, vni: VNI };
     let from_x = Ingress::Tunnel { src: X, vni: VNI };
     use Verdict::*;
@@ -362,7 +373,7 @@ fn a_learned_mac_is_a_member_and_moves_with_its_vtep_only() {
         f.sw.process(Ingress::Port(f.pa), &frame(STRANGER, a, 64), 0, &mut out),
         Verdict::Forward
     );
-    assert_eq!(out, vec![Egress::Tunnel { dst: X, vni: VNI }]);
+    assert_eq!(out, vec![TO_X]);
     // h2 cannot claim it.
     let from_h2 = Ingress::Tunnel { src: H2, vni: VNI };
     assert_eq!(
@@ -429,11 +440,11 @@ fn learned_macs_idle_for_the_ageing_time_make_room() {
             f.sw.process(Ingress::Port(f.pa), &frame(m, a, 64), later, &mut out),
             Verdict::Forward
         );
-        assert_eq!(out, vec![Egress::Tunnel { dst: X, vni: VNI }]);
+        assert_eq!(out, vec![TO_X]);
     }
     // Exactly one of the idle ones was forgotten: frames to it are flooded (unknown
     // unicast), not sent to x alone.
-    let to_x = vec![Egress::Tunnel { dst: X, vni: VNI }];
+    let to_x = vec![TO_X];
     let forgotten = (1..MAX_LEARNED as u32)
         .filter(|i| {
             f.sw.process(
@@ -471,7 +482,14 @@ fn a_learned_mac_moves_to_another_external_vtep_at_once() {
         Verdict::Forward
     );
     f.sw.process(Ingress::Port(f.pa), &frame(STRANGER, a, 64), 2, &mut out);
-    assert_eq!(out, vec![Egress::Tunnel { dst: Y, vni: VNI }]);
+    assert_eq!(
+        out,
+        vec![Egress::Tunnel {
+            dst: Y,
+            vni: VNI,
+            peer: false
+        }]
+    );
     assert_eq!(f.sw.stats("blue").unwrap().learned_macs, 1);
     // A guest host still cannot claim it, nor can a VTEP claim a configured member.
     let from_h2 = Ingress::Tunnel { src: H2, vni: VNI };
@@ -548,9 +566,7 @@ fn a_capped_link_shapes_per_direction_with_time_passed_in() {
     // The queue drains in order at 6.25 MB/s, to b's host.
     let got = release_until(&mut f, 0, 1_000_000_000);
     assert_eq!(got.len() as u64, queued);
-    assert!(got
-        .iter()
-        .all(|(e, n, _)| *e == Egress::Tunnel { dst: H2, vni: VNI } && *n == 1000));
+    assert!(got.iter().all(|(e, n, _)| *e == TO_H2 && *n == 1000));
     let last = got.last().unwrap().2;
     let want = (queued * 1000 - 1) * 1_000_000_000 / rate; // after the burst's debt
     assert!(
@@ -639,14 +655,7 @@ fn no_link_table_means_every_pair_talks() {
         ),
         Verdict::Forward
     );
-    assert_eq!(
-        out,
-        vec![
-            Egress::Port(f.pa),
-            Egress::Tunnel { dst: H2, vni: VNI },
-            Egress::Tunnel { dst: X, vni: VNI }
-        ]
-    );
+    assert_eq!(out, vec![Egress::Port(f.pa), TO_H2, TO_X]);
 }
 
 #[test]
@@ -748,7 +757,7 @@ fn update_keeps_unchanged_ports_and_follows_a_move() {
     assert_eq!(spec2.members[ei].name, "e");
     // a → d now goes to h2; d's old port is gone.
     f.sw.process(Ingress::Port(f.pa), &frame(d, a, 100), 1, &mut out);
-    assert_eq!(out, vec![Egress::Tunnel { dst: H2, vni: VNI }]);
+    assert_eq!(out, vec![TO_H2]);
     assert_eq!(
         f.sw.process(Ingress::Port(f.pd), &frame(a, d, 100), 1, &mut out),
         Verdict::PortDown

@@ -18,7 +18,7 @@ use crate::datapath::fastpath::encap::{self, Outer};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, RawFd};
-use violin_common::wire::EthernetAddress;
+use violin_common::wire::{EthernetAddress, VxlanRepr};
 use violin_common::{Verdict, VXLAN_OVERHEAD};
 use xsk_rs::{RxQueue, TxQueue};
 
@@ -154,13 +154,13 @@ impl AfXdp {
             .collect()
     }
 
-    /// Receives frames from a slot within `budget`, calling `f(outer source, VNI,
-    /// inner)` for each valid one. True when the budget ran out.
+    /// Receives frames from a slot within `budget`, calling `f(outer source, VXLAN
+    /// header, inner)` for each valid one. True when the budget ran out.
     pub fn rx(
         &mut self,
         slot: usize,
         budget: &mut Budget,
-        mut f: impl FnMut(Ipv4Addr, u32, &[u8]),
+        mut f: impl FnMut(Ipv4Addr, VxlanRepr, &[u8]),
     ) -> bool {
         let Some(Some(s)) = self.slots.get_mut(slot) else {
             return false;
@@ -169,7 +169,7 @@ impl AfXdp {
         let rx_bad = &mut self.rx_bad;
         self.core.rx(&mut s.rx, budget, |pkt| {
             match encap::parse_outer(pkt, port) {
-                Ok((src, vni, inner)) => f(src, vni, inner),
+                Ok((src, vx, inner)) => f(src, vx, inner),
                 Err(_) => *rx_bad += 1,
             }
         })

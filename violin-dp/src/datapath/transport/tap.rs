@@ -123,20 +123,39 @@ impl TapPort {
     /// Takes a plain frame for the guest: it joins the pending super-frame, or is
     /// written now.
     pub fn send(&mut self, frame: &[u8]) -> Result<(), Verdict> {
+        self.offer(frame, None)
+    }
+
+    /// `frame` (`partial`: its L4 checksum is partial, as `partial` lays it out) joins
+    /// the pending super-frame, or is written now.
+    fn offer(&mut self, frame: &[u8], partial: Option<&Gso>) -> Result<(), Verdict> {
         loop {
-            match self.coalescer.push(&mut self.pending[VNET..], frame) {
+            let buf = &mut self.pending[VNET..];
+            let pushed = match partial {
+                None => self.coalescer.push(buf, frame),
+                Some(_) => self.coalescer.push_partial(buf, frame),
+            };
+            match pushed {
                 Push::Added => return Ok(()),
                 Push::Flush => self.flush_pending()?,
                 Push::Alone => {
                     self.flush_pending()?;
-                    return self.write(&VirtioNetRepr::PLAIN, frame);
+                    let v = match partial {
+                        None => VirtioNetRepr::PLAIN,
+                        Some(g) => g.to_virtio_one(),
+                    };
+                    return self.write(&v, frame);
                 }
             }
         }
     }
 
-    /// Takes a super-frame for the guest, written as it is (after what is pending).
+    /// Takes a super-frame for the guest, written as it is (after what is pending); a
+    /// one-segment one (a partial checksum: remote checksum offload) may coalesce.
     pub fn send_super(&mut self, g: &Gso, frame: &[u8]) -> Result<(), Verdict> {
+        if g.is_one(frame.len()) {
+            return self.offer(frame, Some(g));
+        }
         self.flush_pending()?;
         self.write(&g.to_virtio(), frame)
     }

@@ -23,6 +23,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use tracing::warn;
 use violin_common::wire::gso::Gso;
+use violin_common::wire::{Rco, VxlanRepr};
 use violin_common::Verdict;
 
 /// Segments per `UDP_SEGMENT` send (the kernel's `UDP_MAX_SEGMENTS` is 64 or 128).
@@ -44,6 +45,8 @@ pub struct UdpUnderlay {
     port: u16,
     /// Segmentation offload works on this socket (cleared at the first `EIO`).
     gso: Cell<bool>,
+    /// Super-frames to peers leave with partial checksums (remote checksum offload).
+    rco: bool,
     /// The longest frame a receiver takes as one, when known (see
     /// [`UdpUnderlay::set_largest_frame`]).
     largest_frame: usize,
@@ -89,8 +92,9 @@ fn sockaddr(dst: Ipv4Addr, port: u16) -> libc::sockaddr_in {
 
 /// One received datagram, decapsulated.
 pub enum Received<'a> {
-    /// (outer source, VNI, inner frame).
-    Frame(Ipv4Addr, u32, &'a [u8]),
+    /// (outer source, VNI, inner frame, where its L4 checksum is partial if it came
+    /// with remote checksum offload).
+    Frame(Ipv4Addr, u32, &'a [u8], Option<Rco>),
     /// Not valid VXLAN: count it.
     Bad(Verdict),
 }
@@ -216,6 +220,7 @@ impl UdpUnderlay {
             sock,
             port,
             gso: Cell::new(true),
+            rco: true,
             largest_frame: 0,
             tx: RefCell::new(TxBatch::new()),
             rx: RefCell::new(vec![0u8; RX_BATCH * RX_SLOT].into_boxed_slice()),
@@ -233,6 +238,13 @@ impl UdpUnderlay {
     /// segment and a one-byte one) is longer; shorter segments go one by one.
     pub fn set_largest_frame(&mut self, bytes: usize) {
         self.largest_frame = bytes;
+    }
+
+    /// Whether super-frames to peers leave with partial checksums (default: yes). Off
+    /// for a cluster whose other daemons predate remote checksum offload: they would
+    /// hand such segments to guests unfinished.
+    pub fn set_remote_checksum(&mut self, on: bool) {
+        self.rco = on;
     }
 
     pub fn port(&self) -> u16 {
@@ -304,7 +316,7 @@ impl UdpUnderlay {
             for (k, d) in data.chunks(seg).enumerate() {
                 count += usize::from(k > 0);
                 f(match encap::decap(d) {
-                    Ok((vni, inner)) => Received::Frame(src, vni, inner),
+                    Ok((vx, inner)) => Received::Frame(src, vx.vni, inner, vx.rco),
                     Err(v) => Received::Bad(v),
                 });
             }
@@ -427,7 +439,10 @@ impl UdpUnderlay {
 
     /// Sends super-frame `frame` as the VXLAN datagrams of its segments: one
     /// `UDP_SEGMENT` send per [`GSO_MAX`] segments. Headers are built in `scratch`
-    /// (at least `GSO_MAX × (8 + g.hdr_len)` bytes).
+    /// (at least `GSO_MAX × (8 + g.hdr_len)` bytes). To a `peer` (another Violin
+    /// daemon) the segments' L4 checksums stay partial, announced by remote checksum
+    /// offload: the payload is not read here, and the outer UDP checksum, which the
+    /// kernel offloads, covers it on the way.
     pub fn send_super(
         &self,
         dst: Ipv4Addr,
@@ -435,6 +450,7 @@ impl UdpUnderlay {
         g: &Gso,
         frame: &[u8],
         scratch: &mut [u8],
+        peer: bool,
     ) -> Result<(), Verdict> {
         let n = g.segments(frame.len());
         let hl = usize::from(g.hdr_len);
@@ -446,7 +462,8 @@ impl UdpUnderlay {
         // What was batched before goes first.
         self.flush();
         let per_send = (UDP_PAYLOAD_MAX / datagram).clamp(1, GSO_MAX);
-        let vx = encap::header(vni);
+        let rco = Rco::new(g.l4, !g.kind.tcp()).filter(|_| peer && self.rco);
+        let vx = VxlanRepr { vni, rco }.to_bytes();
         let addr = sockaddr(dst, self.port);
         let mut first = 0;
         while first < n {
@@ -459,7 +476,10 @@ impl UdpUnderlay {
             for j in 0..k {
                 let h = &mut scratch[j * step..(j + 1) * step];
                 h[..VXLAN_HDR].copy_from_slice(&vx);
-                let p = g.segment_header(frame, first + j, &mut h[VXLAN_HDR..]);
+                let p = match rco {
+                    Some(_) => g.segment_header_partial(frame, first + j, &mut h[VXLAN_HDR..]),
+                    None => g.segment_header(frame, first + j, &mut h[VXLAN_HDR..]),
+                };
                 iov[2 * j] = libc::iovec {
                     iov_base: h.as_mut_ptr().cast(),
                     iov_len: step,
@@ -478,7 +498,7 @@ impl UdpUnderlay {
                          sending super-frames segment by segment from now on"
                     );
                     self.gso.set(false);
-                    return self.send_super(dst, vni, g, frame, scratch);
+                    return self.send_super(dst, vni, g, frame, scratch, peer);
                 }
                 Err(_) => return Err(Verdict::TunnelTxError),
             }
@@ -552,7 +572,7 @@ mod tests {
         let mut got = Vec::new();
         while u
             .recv(|r| {
-                if let Received::Frame(_, vni, _) = r {
+                if let Received::Frame(_, vni, ..) = r {
                     got.push(vni)
                 }
             })
@@ -607,7 +627,7 @@ mod tests {
             let n = b
                 .recv(|r| {
                     got = Some(match r {
-                        Received::Frame(src, vni, f) => Ok((src, vni, f.to_vec())),
+                        Received::Frame(src, vni, f, _) => Ok((src, vni, f.to_vec())),
                         Received::Bad(v) => Err(v),
                     })
                 })
@@ -649,7 +669,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(30));
             while b
                 .recv(|r| {
-                    if let Received::Frame(_, 7, f) = r {
+                    if let Received::Frame(_, 7, f, _) = r {
                         got.push(f.to_vec())
                     }
                 })
@@ -699,7 +719,7 @@ mod tests {
         let mut vnis = Vec::new();
         let first = b
             .recv(|r| {
-                if let Received::Frame(_, vni, _) = r {
+                if let Received::Frame(_, vni, ..) = r {
                     vnis.push(vni)
                 }
             })
@@ -730,8 +750,16 @@ mod tests {
         f
     }
 
+    /// To an external VTEP (`peer` false) every segment carries a complete checksum; to
+    /// a peer daemon it leaves partial under remote checksum offload, the payload unread.
     #[test]
     fn a_super_frame_crosses_loopback_in_segments_and_comes_back_whole() {
+        for peer in [false, true] {
+            super_frame_crosses_loopback(peer);
+        }
+    }
+
+    fn super_frame_crosses_loopback(peer: bool) {
         use violin_common::wire::gso::{Coalescer, Push};
         use violin_common::wire::virtio::{GsoType, VirtioNetRepr, F_NEEDS_CSUM};
         let a = UdpUnderlay::bind(Ipv4Addr::LOCALHOST, 0).unwrap();
@@ -747,10 +775,11 @@ mod tests {
         };
         let g = Gso::from_virtio(&v, &f).unwrap().unwrap();
         let mut scratch = vec![0u8; 70_000];
-        a.send_super(Ipv4Addr::new(127, 0, 0, 3), 42, &g, &f, &mut scratch)
+        a.send_super(Ipv4Addr::new(127, 0, 0, 3), 42, &g, &f, &mut scratch, peer)
             .unwrap();
         // Every segment arrives as its own VXLAN datagram (in one or more GRO runs) and
-        // is a whole, checksummed TCP segment: they coalesce into the super-frame.
+        // is a whole TCP segment, checksummed or announced partial: they coalesce into
+        // the super-frame.
         let mut out = vec![0u8; 14 + 65535];
         let mut c = Coalescer::default();
         let mut got = 0;
@@ -758,9 +787,22 @@ mod tests {
         for _ in 0..200 {
             let n = b
                 .recv(|r| match r {
-                    Received::Frame(src, vni, inner) => {
+                    Received::Frame(src, vni, inner, rco) => {
                         assert_eq!((src, vni), (Ipv4Addr::LOCALHOST, 42));
-                        assert_eq!(c.push(&mut out, inner), Push::Added);
+                        if peer {
+                            assert_eq!(rco, Rco::new(34, false));
+                            let mut probe = Coalescer::default();
+                            let mut tmp = vec![0u8; 14 + 65535];
+                            assert_eq!(
+                                probe.push(&mut tmp, inner),
+                                Push::Alone,
+                                "a partial checksum verified"
+                            );
+                            assert_eq!(c.push_partial(&mut out, inner), Push::Added);
+                        } else {
+                            assert_eq!(rco, None);
+                            assert_eq!(c.push(&mut out, inner), Push::Added);
+                        }
                         got += 1;
                     }
                     Received::Bad(v) => panic!("{v:?}"),
