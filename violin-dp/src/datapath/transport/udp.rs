@@ -349,8 +349,15 @@ impl UdpUnderlay {
         Ok(())
     }
 
-    /// Sends the batch in one `sendmmsg` (more if the kernel takes part of it). A
-    /// datagram the kernel refuses is dropped and kept for [`UdpUnderlay::take_failed`].
+    /// Sends the batch in one `sendmmsg` (more if the kernel takes part of it). A run
+    /// of datagrams to one destination, all as long as the first but the last, leaves
+    /// as one `UDP_SEGMENT` message (what wireguard-go's `coalesceMessages` does): one
+    /// trip through the kernel's stack and the underlay for the run, and one
+    /// `UDP_GRO` message at the receiver. A run is sent so only when it is longer than
+    /// the longest frame a receiver takes as one ([`UdpUnderlay::set_largest_frame`]),
+    /// so an xdp-plane receiver's classifier hands it to its socket whole. A datagram
+    /// the kernel refuses is dropped (a run: every datagram of it) and kept for
+    /// [`UdpUnderlay::take_failed`].
     pub fn flush(&self) {
         let mut b = self.tx.borrow_mut();
         let n = b.n;
@@ -369,28 +376,59 @@ impl UdpUnderlay {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         }; TX_BATCH];
-        // SAFETY: an all-zero mmsghdr is valid (null pointers, zero lengths).
-        let mut msgs: [libc::mmsghdr; TX_BATCH] = unsafe { std::mem::zeroed() };
         for i in 0..n {
             iov[i] = libc::iovec {
                 iov_base: buf[i * TX_SLOT..].as_mut_ptr().cast(),
                 iov_len: len[i],
             };
-            let h = &mut msgs[i].msg_hdr;
-            h.msg_name = (&mut to[i] as *mut libc::sockaddr_in).cast();
+        }
+        // Runs: message m carries datagrams first[m]..first[m] + count[m].
+        let mut first = [0usize; TX_BATCH];
+        let mut count = [0usize; TX_BATCH];
+        let mut m = 0;
+        let mut i = 0;
+        while i < n {
+            let mut k = 1;
+            if self.gso.get() {
+                let same =
+                    |j: usize| to[j].sin_addr.s_addr == to[i].sin_addr.s_addr && len[j] <= len[i];
+                // Every datagram but the last as long as the first.
+                while i + k < n && same(i + k) && len[i + k - 1] == len[i] {
+                    k += 1;
+                }
+                let bytes: usize = len[i..i + k].iter().sum();
+                if k > 1 && (14 + 20 + 8 + bytes <= self.largest_frame || bytes > UDP_PAYLOAD_MAX) {
+                    k = 1;
+                }
+            }
+            first[m] = i;
+            count[m] = k;
+            m += 1;
+            i += k;
+        }
+        // One control message (SOL_UDP / UDP_SEGMENT / u16) per run.
+        let mut cbuf = [[0u64; 4]; TX_BATCH];
+        // SAFETY: an all-zero mmsghdr is valid (null pointers, zero lengths).
+        let mut msgs: [libc::mmsghdr; TX_BATCH] = unsafe { std::mem::zeroed() };
+        for j in 0..m {
+            let h = &mut msgs[j].msg_hdr;
+            h.msg_name = (&mut to[first[j]] as *mut libc::sockaddr_in).cast();
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_iov = &mut iov[i];
-            h.msg_iovlen = 1;
+            h.msg_iov = &mut iov[first[j]];
+            h.msg_iovlen = count[j];
+            if count[j] > 1 {
+                segment_cmsg(h, &mut cbuf[j], len[first[j]] as u16);
+            }
         }
         let mut sent = 0;
-        while sent < n {
-            // SAFETY: `msgs[sent..n]` point at `iov`, `to` and `buf`, which outlive the
-            // call; the kernel reads them and writes only `msg_len`.
+        while sent < m {
+            // SAFETY: `msgs[sent..m]` point at `iov`, `to`, `cbuf` and `buf`, which
+            // outlive the call; the kernel reads them and writes only `msg_len`.
             let r = unsafe {
                 libc::sendmmsg(
                     self.fd(),
                     msgs[sent..].as_mut_ptr(),
-                    (n - sent) as libc::c_uint,
+                    (m - sent) as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )
             };
@@ -398,15 +436,32 @@ impl UdpUnderlay {
                 sent += r as usize;
                 continue;
             }
-            if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            let e = io::Error::last_os_error();
+            if r < 0 && e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            // The kernel refused the first datagram left (a full socket buffer, an
-            // unreachable address): it is dropped, the rest tried again.
-            failed.push((
-                Ipv4Addr::from(u32::from_be(to[sent].sin_addr.s_addr)),
-                vni[sent],
-            ));
+            let (at, k) = (first[sent], count[sent]);
+            if k > 1 && e.raw_os_error() == Some(libc::EIO) {
+                warn!(
+                    "the kernel refused UDP segmentation offload on the underlay; \
+                     sending datagrams one by one from now on"
+                );
+                self.gso.set(false);
+                for d in at..at + k {
+                    let dst = Ipv4Addr::from(u32::from_be(to[d].sin_addr.s_addr));
+                    let payload = &buf[d * TX_SLOT + VXLAN_HDR..d * TX_SLOT + len[d]];
+                    if self.send_now(dst, vni[d], payload).is_err() {
+                        failed.push((dst, vni[d]));
+                    }
+                }
+                sent += 1;
+                continue;
+            }
+            // The kernel refused the first message left (a full socket buffer, an
+            // unreachable address): its datagrams are dropped, the rest tried again.
+            for d in at..at + k {
+                failed.push((Ipv4Addr::from(u32::from_be(to[d].sin_addr.s_addr)), vni[d]));
+            }
             sent += 1;
         }
         b.n = 0;
@@ -513,31 +568,36 @@ impl UdpUnderlay {
         iov: &[libc::iovec],
         seg: u16,
     ) -> io::Result<()> {
-        // One control message: SOL_UDP / UDP_SEGMENT / u16.
         let mut cbuf = [0u64; 4];
-        // SAFETY: an all-zero msghdr is valid; the pointers set refer to `addr`, `iov`
-        // and `cbuf`, which outlive the call; CMSG_* stay within `cbuf` (sized for a
-        // u16 payload, checked by CMSG_SPACE).
-        unsafe {
-            let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
-            debug_assert!(space <= std::mem::size_of_val(&cbuf));
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_name = addr as *const libc::sockaddr_in as *mut libc::c_void;
-            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-            msg.msg_iovlen = iov.len();
-            msg.msg_control = cbuf.as_mut_ptr().cast();
-            msg.msg_controllen = space;
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_UDP;
-            (*c).cmsg_type = libc::UDP_SEGMENT;
-            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
-            if libc::sendmsg(self.fd(), &msg, libc::MSG_DONTWAIT) < 0 {
-                return Err(io::Error::last_os_error());
-            }
+        // SAFETY: an all-zero msghdr is valid.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = addr as *const libc::sockaddr_in as *mut libc::c_void;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len();
+        segment_cmsg(&mut msg, &mut cbuf, seg);
+        // SAFETY: `msg` points at `addr`, `iov` and `cbuf`, which outlive the call.
+        if unsafe { libc::sendmsg(self.fd(), &msg, libc::MSG_DONTWAIT) } < 0 {
+            return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+/// Makes `cbuf` `msg`'s control message: SOL_UDP / UDP_SEGMENT / `seg` (a u16).
+fn segment_cmsg(msg: &mut libc::msghdr, cbuf: &mut [u64; 4], seg: u16) {
+    // SAFETY: CMSG_* stay within `cbuf` (sized for a u16 payload, checked against
+    // CMSG_SPACE), which `msg` points at from here on.
+    unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
+        debug_assert!(space <= std::mem::size_of_val(cbuf));
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let c = libc::CMSG_FIRSTHDR(msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
     }
 }
 
@@ -709,7 +769,10 @@ mod tests {
 
     #[test]
     fn one_receive_takes_a_batch_of_datagrams() {
-        let a = UdpUnderlay::bind(Ipv4Addr::LOCALHOST, 0).unwrap();
+        let mut a = UdpUnderlay::bind(Ipv4Addr::LOCALHOST, 0).unwrap();
+        // 20 one-byte frames are shorter than the longest single frame: they leave as
+        // 20 datagrams, not one run.
+        a.set_largest_frame(1514);
         let b = UdpUnderlay::bind(Ipv4Addr::new(127, 0, 0, 5), a.port()).unwrap();
         for i in 0..20u32 {
             a.send(Ipv4Addr::new(127, 0, 0, 5), 1000 + i, b"x").unwrap();
@@ -727,6 +790,78 @@ mod tests {
         assert_eq!(first, RX_BATCH, "one call, a batch");
         vnis.extend(drain_vnis(&b));
         assert_eq!(vnis, (1000..1020).collect::<Vec<u32>>());
+    }
+
+    /// Runs of equal datagrams to one destination (the last may be shorter) leave as
+    /// one `UDP_SEGMENT` message each and arrive as one GRO message: one receive call
+    /// takes all of them, in order; a shorter datagram ends a run, a longer one or
+    /// another destination starts a new one.
+    #[test]
+    fn runs_of_equal_datagrams_leave_and_arrive_as_one_message() {
+        let mut a = UdpUnderlay::bind(Ipv4Addr::LOCALHOST, 0).unwrap();
+        a.set_largest_frame(1514);
+        let b = UdpUnderlay::bind(Ipv4Addr::new(127, 0, 0, 6), a.port()).unwrap();
+        let c = UdpUnderlay::bind(Ipv4Addr::new(127, 0, 0, 7), a.port()).unwrap();
+        let (to_b, to_c) = (Ipv4Addr::new(127, 0, 0, 6), Ipv4Addr::new(127, 0, 0, 7));
+        let frame = |i: u32, len: usize| {
+            let mut f = vec![i as u8; len];
+            f[0] = 0xee;
+            f
+        };
+        // To b: 20 of 100 bytes and one of 60 (a run of 21), then 6 of 200 bytes (one
+        // run of 1248 bytes in all: not longer than a single frame, so 6 datagrams).
+        // To c, in between: 4 of 400 bytes (a run of 1632: one message).
+        let mut want_b = Vec::new();
+        let mut want_c = Vec::new();
+        for i in 0..20 {
+            want_b.push((i, frame(i, 100)));
+        }
+        want_b.push((20, frame(20, 60)));
+        for i in 0..4 {
+            want_c.push((100 + i, frame(100 + i, 400)));
+        }
+        for i in 21..27 {
+            want_b.push((i, frame(i, 200)));
+        }
+        for (vni, f) in &want_b[..21] {
+            a.send(to_b, *vni, f).unwrap();
+        }
+        for (vni, f) in &want_c {
+            a.send(to_c, *vni, f).unwrap();
+        }
+        for (vni, f) in &want_b[21..] {
+            a.send(to_b, *vni, f).unwrap();
+        }
+        a.flush();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let take = |u: &UdpUnderlay| {
+            let mut got = Vec::new();
+            let mut calls = Vec::new();
+            loop {
+                let n = u
+                    .recv(|r| {
+                        if let Received::Frame(_, vni, f, _) = r {
+                            got.push((vni, f.to_vec()))
+                        }
+                    })
+                    .unwrap();
+                if n == 0 {
+                    return (got, calls);
+                }
+                calls.push(n);
+            }
+        };
+        let (got_b, calls_b) = take(&b);
+        assert_eq!(got_b, want_b);
+        // The run of 21 and the 6 single datagrams, all in one recvmmsg (7 messages).
+        assert_eq!(
+            calls_b,
+            vec![27],
+            "21 + 6 frames from 7 messages in one call"
+        );
+        let (got_c, calls_c) = take(&c);
+        assert_eq!(got_c, want_c);
+        assert_eq!(calls_c, vec![4]);
     }
 
     /// A TCP/IPv4 super-frame as a tap hands it over (checksum left partial).
