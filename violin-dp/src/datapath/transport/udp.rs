@@ -350,7 +350,8 @@ impl UdpUnderlay {
     }
 
     /// Sends the batch in one `sendmmsg` (more if the kernel takes part of it). A run
-    /// of datagrams to one destination, all as long as the first but the last, leaves
+    /// of datagrams of one VNI to one destination, all as long as the first but the
+    /// last, leaves
     /// as one `UDP_SEGMENT` message (what wireguard-go's `coalesceMessages` does): one
     /// trip through the kernel's stack and the underlay for the run, and one
     /// `UDP_GRO` message at the receiver. A run is sent so only when it is longer than
@@ -390,8 +391,13 @@ impl UdpUnderlay {
         while i < n {
             let mut k = 1;
             if self.gso.get() {
-                let same =
-                    |j: usize| to[j].sin_addr.s_addr == to[i].sin_addr.s_addr && len[j] <= len[i];
+                // One destination and one Violin: the receiver's kernel steers the run
+                // by its first datagram (`bind_group`), and Violins never share one.
+                let same = |j: usize| {
+                    to[j].sin_addr.s_addr == to[i].sin_addr.s_addr
+                        && vni[j] == vni[i]
+                        && len[j] <= len[i]
+                };
                 // Every datagram but the last as long as the first.
                 while i + k < n && same(i + k) && len[i + k - 1] == len[i] {
                     k += 1;
@@ -792,10 +798,11 @@ mod tests {
         assert_eq!(vnis, (1000..1020).collect::<Vec<u32>>());
     }
 
-    /// Runs of equal datagrams to one destination (the last may be shorter) leave as
-    /// one `UDP_SEGMENT` message each and arrive as one GRO message: one receive call
-    /// takes all of them, in order; a shorter datagram ends a run, a longer one or
-    /// another destination starts a new one.
+    /// Runs of equal datagrams of one VNI to one destination (the last may be shorter)
+    /// leave as one `UDP_SEGMENT` message each and arrive as one GRO message: one
+    /// receive call takes all of them, in order; a shorter datagram ends a run, and
+    /// another destination or VNI, or a run too short to pass for a super-frame, goes
+    /// datagram by datagram.
     #[test]
     fn runs_of_equal_datagrams_leave_and_arrive_as_one_message() {
         let mut a = UdpUnderlay::bind(Ipv4Addr::LOCALHOST, 0).unwrap();
@@ -808,21 +815,13 @@ mod tests {
             f[0] = 0xee;
             f
         };
-        // To b: 20 of 100 bytes and one of 60 (a run of 21), then 6 of 200 bytes (one
-        // run of 1248 bytes in all: not longer than a single frame, so 6 datagrams).
-        // To c, in between: 4 of 400 bytes (a run of 1632: one message).
-        let mut want_b = Vec::new();
-        let mut want_c = Vec::new();
-        for i in 0..20 {
-            want_b.push((i, frame(i, 100)));
-        }
-        want_b.push((20, frame(20, 60)));
-        for i in 0..4 {
-            want_c.push((100 + i, frame(100 + i, 400)));
-        }
-        for i in 21..27 {
-            want_b.push((i, frame(i, 200)));
-        }
+        // To b, VNI 7: 20 of 100 bytes and one of 60 (a run of 21), then 6 of 200
+        // bytes (1248 bytes in all: not longer than a single frame, so 6 datagrams).
+        // To c, in between: 10 of 400 bytes, each of another VNI (10 datagrams).
+        let mut want_b: Vec<(u32, Vec<u8>)> = (0..20).map(|i| (7, frame(i, 100))).collect();
+        want_b.push((7, frame(20, 60)));
+        let want_c: Vec<(u32, Vec<u8>)> = (0..10).map(|i| (100 + i, frame(i, 400))).collect();
+        want_b.extend((21..27).map(|i| (7, frame(i, 200))));
         for (vni, f) in &want_b[..21] {
             a.send(to_b, *vni, f).unwrap();
         }
@@ -861,7 +860,7 @@ mod tests {
         );
         let (got_c, calls_c) = take(&c);
         assert_eq!(got_c, want_c);
-        assert_eq!(calls_c, vec![4]);
+        assert_eq!(calls_c, vec![RX_BATCH, 10 - RX_BATCH], "one message each");
     }
 
     /// A TCP/IPv4 super-frame as a tap hands it over (checksum left partial).
