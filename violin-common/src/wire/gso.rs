@@ -57,6 +57,14 @@ impl Kind {
     pub fn tcp(self) -> bool {
         matches!(self, Kind::Tcp4 | Kind::Tcp6)
     }
+    /// Where the checksum field lies in the L4 header.
+    pub fn csum_offset(self) -> u16 {
+        if self.tcp() {
+            16
+        } else {
+            6
+        }
+    }
 }
 
 /// A checked super-frame layout.
@@ -160,38 +168,24 @@ impl Gso {
     /// one segment, so a transport can complete the checksum on segmenting, and a tap
     /// can take the frame with `NEEDS_CSUM`.
     pub fn from_rco(r: Rco, frame: &[u8]) -> Result<Gso> {
-        let tcp = TcpPacket::new_checked(frame.get(usize::from(r.start)..).unwrap_or(&[]));
-        let hdr = usize::from(r.start)
-            + match (r.udp, tcp) {
-                (true, _) => UDP_LEN,
-                (false, Ok(t)) => t.header_len(),
-                (false, Err(e)) => return Err(e),
-            };
+        // The GSO type names the IP version; `check` holds it against the frame.
+        let gso_type = match (r.udp, frame.get(12..14)) {
+            (true, _) => GsoType::UdpL4,
+            (false, Some([0x86, 0xdd])) => GsoType::TcpV6,
+            _ => GsoType::TcpV4,
+        };
         let v = VirtioNetRepr {
             flags: F_NEEDS_CSUM,
-            gso_type: if r.udp {
-                GsoType::UdpL4
-            } else {
-                GsoType::TcpV4
-            },
-            ecn: false,
-            hdr_len: hdr as u16,
-            gso_size: frame.len().saturating_sub(hdr).max(1) as u16,
+            gso_type,
+            gso_size: 1,
             csum_start: r.start,
             csum_offset: r.offset(),
+            ..VirtioNetRepr::PLAIN
         };
-        let v = match frame.get(12..14) {
-            // The GSO type names the IP version; `from_virtio` checks it against the frame.
-            Some([0x86, 0xdd]) if !r.udp => VirtioNetRepr {
-                gso_type: GsoType::TcpV6,
-                ..v
-            },
-            _ => v,
-        };
-        let one = Gso::check(&v, frame)?;
-        if one.segments(frame.len()) != 1 {
-            return Err(Error::Malformed);
-        }
+        let mut one = Gso::check(&v, frame)?;
+        // One segment: all of the payload (`check` saw there is some).
+        one.seg_size =
+            u16::try_from(frame.len() - usize::from(one.hdr_len)).map_err(|_| Error::Malformed)?;
         Ok(one)
     }
 
@@ -224,7 +218,7 @@ impl Gso {
         VirtioNetRepr {
             flags: F_NEEDS_CSUM,
             csum_start: self.l4,
-            csum_offset: if self.kind.tcp() { 16 } else { 6 },
+            csum_offset: self.kind.csum_offset(),
             ..VirtioNetRepr::PLAIN
         }
     }
@@ -242,7 +236,7 @@ impl Gso {
             hdr_len: self.hdr_len,
             gso_size: self.seg_size,
             csum_start: self.l4,
-            csum_offset: if self.kind.tcp() { 16 } else { 6 },
+            csum_offset: self.kind.csum_offset(),
         }
     }
 
@@ -559,24 +553,24 @@ impl Coalescer {
 
     /// Finishes the pending super-frame in `buf`: its virtio header and length, or
     /// `None` when nothing is pending. One segment comes back as it arrived (checksum
-    /// verified, or partial with `NEEDS_CSUM` if it came so); more carry IPv4 length and checksum for the whole (UDP: and its
-    /// length), and an L4 checksum left partial (pseudo-header sum), for the receiver
-    /// to take as verified.
+    /// verified, or partial with `NEEDS_CSUM` if it came so); more carry IPv4 length and
+    /// checksum for the whole (UDP: and its length), and an L4 checksum left partial
+    /// (pseudo-header sum), for the receiver to take as verified.
     pub fn finish(&mut self, buf: &mut [u8]) -> Option<(VirtioNetRepr, usize)> {
         if self.segs == 0 {
             return None;
         }
         let udp = self.udp;
         let c = core::mem::replace(self, Coalescer::new(udp));
-        let kind = c.kind.unwrap_or(Kind::Tcp4);
+        let t = ETH + IPV4_MIN;
+        let g = Gso {
+            kind: c.kind.unwrap_or(Kind::Tcp4),
+            l4: t as u16,
+            hdr_len: c.hdr_len as u16,
+            seg_size: c.seg_size as u16,
+        };
         if c.segs == 1 && c.partial {
-            let v = VirtioNetRepr {
-                flags: F_NEEDS_CSUM,
-                csum_start: (ETH + IPV4_MIN) as u16,
-                csum_offset: if kind.tcp() { 16 } else { 6 },
-                ..VirtioNetRepr::PLAIN
-            };
-            return Some((v, c.len));
+            return Some((g.to_virtio_one(), c.len));
         }
         if c.segs == 1 {
             let v = VirtioNetRepr {
@@ -585,11 +579,10 @@ impl Coalescer {
             };
             return Some((v, c.len));
         }
-        let t = ETH + IPV4_MIN;
         let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETH..]);
         ip.set_total_len((c.len - ETH) as u16);
         ip.fill_checksum();
-        let (proto, csum_at) = match kind {
+        let (proto, csum_at) = match g.kind {
             Kind::Udp4 => {
                 set_u16(buf, t + 4, (c.len - t) as u16);
                 (17, t + 6)
@@ -598,12 +591,6 @@ impl Coalescer {
         };
         let pseudo = pseudo4(&buf[ETH..], proto, c.len - t);
         set_u16(buf, csum_at, pseudo);
-        let g = Gso {
-            kind,
-            l4: t as u16,
-            hdr_len: c.hdr_len as u16,
-            seg_size: c.seg_size as u16,
-        };
         Some((g.to_virtio(), c.len))
     }
 }

@@ -44,7 +44,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 use violin_common::wire::gso::Gso;
-use violin_common::wire::{arp, EthernetAddress, Rco};
+use violin_common::wire::{arp, EthernetAddress, VxlanRepr};
 use violin_common::Verdict;
 
 const UNDERLAY: Token = Token(0);
@@ -449,21 +449,21 @@ impl Fabric {
     /// A tunnelled frame this worker received: switched here if its Violin lives here,
     /// else copied to the worker that owns it.
     #[inline]
-    /// A frame with `rco` has a partial L4 checksum (remote checksum offload): it is
-    /// switched as a one-segment super-frame, which a tap takes as it is and any other
-    /// output completes; handed to another worker, it is completed on the way.
-    #[allow(clippy::too_many_arguments)]
+    /// A frame whose header `vx` announces remote checksum offload has a partial L4
+    /// checksum: it is switched as a one-segment super-frame, which a tap takes as it is
+    /// and any other output completes; handed to another worker, it is completed on the
+    /// way.
     fn tunnel_in(
         &mut self,
         team: &mut Team,
         src: Ipv4Addr,
-        vni: u32,
+        vx: VxlanRepr,
         inner: &[u8],
-        rco: Option<Rco>,
         now: u64,
         tx: impl TunnelTx,
     ) {
-        let one = match rco.map(|r| Gso::from_rco(r, inner)) {
+        let vni = vx.vni;
+        let one = match vx.rco.map(|r| Gso::from_rco(r, inner)) {
             None => None,
             Some(Ok(g)) => Some(g),
             Some(Err(e)) => return self.switch.count_host_drop(e.into()),
@@ -1212,7 +1212,8 @@ impl Worker {
                     *udp_rx_frames += 1;
                     budget.spend(inner.len());
                     // Handed over only if the kernel did not steer by VNI (bind_group).
-                    fabric.tunnel_in(team, src, vni, inner, rco, now, udp);
+                    let vx = VxlanRepr { vni, rco };
+                    fabric.tunnel_in(team, src, vx, inner, now, udp);
                 }
                 Received::Bad(v) => fabric.switch.count_host_drop(v),
             });
@@ -1245,7 +1246,7 @@ impl Worker {
         // external member reached through the kernel's socket. The NIC chose the
         // queue, so a frame's Violin may live on another worker (`tunnel_in`).
         xsk.rx(slot, budget, |src, vx, inner| {
-            fabric.tunnel_in(team, src, vx.vni, inner, vx.rco, now, udp)
+            fabric.tunnel_in(team, src, vx, inner, now, udp)
         })
     }
 

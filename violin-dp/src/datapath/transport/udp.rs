@@ -39,6 +39,8 @@ const RX_SLOT: usize = 65536;
 /// Room for one batched datagram: a VXLAN header and a frame of a 1500-byte MTU with
 /// two VLAN tags; longer frames are sent at once.
 const TX_SLOT: usize = 1536;
+// A whole batch fits one UDP_SEGMENT send: a run needs no limit of its own.
+const _: () = assert!(TX_BATCH * TX_SLOT <= UDP_PAYLOAD_MAX && TX_BATCH <= GSO_MAX);
 
 pub struct UdpUnderlay {
     sock: UdpSocket,
@@ -351,8 +353,7 @@ impl UdpUnderlay {
 
     /// Sends the batch in one `sendmmsg` (more if the kernel takes part of it). A run
     /// of datagrams of one VNI to one destination, all as long as the first but the
-    /// last, leaves
-    /// as one `UDP_SEGMENT` message (what wireguard-go's `coalesceMessages` does): one
+    /// last, leaves as one `UDP_SEGMENT` message (what wireguard-go's `coalesceMessages` does): one
     /// trip through the kernel's stack and the underlay for the run, and one
     /// `UDP_GRO` message at the receiver. A run is sent so only when it is longer than
     /// the longest frame a receiver takes as one ([`UdpUnderlay::set_largest_frame`]),
@@ -403,7 +404,7 @@ impl UdpUnderlay {
                     k += 1;
                 }
                 let bytes: usize = len[i..i + k].iter().sum();
-                if k > 1 && (14 + 20 + 8 + bytes <= self.largest_frame || bytes > UDP_PAYLOAD_MAX) {
+                if 14 + 20 + 8 + bytes <= self.largest_frame {
                     k = 1;
                 }
             }
