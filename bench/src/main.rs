@@ -59,6 +59,10 @@ struct Cli {
     /// own (`jumbo-*.json`).
     #[arg(long)]
     jumbo: bool,
+    /// Run only figure 5 (N Violins flooding at once), into a results file of its own
+    /// (`sharing-*.json`).
+    #[arg(long)]
+    sharing: bool,
     /// Host counts of figure 6, e.g. `--hpl-hosts 4` (default 2,4; with --quick 2).
     #[arg(long, value_delimiter = ',')]
     hpl_hosts: Vec<usize>,
@@ -397,6 +401,78 @@ fn isolation_figure(
     Ok(())
 }
 
+/// Figure 5: N Violins with the same addresses flooding at once, on each cluster
+/// (`[udp, xdp]`), which it empties first.
+fn sharing_figure(r: &mut Results, plan: &Plan, [tu, tx]: [&Testbed; 2]) -> Result<()> {
+    say("figure 5: sharing the hosts among N Violins with the same addresses");
+    for tb in [tu, tx] {
+        // Start from an empty cluster: the figure's Violins are the only ones.
+        for v in tb.violin_names()? {
+            tb.down_violin(&v)?;
+        }
+        let mut pairs = Vec::new();
+        let mut rows = Vec::new();
+        for &n in &plan.share_counts {
+            while pairs.len() < n {
+                let i = pairs.len();
+                pairs.push(tb.violin_pair(
+                    &format!("share{i}"),
+                    400 + i as u32,
+                    50,
+                    "socket",
+                    None,
+                )?);
+                load::udp_ping_pong(
+                    &pairs[i].client.ns,
+                    &pairs[i].server.ns,
+                    pairs[i].server.ip,
+                    5,
+                )?;
+            }
+            let rates: Vec<f64> = std::thread::scope(|s| {
+                let hs: Vec<_> = pairs[..n]
+                    .iter()
+                    .map(|p| {
+                        s.spawn(move || {
+                            load::udp_flood(
+                                &p.client.ns,
+                                &p.server.ns,
+                                p.server.ip,
+                                1400,
+                                plan.share_secs,
+                                &[],
+                            )
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap()
+                            .map(|f| f.received_pps * 1400.0 * 8.0 / 1e6)
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            let agg: f64 = rates.iter().sum();
+            let fair = agg / n as f64;
+            let shares: Vec<f64> = rates.iter().map(|r| r / fair).collect();
+            let one = rows
+                .first()
+                .map(|s: &Sharing| s.aggregate_mbit)
+                .unwrap_or(agg);
+            rows.push(Sharing {
+                violins: n,
+                aggregate_mbit: agg,
+                relative_to_one: agg / one,
+                max_deviation: shares.iter().map(|s| (s - 1.0).abs()).fold(0.0, f64::max),
+                shares,
+            });
+        }
+        r.sharing.insert(format!("violin-{}", tb.dataplane), rows);
+    }
+    Ok(())
+}
+
 /// Writes the results as `PREFIX-STARTED[-quick].json` into `--out`, prints `text`
 /// and writes it to `--report`; returns the JSON's path.
 fn write_results(r: &Results, cli: &Cli, prefix: &str, text: &str) -> Result<PathBuf> {
@@ -647,6 +723,13 @@ fn main() -> Result<()> {
         tx.violin_pair("tap", 102, 3, "tap", None)?,
     ];
     r.configs = pairs.iter().map(|p| p.config.to_string()).collect();
+    if cli.sharing {
+        sharing_figure(&mut r, &plan, [&tu, &tx])?;
+        r.seconds = t0.elapsed().as_secs_f64();
+        let file = write_results(&r, &cli, "sharing", &sharing_table(&r))?;
+        say(&format!("results in {}", file.display()));
+        return Ok(());
+    }
     if cli.isolation {
         isolation_figure(&mut r, &plan, [&tu, &tx], &pairs)?;
         r.seconds = t0.elapsed().as_secs_f64();
@@ -787,72 +870,7 @@ fn main() -> Result<()> {
             used / plan.idle_secs / pids.len() as f64 * 100.0,
         );
     }
-    say("figure 5: sharing the hosts among N Violins with the same addresses");
-    for tb in [&tu, &tx] {
-        // Start from an empty cluster: the figure's Violins are the only ones.
-        for v in tb.violin_names()? {
-            tb.down_violin(&v)?;
-        }
-        let mut pairs = Vec::new();
-        let mut rows = Vec::new();
-        for &n in &plan.share_counts {
-            while pairs.len() < n {
-                let i = pairs.len();
-                pairs.push(tb.violin_pair(
-                    &format!("share{i}"),
-                    400 + i as u32,
-                    50,
-                    "socket",
-                    None,
-                )?);
-                load::udp_ping_pong(
-                    &pairs[i].client.ns,
-                    &pairs[i].server.ns,
-                    pairs[i].server.ip,
-                    5,
-                )?;
-            }
-            let rates: Vec<f64> = std::thread::scope(|s| {
-                let hs: Vec<_> = pairs[..n]
-                    .iter()
-                    .map(|p| {
-                        s.spawn(move || {
-                            load::udp_flood(
-                                &p.client.ns,
-                                &p.server.ns,
-                                p.server.ip,
-                                1400,
-                                plan.share_secs,
-                                &[],
-                            )
-                        })
-                    })
-                    .collect();
-                hs.into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap()
-                            .map(|f| f.received_pps * 1400.0 * 8.0 / 1e6)
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })?;
-            let agg: f64 = rates.iter().sum();
-            let fair = agg / n as f64;
-            let shares: Vec<f64> = rates.iter().map(|r| r / fair).collect();
-            let one = rows
-                .first()
-                .map(|s: &Sharing| s.aggregate_mbit)
-                .unwrap_or(agg);
-            rows.push(Sharing {
-                violins: n,
-                aggregate_mbit: agg,
-                relative_to_one: agg / one,
-                max_deviation: shares.iter().map(|s| (s - 1.0).abs()).fold(0.0, f64::max),
-                shares,
-            });
-        }
-        r.sharing.insert(format!("violin-{}", tb.dataplane), rows);
-    }
+    sharing_figure(&mut r, &plan, [&tu, &tx])?;
     say(&format!(
         "memory: {} Violins × {} guests on the xdp data plane",
         plan.mem_violins, plan.mem_guests
@@ -1178,6 +1196,31 @@ fn ratio(x: f64, base: f64) -> String {
     } else {
         "-".into()
     }
+}
+
+/// Figure 5 as a table.
+fn sharing_table(r: &Results) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\n5. Sharing: N Violins with the same addresses, each flooding (1400-byte UDP)"
+    );
+    let _ = writeln!(
+        o,
+        "{:<13} {:>3} {:>14} {:>10} {:>14}",
+        "config", "N", "aggregate Mbit", "/ N=1", "max |share-1|"
+    );
+    for (c, rows) in &r.sharing {
+        for s in rows {
+            let _ = writeln!(
+                o,
+                "{:<13} {:>3} {:>14.1} {:>10.3} {:>14.3}",
+                c, s.violins, s.aggregate_mbit, s.relative_to_one, s.max_deviation
+            );
+        }
+    }
+    o
 }
 
 /// Figure 8 (4b in the tables) as a table.
@@ -1540,24 +1583,7 @@ fn tables(r: &Results) -> String {
         }
     }
     o.push_str(&isolation_table(r));
-    let _ = writeln!(
-        o,
-        "\n5. Sharing: N Violins with the same addresses, each flooding (1400-byte UDP)"
-    );
-    let _ = writeln!(
-        o,
-        "{:<13} {:>3} {:>14} {:>10} {:>14}",
-        "config", "N", "aggregate Mbit", "/ N=1", "max |share-1|"
-    );
-    for (c, rows) in &r.sharing {
-        for s in rows {
-            let _ = writeln!(
-                o,
-                "{:<13} {:>3} {:>14.1} {:>10.3} {:>14.3}",
-                c, s.violins, s.aggregate_mbit, s.relative_to_one, s.max_deviation
-            );
-        }
-    }
+    o.push_str(&sharing_table(r));
     if let Some(m) = &r.memory {
         let _ = writeln!(
             o,
