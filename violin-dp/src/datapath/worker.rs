@@ -448,11 +448,11 @@ tunnel_tx!(&mut Underlay);
 impl Fabric {
     /// A tunnelled frame this worker received: switched here if its Violin lives here,
     /// else copied to the worker that owns it.
-    #[inline]
     /// A frame whose header `vx` announces remote checksum offload has a partial L4
     /// checksum: it is switched as a one-segment super-frame, which a tap takes as it is
     /// and any other output completes; handed to another worker, it is completed on the
     /// way.
+    #[inline]
     fn tunnel_in(
         &mut self,
         team: &mut Team,
@@ -1208,11 +1208,10 @@ impl Worker {
         let udp = underlay.udp();
         while budget.left() {
             let r = udp.recv(|r| match r {
-                Received::Frame(src, vni, inner, rco) => {
+                Received::Frame(src, vx, inner) => {
                     *udp_rx_frames += 1;
                     budget.spend(inner.len());
                     // Handed over only if the kernel did not steer by VNI (bind_group).
-                    let vx = VxlanRepr { vni, rco };
                     fabric.tunnel_in(team, src, vx, inner, now, udp);
                 }
                 Received::Bad(v) => fabric.switch.count_host_drop(v),

@@ -94,9 +94,9 @@ fn sockaddr(dst: Ipv4Addr, port: u16) -> libc::sockaddr_in {
 
 /// One received datagram, decapsulated.
 pub enum Received<'a> {
-    /// (outer source, VNI, inner frame, where its L4 checksum is partial if it came
-    /// with remote checksum offload).
-    Frame(Ipv4Addr, u32, &'a [u8], Option<Rco>),
+    /// (outer source, VXLAN header — its VNI, and where the inner frame's L4 checksum
+    /// is partial if it came with remote checksum offload — inner frame).
+    Frame(Ipv4Addr, VxlanRepr, &'a [u8]),
     /// Not valid VXLAN: count it.
     Bad(Verdict),
 }
@@ -318,7 +318,7 @@ impl UdpUnderlay {
             for (k, d) in data.chunks(seg).enumerate() {
                 count += usize::from(k > 0);
                 f(match encap::decap(d) {
-                    Ok((vx, inner)) => Received::Frame(src, vx.vni, inner, vx.rco),
+                    Ok((vx, inner)) => Received::Frame(src, vx, inner),
                     Err(v) => Received::Bad(v),
                 });
             }
@@ -353,8 +353,8 @@ impl UdpUnderlay {
 
     /// Sends the batch in one `sendmmsg` (more if the kernel takes part of it). A run
     /// of datagrams of one VNI to one destination, all as long as the first but the
-    /// last, leaves as one `UDP_SEGMENT` message (what wireguard-go's `coalesceMessages` does): one
-    /// trip through the kernel's stack and the underlay for the run, and one
+    /// last, leaves as one `UDP_SEGMENT` message (what wireguard-go's
+    /// `coalesceMessages` does): one trip through the kernel's stack and the underlay for the run, and one
     /// `UDP_GRO` message at the receiver. A run is sent so only when it is longer than
     /// the longest frame a receiver takes as one ([`UdpUnderlay::set_largest_frame`]),
     /// so an xdp-plane receiver's classifier hands it to its socket whole. A datagram
@@ -639,8 +639,8 @@ mod tests {
         let mut got = Vec::new();
         while u
             .recv(|r| {
-                if let Received::Frame(_, vni, ..) = r {
-                    got.push(vni)
+                if let Received::Frame(_, vx, _) = r {
+                    got.push(vx.vni)
                 }
             })
             .unwrap()
@@ -694,7 +694,7 @@ mod tests {
             let n = b
                 .recv(|r| {
                     got = Some(match r {
-                        Received::Frame(src, vni, f, _) => Ok((src, vni, f.to_vec())),
+                        Received::Frame(src, vx, f) => Ok((src, vx.vni, f.to_vec())),
                         Received::Bad(v) => Err(v),
                     })
                 })
@@ -736,7 +736,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(30));
             while b
                 .recv(|r| {
-                    if let Received::Frame(_, 7, f, _) = r {
+                    if let Received::Frame(_, VxlanRepr { vni: 7, .. }, f) = r {
                         got.push(f.to_vec())
                     }
                 })
@@ -789,8 +789,8 @@ mod tests {
         let mut vnis = Vec::new();
         let first = b
             .recv(|r| {
-                if let Received::Frame(_, vni, ..) = r {
-                    vnis.push(vni)
+                if let Received::Frame(_, vx, _) = r {
+                    vnis.push(vx.vni)
                 }
             })
             .unwrap();
@@ -840,8 +840,8 @@ mod tests {
             loop {
                 let n = u
                     .recv(|r| {
-                        if let Received::Frame(_, vni, f, _) = r {
-                            got.push((vni, f.to_vec()))
+                        if let Received::Frame(_, vx, f) = r {
+                            got.push((vx.vni, f.to_vec()))
                         }
                     })
                     .unwrap();
@@ -922,7 +922,7 @@ mod tests {
         for _ in 0..200 {
             let n = b
                 .recv(|r| match r {
-                    Received::Frame(src, vni, inner, rco) => {
+                    Received::Frame(src, VxlanRepr { vni, rco }, inner) => {
                         assert_eq!((src, vni), (Ipv4Addr::LOCALHOST, 42));
                         if peer {
                             assert_eq!(rco, Rco::new(34, false));
