@@ -89,8 +89,18 @@ fn blue_pinging(dp: &str) -> Option<(Cluster, Pings)> {
     Some((c, base))
 }
 
+/// What the machine itself adds to a disturbed round trip, whatever the daemon does:
+/// on these 2-core test machines the kernel is not preemptible (PREEMPT_NONE) and a
+/// kernel thread of the VM host (`kdamond`, DAMON reclaim) runs up to 3.7 ms at a time
+/// (`perf sched` during the churn below), so a worker woken on its CPU waits that long;
+/// a booting TCG VM takes the other CPU. Control work that stalled the packet path —
+/// seconds, before the workers — still fails: a sleep in the worker per control command
+/// took the churn's p99 to 10.2 ms (10 ms sleeps; fails) and 5.0–5.5 ms (5 ms; at the
+/// bound, failed twice).
+const MACHINE_MS: f64 = 3.0;
+
 /// The disturbed run loses nothing and keeps its p99 within 2 × the undisturbed p99
-/// + 1 ms.
+/// + [`MACHINE_MS`].
 fn assert_undisturbed(what: &str, base: &Pings, under: &Pings) {
     let (b, u) = (base.p99(), under.p99());
     eprintln!(
@@ -104,8 +114,8 @@ fn assert_undisturbed(what: &str, base: &Pings, under: &Pings) {
         "{what}: pings lost while disturbed"
     );
     assert!(
-        u <= 2.0 * b + 1.0,
-        "{what}: p99 {u:.3} ms > 2 × {b:.3} + 1 ms"
+        u <= 2.0 * b + MACHINE_MS,
+        "{what}: p99 {u:.3} ms > 2 × {b:.3} + {MACHINE_MS} ms"
     );
 }
 
