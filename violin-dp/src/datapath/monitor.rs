@@ -16,7 +16,7 @@ use violin_common::Verdict;
 /// Where a dropped frame came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum From {
-    /// A local guest's port.
+    /// A local guest's port (its id among all the host's ports).
     Port(u32),
     /// The underlay: this outer source address.
     Tunnel(Ipv4Addr),
@@ -98,17 +98,28 @@ struct Subscriber {
 /// A worker's subscribers.
 pub struct Monitor {
     subs: Vec<Subscriber>,
+    /// The worker's place among the host's `workers`: its port `p` is the host's
+    /// `p * workers + worker`.
+    worker: u32,
+    workers: u32,
 }
 
 impl Default for Monitor {
     fn default() -> Self {
-        Monitor {
-            subs: Vec::with_capacity(MAX_SUBSCRIBERS),
-        }
+        Monitor::of_worker(0, 1)
     }
 }
 
 impl Monitor {
+    /// The monitor of worker `worker` of `workers`, which number their ports apart.
+    pub fn of_worker(worker: usize, workers: usize) -> Monitor {
+        Monitor {
+            subs: Vec::with_capacity(MAX_SUBSCRIBERS),
+            worker: worker as u32,
+            workers: workers.max(1) as u32,
+        }
+    }
+
     /// True when any Violin is monitored.
     #[inline]
     pub fn is_on(&self) -> bool {
@@ -144,7 +155,12 @@ impl Monitor {
 
     /// Offers a drop of Violin `vni` to its subscribers; the event is built only if one
     /// of them takes it.
+    /// `from` names a port by the worker's own number.
     pub fn offer(&mut self, vni: u32, reason: Verdict, from: From, frame: &[u8], now: u64) {
+        let from = match from {
+            From::Port(p) => From::Port(p * self.workers + self.worker),
+            t => t,
+        };
         self.offer_with(vni, now, || {
             DropEvent::describe(now, vni, reason, from, frame)
         })
@@ -232,6 +248,19 @@ mod tests {
         assert_eq!((e.len, e.vni, e.reason), (42, 7, Verdict::NoLink));
         let runt = DropEvent::describe(5, 7, Verdict::Truncated, From::Port(3), &[1, 2, 3]);
         assert_eq!((runt.src_ip, runt.len, runt.src_mac), (None, 3, [0; 6]));
+    }
+
+    #[test]
+    fn a_port_is_named_by_its_number_among_the_hosts_ports() {
+        let (tx, rx) = sync_channel(10);
+        // Worker 1 of 3: its port 2 is the host's port 7.
+        let mut m = Monitor::of_worker(1, 3);
+        assert!(m.subscribe(1, 7, 10, tx, 0));
+        m.offer(7, Verdict::NoLink, From::Port(2), &udp_frame(), 0);
+        let src = Ipv4Addr::new(192, 0, 2, 1);
+        m.offer(7, Verdict::NoLink, From::Tunnel(src), &udp_frame(), 0);
+        assert_eq!(rx.try_recv().unwrap().from, From::Port(7));
+        assert_eq!(rx.try_recv().unwrap().from, From::Tunnel(src));
     }
 
     #[test]

@@ -729,7 +729,7 @@ impl Worker {
                         ports: Vec::new(),
                         out: Vec::with_capacity(64),
                         seg: vec![0u8; SEG_BUF].into_boxed_slice(),
-                        monitor: Monitor::default(),
+                        monitor: Monitor::of_worker(i, n),
                     },
                     underlay,
                     commands,
