@@ -74,10 +74,13 @@ pub struct HostConfig {
     pub control_cpus: Option<Vec<usize>>,
     /// Packet workers: threads that each serve one rx queue of the underlay interface
     /// (its AF_XDP sockets on the xdp plane) and one socket of the underlay's UDP
-    /// group, and own the Violins whose VNI modulo `workers` is their index. Default:
-    /// one per rx queue of a NIC, at most one per CPU; 1 on a veth, whose traffic a
-    /// generic XDP program sees on queue 0 whatever its queues. The xdp data plane
-    /// serves at most as many queues as the interface has.
+    /// group. On the udp plane each new Violin goes to the worker with the fewest
+    /// Violins (so a quiet Violin's frames wake a worker of their own, not one a
+    /// neighbour keeps busy); on the xdp plane a Violin's worker is its VNI modulo
+    /// `workers`. Default: one per CPU on the udp plane; on the xdp plane one per rx
+    /// queue of a NIC, at most one per CPU, and 1 on a veth, whose traffic a generic
+    /// XDP program sees on queue 0 whatever its queues. The xdp data plane serves at
+    /// most as many queues as the interface has.
     #[serde(default)]
     pub workers: Option<usize>,
     /// Microseconds a packet worker keeps polling without sleeping after a round with
@@ -182,7 +185,9 @@ impl HostConfig {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let q = rx_queues.max(1) as usize;
         match self.workers {
-            None if veth => Ok(1),
+            None if veth && xdp => Ok(1),
+            // The udp plane's socket group is steered in software, whatever the queues.
+            None if !xdp => Ok(cpus.min(MAX_WORKERS)),
             None => Ok(q.min(cpus).min(MAX_WORKERS)),
             Some(0) => anyhow::bail!("workers = 0: a host needs at least one packet worker"),
             Some(n) if n > MAX_WORKERS => {

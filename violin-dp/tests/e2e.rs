@@ -1262,27 +1262,35 @@ fn xdp_on_a_multi_queue_nic_serves_every_queue() {
     }
 }
 
-/// Two packet workers on the udp plane: the kernel steers each Violin's datagrams to
-/// its home worker's socket by VNI, so nothing is handed between workers.
+/// Two packet workers on the udp plane: each new Violin goes to the worker with the
+/// fewest Violins — here VNIs 200 and 202, which `VNI mod 2` would put together — and
+/// the kernel steers its datagrams to that worker's socket, so nothing is handed
+/// between workers. A Violin that leaves frees its worker for the next one.
 #[test]
 fn two_workers_on_the_udp_plane_each_serve_their_violins() {
     if !can_run() {
         return;
     }
     let c = Cluster::up(2, "udp", &["--queues", "2", "--workers", "2"]);
-    sixteen_guests_ping_across(&c, "even", 200, 1);
-    sixteen_guests_ping_across(&c, "odd", 201, 2);
-    for violin in ["even", "odd"] {
-        for h in &c.stats(violin).hosts {
-            eprintln!("{violin} {}: workers {:?}", h.host, h.workers);
-            assert_eq!(h.workers.len(), 2);
-            for w in &h.workers {
-                assert_eq!(w.violins, 1, "host {}: {:?}", h.host, h.workers);
-                assert!(w.udp_rx_frames > 0, "host {}: {:?}", h.host, h.workers);
-                assert_eq!(w.handed_off, 0, "host {}: {:?}", h.host, h.workers);
+    let each_worker_has_one = |violins: [&str; 2]| {
+        for violin in violins {
+            for h in &c.stats(violin).hosts {
+                eprintln!("{violin} {}: workers {:?}", h.host, h.workers);
+                assert_eq!(h.workers.len(), 2);
+                for w in &h.workers {
+                    assert_eq!(w.violins, 1, "host {}: {:?}", h.host, h.workers);
+                    assert!(w.udp_rx_frames > 0, "host {}: {:?}", h.host, h.workers);
+                    assert_eq!(w.handed_off, 0, "host {}: {:?}", h.host, h.workers);
+                }
             }
         }
-    }
+    };
+    sixteen_guests_ping_across(&c, "even", 200, 1);
+    sixteen_guests_ping_across(&c, "also-even", 202, 2);
+    each_worker_has_one(["even", "also-even"]);
+    c.ok(&["down", "even"]);
+    sixteen_guests_ping_across(&c, "again-even", 204, 3);
+    each_worker_has_one(["also-even", "again-even"]);
 }
 
 /// `auto` takes XDP where the classifier loads, and says why not where it does not.

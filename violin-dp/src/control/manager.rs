@@ -323,15 +323,28 @@ impl Manager {
             );
         }
         let old = self.records.get(&v.name).map(|r| r.spec.clone());
-        let (up, released) = self
-            .workers
-            .of_vni(v.vni)
-            .ask(|reply| Command::Apply {
-                spec: Box::new(v.clone()),
-                local_host: self.cfg.name.clone(),
-                reply,
-            })
-            .map_err(gone)??;
+        // An existing Violin's worker has it (and refuses a change of VNI).
+        let home = match &old {
+            Some(o) => self.workers.home(o.vni),
+            None => {
+                let others = self.records.values().map(|r| r.spec.vni);
+                self.workers.place(v.vni, others).map_err(gone)?
+            }
+        };
+        let applied = self.workers.get(home).ask(|reply| Command::Apply {
+            spec: Box::new(v.clone()),
+            local_host: self.cfg.name.clone(),
+            reply,
+        });
+        let (up, released) = match applied {
+            Ok(Ok(a)) => a,
+            failed => {
+                if old.is_none() {
+                    self.workers.unplace(v.vni);
+                }
+                failed.map_err(gone)??
+            }
+        };
         let rec = self
             .records
             .entry(v.name.clone())
@@ -778,6 +791,7 @@ impl Manager {
                 reply,
             })
             .map_err(gone)?;
+        self.workers.unplace(spec.vni);
         drop(released);
         for p in ports {
             self.teardown_guest(name, p);

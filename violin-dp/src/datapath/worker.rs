@@ -1,13 +1,14 @@
 //! A packet worker: a thread that owns the switch of its Violins, their guest ports,
 //! one rx queue's underlay sockets, and does nothing but move frames.
 //!
-//! A host runs one worker per served rx queue ([`Workers`]). Each Violin has a home
-//! worker, its VNI modulo the number of workers ([`home_of`]), which owns everything
-//! of it that changes per packet: its switch table, buckets, counters and guest
-//! ports — so no lock is taken per packet. The kernel steers the underlay's UDP
-//! datagrams to the home worker's socket by VNI; a frame the XDP classifier put on
-//! another queue's AF_XDP socket is copied to the home worker through a bounded
-//! queue ([`Handoff`]) and switched there.
+//! A host runs several workers ([`Workers`]). Each Violin has a home worker (the
+//! least loaded when it arrived on a udp underlay, its VNI modulo the number of
+//! workers on the xdp plane: [`Workers::place`]), which owns everything of it that
+//! changes per packet: its switch table, buckets, counters and guest ports — so no
+//! lock is taken per packet. The kernel steers the underlay's UDP datagrams to the
+//! home worker's socket by VNI; a frame the XDP classifier put on another queue's
+//! AF_XDP socket is copied to the home worker through a bounded queue ([`Handoff`])
+//! and switched there.
 //!
 //! Each wake-up: apply the control commands that arrived (between batches, never in
 //! the middle of one); note which sockets are ready; release what capped links queued
@@ -30,7 +31,9 @@ use crate::datapath::monitor::{self, DropEvent, Monitor};
 use crate::datapath::timer::{monotonic_ns, Timer};
 use crate::datapath::transport::afxdp::{AfXdpStats, Slot, SlotStats};
 use crate::datapath::transport::guest::{PortCounters, RxEvent};
-use crate::datapath::transport::udp::{Received, UdpUnderlay};
+use crate::datapath::transport::udp::{
+    steer, steering_program, Received, UdpUnderlay, MAX_STEERED,
+};
 use crate::datapath::transport::underlay::Underlay;
 use crate::datapath::transport::{Budget, Port};
 use crate::spec::Violin;
@@ -38,8 +41,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -108,6 +112,9 @@ struct Team {
     /// To each other worker (`None` at our own index).
     peers: Vec<Option<(SyncSender<Handoff>, Arc<Waker>)>>,
     inbox: Receiver<Handoff>,
+    /// Violins placed on a worker other than `VNI mod count` ([`Workers::place`]),
+    /// by VNI.
+    homes: Vec<(u32, usize)>,
     /// Workers handed a frame since they were last woken (bit i: worker i).
     to_wake: u64,
     handed_off: u64,
@@ -121,7 +128,10 @@ impl Team {
         if self.count == 1 {
             return None;
         }
-        let h = home_of(vni, self.count);
+        let h = match self.homes.binary_search_by_key(&vni, |&(v, _)| v) {
+            Ok(i) => self.homes[i].1,
+            Err(_) => home_of(vni, self.count),
+        };
         (h != self.index).then_some(h)
     }
 
@@ -226,6 +236,8 @@ pub enum Command {
     /// Start reading the underlay's UDP socket (once every port and membership is
     /// back after a start); what it queued before is discarded.
     OpenUnderlay,
+    /// Where Violins placed off `VNI mod n` live, sorted by VNI ([`Workers::place`]).
+    Homes(Vec<(u32, usize)>),
     /// The underlay's resolved neighbours (xdp builds outer headers from them).
     Neighbours(Vec<(Ipv4Addr, EthernetAddress)>),
     Snapshot {
@@ -340,33 +352,123 @@ impl WorkerHandle {
 /// commands go to its home worker, a port's to the worker that numbered it, questions
 /// about the whole host to all of them.
 #[derive(Clone)]
-pub struct Workers(Arc<[WorkerHandle]>);
+pub struct Workers {
+    handles: Arc<[WorkerHandle]>,
+    homes: Arc<Mutex<Homes>>,
+}
+
+/// Which worker each Violin lives on. By default `VNI mod n` ([`home_of`]). Where the
+/// kernel's steering can be changed (a udp underlay's socket group), each new Violin
+/// goes to the worker with the fewest Violins instead: Violins share a worker, and its
+/// CPU time, only when there are more of them than workers. A quiet Violin's frame
+/// then wakes a worker of its own, which runs at once (a short time slice,
+/// [`crate::datapath::PACKET_SLICE_NS`]), instead of waiting for a flooding
+/// neighbour's worker, always runnable and never woken, to get the CPU back.
+struct Homes {
+    /// Violins off `VNI mod n`: VNI → worker.
+    placed: BTreeMap<u32, usize>,
+    /// A socket of the underlay's group, to re-steer it (`None`: `VNI mod n` only).
+    steer: Option<std::os::fd::OwnedFd>,
+}
 
 impl Workers {
+    fn new(handles: Vec<WorkerHandle>, steer: Option<std::os::fd::OwnedFd>) -> Workers {
+        Workers {
+            handles: handles.into(),
+            homes: Arc::new(Mutex::new(Homes {
+                placed: BTreeMap::new(),
+                steer,
+            })),
+        }
+    }
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.handles.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.handles.is_empty()
     }
     /// Worker `i` (the one serving rx queue `i`).
     pub fn get(&self, i: usize) -> &WorkerHandle {
-        &self.0[i]
+        &self.handles[i]
+    }
+    /// The index of the home worker of the Violin with `vni`.
+    pub fn home(&self, vni: u32) -> usize {
+        let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        homes
+            .placed
+            .get(&vni)
+            .copied()
+            .unwrap_or_else(|| home_of(vni, self.len()))
     }
     /// The home worker of the Violin with `vni`.
     pub fn of_vni(&self, vni: u32) -> &WorkerHandle {
-        &self.0[home_of(vni, self.len())]
+        &self.handles[self.home(vni)]
+    }
+    /// Gives the Violin with `vni` a home before its first command (control thread):
+    /// the worker with the fewest Violins among `others` (the VNIs of the host's other
+    /// Violins). Every worker learns it (for frames the kernel could not steer) before
+    /// the kernel steers by it. Where steering cannot change, or fails, the Violin
+    /// stays at `VNI mod n`.
+    pub fn place(&self, vni: u32, others: impl Iterator<Item = u32>) -> Result<usize, WorkerGone> {
+        let mut homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&w) = homes.placed.get(&vni) {
+            return Ok(w);
+        }
+        let n = self.len();
+        if homes.steer.is_none() || n == 1 || homes.placed.len() >= MAX_STEERED {
+            return Ok(home_of(vni, n));
+        }
+        let mut load = vec![0usize; n];
+        for o in others.filter(|&o| o != vni) {
+            load[homes
+                .placed
+                .get(&o)
+                .copied()
+                .unwrap_or_else(|| home_of(o, n))] += 1;
+        }
+        // The least loaded; of equals, `VNI mod n` first, then the lowest.
+        let modulo = home_of(vni, n);
+        let w = (0..n)
+            .min_by_key(|&i| (load[i], i != modulo, i))
+            .unwrap_or(modulo);
+        homes.placed.insert(vni, w);
+        if let Err(e) = self.publish(&homes) {
+            warn!(vni, "a Violin stays on worker {modulo}: {e}");
+            homes.placed.remove(&vni);
+            self.publish(&homes).map_err(|_| WorkerGone)?;
+            return Ok(modulo);
+        }
+        Ok(w)
+    }
+    /// Forgets where the Violin with `vni` lived, after it is removed.
+    pub fn unplace(&self, vni: u32) {
+        let mut homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        if homes.placed.remove(&vni).is_some() {
+            if let Err(e) = self.publish(&homes) {
+                warn!(vni, "re-steering the underlay after a Violin left: {e}");
+            }
+        }
+    }
+    /// Tells every worker, then the kernel, where placed Violins live.
+    fn publish(&self, homes: &Homes) -> std::io::Result<()> {
+        let table: Vec<(u32, usize)> = homes.placed.iter().map(|(&v, &w)| (v, w)).collect();
+        self.send_all(|| Command::Homes(table.clone()))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        match &homes.steer {
+            Some(fd) => steer(fd.as_raw_fd(), &steering_program(self.len() as u32, &table)),
+            None => Ok(()),
+        }
     }
     /// The worker that owns port `p`.
     pub fn of_port(&self, p: PortId) -> &WorkerHandle {
-        &self.0[p as usize % self.len()]
+        &self.handles[p as usize % self.len()]
     }
     pub fn send_all(&self, make: impl Fn() -> Command) -> Result<(), WorkerGone> {
-        self.0.iter().try_for_each(|w| w.send(make()))
+        self.handles.iter().try_for_each(|w| w.send(make()))
     }
     /// Asks every worker (control thread only: it blocks).
     pub fn ask_all<T>(&self, make: impl Fn(Reply<T>) -> Command) -> Result<Vec<T>, WorkerGone> {
-        self.0.iter().map(|w| w.ask(&make)).collect()
+        self.handles.iter().map(|w| w.ask(&make)).collect()
     }
     /// The host's counters, merged from every worker's (control thread).
     pub fn snapshot(&self) -> Result<Counters, WorkerGone> {
@@ -377,7 +479,7 @@ impl Workers {
     /// The same, for async callers (the control socket's and metrics' servers).
     pub async fn snapshot_async(&self) -> Result<Counters, WorkerGone> {
         let mut all = Vec::with_capacity(self.len());
-        for w in self.0.iter() {
+        for w in self.handles.iter() {
             all.push(w.ask_async(|reply| Command::Snapshot { reply }).await?);
         }
         Ok(Counters::merge(all))
@@ -687,6 +789,16 @@ impl Worker {
         let n = underlays.len();
         // `Team::to_wake` has a bit per worker.
         assert!((1..=64).contains(&n), "1 to 64 workers");
+        // On a udp underlay the control thread places Violins and re-steers the socket
+        // group; on the xdp plane frames arrive on the queue the NIC picks and go to
+        // `VNI mod n`.
+        let steer = match &underlays[0] {
+            Underlay::Udp(u) if n > 1 => Some(
+                // SAFETY: `u.fd()` is an open socket for the duration of the call.
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(u.fd()) }.try_clone_to_owned()?,
+            ),
+            _ => None,
+        };
         let mut built = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
         let mut doors = Vec::with_capacity(n);
@@ -718,6 +830,7 @@ impl Worker {
                         .map(|(j, d)| (j != i).then(|| d.clone()))
                         .collect(),
                     inbox,
+                    homes: Vec::new(),
                     to_wake: 0,
                     handed_off: 0,
                     taken_over: 0,
@@ -749,7 +862,7 @@ impl Worker {
                 }
             })
             .collect();
-        Ok((workers, Workers(handles.into())))
+        Ok((workers, Workers::new(handles, steer)))
     }
 
     fn now(&self) -> u64 {
@@ -922,6 +1035,7 @@ impl Worker {
                 let _ = reply.send(gone);
             }
             Command::OpenUnderlay => self.open_underlay(),
+            Command::Homes(h) => self.team.homes = h,
             Command::Neighbours(n) => {
                 if let Some(xsk) = self.underlay.xsk() {
                     xsk.set_neighbours(n);
@@ -1404,6 +1518,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::fastpath::encap;
     use crate::datapath::transport::udp::UdpUnderlay;
     use std::os::unix::thread::JoinHandleExt;
 
@@ -1443,6 +1558,82 @@ mod tests {
             reply: oneshot::channel().0,
         });
         t.join().unwrap();
+    }
+
+    /// The VNIs waiting on worker `w`'s underlay socket.
+    fn received_vnis(w: &mut Worker) -> Vec<u32> {
+        let mut got = Vec::new();
+        while w
+            .underlay
+            .udp()
+            .recv(|r| {
+                if let Received::Frame(_, vx, _) = r {
+                    got.push(vx.vni)
+                }
+            })
+            .unwrap()
+            > 0
+        {}
+        got.sort();
+        got
+    }
+
+    #[test]
+    fn violins_go_to_the_least_loaded_worker_and_the_kernel_follows() {
+        let u = UdpUnderlay::bind_group(Ipv4Addr::LOCALHOST, 0, 3).unwrap();
+        let port = u[0].port();
+        let (mut team, workers) = Worker::team(u.into_iter().map(Underlay::Udp).collect()).unwrap();
+        // 3, 6, 9 and 12 are all 0 mod 3.
+        assert_eq!(workers.place(3, [].into_iter()).unwrap(), 0);
+        assert_eq!(workers.place(6, [3].into_iter()).unwrap(), 1);
+        assert_eq!(workers.place(9, [3, 6].into_iter()).unwrap(), 2);
+        // All equal: VNI mod n.
+        assert_eq!(workers.place(12, [3, 6, 9].into_iter()).unwrap(), 0);
+        assert_eq!(workers.place(6, [3, 9, 12].into_iter()).unwrap(), 1, "kept");
+        // A Violin placed by `VNI mod n` before (none placed) counts where it lives.
+        assert_eq!(workers.home(7), 1);
+        assert_eq!(workers.home(6), 1);
+
+        let send_all = |vnis: &[u32]| {
+            let s = std::net::UdpSocket::bind("127.0.0.3:0").unwrap();
+            for &vni in vnis {
+                let d = [&encap::header(vni)[..], b"inner frame"].concat();
+                s.send_to(&d, (Ipv4Addr::LOCALHOST, port)).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        send_all(&[3, 6, 9, 12, 7, 8]);
+        let got: Vec<Vec<u32>> = team.iter_mut().map(received_vnis).collect();
+        assert_eq!(got, [vec![3, 12], vec![6, 7], vec![8, 9]]);
+        // Every worker knows, for frames the kernel could not steer.
+        for w in &mut team {
+            assert!(w.apply_commands());
+        }
+        assert_eq!(team[0].team.elsewhere(6), Some(1));
+        assert_eq!(team[0].team.elsewhere(9), Some(2));
+        assert_eq!(team[1].team.elsewhere(3), Some(0), "3 lives on 0 = 3 mod 3");
+        assert_eq!(team[0].team.elsewhere(3), None);
+
+        // Gone: back to VNI mod n, in the kernel and in the workers.
+        workers.unplace(6);
+        assert_eq!(workers.home(6), 0);
+        send_all(&[6, 9]);
+        let got: Vec<Vec<u32>> = team.iter_mut().map(received_vnis).collect();
+        assert_eq!(got, [vec![6], vec![], vec![9]]);
+        for w in &mut team {
+            assert!(w.apply_commands());
+        }
+        assert_eq!(team[0].team.elsewhere(6), None);
+        assert_eq!(team[1].team.elsewhere(6), Some(0));
+    }
+
+    #[test]
+    fn one_worker_places_nothing() {
+        let u = UdpUnderlay::bind_group(Ipv4Addr::LOCALHOST, 0, 1).unwrap();
+        let (mut team, workers) = Worker::team(u.into_iter().map(Underlay::Udp).collect()).unwrap();
+        assert_eq!(workers.place(5, [1, 2].into_iter()).unwrap(), 0);
+        assert!(team[0].apply_commands());
+        assert!(team[0].team.homes.is_empty());
     }
 
     #[test]

@@ -123,25 +123,63 @@ fn setsockopt_int(
     Ok(())
 }
 
+/// Most Violins a steering program names ([`steering_program`]): two instructions
+/// each, well within the kernel's 4096 (`BPF_MAXINSNS`). Others go by `VNI mod n`.
+pub const MAX_STEERED: usize = 2000;
+
 /// The classic BPF program that picks a socket of a [`UdpUnderlay::bind_group`] for
-/// each datagram: socket `VNI mod n`, the VNI read from the VXLAN header (the kernel
-/// runs it with the packet starting at the UDP payload). A datagram too short for a
-/// VXLAN header makes the load fail and the program return 0: socket 0, whose
-/// worker drops it as malformed.
-pub fn steering_program(n: u32) -> [libc::sock_filter; 4] {
-    let op = |code: u32, k: u32| libc::sock_filter {
+/// each datagram: the socket `homes` names for its VNI, else socket `VNI mod n`, the
+/// VNI read from the VXLAN header (the kernel runs it with the packet starting at the
+/// UDP payload). `homes` is looked up in order, two instructions per Violin (at most
+/// [`MAX_STEERED`]). A datagram too short for a VXLAN header makes the load fail and
+/// the program return 0: socket 0, whose worker drops it as malformed.
+pub fn steering_program(n: u32, homes: &[(u32, usize)]) -> Vec<libc::sock_filter> {
+    let op = |code: u32, jf: u8, k: u32| libc::sock_filter {
         code: code as u16,
         jt: 0,
-        jf: 0,
+        jf,
         k,
     };
-    [
-        // A = 32-bit word at payload offset 4 (VNI << 8 | reserved), host order.
-        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 4),
-        op(libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K, 8),
-        op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, n.max(1)),
-        op(libc::BPF_RET | libc::BPF_A, 0),
-    ]
+    let mut p = Vec::with_capacity(4 + 2 * homes.len().min(MAX_STEERED));
+    // A = 32-bit word at payload offset 4 (VNI << 8 | reserved), host order.
+    p.push(op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 4));
+    p.push(op(libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K, 0, 8));
+    for &(vni, socket) in homes.iter().take(MAX_STEERED) {
+        // A == vni: the next instruction (return its socket), else skip it.
+        p.push(op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 1, vni));
+        p.push(op(libc::BPF_RET | libc::BPF_K, 0, socket as u32));
+    }
+    p.push(op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, 0, n.max(1)));
+    p.push(op(libc::BPF_RET | libc::BPF_A, 0, 0));
+    p
+}
+
+/// Makes `prog` the steering program of the `SO_REUSEPORT` group socket `fd` is in
+/// (it replaces the one before, at once for every socket of the group).
+pub fn steer(fd: RawFd, prog: &[libc::sock_filter]) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: setsockopt reads the `sock_fprog` and the instructions it points to,
+    // which live until the call returns (the kernel copies them).
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            &fprog as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("steering the underlay sockets by VNI (SO_ATTACH_REUSEPORT_CBPF): {e}"),
+        ));
+    }
+    Ok(())
 }
 
 impl UdpUnderlay {
@@ -151,8 +189,9 @@ impl UdpUnderlay {
     }
 
     /// `n` sockets on `addr:port` (`SO_REUSEPORT`), one per packet worker, with the
-    /// kernel steering each datagram to socket `VNI mod n` ([`steering_program`]):
-    /// every frame of a Violin reaches the worker that owns it.
+    /// kernel steering each datagram to socket `VNI mod n` ([`steering_program`]; the
+    /// control thread re-steers Violins it places elsewhere, [`steer`]): every frame of
+    /// a Violin reaches the worker that owns it.
     pub fn bind_group(addr: Ipv4Addr, port: u16, n: usize) -> io::Result<Vec<UdpUnderlay>> {
         use nix::sys::socket::{setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType};
         let mut port = port;
@@ -176,31 +215,7 @@ impl UdpUnderlay {
             };
             if i == 0 && n > 1 {
                 port = sock.local_addr()?.port();
-                let prog = steering_program(n as u32);
-                let fprog = libc::sock_fprog {
-                    len: prog.len() as u16,
-                    filter: prog.as_ptr() as *mut libc::sock_filter,
-                };
-                // SAFETY: setsockopt reads the `sock_fprog` and the 4 instructions it
-                // points to, which live until the call returns (the kernel copies them).
-                let r = unsafe {
-                    libc::setsockopt(
-                        sock.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_ATTACH_REUSEPORT_CBPF,
-                        &fprog as *const _ as *const libc::c_void,
-                        std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-                    )
-                };
-                if r < 0 {
-                    let e = io::Error::last_os_error();
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!(
-                            "steering the underlay sockets by VNI (SO_ATTACH_REUSEPORT_CBPF): {e}"
-                        ),
-                    ));
-                }
+                steer(sock.as_raw_fd(), &steering_program(n as u32, &[]))?;
             }
             group.push(Self::from_socket(sock)?);
         }
