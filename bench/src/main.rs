@@ -63,6 +63,10 @@ struct Cli {
     /// (`sharing-*.json`).
     #[arg(long)]
     sharing: bool,
+    /// Run only figure 4 (UDP and TCP through rate caps), into a results file of its
+    /// own (`caps-*.json`).
+    #[arg(long)]
+    caps: bool,
     /// Host counts of figure 6, e.g. `--hpl-hosts 4` (default 2,4; with --quick 2).
     #[arg(long, value_delimiter = ',')]
     hpl_hosts: Vec<usize>,
@@ -475,6 +479,21 @@ fn sharing_figure(r: &mut Results, plan: &Plan, [tu, tx]: [&Testbed; 2]) -> Resu
 
 /// Writes the results as `PREFIX-STARTED[-quick].json` into `--out`, prints `text`
 /// and writes it to `--report`; returns the JSON's path.
+/// Writes the results of a run of one figure alone (`--hpl`, `--caps`, …) with its
+/// table, and says where.
+fn write_alone(
+    r: &mut Results,
+    cli: &Cli,
+    t0: Instant,
+    prefix: &str,
+    table: fn(&Results) -> String,
+) -> Result<()> {
+    r.seconds = t0.elapsed().as_secs_f64();
+    let file = write_results(r, cli, prefix, &table(r))?;
+    say(&format!("results in {}", file.display()));
+    Ok(())
+}
+
 fn write_results(r: &Results, cli: &Cli, prefix: &str, text: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(&cli.out)?;
     let file = cli.out.join(format!(
@@ -681,9 +700,7 @@ fn main() -> Result<()> {
     if cli.hpl {
         say("figure 6 only: HPL alone, one MPI rank per host, physical vs in a Violin");
         hpl_figures(&mut r, &plan, id)?;
-        r.seconds = t0.elapsed().as_secs_f64();
-        let file = write_results(&r, &cli, "hpl", &hpl_table(&r))?;
-        say(&format!("results in {}", file.display()));
+        write_alone(&mut r, &cli, t0, "hpl", hpl_table)?;
         let problems = [hpl_problems(&r), r.failures.clone()].concat();
         if !problems.is_empty() {
             bail!("figure 6 is incomplete: {}", problems.join("; "));
@@ -693,9 +710,7 @@ fn main() -> Result<()> {
     if cli.jumbo {
         say("figure 2c only: TCP throughput on an underlay of MTU 9000");
         r.configs = jumbo_figure(&mut r, &plan, id)?;
-        r.seconds = t0.elapsed().as_secs_f64();
-        let file = write_results(&r, &cli, "jumbo", &jumbo_table(&r))?;
-        say(&format!("results in {}", file.display()));
+        write_alone(&mut r, &cli, t0, "jumbo", jumbo_table)?;
         return Ok(());
     }
     say("bringing up two simulated 2-host clusters (udp and xdp data planes)");
@@ -725,16 +740,17 @@ fn main() -> Result<()> {
     r.configs = pairs.iter().map(|p| p.config.to_string()).collect();
     if cli.sharing {
         sharing_figure(&mut r, &plan, [&tu, &tx])?;
-        r.seconds = t0.elapsed().as_secs_f64();
-        let file = write_results(&r, &cli, "sharing", &sharing_table(&r))?;
-        say(&format!("results in {}", file.display()));
+        write_alone(&mut r, &cli, t0, "sharing", sharing_table)?;
+        return Ok(());
+    }
+    if cli.caps {
+        caps_figure(&mut r, &plan, [&tu, &tx])?;
+        write_alone(&mut r, &cli, t0, "caps", caps_table)?;
         return Ok(());
     }
     if cli.isolation {
         isolation_figure(&mut r, &plan, [&tu, &tx], &pairs)?;
-        r.seconds = t0.elapsed().as_secs_f64();
-        let file = write_results(&r, &cli, "isolation", &isolation_table(&r))?;
-        say(&format!("results in {}", file.display()));
+        write_alone(&mut r, &cli, t0, "isolation", isolation_table)?;
         return Ok(());
     }
     for p in &pairs {
@@ -814,32 +830,7 @@ fn main() -> Result<()> {
         }
     }
 
-    say("figure 4: rate caps (a link's, a guest's)");
-    for &(plane, port) in &plan.police_ports {
-        let tb = if plane == "xdp" { &tx } else { &tu };
-        for capped in ["link", "guest"] {
-            for (i, &mbit) in plan.police_rates_mbit.iter().enumerate() {
-                let name = format!("pol{i}");
-                let subnet = 20 + i as u8;
-                let rate = format!("{mbit}mbit");
-                let cap = match capped {
-                    "link" => testbed::Cap::Link(&rate),
-                    _ => testbed::Cap::Guest(&rate),
-                };
-                let pair = tb.violin_pair_capped(&name, 200 + i as u32, subnet, port, cap)?;
-                let p = police(tb, &name, &pair, capped, mbit, plan.police_secs)?;
-                say(&format!(
-                    "  {} {capped} cap {rate}: UDP {:.3} x, TCP {:.3} x",
-                    pair.config, p.udp_ratio, p.tcp_ratio
-                ));
-                r.policing
-                    .entry(pair.config.into())
-                    .or_default()
-                    .insert(format!("{capped} {rate}"), p);
-                tb.down_violin(&name)?;
-            }
-        }
-    }
+    caps_figure(&mut r, &plan, [&tu, &tx])?;
 
     isolation_figure(&mut r, &plan, [&tu, &tx], &pairs)?;
 
@@ -970,8 +961,48 @@ fn tcp_medians<'a>(
         .collect())
 }
 
+/// Figure 4: UDP and TCP through each plan's cap, a link's and a guest's, on each
+/// cluster (`[udp, xdp]`).
+fn caps_figure(r: &mut Results, plan: &Plan, [tu, tx]: [&Testbed; 2]) -> Result<()> {
+    say("figure 4: rate caps (a link's, a guest's)");
+    for &(plane, port) in &plan.police_ports {
+        let tb = if plane == "xdp" { tx } else { tu };
+        for capped in ["link", "guest"] {
+            for (i, &mbit) in plan.police_rates_mbit.iter().enumerate() {
+                let name = format!("pol{i}");
+                let subnet = 20 + i as u8;
+                let rate = format!("{mbit}mbit");
+                let cap = match capped {
+                    "link" => testbed::Cap::Link(&rate),
+                    _ => testbed::Cap::Guest(&rate),
+                };
+                let pair = tb.violin_pair_capped(&name, 200 + i as u32, subnet, port, cap)?;
+                let p = police(tb, &name, &pair, capped, mbit, plan.police_secs)?;
+                say(&format!(
+                    "  {} {capped} cap {rate}: UDP {:.3} x, TCP {:.3} x",
+                    pair.config, p.udp_ratio, p.tcp_ratio
+                ));
+                r.policing
+                    .entry(pair.config.into())
+                    .or_default()
+                    .insert(format!("{capped} {rate}"), p);
+                tb.down_violin(&name)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Seconds a capped flood runs before the UDP rate is measured, and after.
+const POLICE_LEAD: f64 = 1.0;
+const POLICE_TAIL: f64 = 0.5;
+
 /// Floods the capped a→b link (or capped guest a) with UDP, then runs TCP over it;
-/// rates from the switch's edge counters (L2 bytes) and from iperf3 (goodput).
+/// rates from the switch's edge counters (L2 bytes) and from iperf3 (goodput). The UDP
+/// rate is what the switch let through between two snapshots taken while the flood
+/// runs: after [`POLICE_LEAD`] (the bucket's first burst spent, the guest's queue
+/// full) and `secs` later, so neither the burst nor the backlog a held-back guest
+/// drains after the flood counts.
 fn police(
     tb: &Testbed,
     violin: &str,
@@ -988,12 +1019,27 @@ fn police(
             .map(|e| e.bytes)
             .unwrap_or(0)
     };
-    let s0 = tb.stats(violin)?;
-    let t = Instant::now();
-    load::udp_flood(&p.client.ns, &p.server.ns, p.server.ip, 1400, secs, &[])?;
-    let dt = t.elapsed().as_secs_f64();
-    let s1 = tb.stats(violin)?;
-    let udp_mbit = (edge(&s1) - edge(&s0)) as f64 * 8.0 / dt / 1e6;
+    let flood = {
+        let (c, s, ip) = (p.client.ns.clone(), p.server.ns.clone(), p.server.ip);
+        let run = POLICE_LEAD + secs + POLICE_TAIL;
+        std::thread::spawn(move || load::udp_flood(&c, &s, ip, 1400, run, &[]))
+    };
+    // udp_flood warms up for 0.3 s before its own `secs` begin.
+    std::thread::sleep(Duration::from_secs_f64(0.3 + POLICE_LEAD));
+    // Each snapshot's time is the middle of the call that took it.
+    let snapshot = || {
+        let t = Instant::now();
+        let s = tb.stats(violin);
+        (s, t + t.elapsed() / 2)
+    };
+    let (s0, t0) = snapshot();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let (s1, t1) = snapshot();
+    let dt = (t1 - t0).as_secs_f64();
+    flood
+        .join()
+        .map_err(|_| anyhow::anyhow!("the flood panicked"))??;
+    let udp_mbit = (edge(&s1?) - edge(&s0?)) as f64 * 8.0 / dt / 1e6;
     let tcp_mbit = load::tcp_throughput(&p.client.ns, &p.server.ns, p.server.ip, 1, secs, &[])?
         .bits_per_second
         / 1e6;
@@ -1199,6 +1245,31 @@ fn ratio(x: f64, base: f64) -> String {
 }
 
 /// Figure 5 as a table.
+fn caps_table(r: &Results) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\n4. Rate caps: measured / configured rate, the a→b link or guest a capped \
+         (UDP: L2 bytes the switch let through; TCP: iperf3 goodput)"
+    );
+    let _ = writeln!(
+        o,
+        "{:<17} {:>6} {:>9} {:>10} {:>7} {:>10} {:>7}",
+        "config", "capped", "cap", "UDP Mbit", "ratio", "TCP Mbit", "ratio"
+    );
+    for (c, m) in &r.policing {
+        for p in m.values() {
+            let _ = writeln!(
+                o,
+                "{:<17} {:>6} {:>5}mbit {:>10.2} {:>7.3} {:>10.2} {:>7.3}",
+                c, p.capped, p.configured_mbit, p.udp_mbit, p.udp_ratio, p.tcp_mbit, p.tcp_ratio
+            );
+        }
+    }
+    o
+}
+
 fn sharing_table(r: &Results) -> String {
     use std::fmt::Write;
     let mut o = String::new();
@@ -1563,25 +1634,7 @@ fn tables(r: &Results) -> String {
             );
         }
     }
-    let _ = writeln!(
-        o,
-        "\n4. Rate caps: measured / configured rate, the a→b link or guest a capped \
-         (UDP: L2 bytes the switch let through; TCP: iperf3 goodput)"
-    );
-    let _ = writeln!(
-        o,
-        "{:<17} {:>6} {:>9} {:>10} {:>7} {:>10} {:>7}",
-        "config", "capped", "cap", "UDP Mbit", "ratio", "TCP Mbit", "ratio"
-    );
-    for (c, m) in &r.policing {
-        for p in m.values() {
-            let _ = writeln!(
-                o,
-                "{:<17} {:>6} {:>5}mbit {:>10.2} {:>7.3} {:>10.2} {:>7.3}",
-                c, p.capped, p.configured_mbit, p.udp_mbit, p.udp_ratio, p.tcp_mbit, p.tcp_ratio
-            );
-        }
-    }
+    o.push_str(&caps_table(r));
     o.push_str(&isolation_table(r));
     o.push_str(&sharing_table(r));
     if let Some(m) = &r.memory {
