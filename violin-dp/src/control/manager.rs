@@ -328,7 +328,7 @@ impl Manager {
             Some(o) => self.workers.home(o.vni),
             None => {
                 let others = self.records.values().map(|r| r.spec.vni);
-                self.workers.place(v.vni, others).map_err(gone)?
+                self.workers.place(v.vni, others)
             }
         };
         let applied = self.workers.get(home).ask(|reply| Command::Apply {
