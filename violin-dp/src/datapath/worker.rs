@@ -112,8 +112,8 @@ struct Team {
     /// To each other worker (`None` at our own index).
     peers: Vec<Option<(SyncSender<Handoff>, Arc<Waker>)>>,
     inbox: Receiver<Handoff>,
-    /// Violins placed on a worker other than `VNI mod count` ([`Workers::place`]),
-    /// by VNI.
+    /// The worker of each Violin the control thread placed ([`Workers::place`]), by
+    /// VNI; others live at `VNI mod count`.
     homes: Vec<(u32, usize)>,
     /// Workers handed a frame since they were last woken (bit i: worker i).
     to_wake: u64,
@@ -236,7 +236,7 @@ pub enum Command {
     /// Start reading the underlay's UDP socket (once every port and membership is
     /// back after a start); what it queued before is discarded.
     OpenUnderlay,
-    /// Where Violins placed off `VNI mod n` live, sorted by VNI ([`Workers::place`]).
+    /// Where placed Violins live, sorted by VNI ([`Workers::place`]).
     Homes(Vec<(u32, usize)>),
     /// The underlay's resolved neighbours (xdp builds outer headers from them).
     Neighbours(Vec<(Ipv4Addr, EthernetAddress)>),
@@ -365,7 +365,7 @@ pub struct Workers {
 /// [`crate::datapath::PACKET_SLICE_NS`]), instead of waiting for a flooding
 /// neighbour's worker, always runnable and never woken, to get the CPU back.
 struct Homes {
-    /// Violins off `VNI mod n`: VNI → worker.
+    /// Placed Violins: VNI → worker (others live at `VNI mod n`).
     placed: BTreeMap<u32, usize>,
     /// A socket of the underlay's group, to re-steer it (`None`: `VNI mod n` only).
     steer: Option<std::os::fd::OwnedFd>,
