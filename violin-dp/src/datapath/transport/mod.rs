@@ -57,6 +57,17 @@ impl Budget {
         self.frames = self.frames.saturating_sub(1);
         self.bytes = self.bytes.saturating_sub(len as u64);
     }
+
+    /// How many frames of at most `longest` bytes to take from a ring in one go, at
+    /// most `most`: no more than the byte budget could hold at that length, so a
+    /// batch never crosses the byte limit by more than one frame (a guest with a few
+    /// tokens left is not read 64 frames deep). At least 1 while any budget is left.
+    #[inline]
+    pub fn batch(&self, longest: usize, most: usize) -> usize {
+        let by_bytes = self.bytes.div_ceil(longest.max(1) as u64);
+        most.min(self.frames)
+            .min(by_bytes.min(usize::MAX as u64) as usize)
+    }
 }
 
 /// Hands each segment of super-frame `frame` to `send`, built in `buf` (software
@@ -166,5 +177,45 @@ impl Port {
             Port::Xdp(p) => format!("xdp:{}", p.iface()),
             Port::Tap(p) => format!("tap:{}", p.netns()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Budget;
+
+    /// Reads frames of `len` bytes the way a ring reader does, a batch at a time, and
+    /// returns the bytes taken.
+    fn drain(mut b: Budget, len: usize, longest: usize) -> u64 {
+        let mut taken = 0;
+        while b.left() {
+            for _ in 0..b.batch(longest, 64) {
+                b.spend(len);
+                taken += len as u64;
+            }
+        }
+        taken
+    }
+
+    #[test]
+    fn a_batch_stays_within_the_byte_budget_but_for_one_frame() {
+        // One token left: one frame, not 64.
+        assert_eq!(Budget::new(64, 1).batch(1792, 64), 1);
+        assert_eq!(Budget::new(64, 0).batch(1792, 64), 0);
+        assert_eq!(Budget::new(3, u64::MAX).batch(1792, 64), 3);
+        assert_eq!(Budget::new(usize::MAX, u64::MAX).batch(1792, 64), 64);
+        // A DRR quantum of 66 KiB holds 38 frames of the longest kind.
+        assert_eq!(Budget::new(64, 66 * 1024).batch(1792, 64), 38);
+        for bytes in [1, 100, 1441, 1442, 6072, 12_500, 66 * 1024, 200_000] {
+            for len in [60, 1442, 1792] {
+                let taken = drain(Budget::new(usize::MAX, bytes), len, 1792);
+                assert!(
+                    taken >= bytes && taken < bytes + len as u64,
+                    "{bytes} bytes of budget, frames of {len}: took {taken}"
+                );
+            }
+        }
+        // The frame budget still binds.
+        assert_eq!(drain(Budget::new(10, u64::MAX), 60, 1792), 600);
     }
 }

@@ -164,11 +164,12 @@ impl XskCore {
         }
     }
 
-    /// Receives up to `budget` frames from `rxq`, calling `f` on each, then returns
-    /// them to the fill ring. True when the budget ran out.
+    /// Receives frames from `rxq` within `budget` (its bytes overrun by one frame at
+    /// most), calling `f` on each, then returns them to the fill ring. True when the
+    /// budget ran out.
     pub fn rx(&mut self, rxq: &mut RxQueue, budget: &mut Budget, mut f: impl FnMut(&[u8])) -> bool {
         while budget.left() {
-            let want = BATCH.min(budget.frames);
+            let want = budget.batch(FRAME_DATA as usize, BATCH);
             // SAFETY: the descriptors are written by the kernel for frames of this UMEM.
             let n = unsafe { rxq.consume(&mut self.scratch[..want]) };
             for d in &self.scratch[..n] {
