@@ -225,7 +225,8 @@ struct Memory {
     daemons_empty_kib: u64,
     daemons_loaded_kib: u64,
     daemon_kib_per_guest: f64,
-    /// The guests' relay processes (the part QEMU would play), KiB per guest.
+    /// The guests' relay processes (the part QEMU would play), KiB per guest; 0 when
+    /// there are none (netns guests on taps, their default now).
     relay_kib_per_guest: f64,
 }
 
@@ -1645,7 +1646,12 @@ fn tables(r: &Results) -> String {
             m.guests / m.violins.max(1),
             m.guests
         );
-        let _ = writeln!(o, "daemons (both) empty {} KiB, loaded {} KiB: {:.1} KiB per guest beyond the frame pool; relays {:.0} KiB each", m.daemons_empty_kib, m.daemons_loaded_kib, m.daemon_kib_per_guest, m.relay_kib_per_guest);
+        let relays = if m.relay_kib_per_guest > 0.0 {
+            format!("relays {:.0} KiB each", m.relay_kib_per_guest)
+        } else {
+            "no relay processes (the guests' taps are the daemons')".into()
+        };
+        let _ = writeln!(o, "daemons (both) empty {} KiB, loaded {} KiB: {:.1} KiB per guest beyond the frame pool; {relays}", m.daemons_empty_kib, m.daemons_loaded_kib, m.daemon_kib_per_guest);
     }
     if !r.scaling.is_empty() {
         let _ = writeln!(
@@ -1797,7 +1803,7 @@ fn check(r: &Results) -> Result<()> {
     if !r.memory.as_ref().is_some_and(|m| {
         m.daemons_loaded_kib > 0
             && m.daemon_kib_per_guest.is_finite()
-            && m.relay_kib_per_guest > 0.0
+            && m.relay_kib_per_guest >= 0.0
     }) {
         problems.push("memory".into());
     }

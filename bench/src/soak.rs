@@ -58,12 +58,12 @@ pub struct Soak {
 fn spec(v: usize) -> String {
     let mut s = format!("name = \"s{v}\"\nvni = {}\n", 700 + v);
     for g in 0..GUESTS {
-        // Guests round-robin over the hosts; one Violin in four uses taps, one in four
-        // fast ports, the rest relays on sockets.
+        // Guests round-robin over the hosts; one Violin in four uses taps (the default),
+        // one in four fast ports, the rest relays on sockets.
         let port = match v % 4 {
-            1 => "port = \"tap\"\n",
+            1 => "",
             2 => "port = \"xdp\"\n",
-            _ => "",
+            _ => "port = \"socket\"\n",
         };
         s += &format!(
             "[[guest]]\nname = \"g{g}\"\nhost = \"h{}\"\nip = \"10.70.0.{}/24\"\n{port}",

@@ -108,8 +108,9 @@ pub enum Framing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GuestKind {
-    /// A lightweight guest: a network namespace the daemon creates, whose tap a relay
-    /// connects to the socket (as QEMU would).
+    /// A lightweight guest: a network namespace the daemon creates, whose `eth0` is a
+    /// tap the daemon drives (or, with `port = "socket"`, a tap a relay connects to the
+    /// socket, as QEMU would; or a veth driven by AF_XDP).
     Netns,
     /// Only the socket: whoever the user starts (a QEMU VM, a test) attaches to it.
     Socket,
@@ -145,7 +146,9 @@ pub struct VmSpec {
 pub const QEMU_MIN_MEMORY: u64 = 96 << 20;
 pub const QEMU_DEFAULT_MEMORY: u64 = 128 << 20;
 
-/// How a lightweight guest's NIC reaches the switch.
+/// How a lightweight guest's NIC reaches the switch. A spec's netns guest gets `Tap`
+/// unless it asks for a socket; `Socket` is the default only of stored specs older than
+/// that (every guest had a socket then).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PortKind {
@@ -808,10 +811,18 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
             &g.socket,
             &[("stream", Framing::Stream), ("dgram", Framing::Dgram)],
         );
+        // A netns guest's NIC is the daemon's own tap unless the spec asks for a socket
+        // (`port = "socket"`, or a `socket` framing, which only a socket port has):
+        // no relay process on its path. Every other kind attaches to a socket.
+        let default_port = if kind == GuestKind::Netns && g.socket.is_none() {
+            "tap"
+        } else {
+            "socket"
+        };
         let port = match c.choice(
             &f,
             "port",
-            &g.port,
+            &g.port.clone().or_else(|| Some(default_port.into())),
             &[
                 ("socket", PortKind::Socket),
                 ("xdp", PortKind::Xdp),
@@ -1483,13 +1494,6 @@ mac = "02:aa:00:00:00:50"
                 ..
             }
         ));
-        assert!(matches!(
-            v.members[1].kind,
-            MemberKind::Guest {
-                port: PortKind::Socket,
-                ..
-            }
-        ));
         let e = errors_of(&ISSUE_SPEC.replace(
             "ip = \"10.0.0.1/24\"",
             "ip = \"10.0.0.1/24\"\nport = \"xdp\"\nkind = \"socket\"",
@@ -1533,6 +1537,48 @@ mac = "02:aa:00:00:00:50"
             ));
             assert!(e.mentions("guest[0].port"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_netns_guest_has_a_tap_unless_it_asks_for_a_socket() {
+        let port_of = |extra: &str| {
+            let v = parse(
+                &ISSUE_SPEC.replace(
+                    "ip = \"10.0.0.1/24\"",
+                    &format!("ip = \"10.0.0.1/24\"\n{extra}"),
+                ),
+                &hosts(),
+            )
+            .unwrap();
+            match v.members[0].kind {
+                MemberKind::Guest { port, .. } => port,
+                MemberKind::External { .. } => unreachable!(),
+            }
+        };
+        assert_eq!(port_of(""), PortKind::Tap);
+        assert_eq!(port_of("kind = \"netns\""), PortKind::Tap);
+        assert_eq!(port_of("port = \"socket\""), PortKind::Socket);
+        // A framing is a socket's: asking for one asks for a socket.
+        assert_eq!(port_of("socket = \"dgram\""), PortKind::Socket);
+        assert_eq!(port_of("socket = \"stream\""), PortKind::Socket);
+        assert_eq!(port_of("kind = \"socket\""), PortKind::Socket);
+        assert_eq!(
+            port_of("kind = \"socket\"\nsocket = \"dgram\""),
+            PortKind::Socket
+        );
+        // A stored spec from before tap ports were the default keeps its sockets.
+        let stored = serde_json::json!({"Guest": {
+            "host": "h1", "ip": "10.0.0.1", "prefix_len": 24,
+            "kind": "netns", "framing": "stream"
+        }});
+        let old: MemberKind = serde_json::from_value(stored).unwrap();
+        assert!(matches!(
+            old,
+            MemberKind::Guest {
+                port: PortKind::Socket,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -1355,14 +1355,16 @@ fn a_daemon_interrupted_with_ctrl_c_cleans_up() {
         return;
     }
     let c = Cluster::up(2, "xdp", &[]);
+    // blue's a is on a tap, red's a on a socket (and relay).
     c.up_spec("blue.toml", BLUE);
+    c.up_spec("red.toml", RED);
     let h1 = c.info().hosts[0].clone();
     let guest_sock = c
         .run_dir
         .join(&c.name)
         .join("h1")
         .join("guests")
-        .join("blue")
+        .join("red")
         .join("a.sock");
     assert!(guest_sock.exists() && h1.control.exists());
     let pid = nix::unistd::Pid::from_raw(h1.pid as i32);
@@ -1378,14 +1380,17 @@ fn a_daemon_interrupted_with_ctrl_c_cleans_up() {
     );
     assert!(!guest_sock.exists(), "guest socket left behind");
     assert!(!h1.control.exists(), "control socket left behind");
-    assert!(
-        !violin_dp::host::netns::exists(&c.guest_ns("blue", "a")),
-        "guest namespace left behind"
-    );
+    for v in ["blue", "red"] {
+        assert!(
+            !violin_dp::host::netns::exists(&c.guest_ns(v, "a")),
+            "{v}'s guest namespace left behind"
+        );
+    }
     assert!(c.host_log("h1").contains("shutting down"));
     // Its Violins are remembered: a new daemon brings them back.
     c.ok(&["cluster", "restart", "h1"]);
     assert!(c.ping_until("blue", "a", "10.0.0.2", Duration::from_secs(10)));
+    assert!(c.ping_until("red", "a", "10.0.0.3", Duration::from_secs(10)));
 }
 
 /// `violin monitor` on both planes: a guest's frames the switch refuses, rate-limited,

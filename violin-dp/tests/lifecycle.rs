@@ -292,7 +292,8 @@ fn a_netns_guest_over_its_memory_limit_is_contained() {
     let c = Cluster::up_etcd(2, "udp", &[]);
     let spec = PAIRS.replace(
         "name = \"a\"\nhost = \"h1\"\nip = \"10.0.0.1/24\"",
-        "name = \"a\"\nhost = \"h1\"\nip = \"10.0.0.1/24\"\nmemory = \"32mb\"\ncpus = 0.5",
+        "name = \"a\"\nhost = \"h1\"\nip = \"10.0.0.1/24\"\nmemory = \"32mb\"\ncpus = 0.5\n\
+         port = \"socket\"",
     );
     c.up_spec("blue.toml", &spec);
     let ns = c.guest_ns("blue", "a");
@@ -628,8 +629,10 @@ fn a_guest_is_root_inside_and_nobody_outside() {
         return;
     }
     let c = Cluster::up_etcd(2, "xdp", &[]);
-    // a and b have socket ports (relay + tap), c a fast port (veth driven by AF_XDP).
+    // a has a socket port (relay + tap), b a tap the daemon drives (the default), c a
+    // fast port (veth driven by AF_XDP).
     let spec = PAIRS
+        .replace("10.0.0.1/24\"", "10.0.0.1/24\"\nport = \"socket\"")
         .replace("10.0.0.3/24\"", "10.0.0.3/24\"\nport = \"xdp\"")
         .replace("[\"b\", \"c\"]", "[\"a\", \"c\"]");
     c.up_spec("blue.toml", &spec);
@@ -829,6 +832,7 @@ vni = 311
 name = "s"
 host = "h1"
 ip = "10.11.0.1/24"
+port = "socket"
 [[guest]]
 name = "t"
 host = "h1"

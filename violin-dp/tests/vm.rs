@@ -266,7 +266,7 @@ fn a_vm_and_a_netns_guest_talk_and_a_vm_in_red_sees_nothing_of_blue() {
     assert!(con.wait().unwrap().success());
 
     // h2's daemon crashes and restarts: red's VM (dgram: nothing to reconnect) keeps
-    // running, the new daemon takes it over; blue's n (a netns guest) reconnects. The
+    // running, the new daemon takes it over, and blue's n (a netns guest) its tap. The
     // new daemon would start red's VM with another command line (another TSC rate, as
     // after a frequency change): it takes the VM over all the same, by its pidfile.
     let uptime = |c: &Cluster| -> f64 {
