@@ -601,13 +601,13 @@ fn a_guest_over_its_cap_is_held_back_not_dropped() {
     let (a, d) = (mac(&f, "a"), mac(&f, "d"));
     let x = mac(&f, "x");
     let pa = f.pa;
-    // The worker reads a guest only within its allowance: 10 KiB now, across both
-    // destinations; the frame that crosses it goes too, into debt.
+    // The worker reads a guest only within its allowance: its 10 KiB of tokens, and
+    // into debt by up to the bucket's depth in one read (a ring read a batch at a time).
     assert_eq!(
         f.sw.allowance(pa, 0),
         Allowance::Upto {
             frames: i64::MAX as u64,
-            bytes: 10_240
+            bytes: 2 * 10_240
         }
     );
     let mut sent = 0;
@@ -624,7 +624,7 @@ fn a_guest_over_its_cap_is_held_back_not_dropped() {
     assert_eq!(f.sw.allowance(pa, 0), Allowance::HeldUntil(761_000));
     assert!(matches!(
         f.sw.allowance(pa, 761_000),
-        Allowance::Upto { bytes: 1, .. }
+        Allowance::Upto { bytes: 10_241, .. }
     ));
     assert!(
         f.sw.stats("blue").unwrap().drops.is_empty(),
