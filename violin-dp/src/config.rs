@@ -72,15 +72,13 @@ pub struct HostConfig {
     /// two CPUs or more; `[]` leaves control work unpinned.
     #[serde(default)]
     pub control_cpus: Option<Vec<usize>>,
-    /// Packet workers: threads that each serve one rx queue of the underlay interface
-    /// (its AF_XDP sockets on the xdp plane) and one socket of the underlay's UDP
-    /// group. On the udp plane each new Violin goes to the worker with the fewest
-    /// Violins (so a quiet Violin's frames wake a worker of their own, not one a
-    /// neighbour keeps busy); on the xdp plane a Violin's worker is its VNI modulo
-    /// `workers`. Default: one per CPU on the udp plane; on the xdp plane one per rx
-    /// queue of a NIC, at most one per CPU, and 1 on a veth, whose traffic a generic
-    /// XDP program sees on queue 0 whatever its queues. The xdp data plane serves at
-    /// most as many queues as the interface has.
+    /// Packet workers: threads that each own some Violins (their switch tables, guest
+    /// ports and AF_XDP sockets) and one socket of the underlay's UDP group; on the xdp
+    /// plane worker N also sends through rx queue N's AF_XDP TX ring, where the
+    /// interface has that queue (a worker beyond the queues sends through its UDP
+    /// socket). Each new Violin goes to the worker with the fewest Violins, so a quiet
+    /// Violin's frames wake a worker of their own, not one a neighbour keeps busy.
+    /// Default: one per CPU; 1 to 32.
     #[serde(default)]
     pub workers: Option<usize>,
     /// Microseconds a packet worker keeps polling without sleeping after a round with
@@ -178,25 +176,16 @@ impl HostConfig {
         }
     }
 
-    /// How many packet workers to run on an interface with `rx_queues` receive
-    /// queues, or why the configured number cannot be (`xdp`: the data plane binds one
-    /// AF_XDP socket set per worker, one per queue).
-    pub fn workers(&self, rx_queues: u32, veth: bool, xdp: bool) -> Result<usize> {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let q = rx_queues.max(1) as usize;
+    /// How many packet workers to run, or why the configured number cannot be.
+    pub fn workers(&self) -> Result<usize> {
         match self.workers {
-            None if veth && xdp => Ok(1),
-            // The udp plane's socket group is steered in software, whatever the queues.
-            None if !xdp => Ok(cpus.min(MAX_WORKERS)),
-            None => Ok(q.min(cpus).min(MAX_WORKERS)),
+            None => Ok(std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_WORKERS)),
             Some(0) => anyhow::bail!("workers = 0: a host needs at least one packet worker"),
             Some(n) if n > MAX_WORKERS => {
                 anyhow::bail!("workers = {n}: at most {MAX_WORKERS} packet workers per host")
             }
-            Some(n) if xdp && n > q => anyhow::bail!(
-                "workers = {n}, but {} has {q} rx queue(s): on the xdp data plane each worker serves one queue",
-                self.interface
-            ),
             Some(n) => Ok(n),
         }
     }

@@ -55,10 +55,9 @@ impl Daemon {
             crate::host::netlink::link_facts(&h, &iface).await
         });
         let rx_queues = link.as_ref().map_or(1, |l| l.rx_queues);
-        let veth = link
-            .as_ref()
-            .is_ok_and(|l| l.kind.as_deref() == Some("veth"));
-        let n = cfg.workers(rx_queues, veth, cfg.dataplane == DataplaneChoice::Xdp)?;
+        let n = cfg.workers()?;
+        // xdp: the queues served, each by the worker of its number.
+        let queues = n.min(rx_queues.max(1) as usize);
         let mut group =
             UdpUnderlay::bind_group(cfg.underlay, cfg.vxlan_port, n).with_context(|| {
                 format!(
@@ -79,10 +78,10 @@ impl Daemon {
         let xdp = match cfg.dataplane {
             DataplaneChoice::Udp => None,
             DataplaneChoice::Xdp => Some(
-                setup_xdp(&cfg, n)
+                setup_xdp(&cfg, queues)
                     .context("setting up the xdp data plane (--dataplane udp avoids it)")?,
             ),
-            DataplaneChoice::Auto => match setup_xdp(&cfg, n) {
+            DataplaneChoice::Auto => match setup_xdp(&cfg, queues) {
                 Ok(x) => Some(x),
                 Err(e) => {
                     warn!("dataplane auto: XDP is unavailable here ({e:#}); using udp");
@@ -91,14 +90,18 @@ impl Daemon {
             },
         };
         let (underlays, classifier, openers): (Vec<Underlay>, _, _) = match xdp {
-            Some((queues, cls)) => {
-                let openers = queues.iter().map(AfXdp::opener).collect();
+            Some((xsks, cls)) => {
+                let openers = xsks.iter().map(AfXdp::opener).collect();
+                // Workers beyond the queues send through their UDP sockets.
+                let mut xsks = xsks.into_iter();
                 let underlays = group
                     .into_iter()
-                    .zip(queues)
-                    .map(|(udp, xsk)| Underlay::Xdp {
-                        udp,
-                        xsk: Box::new(xsk),
+                    .map(|udp| match xsks.next() {
+                        Some(xsk) => Underlay::Xdp {
+                            udp,
+                            xsk: Box::new(xsk),
+                        },
+                        None => Underlay::Udp(udp),
                     })
                     .collect();
                 (underlays, Some(Arc::new(Mutex::new(cls))), openers)
@@ -131,7 +134,7 @@ impl Daemon {
             None => None,
         };
         let (to_manager, inbox) = mpsc::channel();
-        info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane, workers = n, rx_queues, metrics = ?cfg.metrics_port, "violin-dp ready");
+        info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane, workers = n, rx_queues, xdp_queues = if classifier.is_some() { queues } else { 0 }, metrics = ?cfg.metrics_port, "violin-dp ready");
         Ok(Daemon {
             cfg,
             workers,

@@ -73,6 +73,8 @@ pub struct ViolinView {
     pub spec: Violin,
     /// The AF_XDP slot whose socket carries this Violin's frames (xdp plane).
     pub slot: Option<usize>,
+    /// The packet worker it lives on.
+    pub worker: usize,
     pub guests: Vec<GuestView>,
 }
 
@@ -254,6 +256,7 @@ impl Manager {
             .map(|r| ViolinView {
                 spec: r.spec.clone(),
                 slot: self.slot_of(&r.spec.name),
+                worker: self.workers.home(r.spec.vni),
                 guests: r
                     .guests
                     .iter()
@@ -718,10 +721,21 @@ impl Manager {
                 Err(e) => return Err(e.context("opening the AF_XDP socket shared by every Violin")),
             };
             for (queue, socket) in sockets.into_iter().enumerate() {
-                lock(&cls).set_socket(self.xsk_key(slot, queue), &socket)?;
-                self.workers
-                    .get(queue)
-                    .send(Command::AttachSlot { slot, socket })
+                let key = self.xsk_key(slot, queue);
+                lock(&cls).set_socket(key, &socket)?;
+                // A Violin's own sockets are read by its home worker, whatever their
+                // queue; the one every Violin shares by its queue's worker, which hands
+                // other workers' frames over.
+                let reader = match per_violin {
+                    true => self.workers.of_vni(v.vni),
+                    false => self.workers.get(queue),
+                };
+                reader
+                    .send(Command::AttachSlot {
+                        slot,
+                        key: key as usize,
+                        socket,
+                    })
                     .map_err(gone)?;
             }
             self.open_slots.insert(slot);
@@ -995,6 +1009,7 @@ impl HostView {
             dataplane: self.dataplane.clone(),
             udp_rx_frames: c.udp_rx_frames,
             xdp,
+            worker: Some(v.worker),
             workers: c.workers.clone(),
         })
     }

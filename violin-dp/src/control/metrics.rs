@@ -551,6 +551,7 @@ mod tests {
             dataplane: "udp".into(),
             udp_rx_frames: 7,
             xdp: None,
+            worker: Some(0),
             workers: vec![],
         };
         let workers = [crate::stats::WorkerStats {

@@ -199,6 +199,9 @@ pub struct HostViolinStats {
     pub udp_rx_frames: u64,
     /// The xdp data plane's counters, when it runs.
     pub xdp: Option<XdpHostStats>,
+    /// The packet worker this Violin lives on here (an index into `workers`).
+    #[serde(default)]
+    pub worker: Option<usize>,
     /// Each packet worker's own figures (the host's, not only this Violin's).
     #[serde(default)]
     pub workers: Vec<WorkerStats>,

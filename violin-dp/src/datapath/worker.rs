@@ -1,14 +1,17 @@
-//! A packet worker: a thread that owns the switch of its Violins, their guest ports,
-//! one rx queue's underlay sockets, and does nothing but move frames.
+//! A packet worker: a thread that owns the switch of its Violins, their guest ports
+//! and AF_XDP sockets, one underlay socket (and on the xdp plane one rx queue's TX
+//! path, where the host has a queue for it), and does nothing but move frames.
 //!
 //! A host runs several workers ([`Workers`]). Each Violin has a home worker (the
-//! least loaded when it arrived on a udp underlay, its VNI modulo the number of
-//! workers on the xdp plane: [`Workers::place`]), which owns everything of it that
-//! changes per packet: its switch table, buckets, counters and guest ports — so no
-//! lock is taken per packet. The kernel steers the underlay's UDP datagrams to the
-//! home worker's socket by VNI; a frame the XDP classifier put on another queue's
-//! AF_XDP socket is copied to the home worker through a bounded queue ([`Handoff`])
-//! and switched there.
+//! least loaded when it arrived: [`Workers::place`]), which owns everything of it that
+//! changes per packet: its switch table, buckets, counters, guest ports and AF_XDP
+//! sockets (one per rx queue, all read by the home worker: the queue's fill ring is
+//! the only thing shared, once per batch) — so no lock is taken per packet. The
+//! kernel steers the underlay's UDP datagrams to the home worker's socket by VNI. A
+//! frame that still reaches another worker (on the socket every Violin shares where
+//! sockets are not per Violin, or where steering failed) is copied to the home worker
+//! through a bounded queue ([`Handoff`]) and switched there. A worker beyond the
+//! host's rx queues sends through its UDP socket (the kernel's path).
 //!
 //! Each wake-up: apply the control commands that arrived (between batches, never in
 //! the middle of one); note which sockets are ready; release what capped links queued
@@ -29,7 +32,7 @@ use crate::datapath::fastpath::switch::{
 };
 use crate::datapath::monitor::{self, DropEvent, Monitor};
 use crate::datapath::timer::{monotonic_ns, Timer};
-use crate::datapath::transport::afxdp::{AfXdpStats, Slot, SlotStats};
+use crate::datapath::transport::afxdp::{AfXdpStats, Slot, SlotStats, XskCounters};
 use crate::datapath::transport::guest::{PortCounters, RxEvent};
 use crate::datapath::transport::udp::{
     steer, steering_program, Received, UdpUnderlay, MAX_STEERED,
@@ -58,7 +61,7 @@ const HANDOFF: Token = Token(2);
 /// The worker's timer: a capped link's release or a guest's refill is due.
 const TIMER: Token = Token(3);
 const PORT_BASE: usize = 16;
-/// Tokens of the Violins' AF_XDP sockets: XSK_BASE + slot.
+/// Tokens of the Violins' AF_XDP sockets: XSK_BASE + the socket's XskMap key.
 const XSK_BASE: usize = 1 << 40;
 /// Most frames read from one socket per visit (bytes are the fair service's, [`Drr`]).
 const BUDGET: usize = 64;
@@ -223,15 +226,19 @@ pub enum Command {
         mac: EthernetAddress,
         ip: Ipv4Addr,
     },
-    /// xdp: serve a Violin's AF_XDP socket (opened by the control thread) as `slot`.
+    /// xdp: read a Violin's AF_XDP socket (opened by the control thread) on one rx
+    /// queue: `slot` is the Violin's (its fair-service class), `key` the socket's in the
+    /// classifier's XskMap.
     AttachSlot {
         slot: usize,
+        key: usize,
         socket: Slot,
     },
-    /// xdp: stop serving `slot`; its socket is returned, to be closed off the worker.
+    /// xdp: stop reading `slot`'s sockets; they are returned, to be closed off the
+    /// worker.
     DetachSlot {
         slot: usize,
-        reply: Reply<Option<Slot>>,
+        reply: Reply<Vec<Slot>>,
     },
     /// Start reading the underlay's UDP socket (once every port and membership is
     /// back after a start); what it queued before is discarded.
@@ -358,7 +365,8 @@ pub struct Workers {
 }
 
 /// Which worker each Violin lives on. By default `VNI mod n` ([`home_of`]). Where the
-/// kernel's steering can be changed (a udp underlay's socket group), each new Violin
+/// kernel's steering can be changed (the underlay's socket group, on either plane:
+/// on the xdp plane a Violin's AF_XDP sockets go to its worker too), each new Violin
 /// goes to the worker with the fewest Violins instead: Violins share a worker, and its
 /// CPU time, only when there are more of them than workers. A quiet Violin's frame
 /// then wakes a worker of its own, which runs at once (a short time slice,
@@ -693,6 +701,13 @@ pub struct Worker {
     /// When the next capped-link release is due (as of the end of the last round).
     release_at: Option<u64>,
     udp_rx_frames: u64,
+    /// xdp: the AF_XDP sockets this worker reads (its Violins'; on its own queue, also
+    /// the one every Violin shares where sockets are not per Violin), by XskMap key,
+    /// with their slots.
+    xsks: Vec<Option<(usize, Slot)>>,
+    /// What reading them did.
+    xsk_reads: XskCounters,
+    xsk_rx_bad: u64,
     team: Team,
     stop: Option<Reply<Vec<Port>>>,
     /// When to poll without blocking instead of sleeping in `epoll_wait`.
@@ -793,15 +808,17 @@ impl Worker {
         let n = underlays.len();
         // `Team::to_wake` has a bit per worker.
         assert!((1..=64).contains(&n), "1 to 64 workers");
-        // On a udp underlay the control thread places Violins and re-steers the socket
-        // group; on the xdp plane frames arrive on the queue the NIC picks and go to
-        // `VNI mod n`.
-        let steer = match &underlays[0] {
-            Underlay::Udp(u) if n > 1 => Some(
-                // SAFETY: `u.fd()` is an open socket for the duration of the call.
-                unsafe { std::os::fd::BorrowedFd::borrow_raw(u.fd()) }.try_clone_to_owned()?,
-            ),
-            _ => None,
+        // The control thread places Violins and re-steers the underlay's socket group
+        // (on the xdp plane it carries what the classifier passes to the kernel: super-
+        // and jumbo frames); a Violin's AF_XDP sockets, whatever queue the NIC picks,
+        // are read by its own worker.
+        let steer = match n {
+            1 => None,
+            _ => Some({
+                let fd = underlays[0].udp().fd();
+                // SAFETY: `fd` is an open socket for the duration of the call.
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?
+            }),
         };
         let mut built = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
@@ -860,6 +877,9 @@ impl Worker {
                     timer,
                     release_at: None,
                     udp_rx_frames: 0,
+                    xsks: Vec::new(),
+                    xsk_reads: XskCounters::default(),
+                    xsk_rx_bad: 0,
                     team,
                     stop: None,
                     spin: Spin::default(),
@@ -1027,16 +1047,9 @@ impl Worker {
                     self.announce(port);
                 }
             }
-            Command::AttachSlot { slot, socket } => self.attach_slot(slot, socket),
+            Command::AttachSlot { slot, key, socket } => self.attach_slot(slot, key, socket),
             Command::DetachSlot { slot, reply } => {
-                let mut gone = None;
-                if let Some(xsk) = self.underlay.xsk() {
-                    if let Some(fd) = xsk.slot_fd(slot) {
-                        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-                    }
-                    gone = xsk.take_slot(slot);
-                }
-                let _ = reply.send(gone);
+                let _ = reply.send(self.detach_slot(slot));
             }
             Command::OpenUnderlay => self.open_underlay(),
             Command::Homes(h) => self.team.homes = h,
@@ -1143,29 +1156,55 @@ impl Worker {
             .collect()
     }
 
-    fn attach_slot(&mut self, slot: usize, socket: Slot) {
+    fn attach_slot(&mut self, slot: usize, key: usize, socket: Slot) {
         let fd = socket.fd();
-        let Some(xsk) = self.underlay.xsk() else {
+        if self.xsks.len() <= key {
+            self.xsks.resize_with(key + 1, || None);
+        }
+        if self.xsks[key].is_some() {
             warn!(
                 slot,
-                "an AF_XDP socket for a host without the xdp data plane"
+                key, "an AF_XDP socket for a key this worker reads already"
             );
             return;
-        };
-        if let Err(e) = xsk.insert_slot(slot, socket) {
-            warn!(slot, "attaching an AF_XDP socket: {e:#}");
-            return;
         }
+        self.xsks[key] = Some((slot, socket));
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&fd),
-            Token(XSK_BASE + slot),
+            Token(XSK_BASE + key),
             Interest::READABLE,
         ) {
             warn!(slot, "registering an AF_XDP socket: {e}");
         }
         // Frames may have arrived between the bind and now.
-        self.drr.reserve(xsk_class(slot), 1);
-        self.drr.ready(xsk_class(slot), Token(XSK_BASE + slot));
+        let sockets = self
+            .xsks
+            .iter()
+            .flatten()
+            .filter(|(s, _)| *s == slot)
+            .count();
+        self.drr.reserve(xsk_class(slot), sockets);
+        self.drr.ready(xsk_class(slot), Token(XSK_BASE + key));
+    }
+
+    /// Stops reading `slot`'s sockets after giving back the frames in their RX rings,
+    /// and returns them (to be closed off the worker). The classifier stops
+    /// redirecting to them first.
+    fn detach_slot(&mut self, slot: usize) -> Vec<Slot> {
+        let mut gone = Vec::new();
+        for key in 0..self.xsks.len() {
+            if !matches!(&self.xsks[key], Some((s, _)) if *s == slot) {
+                continue;
+            }
+            let Some((_, mut socket)) = self.xsks[key].take() else {
+                continue;
+            };
+            let _ = self.poll.registry().deregister(&mut SourceFd(&socket.fd()));
+            self.drr.forget(Token(XSK_BASE + key));
+            socket.drain(&mut self.xsk_reads);
+            gone.push(socket);
+        }
+        gone
     }
 
     fn snapshot(&mut self) -> Counters {
@@ -1189,9 +1228,24 @@ impl Worker {
             })
             .collect();
         let host_drops = sw.host_drops();
-        let (rings, slots) = match self.underlay.xsk() {
-            Some(x) => (Some(x.stats()), x.all_slot_stats()),
-            None => (None, BTreeMap::new()),
+        let mut slots: BTreeMap<usize, SlotStats> = BTreeMap::new();
+        for (slot, socket) in self.xsks.iter().flatten() {
+            if let Some(st) = socket.stats() {
+                let e = slots.entry(*slot).or_default();
+                *e = e.plus(&st);
+            }
+        }
+        let reads = AfXdpStats {
+            counters: self.xsk_reads,
+            rx_bad: self.xsk_rx_bad,
+            ..AfXdpStats::default()
+        };
+        let rings = match self.underlay.xsk() {
+            Some(x) => Some(x.stats().plus(&reads)),
+            None if self.xsks.iter().any(Option::is_some) || self.xsk_reads.rx_frames > 0 => {
+                Some(reads)
+            }
+            None => None,
         };
         let me = WorkerStats {
             index: self.team.index,
@@ -1222,7 +1276,11 @@ impl Worker {
             // switched in the round, so what they produce is flushed before the next poll.
             WAKER | HANDOFF if self.team.count > 1 => self.drr.ready(HOST_CLASS, HANDOFF),
             TIMER => self.timer.expired(),
-            Token(n) if n >= XSK_BASE => self.drr.ready(xsk_class(n - XSK_BASE), t),
+            Token(n) if n >= XSK_BASE => {
+                if let Some(Some((slot, _))) = self.xsks.get(n - XSK_BASE) {
+                    self.drr.ready(xsk_class(*slot), t);
+                }
+            }
             Token(n) if n >= PORT_BASE => {
                 let p = port_of(n);
                 if (n - PORT_BASE).is_multiple_of(2) {
@@ -1346,23 +1404,27 @@ impl Worker {
         true
     }
 
-    /// Reads AF_XDP slot `slot` within `budget`; true if it may hold more.
-    fn xsk_rx(&mut self, slot: usize, budget: &mut Budget) -> bool {
+    /// Reads the AF_XDP socket with XskMap key `key` within `budget`; true if it may
+    /// hold more.
+    fn xsk_rx(&mut self, key: usize, budget: &mut Budget) -> bool {
         let now = self.now();
         let Worker {
             fabric,
             underlay,
             team,
+            xsks,
+            xsk_reads,
+            xsk_rx_bad,
             ..
         } = self;
-        let Underlay::Xdp { udp, xsk } = underlay else {
+        let Some(Some((_, socket))) = xsks.get_mut(key) else {
             return false;
         };
-        let udp: &UdpUnderlay = udp;
+        let udp = underlay.udp();
         // Tunnel → guest only (split horizon): outputs are local ports, or an
-        // external member reached through the kernel's socket. The NIC chose the
-        // queue, so a frame's Violin may live on another worker (`tunnel_in`).
-        xsk.rx(slot, budget, |src, vx, inner| {
+        // external member reached through the kernel's socket. A socket every Violin
+        // shares carries frames of Violins that live on other workers (`tunnel_in`).
+        socket.rx(budget, xsk_reads, xsk_rx_bad, |src, vx, inner| {
             fabric.tunnel_in(team, src, vx, inner, now, udp)
         })
     }

@@ -1,18 +1,21 @@
-//! The kernel-bypass underlay of one rx queue: per-Violin AF_XDP sockets sharing one
-//! UMEM on one queue of the underlay interface, fed by the XDP classifier. A host
-//! serves as many queues as it has packet workers, each with an [`AfXdp`] of its own.
+//! The kernel-bypass underlay of one rx queue: per-Violin AF_XDP sockets ([`Slot`])
+//! sharing one UMEM on one queue of the underlay interface, fed by the XDP classifier.
+//! A host serves as many queues as it has packet workers (or fewer, where it has fewer
+//! queues), each queue's worker with an [`AfXdp`] of its own.
 //!
 //! The UMEM's fill frames ([`FILL_FRAMES`]) exceed the sum of the Violins' small RX
 //! rings ([`RX_RING`]), so a Violin that floods, or is not served, holds at most its own
 //! ring's worth and the others keep receiving. The first socket on the queue is a
-//! permanent anchor: it owns the fill and completion rings (shared by every socket on
-//! the queue) and transmits everything; Violins' sockets come and go. (Frames the
+//! permanent anchor: it creates the fill ring (shared by every socket on the queue, and
+//! by the workers reading them: [`super::xsk::FillRing`]), owns the completion ring
+//! and transmits everything its worker sends; Violins' sockets come and go, each read
+//! by its Violin's own worker, whichever queue it is on. (Frames the
 //! classifier redirected to the anchor itself were never seen on its RX ring here, so
 //! receiving is always on a socket of its own, even with one socket for all Violins.) Outer headers are
 //! written here ([`encap::write_outer`]), with destination MACs from the kernel's
 //! neighbour table. Copy mode (veth has no zero-copy), need_wakeup on.
 
-use super::xsk::{XskCore, XskOpener};
+use super::xsk::{RxReader, XskCore, XskOpener};
 use super::Budget;
 use crate::datapath::fastpath::encap::{self, Outer};
 use std::collections::HashMap;
@@ -21,6 +24,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use violin_common::wire::{EthernetAddress, VxlanRepr};
 use violin_common::{Verdict, VXLAN_OVERHEAD};
 use xsk_rs::{RxQueue, TxQueue};
+
+pub use crate::stats::XskCounters;
 
 pub const FRAMES: u32 = 16384;
 pub const FILL_FRAMES: usize = 8192;
@@ -46,17 +51,58 @@ pub fn slot_stats(rx: &RxQueue) -> Option<SlotStats> {
     })
 }
 
-/// One Violin's socket on the shared UMEM, opened by a [`SlotOpener`] (on the control
-/// thread) and served by the worker that owns the [`AfXdp`].
+/// One Violin's socket on a queue's shared UMEM, opened by a [`SlotOpener`] (on the
+/// control thread) and read by its Violin's worker, which gives the frames back to the
+/// queue's fill ring.
 pub struct Slot {
     rx: RxQueue,
     _tx: TxQueue,
+    reader: RxReader,
+    /// The underlay's VXLAN port (outer headers are checked against it).
+    port: u16,
 }
 
 impl Slot {
     /// The socket's fd (for the XskMap and poll).
     pub fn fd(&self) -> RawFd {
         self.rx.fd().as_raw_fd()
+    }
+
+    /// The kernel's counters of this socket.
+    pub fn stats(&self) -> Option<SlotStats> {
+        slot_stats(&self.rx)
+    }
+
+    /// Receives frames within `budget`, calling `f(outer source, VXLAN header, inner)`
+    /// for each valid one (the others count in `rx_bad`). True when the budget ran out.
+    pub fn rx(
+        &mut self,
+        budget: &mut Budget,
+        counters: &mut XskCounters,
+        rx_bad: &mut u64,
+        mut f: impl FnMut(Ipv4Addr, VxlanRepr, &[u8]),
+    ) -> bool {
+        let port = self.port;
+        self.reader.rx(
+            &mut self.rx,
+            budget,
+            counters,
+            |pkt| match encap::parse_outer(pkt, port) {
+                Ok((src, vx, inner)) => f(src, vx, inner),
+                Err(_) => *rx_bad += 1,
+            },
+        )
+    }
+
+    /// Gives back every frame waiting in its RX ring (before it is closed).
+    pub fn drain(&mut self, counters: &mut XskCounters) {
+        let mut bad = 0;
+        self.rx(
+            &mut Budget::new(usize::MAX, u64::MAX),
+            counters,
+            &mut bad,
+            |_, _, _| {},
+        );
     }
 }
 
@@ -68,12 +114,20 @@ impl AsRawFd for Slot {
 
 /// Opens Violins' sockets on an [`AfXdp`]'s UMEM, away from its worker.
 #[derive(Clone)]
-pub struct SlotOpener(XskOpener);
+pub struct SlotOpener {
+    opener: XskOpener,
+    port: u16,
+}
 
 impl SlotOpener {
     pub fn open(&self) -> anyhow::Result<Slot> {
-        let (rx, tx) = self.0.share(RX_RING)?;
-        Ok(Slot { rx, _tx: tx })
+        let (rx, tx) = self.opener.share(RX_RING)?;
+        Ok(Slot {
+            rx,
+            _tx: tx,
+            reader: RxReader::new(self.opener.fill()),
+            port: self.port,
+        })
     }
 }
 
@@ -90,10 +144,8 @@ pub enum SendError {
 pub struct AfXdp {
     core: XskCore,
     _anchor_rx: RxQueue,
-    slots: Vec<Option<Slot>>,
     outer: Outer,
     neighbours: HashMap<Ipv4Addr, EthernetAddress>,
-    rx_bad: u64,
     neighbour_miss: u64,
 }
 
@@ -105,74 +157,17 @@ impl AfXdp {
         Ok(AfXdp {
             core,
             _anchor_rx: anchor,
-            slots: Vec::new(),
             outer,
             neighbours: HashMap::new(),
-            rx_bad: 0,
             neighbour_miss: 0,
         })
     }
 
     pub fn opener(&self) -> SlotOpener {
-        SlotOpener(self.core.opener())
-    }
-
-    /// Serves `socket` as slot `slot` from now on.
-    pub fn insert_slot(&mut self, slot: usize, socket: Slot) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            slot <= SHARED_SLOT,
-            "at most {MAX_SLOTS} Violins per host with a socket each on the xdp data plane"
-        );
-        if self.slots.len() <= slot {
-            self.slots.resize_with(slot + 1, || None);
+        SlotOpener {
+            opener: self.core.opener(),
+            port: self.outer.port,
         }
-        anyhow::ensure!(self.slots[slot].is_none(), "slot {slot} is open already");
-        self.slots[slot] = Some(socket);
-        Ok(())
-    }
-
-    /// Stops serving slot `slot` after taking back the frames in its RX ring, and
-    /// returns its socket (to be closed off the worker). Remove it from the XskMap
-    /// first.
-    pub fn take_slot(&mut self, slot: usize) -> Option<Slot> {
-        self.rx(slot, &mut Budget::new(usize::MAX, u64::MAX), |_, _, _| {});
-        self.slots.get_mut(slot)?.take()
-    }
-
-    pub fn slot_fd(&self, slot: usize) -> Option<RawFd> {
-        Some(self.slots.get(slot)?.as_ref()?.rx.fd().as_raw_fd())
-    }
-
-    pub fn slot_stats(&self, slot: usize) -> Option<SlotStats> {
-        slot_stats(&self.slots.get(slot)?.as_ref()?.rx)
-    }
-
-    /// The kernel's counters of every open slot's socket.
-    pub fn all_slot_stats(&self) -> std::collections::BTreeMap<usize, SlotStats> {
-        (0..self.slots.len())
-            .filter_map(|s| Some((s, self.slot_stats(s)?)))
-            .collect()
-    }
-
-    /// Receives frames from a slot within `budget`, calling `f(outer source, VXLAN
-    /// header, inner)` for each valid one. True when the budget ran out.
-    pub fn rx(
-        &mut self,
-        slot: usize,
-        budget: &mut Budget,
-        mut f: impl FnMut(Ipv4Addr, VxlanRepr, &[u8]),
-    ) -> bool {
-        let Some(Some(s)) = self.slots.get_mut(slot) else {
-            return false;
-        };
-        let port = self.outer.port;
-        let rx_bad = &mut self.rx_bad;
-        self.core.rx(&mut s.rx, budget, |pkt| {
-            match encap::parse_outer(pkt, port) {
-                Ok((src, vx, inner)) => f(src, vx, inner),
-                Err(_) => *rx_bad += 1,
-            }
-        })
     }
 
     /// Updates the neighbour table used for outer destination MACs.
@@ -217,10 +212,11 @@ impl AfXdp {
         self.core.congested()
     }
 
+    /// The anchor's figures (what its worker sent; what it received is the worker's).
     pub fn stats(&self) -> AfXdpStats {
         AfXdpStats {
             counters: self.core.counters,
-            rx_bad: self.rx_bad,
+            rx_bad: 0,
             neighbour_miss: self.neighbour_miss,
             free_frames: self.core.free_frames(),
             pool_frames: self.core.pool_frames(),

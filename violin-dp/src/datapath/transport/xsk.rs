@@ -3,15 +3,22 @@
 //! needs, and completions back into the pool. [`super::afxdp`] (the underlay) and
 //! [`super::xdpport`] (fast guest ports) are built on it.
 //!
-//! Frame accounting: `fill` frames circulate fill ring → an RX ring → [`XskCore::rx`] →
-//! fill ring; the others are the TX pool: pool → [`XskCore::send`] → TX ring →
+//! Frame accounting: `fill` frames circulate fill ring → an RX ring → [`RxReader::rx`]
+//! → fill ring; the others are the TX pool: pool → [`XskCore::send`] → TX ring →
 //! completion ring → pool. Nothing else holds a frame, so the pool's free count returns
 //! to `pool_frames` whenever the TX path is idle.
+//!
+//! The kernel takes receive frames for every socket on a queue from the queue's one
+//! fill ring, so the sockets' RX rings may be read by different threads (each Violin's
+//! by its own worker): the fill ring is a [`FillRing`], which each reader returns its
+//! frames to under a lock, once per batch. The TX pool and the completion ring are the
+//! core's owner's alone.
 
 use super::Budget;
 use anyhow::{anyhow, ensure, Context, Result};
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
 use violin_common::Verdict;
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
@@ -61,19 +68,24 @@ pub fn socket_config(rx: u32, tx: u32) -> SocketConfig {
 /// worker.
 #[derive(Clone)]
 pub struct XskOpener {
-    umem: Umem,
+    fill: FillRing,
     iface: Interface,
     queue: u32,
 }
 
 impl XskOpener {
+    /// The fill ring every socket it opens takes its receive frames from.
+    pub fn fill(&self) -> FillRing {
+        self.fill.clone()
+    }
+
     pub fn share(&self, rx_ring: u32) -> Result<(RxQueue, TxQueue)> {
         // SAFETY: the UMEM is shared and the (interface, queue) pair is bound already
         // (by the core's first socket): INHIBIT_PROG_LOAD is set, as xsk-rs requires.
         let (tx, rx, rings) = unsafe {
             Socket::new(
                 socket_config(rx_ring, 64),
-                &self.umem,
+                &self.fill.umem,
                 &self.iface,
                 self.queue,
             )
@@ -85,15 +97,78 @@ impl XskOpener {
     }
 }
 
-pub struct XskCore {
+/// One queue's UMEM and fill ring, shared by the threads that read the queue's sockets.
+#[derive(Clone)]
+pub struct FillRing {
     umem: Umem,
+    fq: Arc<Mutex<FillQueue>>,
+}
+
+/// Reads RX rings of one UMEM's sockets and gives their frames back to its fill ring:
+/// one per thread that reads (a batch of descriptors, and the frames not yet returned).
+pub struct RxReader {
+    fill: FillRing,
+    scratch: Vec<FrameDesc>,
+    refill: Vec<FrameDesc>,
+}
+
+impl RxReader {
+    pub fn new(fill: FillRing) -> RxReader {
+        RxReader {
+            fill,
+            scratch: vec![FrameDesc::default(); BATCH],
+            refill: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Receives frames from `rxq` within `budget` (its bytes overrun by one frame at
+    /// most), calling `f` on each, then returns them to the fill ring (one lock). True
+    /// when the budget ran out.
+    pub fn rx(
+        &mut self,
+        rxq: &mut RxQueue,
+        budget: &mut Budget,
+        counters: &mut XskCounters,
+        mut f: impl FnMut(&[u8]),
+    ) -> bool {
+        while budget.left() {
+            let want = budget.batch(FRAME_DATA as usize, BATCH);
+            // SAFETY: the descriptors are written by the kernel for frames of this UMEM.
+            let n = unsafe { rxq.consume(&mut self.scratch[..want]) };
+            for d in &self.scratch[..n] {
+                // SAFETY: the frame was just consumed from the RX ring: no ring owns it.
+                let frame = unsafe { self.fill.umem.data(d) }.contents();
+                budget.spend(frame.len());
+                f(frame);
+            }
+            counters.rx_frames += n as u64;
+            self.refill.extend_from_slice(&self.scratch[..n]);
+            if n < want {
+                break;
+            }
+        }
+        if !self.refill.is_empty() {
+            let mut fq = self.fill.fq.lock().unwrap_or_else(|p| p.into_inner());
+            // SAFETY: these frames came off an RX ring of this UMEM and are in no ring now.
+            let n = unsafe { fq.produce(&self.refill) };
+            drop(fq);
+            if n == self.refill.len() {
+                self.refill.clear();
+            } else {
+                counters.fill_retry += 1;
+            }
+        }
+        !budget.left()
+    }
+}
+
+pub struct XskCore {
     iface: Interface,
     queue: u32,
-    fq: FillQueue,
+    reader: RxReader,
     cq: CompQueue,
     tx: TxQueue,
     free: Vec<FrameDesc>,
-    refill: Vec<FrameDesc>,
     scratch: Vec<FrameDesc>,
     tx_pending: Vec<FrameDesc>,
     pool_frames: usize,
@@ -139,15 +214,16 @@ impl XskCore {
         let n = unsafe { fq.produce(&to_fill) };
         ensure!(n == fill, "the fill ring took {n} of {fill} frames");
         let core = XskCore {
-            umem,
             iface: ifname,
             queue,
-            fq,
+            reader: RxReader::new(FillRing {
+                umem,
+                fq: Arc::new(Mutex::new(fq)),
+            }),
             cq,
             tx,
             pool_frames: descs.len(),
             free: descs,
-            refill: Vec::with_capacity(fill),
             scratch: vec![FrameDesc::default(); BATCH],
             tx_pending: Vec::with_capacity(BATCH),
             counters: XskCounters::default(),
@@ -158,41 +234,16 @@ impl XskCore {
     /// What opens further sockets on this UMEM, from another thread.
     pub fn opener(&self) -> XskOpener {
         XskOpener {
-            umem: self.umem.clone(),
+            fill: self.reader.fill.clone(),
             iface: self.iface.clone(),
             queue: self.queue,
         }
     }
 
-    /// Receives frames from `rxq` within `budget` (its bytes overrun by one frame at
-    /// most), calling `f` on each, then returns them to the fill ring. True when the
-    /// budget ran out.
-    pub fn rx(&mut self, rxq: &mut RxQueue, budget: &mut Budget, mut f: impl FnMut(&[u8])) -> bool {
-        while budget.left() {
-            let want = budget.batch(FRAME_DATA as usize, BATCH);
-            // SAFETY: the descriptors are written by the kernel for frames of this UMEM.
-            let n = unsafe { rxq.consume(&mut self.scratch[..want]) };
-            for d in &self.scratch[..n] {
-                // SAFETY: the frame was just consumed from the RX ring: no ring owns it.
-                let frame = unsafe { self.umem.data(d) }.contents();
-                budget.spend(frame.len());
-                f(frame);
-            }
-            self.counters.rx_frames += n as u64;
-            self.refill.extend_from_slice(&self.scratch[..n]);
-            if n < want {
-                break;
-            }
-        }
-        if !self.refill.is_empty() {
-            // SAFETY: these frames came off an RX ring and are in no ring now.
-            if unsafe { self.fq.produce(&self.refill) } == self.refill.len() {
-                self.refill.clear();
-            } else {
-                self.counters.fill_retry += 1;
-            }
-        }
-        !budget.left()
+    /// Receives frames from `rxq` (a socket of this core's queue) within `budget`,
+    /// calling `f` on each ([`RxReader::rx`]).
+    pub fn rx(&mut self, rxq: &mut RxQueue, budget: &mut Budget, f: impl FnMut(&[u8])) -> bool {
+        self.reader.rx(rxq, budget, &mut self.counters, f)
     }
 
     /// Copies `parts` into one frame and queues it; sent by [`Self::flush`] (or when a
@@ -210,7 +261,7 @@ impl XskCore {
         };
         {
             // SAFETY: `d` came from the pool: no ring owns it.
-            let mut data = unsafe { self.umem.data_mut(&mut d) };
+            let mut data = unsafe { self.reader.fill.umem.data_mut(&mut d) };
             let mut c = data.cursor();
             c.set_pos(0);
             for p in parts {
