@@ -277,6 +277,10 @@ struct Isolation {
     flooded: load::Latency,
     /// What the flooding neighbour's receiver got, Mbit/s.
     flood_mbit: f64,
+    /// Whether the quiet Violin shares a packet worker with the flooding one on some
+    /// host (`None`: not a Violin, or not known).
+    #[serde(default)]
+    shares_worker: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -392,12 +396,22 @@ fn isolation_figure(
                 "  {} (next to {}): p99 {:.0} us alone, {:.0} us flooded",
                 q.config, noisy.config, alone.p99_us, flooded.p99_us
             ));
+            // Violins share a worker when there are more of them than workers.
+            let shares_worker = match &q.violin {
+                Some(v) => {
+                    let (a, b) = (tb.workers_of(v)?, tb.workers_of("noisy")?);
+                    let known = a.iter().chain(&b).all(Option::is_some);
+                    known.then(|| a.iter().zip(&b).any(|(x, y)| x == y))
+                }
+                None => None,
+            };
             r.isolation.insert(
                 format!("{} / {}", q.config, noisy.config),
                 Isolation {
                     alone,
                     flooded,
                     flood_mbit: flood.received_pps * 1400.0 * 8.0 / 1e6,
+                    shares_worker,
                 },
             );
         }
@@ -1306,19 +1320,24 @@ fn isolation_table(r: &Results) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<38} {:>9} {:>9} {:>9} {:>9} {:>11}",
-        "quiet / flooding", "p50", "p99", "p99 fl.", "+p99", "flood Mbit"
+        "{:<38} {:>9} {:>9} {:>9} {:>9} {:>11} {:>12}",
+        "quiet / flooding", "p50", "p99", "p99 fl.", "+p99", "flood Mbit", "same worker"
     );
     for (c, i) in &r.isolation {
         let _ = writeln!(
             o,
-            "{:<38} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.1}",
+            "{:<38} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>12}",
             c,
             i.alone.p50_us,
             i.alone.p99_us,
             i.flooded.p99_us,
             i.flooded.p99_us - i.alone.p99_us,
-            i.flood_mbit
+            i.flood_mbit,
+            match i.shares_worker {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            }
         );
     }
     o

@@ -31,6 +31,8 @@ pub struct Pair {
     pub server: Endpoint,
     /// Daemon pids whose CPU time counts as data-plane cost (empty: kernel only).
     pub daemons: Vec<u32>,
+    /// The Violin it is (`None`: the kernel's paths).
+    pub violin: Option<String>,
 }
 
 pub struct Testbed {
@@ -163,6 +165,11 @@ impl Testbed {
         self.violin(&["down", name]).map(|_| ())
     }
 
+    /// The packet worker `violin` lives on, host by host.
+    pub fn workers_of(&self, violin: &str) -> Result<Vec<Option<usize>>> {
+        Ok(self.stats(violin)?.hosts.iter().map(|h| h.worker).collect())
+    }
+
     pub fn stats(&self, violin: &str) -> Result<violin_dp::cli::ClusterStats> {
         Ok(serde_json::from_str(
             &self.violin(&["stats", violin, "--json"])?,
@@ -244,6 +251,7 @@ impl Testbed {
                 ip: h[1].underlay,
             },
             daemons: vec![],
+            violin: None,
         }
     }
 
@@ -314,6 +322,7 @@ impl Testbed {
                 ip: Ipv4Addr::new(10, subnet, 0, 2),
             },
             daemons: self.daemons(),
+            violin: Some(name.to_string()),
         })
     }
 
@@ -488,6 +497,7 @@ impl Testbed {
             client: ends[0].clone(),
             server: ends[1].clone(),
             daemons: pids,
+            violin: None,
         })
     }
 
@@ -568,6 +578,7 @@ impl Testbed {
             client: ends[0].clone(),
             server: ends[1].clone(),
             daemons: vec![],
+            violin: None,
         })
     }
 }
