@@ -32,7 +32,7 @@ use crate::datapath::fastpath::switch::{
 };
 use crate::datapath::monitor::{self, DropEvent, Monitor};
 use crate::datapath::timer::{monotonic_ns, Timer};
-use crate::datapath::transport::afxdp::{AfXdpStats, Slot, SlotStats, XskCounters};
+use crate::datapath::transport::afxdp::{AfXdpStats, Slot, SlotStats};
 use crate::datapath::transport::guest::{PortCounters, RxEvent};
 use crate::datapath::transport::udp::{
     steer, steering_program, Received, UdpUnderlay, MAX_STEERED,
@@ -705,9 +705,8 @@ pub struct Worker {
     /// the one every Violin shares where sockets are not per Violin), by XskMap key,
     /// with their slots.
     xsks: Vec<Option<(usize, Slot)>>,
-    /// What reading them did.
-    xsk_reads: XskCounters,
-    xsk_rx_bad: u64,
+    /// What reading them did (frames, refills retried, frames that were not VXLAN).
+    xsk_reads: AfXdpStats,
     team: Team,
     stop: Option<Reply<Vec<Port>>>,
     /// When to poll without blocking instead of sleeping in `epoll_wait`.
@@ -878,8 +877,7 @@ impl Worker {
                     release_at: None,
                     udp_rx_frames: 0,
                     xsks: Vec::new(),
-                    xsk_reads: XskCounters::default(),
-                    xsk_rx_bad: 0,
+                    xsk_reads: AfXdpStats::default(),
                     team,
                     stop: None,
                     spin: Spin::default(),
@@ -1192,16 +1190,13 @@ impl Worker {
     /// redirecting to them first.
     fn detach_slot(&mut self, slot: usize) -> Vec<Slot> {
         let mut gone = Vec::new();
-        for key in 0..self.xsks.len() {
-            if !matches!(&self.xsks[key], Some((s, _)) if *s == slot) {
-                continue;
-            }
-            let Some((_, mut socket)) = self.xsks[key].take() else {
+        for (key, entry) in self.xsks.iter_mut().enumerate() {
+            let Some((_, mut socket)) = entry.take_if(|(s, _)| *s == slot) else {
                 continue;
             };
             let _ = self.poll.registry().deregister(&mut SourceFd(&socket.fd()));
             self.drr.forget(Token(XSK_BASE + key));
-            socket.drain(&mut self.xsk_reads);
+            socket.drain(&mut self.xsk_reads.counters);
             gone.push(socket);
         }
         gone
@@ -1235,14 +1230,10 @@ impl Worker {
                 *e = e.plus(&st);
             }
         }
-        let reads = AfXdpStats {
-            counters: self.xsk_reads,
-            rx_bad: self.xsk_rx_bad,
-            ..AfXdpStats::default()
-        };
+        let reads = self.xsk_reads;
         let rings = match self.underlay.xsk() {
             Some(x) => Some(x.stats().plus(&reads)),
-            None if self.xsks.iter().any(Option::is_some) || self.xsk_reads.rx_frames > 0 => {
+            None if self.xsks.iter().any(Option::is_some) || reads.counters.rx_frames > 0 => {
                 Some(reads)
             }
             None => None,
@@ -1414,7 +1405,6 @@ impl Worker {
             team,
             xsks,
             xsk_reads,
-            xsk_rx_bad,
             ..
         } = self;
         let Some(Some((_, socket))) = xsks.get_mut(key) else {
@@ -1424,7 +1414,10 @@ impl Worker {
         // Tunnel → guest only (split horizon): outputs are local ports, or an
         // external member reached through the kernel's socket. A socket every Violin
         // shares carries frames of Violins that live on other workers (`tunnel_in`).
-        socket.rx(budget, xsk_reads, xsk_rx_bad, |src, vx, inner| {
+        let AfXdpStats {
+            counters, rx_bad, ..
+        } = xsk_reads;
+        socket.rx(budget, counters, rx_bad, |src, vx, inner| {
             fabric.tunnel_in(team, src, vx, inner, now, udp)
         })
     }
