@@ -70,6 +70,10 @@ struct Cli {
     /// Host counts of figure 6, e.g. `--hpl-hosts 4` (default 2,4; with --quick 2).
     #[arg(long, value_delimiter = ',')]
     hpl_hosts: Vec<usize>,
+    /// Packet workers per host on every cluster (default: each host's own, one per
+    /// CPU), to compare worker counts.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
 }
 
 struct Plan {
@@ -170,6 +174,9 @@ struct Results {
     quick: bool,
     started_unix: u64,
     seconds: f64,
+    /// Packet workers per host when `--workers` set them (else each host's default).
+    #[serde(default)]
+    workers: Option<usize>,
     configs: Vec<String>,
     /// Runs that failed (reported after the results are written).
     #[serde(default)]
@@ -504,7 +511,11 @@ fn write_alone(
     table: fn(&Results) -> String,
 ) -> Result<()> {
     r.seconds = t0.elapsed().as_secs_f64();
-    let file = write_results(r, cli, prefix, &table(r))?;
+    let text = match r.workers {
+        Some(n) => format!("\npacket workers per host: {n} (--workers)\n{}", table(r)),
+        None => table(r),
+    };
+    let file = write_results(r, cli, prefix, &text)?;
     say(&format!("results in {}", file.display()));
     Ok(())
 }
@@ -653,6 +664,9 @@ fn say(msg: &str) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(n) = cli.workers {
+        let _ = testbed::WORKERS.set(n);
+    }
     if let Some(json) = &cli.from {
         let text =
             std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
@@ -709,6 +723,7 @@ fn main() -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs(),
         idle_violins: plan.idle_violins,
+        workers: cli.workers,
         ..Default::default()
     };
     let id = std::process::id() % 10000;
@@ -1515,6 +1530,9 @@ fn tables(r: &Results) -> String {
         },
         r.machine
     );
+    if let Some(n) = r.workers {
+        let _ = writeln!(o, "packet workers per host: {n} (--workers)");
+    }
     let phys = r
         .packet_rate
         .get("physical")

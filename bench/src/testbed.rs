@@ -46,6 +46,10 @@ pub struct Testbed {
     ovs_dirs: Vec<PathBuf>,
 }
 
+/// Packet workers per host on every cluster the bench makes (`--workers`); unset:
+/// each host's default.
+pub static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
 pub fn violin_bin() -> PathBuf {
     std::env::current_exe().unwrap().with_file_name("violin")
 }
@@ -108,7 +112,7 @@ impl Testbed {
             xdp_single_socket: false,
             no_remote_checksum: false,
             queues: 1,
-            workers: None,
+            workers: WORKERS.get().copied(),
             xdp_attach: Default::default(),
             max_guests,
             busy_poll_us: None,
