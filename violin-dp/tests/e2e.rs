@@ -1218,6 +1218,11 @@ fn xdp_on_a_multi_queue_nic_serves_every_queue() {
     }
     // Native, as on a multi-queue NIC: generic XDP on a veth sees every frame on queue 0.
     let c = Cluster::up(2, "xdp", &["--queues", "2", "--xdp-attach", "native"]);
+    assert_eq!(
+        c.nic_queues(),
+        vec![(2, 2); 2],
+        "both ends of each host's veth"
+    );
     // Red and blue each get a worker of their own; red's frames are spread over both
     // queues by flow hash, and on these veths a frame sent from AF_XDP queue 1 arrives
     // on the peer's queue 0.
@@ -1256,12 +1261,13 @@ fn xdp_on_a_multi_queue_nic_serves_every_queue() {
 /// that worker's socket; on the xdp plane the worker reads the Violin's own AF_XDP
 /// sockets (on a veth every frame arrives on queue 0, so both workers give frames back
 /// to that queue's one fill ring). Nothing is handed between workers, and a Violin
-/// that leaves frees its worker for the next one.
-fn two_workers_each_serve_their_violins(plane: &str, args: &[&str]) {
+/// that leaves frees its worker for the next one. `queues`: the hosts' NICs'.
+fn two_workers_each_serve_their_violins(plane: &str, args: &[&str], queues: usize) {
     if !can_run() {
         return;
     }
     let c = Cluster::up(2, plane, args);
+    assert_eq!(c.nic_queues(), vec![(queues, queues); 2]);
     let each_worker_has_one = |violins: [&str; 2]| {
         for violin in violins {
             for h in &c.stats(violin).hosts {
@@ -1297,12 +1303,14 @@ fn two_workers_each_serve_their_violins(plane: &str, args: &[&str]) {
 
 #[test]
 fn two_workers_on_the_udp_plane_each_serve_their_violins() {
-    two_workers_each_serve_their_violins("udp", &["--queues", "2", "--workers", "2"]);
+    two_workers_each_serve_their_violins("udp", &["--queues", "2", "--workers", "2"], 2);
 }
 
 #[test]
 fn two_workers_on_the_xdp_plane_each_serve_their_violins() {
-    two_workers_each_serve_their_violins("xdp", &["--workers", "2"]);
+    // One rx queue: worker 1, beyond the NIC's queues, reads its Violin's socket on
+    // queue 0 and sends through the kernel's UDP socket.
+    two_workers_each_serve_their_violins("xdp", &["--workers", "2"], 1);
 }
 
 /// `auto` takes XDP where the classifier loads, and says why not where it does not.

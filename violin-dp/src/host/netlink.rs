@@ -64,12 +64,19 @@ pub async fn add_veth(h: &Handle, name: &str, peer: &str) -> Result<()> {
 }
 
 /// Creates a veth pair whose ends have `queues` rx and tx queues each (a multi-queue
-/// NIC, as far as XDP's rx queue index goes).
+/// NIC, as far as XDP's rx queue index goes). The peer's counts go in its own nested
+/// message (`VETH_INFO_PEER`): without them the kernel gives the peer one queue per
+/// possible CPU, whatever `name` has.
 pub async fn add_veth_queues(h: &Handle, name: &str, peer: &str, queues: u32) -> Result<()> {
-    use rtnetlink::packet_route::link::LinkAttribute;
+    use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
+    let peer_msg = LinkUnspec::new_with_name(peer)
+        .append_extra_attribute(LinkAttribute::NumRxQueues(queues))
+        .append_extra_attribute(LinkAttribute::NumTxQueues(queues))
+        .build();
     h.link()
         .add(
             LinkVeth::new(name, peer)
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
                 .append_extra_attribute(LinkAttribute::NumRxQueues(queues))
                 .append_extra_attribute(LinkAttribute::NumTxQueues(queues))
                 .build(),

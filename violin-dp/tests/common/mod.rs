@@ -174,6 +174,31 @@ impl Cluster {
         serde_json::from_str(&self.ok(&["cluster", "info", "--json"])).unwrap()
     }
 
+    /// (rx, tx) queues of each simulated host's underlay NIC, as its namespace sees
+    /// them (sysfs, through `ip netns exec`, which mounts the namespace's own).
+    pub fn nic_queues(&self) -> Vec<(usize, usize)> {
+        self.info()
+            .hosts
+            .iter()
+            .map(|h| {
+                let o = Command::new("ip")
+                    .args(["netns", "exec", &h.netns, "ls"])
+                    .arg(format!("/sys/class/net/{}/queues", h.interface))
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{o:?}");
+                let names = String::from_utf8_lossy(&o.stdout).to_string();
+                let count = |p: &str| {
+                    names
+                        .split_whitespace()
+                        .filter(|q| q.starts_with(p))
+                        .count()
+                };
+                (count("rx-"), count("tx-"))
+            })
+            .collect()
+    }
+
     pub fn stats(&self, violin: &str) -> ClusterStats {
         serde_json::from_str(&self.ok(&["stats", violin, "--json"])).unwrap()
     }
