@@ -511,10 +511,7 @@ fn write_alone(
     table: fn(&Results) -> String,
 ) -> Result<()> {
     r.seconds = t0.elapsed().as_secs_f64();
-    let text = match r.workers {
-        Some(n) => format!("\npacket workers per host: {n} (--workers)\n{}", table(r)),
-        None => table(r),
-    };
+    let text = format!("{}{}", workers_line(r), table(r));
     let file = write_results(r, cli, prefix, &text)?;
     say(&format!("results in {}", file.display()));
     Ok(())
@@ -1517,6 +1514,13 @@ fn tcp_table(
     }
 }
 
+/// The worker count `--workers` set, as a line above the tables (empty if unset).
+fn workers_line(r: &Results) -> String {
+    r.workers
+        .map(|n| format!("packet workers per host: {n} (--workers)\n"))
+        .unwrap_or_default()
+}
+
 fn tables(r: &Results) -> String {
     use std::fmt::Write;
     let mut o = String::new();
@@ -1530,9 +1534,7 @@ fn tables(r: &Results) -> String {
         },
         r.machine
     );
-    if let Some(n) = r.workers {
-        let _ = writeln!(o, "packet workers per host: {n} (--workers)");
-    }
+    o.push_str(&workers_line(r));
     let phys = r
         .packet_rate
         .get("physical")

@@ -187,7 +187,7 @@ impl Cluster {
                     .output()
                     .unwrap();
                 assert!(o.status.success(), "{o:?}");
-                let names = String::from_utf8_lossy(&o.stdout).to_string();
+                let names = String::from_utf8_lossy(&o.stdout);
                 let count = |p: &str| {
                     names
                         .split_whitespace()
