@@ -92,16 +92,18 @@ impl Daemon {
         let (underlays, classifier, openers): (Vec<Underlay>, _, _) = match xdp {
             Some((xsks, cls)) => {
                 let openers = xsks.iter().map(AfXdp::opener).collect();
-                // Workers beyond the queues send through their UDP sockets.
-                let mut xsks = xsks.into_iter();
+                // Workers beyond the queues send through senders of their own on the
+                // queues' UMEMs (worker i on queue i mod queues).
+                let senders = (xsks.len()..group.len())
+                    .map(|i| xsks[i % xsks.len()].sender())
+                    .collect::<Result<Vec<_>>>()
+                    .context("opening AF_XDP senders for the workers beyond the NIC's queues")?;
                 let underlays = group
                     .into_iter()
-                    .map(|udp| match xsks.next() {
-                        Some(xsk) => Underlay::Xdp {
-                            udp,
-                            xsk: Box::new(xsk),
-                        },
-                        None => Underlay::Udp(udp),
+                    .zip(xsks.into_iter().chain(senders))
+                    .map(|(udp, xsk)| Underlay::Xdp {
+                        udp,
+                        xsk: Box::new(xsk),
                     })
                     .collect();
                 (underlays, Some(Arc::new(Mutex::new(cls))), openers)

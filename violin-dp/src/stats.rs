@@ -96,6 +96,10 @@ pub struct WorkerStats {
     pub ports: usize,
     pub udp_rx_frames: u64,
     pub xsk_rx_frames: u64,
+    /// Frames it sent through AF_XDP (its own TX ring: the queue's anchor, or a sender
+    /// of its own where it is beyond the NIC's queues).
+    #[serde(default)]
+    pub xsk_tx_frames: u64,
     pub handed_off: u64,
     pub taken_over: u64,
 }

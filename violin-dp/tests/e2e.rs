@@ -138,14 +138,7 @@ fn a_link_capped_at_50mbit_carries_45_to_55_under_a_flood(dp: &str) {
     if !can_run() {
         return;
     }
-    // xdp: one worker, so that blue sends through the AF_XDP TX ring whose frame pool
-    // is checked below (on a host NIC of one queue, a second worker has no TX ring of
-    // its own and sends through the kernel's UDP socket).
-    let args: &[&str] = match dp {
-        "xdp" => &["--workers", "1"],
-        _ => &[],
-    };
-    let c = Cluster::up(2, dp, args);
+    let c = Cluster::up(2, dp, &[]);
     c.up_spec("blue.toml", BLUE);
     assert!(c.ping("blue", "a", "10.0.0.2", 1));
     let t0 = Instant::now();
@@ -1287,6 +1280,11 @@ fn two_workers_each_serve_their_violins(plane: &str, args: &[&str], queues: usiz
                         _ => w.xsk_rx_frames,
                     };
                     assert!(received > 0, "host {}: {:?}", h.host, h.workers);
+                    if plane == "xdp" {
+                        // Every worker sends through AF_XDP, also one beyond the
+                        // NIC's queues (through a socket of its own on queue 0).
+                        assert!(w.xsk_tx_frames > 0, "host {}: {:?}", h.host, h.workers);
+                    }
                     assert_eq!(w.handed_off, 0, "host {}: {:?}", h.host, h.workers);
                 }
             }
@@ -1316,7 +1314,7 @@ fn two_workers_on_the_udp_plane_each_serve_their_violins() {
 #[test]
 fn two_workers_on_the_xdp_plane_each_serve_their_violins() {
     // One rx queue: worker 1, beyond the NIC's queues, reads its Violin's socket on
-    // queue 0 and sends through the kernel's UDP socket.
+    // queue 0 and sends through a socket of its own on queue 0's UMEM.
     two_workers_each_serve_their_violins("xdp", &["--workers", "2"], 1);
 }
 

@@ -1,6 +1,6 @@
 //! A packet worker: a thread that owns the switch of its Violins, their guest ports
-//! and AF_XDP sockets, one underlay socket (and on the xdp plane one rx queue's TX
-//! path, where the host has a queue for it), and does nothing but move frames.
+//! and AF_XDP sockets, one underlay socket (and on the xdp plane an AF_XDP TX ring of
+//! its own), and does nothing but move frames.
 //!
 //! A host runs several workers ([`Workers`]). Each Violin has a home worker (the
 //! least loaded when it arrived: [`Workers::place`]), which owns everything of it that
@@ -11,7 +11,7 @@
 //! frame that still reaches another worker (on the socket every Violin shares where
 //! sockets are not per Violin, or where steering failed) is copied to the home worker
 //! through a bounded queue ([`Handoff`]) and switched there. A worker beyond the
-//! host's rx queues sends through its UDP socket (the kernel's path).
+//! host's rx queues sends through an AF_XDP socket of its own on a queue's UMEM.
 //!
 //! Each wake-up: apply the control commands that arrived (between batches, never in
 //! the middle of one); note which sockets are ready; release what capped links queued
@@ -1231,8 +1231,9 @@ impl Worker {
             }
         }
         let reads = self.xsk_reads;
-        let rings = match self.underlay.xsk() {
-            Some(x) => Some(x.stats().plus(&reads)),
+        let own = self.underlay.xsk().map(|x| x.stats());
+        let rings = match own {
+            Some(x) => Some(x.plus(&reads)),
             None if self.xsks.iter().any(Option::is_some) || reads.counters.rx_frames > 0 => {
                 Some(reads)
             }
@@ -1244,6 +1245,7 @@ impl Worker {
             ports: ports.len(),
             udp_rx_frames: self.udp_rx_frames,
             xsk_rx_frames: rings.map_or(0, |r| r.counters.rx_frames),
+            xsk_tx_frames: own.map_or(0, |x| x.counters.tx_frames),
             handed_off: self.team.handed_off,
             taken_over: self.team.taken_over,
         };

@@ -7,15 +7,17 @@
 //! rings ([`RX_RING`]), so a Violin that floods, or is not served, holds at most its own
 //! ring's worth and the others keep receiving. The first socket on the queue is a
 //! permanent anchor: it creates the fill ring (shared by every socket on the queue, and
-//! by the workers reading them: [`super::xsk::FillRing`]), owns the completion ring
-//! and transmits everything its worker sends; Violins' sockets come and go, each read
-//! by its Violin's own worker, whichever queue it is on. (Frames the
-//! classifier redirected to the anchor itself were never seen on its RX ring here, so
-//! receiving is always on a socket of its own, even with one socket for all Violins.) Outer headers are
-//! written here ([`encap::write_outer`]), with destination MACs from the kernel's
+//! by the workers reading them: [`super::xsk::FillRing`]) and the completion ring with
+//! the TX pool (shared by the queue's senders: [`super::xsk::TxPool`]), and transmits
+//! everything its worker sends. A worker beyond the NIC's queues sends through a socket
+//! of its own on a queue's UMEM ([`AfXdp::sender`]), so every worker's frames bypass the
+//! kernel's stack alike. Violins' sockets come and go, each read by its Violin's own
+//! worker, whichever queue it is on. (Frames the classifier redirected to the anchor
+//! itself were never seen on its RX ring here, so receiving is always on a socket of its
+//! own, even with one socket for all Violins.) Outer headers are written here ([`encap::write_outer`]), with destination MACs from the kernel's
 //! neighbour table. Copy mode (veth has no zero-copy), need_wakeup on.
 
-use super::xsk::{RxReader, XskCore, XskOpener};
+use super::xsk::{PoolFigures, RxReader, XskCore, XskOpener, XskTx};
 use super::Budget;
 use crate::datapath::fastpath::encap::{self, Outer};
 use std::collections::HashMap;
@@ -121,7 +123,8 @@ pub struct SlotOpener {
 
 impl SlotOpener {
     pub fn open(&self) -> anyhow::Result<Slot> {
-        let (rx, tx) = self.opener.share(RX_RING)?;
+        // Its TX ring is unused (its worker sends through its own sender).
+        let (rx, tx) = self.opener.share(RX_RING, 64)?;
         Ok(Slot {
             rx,
             _tx: tx,
@@ -141,9 +144,17 @@ pub enum SendError {
     Dropped(Verdict),
 }
 
+/// One worker's AF_XDP side of the underlay on one queue: a socket whose TX ring it
+/// alone fills, from the queue's shared UMEM. The queue's own worker sends through the
+/// anchor, a worker beyond the NIC's queues through a socket of its own on the same
+/// queue ([`AfXdp::sender`]).
 pub struct AfXdp {
-    core: XskCore,
-    _anchor_rx: RxQueue,
+    tx: XskTx,
+    /// The sending socket (nothing is redirected to its RX ring).
+    _rx: RxQueue,
+    opener: XskOpener,
+    /// Reports the queue's TX pool (the anchor's worker does; the pool is counted once).
+    reports_pool: bool,
     outer: Outer,
     neighbours: HashMap<Ipv4Addr, EthernetAddress>,
     neighbour_miss: u64,
@@ -155,9 +166,26 @@ impl AfXdp {
     pub fn new(iface: &str, queue: u32, outer: Outer) -> anyhow::Result<AfXdp> {
         let (core, anchor) = XskCore::open(iface, queue, FRAMES, FILL_FRAMES, RX_RING, TX_RING)?;
         Ok(AfXdp {
-            core,
-            _anchor_rx: anchor,
+            opener: core.opener(),
+            tx: core.into_tx(),
+            _rx: anchor,
+            reports_pool: true,
             outer,
+            neighbours: HashMap::new(),
+            neighbour_miss: 0,
+        })
+    }
+
+    /// Another worker's sender on the same queue and UMEM: its own socket and TX ring,
+    /// frames from the shared pool. Opened at startup, on the control thread.
+    pub fn sender(&self) -> anyhow::Result<AfXdp> {
+        let (tx, rx) = self.opener.sender(TX_RING)?;
+        Ok(AfXdp {
+            tx,
+            _rx: rx,
+            opener: self.opener.clone(),
+            reports_pool: false,
+            outer: self.outer,
             neighbours: HashMap::new(),
             neighbour_miss: 0,
         })
@@ -165,7 +193,7 @@ impl AfXdp {
 
     pub fn opener(&self) -> SlotOpener {
         SlotOpener {
-            opener: self.core.opener(),
+            opener: self.opener.clone(),
             port: self.outer.port,
         }
     }
@@ -187,40 +215,46 @@ impl AfXdp {
         };
         let mut hdr = [0u8; VXLAN_OVERHEAD];
         encap::write_outer(&mut hdr, &self.outer, mac, dst, vni, frame);
-        self.core.send(&[&hdr, frame]).map_err(|v| match v {
+        self.tx.send(&[&hdr, frame]).map_err(|v| match v {
             Verdict::QueueFull => SendError::Dropped(Verdict::TunnelTxError),
             v => SendError::Dropped(v),
         })
     }
 
     pub fn flush(&mut self) {
-        self.core.flush()
+        self.tx.flush()
     }
 
     /// Sends what waits in the TX batch now, if anything does (no system call
     /// otherwise): before a frame that takes the kernel's socket instead.
     #[inline]
     pub fn flush_pending(&mut self) {
-        if self.core.pending() > 0 {
-            self.core.flush()
+        if self.tx.pending() > 0 {
+            self.tx.flush()
         }
     }
 
     /// True when the TX path is backed up: the daemon then stops reading guests (their
     /// sockets fill and push back) instead of dropping frames here.
     pub fn congested(&self) -> bool {
-        self.core.congested()
+        self.tx.congested()
     }
 
-    /// The anchor's figures (what its worker sent; what it received is the worker's).
+    /// This sender's figures (what its worker sent; what it received is the worker's),
+    /// and, from the anchor's worker, the queue's TX pool.
     pub fn stats(&self) -> AfXdpStats {
+        let pool = if self.reports_pool {
+            self.tx.pool()
+        } else {
+            PoolFigures::default()
+        };
         AfXdpStats {
-            counters: self.core.counters,
+            counters: self.tx.counters,
             rx_bad: 0,
             neighbour_miss: self.neighbour_miss,
-            free_frames: self.core.free_frames(),
-            pool_frames: self.core.pool_frames(),
-            completion_backlog: self.core.backlog(),
+            free_frames: pool.free,
+            pool_frames: pool.frames,
+            completion_backlog: pool.in_flight,
         }
     }
 }

@@ -4,15 +4,18 @@
 //! [`super::xdpport`] (fast guest ports) are built on it.
 //!
 //! Frame accounting: `fill` frames circulate fill ring → an RX ring → [`RxReader::rx`]
-//! → fill ring; the others are the TX pool: pool → [`XskCore::send`] → TX ring →
-//! completion ring → pool. Nothing else holds a frame, so the pool's free count returns
-//! to `pool_frames` whenever the TX path is idle.
+//! → fill ring; the others are the TX pool: pool → a sender's batch ([`XskTx::send`])
+//! → its TX ring → completion ring → pool. Nothing else holds a frame, so the pool's
+//! free count returns to `pool_frames` whenever the TX path is idle.
 //!
 //! The kernel takes receive frames for every socket on a queue from the queue's one
-//! fill ring, so the sockets' RX rings may be read by different threads (each Violin's
-//! by its own worker): the fill ring is a [`FillRing`], which each reader returns its
-//! frames to under a lock, once per batch. The TX pool and the completion ring are the
-//! core's owner's alone.
+//! fill ring, and puts every socket's sent frames on the queue's one completion ring.
+//! So the sockets' RX rings may be read by different threads (each Violin's by its own
+//! worker), and different threads may send, each through a socket of its own (a
+//! [`XskTx`]: one per worker on a queue, so that a worker beyond the NIC's queues still
+//! transmits through AF_XDP): the fill ring is a [`FillRing`] and the TX pool with the
+//! completion ring a [`TxPool`], each shared under a lock taken once per batch, never
+//! per frame.
 
 use super::Budget;
 use anyhow::{anyhow, ensure, Context, Result};
@@ -79,12 +82,13 @@ impl XskOpener {
         self.fill.clone()
     }
 
-    pub fn share(&self, rx_ring: u32) -> Result<(RxQueue, TxQueue)> {
+    /// A socket of its own on the queue (RX ring of `rx_ring`, TX ring of `tx_ring`).
+    pub fn share(&self, rx_ring: u32, tx_ring: u32) -> Result<(RxQueue, TxQueue)> {
         // SAFETY: the UMEM is shared and the (interface, queue) pair is bound already
         // (by the core's first socket): INHIBIT_PROG_LOAD is set, as xsk-rs requires.
         let (tx, rx, rings) = unsafe {
             Socket::new(
-                socket_config(rx_ring, 64),
+                socket_config(rx_ring, tx_ring),
                 &self.fill.umem,
                 &self.iface,
                 self.queue,
@@ -95,13 +99,30 @@ impl XskOpener {
         set_cloexec(rx.fd().as_raw_fd())?;
         Ok((rx, tx))
     }
+
+    /// A sender of its own for another thread: a socket on the queue whose TX ring
+    /// (`tx_ring`) it alone fills, from the UMEM's shared pool. The RX ring returned
+    /// must live as long as the sender (it is the socket); nothing is redirected to it.
+    pub fn sender(&self, tx_ring: u32) -> Result<(XskTx, RxQueue)> {
+        let (rx, tx) = self.share(SENDER_RX_RING, tx_ring)?;
+        Ok((
+            XskTx::new(self.fill.umem.clone(), self.fill.pool.clone(), tx),
+            rx,
+        ))
+    }
 }
+
+/// A sender's socket receives nothing (no XSKMAP entry points to it): its RX ring is
+/// the smallest the kernel takes.
+const SENDER_RX_RING: u32 = 64;
 
 /// One queue's UMEM and fill ring, shared by the threads that read the queue's sockets.
 #[derive(Clone)]
 pub struct FillRing {
     umem: Umem,
     fq: Arc<Mutex<FillQueue>>,
+    /// The UMEM's TX pool, for further senders ([`XskOpener::sender`]).
+    pool: Arc<Mutex<TxPool>>,
 }
 
 /// Reads RX rings of one UMEM's sockets and gives their frames back to its fill ring:
@@ -162,22 +183,202 @@ impl RxReader {
     }
 }
 
+/// A UMEM's free TX frames and its completion ring, shared by the sockets that send
+/// from it. `held` counts the frames senders have taken for a batch and not yet given
+/// to the kernel or back: the rest of the frames not free are the kernel's.
+pub struct TxPool {
+    free: Vec<FrameDesc>,
+    cq: CompQueue,
+    scratch: Vec<FrameDesc>,
+    frames: usize,
+    held: usize,
+}
+
+impl TxPool {
+    /// Completed frames back into the free list.
+    fn reclaim(&mut self) {
+        loop {
+            // SAFETY: completions are frames of this UMEM the kernel is done with.
+            let n = unsafe { self.cq.consume(&mut self.scratch[..BATCH]) };
+            self.free.extend_from_slice(&self.scratch[..n]);
+            if n < BATCH {
+                break;
+            }
+        }
+    }
+}
+
+/// The pool's figures at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PoolFigures {
+    pub free: usize,
+    pub frames: usize,
+    /// Sent and not yet completed.
+    pub in_flight: usize,
+}
+
+fn lock(pool: &Mutex<TxPool>) -> std::sync::MutexGuard<'_, TxPool> {
+    // A sender that panicked left the pool consistent (every step is a whole move).
+    pool.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One thread's way of sending from a shared UMEM: its own AF_XDP socket's TX ring, and
+/// the frames of the batch being built. Frames come from the [`TxPool`] a batch at a
+/// time and what the batch did not use goes back at the flush, so an idle sender holds
+/// none.
+pub struct XskTx {
+    umem: Umem,
+    pool: Arc<Mutex<TxPool>>,
+    tx: TxQueue,
+    /// Taken from the pool for this batch, not yet written.
+    local: Vec<FrameDesc>,
+    /// Written, not yet on the TX ring.
+    pending: Vec<FrameDesc>,
+    /// Last seen free count of the pool (for `congested`, without a lock per frame).
+    free_seen: usize,
+    pub counters: XskCounters,
+}
+
+impl XskTx {
+    fn new(umem: Umem, pool: Arc<Mutex<TxPool>>, tx: TxQueue) -> XskTx {
+        let free_seen = lock(&pool).free.len();
+        XskTx {
+            umem,
+            pool,
+            tx,
+            local: Vec::with_capacity(BATCH),
+            pending: Vec::with_capacity(BATCH),
+            free_seen,
+            counters: XskCounters::default(),
+        }
+    }
+
+    /// Takes a batch's worth of free frames (one lock).
+    fn take(&mut self) {
+        let mut p = lock(&self.pool);
+        if p.free.len() < BATCH {
+            p.reclaim();
+        }
+        let n = (BATCH - self.pending.len()).min(p.free.len());
+        let at = p.free.len() - n;
+        self.local.extend(p.free.drain(at..));
+        p.held += n;
+        self.free_seen = p.free.len();
+    }
+
+    /// Copies `parts` into one frame and queues it; sent by [`Self::flush`] (or when a
+    /// batch is full). Longer than [`FRAME_DATA`]: `Oversize`, nothing sent.
+    pub fn send(&mut self, parts: &[&[u8]]) -> Result<(), Verdict> {
+        if parts.iter().map(|p| p.len()).sum::<usize>() > FRAME_DATA as usize {
+            return Err(Verdict::Oversize);
+        }
+        if self.local.is_empty() {
+            self.take();
+        }
+        let Some(mut d) = self.local.pop() else {
+            self.counters.pool_empty += 1;
+            return Err(Verdict::QueueFull);
+        };
+        {
+            // SAFETY: `d` came from the pool: no ring owns it, and no other sender.
+            let mut data = unsafe { self.umem.data_mut(&mut d) };
+            let mut c = data.cursor();
+            c.set_pos(0);
+            for p in parts {
+                // Cannot fail: the frame holds FRAME_DATA bytes, checked above.
+                let _ = c.write_all(p);
+            }
+        }
+        self.pending.push(d);
+        if self.pending.len() >= BATCH {
+            self.flush();
+        }
+        Ok(())
+    }
+
+    /// Hands queued frames to the kernel and kicks it; gives unused frames back and
+    /// reclaims completions (one lock).
+    pub fn flush(&mut self) {
+        let mut produced = 0;
+        if !self.pending.is_empty() {
+            // SAFETY: pending frames are this sender's alone until the kernel completes them.
+            let mut n = unsafe { self.tx.produce(&self.pending) };
+            if n == 0 {
+                // Ring full: let the kernel drain it, then try once more.
+                self.kick(self.pending.len().max(TX_KICK * 4));
+                // SAFETY: as above.
+                n = unsafe { self.tx.produce(&self.pending) };
+            }
+            if n == 0 {
+                self.counters.tx_ring_full += 1;
+                self.local.append(&mut self.pending);
+            } else {
+                self.counters.tx_frames += n as u64;
+                produced = n;
+                self.pending.clear();
+                self.kick(n);
+            }
+        }
+        let mut p = lock(&self.pool);
+        p.held -= produced + self.local.len();
+        p.free.append(&mut self.local);
+        p.reclaim();
+        self.free_seen = p.free.len();
+    }
+
+    /// Copy mode transmits in sendto(), at most [`TX_KICK`] frames per call (the
+    /// kernel's per-socket budget): kick often enough for `n` frames.
+    fn kick(&mut self, n: usize) {
+        for _ in 0..n.div_ceil(TX_KICK) {
+            if self.tx.wakeup().is_err() {
+                break;
+            }
+        }
+    }
+
+    /// True when the TX pool is nearly empty (as of this sender's last batch): stop
+    /// producing until it drains.
+    pub fn congested(&self) -> bool {
+        self.free_seen + self.local.len() < 2 * BATCH
+    }
+
+    /// Queued by `send`, not yet handed to the TX ring.
+    #[inline]
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The pool's figures, after reclaiming completions (one lock: control time).
+    pub fn pool(&self) -> PoolFigures {
+        let mut p = lock(&self.pool);
+        p.reclaim();
+        PoolFigures {
+            free: p.free.len(),
+            frames: p.frames,
+            in_flight: p.frames - p.free.len() - p.held,
+        }
+    }
+}
+
+/// Frames copy mode transmits per `sendto` (the kernel's `MAX_PER_SOCKET_BUDGET`).
+const TX_KICK: usize = 32;
+
+/// A UMEM with its fill ring and TX pool, and the first socket on (interface, queue),
+/// which owns the rings: what one thread needs to receive and send (a fast port), and
+/// what further sockets on the same queue share ([`XskOpener`]).
 pub struct XskCore {
     iface: Interface,
     queue: u32,
     reader: RxReader,
-    cq: CompQueue,
-    tx: TxQueue,
-    free: Vec<FrameDesc>,
-    scratch: Vec<FrameDesc>,
-    tx_pending: Vec<FrameDesc>,
-    pool_frames: usize,
-    pub counters: XskCounters,
+    tx: XskTx,
+    /// What this core's reader received (its TX figures are the sender's).
+    rx_counters: XskCounters,
 }
 
 impl XskCore {
     /// A UMEM of `frames` frames and the first socket on (`iface`, `queue`), which owns
-    /// the fill and completion rings; `fill` frames go to the fill ring.
+    /// the fill and completion rings; `fill` frames go to the fill ring, the rest are
+    /// the TX pool.
     pub fn open(
         iface: &str,
         queue: u32,
@@ -186,10 +387,15 @@ impl XskCore {
         rx_ring: u32,
         tx_ring: u32,
     ) -> Result<(XskCore, RxQueue)> {
+        let pool_frames = (frames as usize)
+            .checked_sub(fill)
+            .context("more fill frames than frames")?;
         let cfg = UmemConfig::builder()
             .frame_size(FrameSize::new(FRAME_SIZE).unwrap())
             .fill_queue_size(QueueSize::new(fill.next_power_of_two() as u32).unwrap())
-            .comp_queue_size(QueueSize::new(tx_ring).unwrap())
+            // Room for every pool frame: however many sockets send, a completion never
+            // waits for space.
+            .comp_queue_size(QueueSize::new(pool_frames.max(1).next_power_of_two() as u32).unwrap())
             .build()
             .context("UMEM configuration")?;
         ensure!(
@@ -213,20 +419,23 @@ impl XskCore {
         // SAFETY: these frames belong to this UMEM and are in no other ring.
         let n = unsafe { fq.produce(&to_fill) };
         ensure!(n == fill, "the fill ring took {n} of {fill} frames");
+        let pool = Arc::new(Mutex::new(TxPool {
+            frames: descs.len(),
+            free: descs,
+            cq,
+            scratch: vec![FrameDesc::default(); BATCH],
+            held: 0,
+        }));
         let core = XskCore {
             iface: ifname,
             queue,
+            tx: XskTx::new(umem.clone(), pool.clone(), tx),
             reader: RxReader::new(FillRing {
                 umem,
                 fq: Arc::new(Mutex::new(fq)),
+                pool,
             }),
-            cq,
-            tx,
-            pool_frames: descs.len(),
-            free: descs,
-            scratch: vec![FrameDesc::default(); BATCH],
-            tx_pending: Vec::with_capacity(BATCH),
-            counters: XskCounters::default(),
+            rx_counters: XskCounters::default(),
         };
         Ok((core, rx))
     }
@@ -243,101 +452,20 @@ impl XskCore {
     /// Receives frames from `rxq` (a socket of this core's queue) within `budget`,
     /// calling `f` on each ([`RxReader::rx`]).
     pub fn rx(&mut self, rxq: &mut RxQueue, budget: &mut Budget, f: impl FnMut(&[u8])) -> bool {
-        self.reader.rx(rxq, budget, &mut self.counters, f)
+        self.reader.rx(rxq, budget, &mut self.rx_counters, f)
     }
 
-    /// Copies `parts` into one frame and queues it; sent by [`Self::flush`] (or when a
-    /// batch is full). Longer than [`FRAME_DATA`]: `Oversize`, nothing sent.
+    /// Splits the core into its sender and the rest (the UMEM and rings stay alive as
+    /// long as either does).
+    pub fn into_tx(self) -> XskTx {
+        self.tx
+    }
+
     pub fn send(&mut self, parts: &[&[u8]]) -> Result<(), Verdict> {
-        if parts.iter().map(|p| p.len()).sum::<usize>() > FRAME_DATA as usize {
-            return Err(Verdict::Oversize);
-        }
-        if self.free.is_empty() {
-            self.reclaim();
-        }
-        let Some(mut d) = self.free.pop() else {
-            self.counters.pool_empty += 1;
-            return Err(Verdict::QueueFull);
-        };
-        {
-            // SAFETY: `d` came from the pool: no ring owns it.
-            let mut data = unsafe { self.reader.fill.umem.data_mut(&mut d) };
-            let mut c = data.cursor();
-            c.set_pos(0);
-            for p in parts {
-                // Cannot fail: the frame holds FRAME_DATA bytes, checked above.
-                let _ = c.write_all(p);
-            }
-        }
-        self.tx_pending.push(d);
-        if self.tx_pending.len() >= BATCH {
-            self.flush();
-        }
-        Ok(())
+        self.tx.send(parts)
     }
 
-    /// Hands queued frames to the kernel and kicks it; reclaims completions.
     pub fn flush(&mut self) {
-        if !self.tx_pending.is_empty() {
-            // SAFETY: pending frames are ours alone until the kernel completes them.
-            let mut n = unsafe { self.tx.produce(&self.tx_pending) };
-            if n == 0 {
-                // Ring full: let the kernel drain it, then try once more.
-                self.kick(self.pool_frames);
-                // SAFETY: as above.
-                n = unsafe { self.tx.produce(&self.tx_pending) };
-            }
-            if n == 0 {
-                self.counters.tx_ring_full += 1;
-                self.free.extend_from_slice(&self.tx_pending);
-            } else {
-                self.counters.tx_frames += n as u64;
-                self.kick(n);
-            }
-            self.tx_pending.clear();
-        }
-        self.reclaim();
-    }
-
-    /// Copy mode transmits in sendto(), at most 32 frames per call (the kernel's
-    /// per-socket budget): kick often enough for `n` frames.
-    fn kick(&mut self, n: usize) {
-        for _ in 0..n.div_ceil(32) {
-            if self.tx.wakeup().is_err() {
-                break;
-            }
-        }
-    }
-
-    fn reclaim(&mut self) {
-        loop {
-            // SAFETY: completions are frames of this UMEM the kernel is done with.
-            let n = unsafe { self.cq.consume(&mut self.scratch[..BATCH]) };
-            self.free.extend_from_slice(&self.scratch[..n]);
-            if n < BATCH {
-                break;
-            }
-        }
-    }
-
-    /// True when the TX pool is nearly empty: stop producing until it drains.
-    pub fn congested(&self) -> bool {
-        self.free.len() < 2 * BATCH
-    }
-
-    pub fn free_frames(&self) -> usize {
-        self.free.len()
-    }
-    pub fn pool_frames(&self) -> usize {
-        self.pool_frames
-    }
-    /// Queued by `send`, not yet handed to the TX ring.
-    #[inline]
-    pub fn pending(&self) -> usize {
-        self.tx_pending.len()
-    }
-    /// Sent but not yet completed.
-    pub fn backlog(&self) -> usize {
-        self.pool_frames - self.free.len() - self.tx_pending.len()
+        self.tx.flush()
     }
 }
