@@ -304,7 +304,8 @@ impl XskTx {
             // SAFETY: pending frames are this sender's alone until the kernel completes them.
             let mut n = unsafe { self.tx.produce(&self.pending) };
             if n == 0 {
-                // Ring full: let the kernel drain it, then try once more.
+                // Ring full: let the kernel drain it (frames accounted for already),
+                // then try once more.
                 self.kick(self.pending.len().max(TX_KICK * 4));
                 // SAFETY: as above.
                 n = unsafe { self.tx.produce(&self.pending) };
@@ -316,14 +317,20 @@ impl XskTx {
                 self.counters.tx_frames += n as u64;
                 produced = n;
                 self.pending.clear();
-                self.kick(n);
             }
         }
-        let mut p = lock(&self.pool);
-        p.held -= produced + self.local.len();
-        p.free.append(&mut self.local);
-        p.reclaim();
-        self.free_seen = p.free.len();
+        {
+            // Before the kick: once kicked, the frames may complete at once, and another
+            // sender reclaiming them must not find them still counted as held.
+            let mut p = lock(&self.pool);
+            p.held -= produced + self.local.len();
+            p.free.append(&mut self.local);
+            p.reclaim();
+            self.free_seen = p.free.len();
+        }
+        if produced > 0 {
+            self.kick(produced);
+        }
     }
 
     /// Copy mode transmits in sendto(), at most [`TX_KICK`] frames per call (the
@@ -355,7 +362,10 @@ impl XskTx {
         PoolFigures {
             free: p.free.len(),
             frames: p.frames,
-            in_flight: p.frames - p.free.len() - p.held,
+            in_flight: {
+                debug_assert!(p.free.len() + p.held <= p.frames, "a TX frame counted twice");
+                p.frames.saturating_sub(p.free.len() + p.held)
+            },
         }
     }
 }
