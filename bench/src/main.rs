@@ -260,6 +260,13 @@ struct Sharing {
     shares: Vec<f64>,
     /// Largest |share - 1|.
     max_deviation: f64,
+    /// The same for the bytes the data plane wrote to each receiver's port (what the
+    /// receivers' processes then lost from their sockets is not in it). Absent in
+    /// results from before it was measured.
+    #[serde(default)]
+    port_shares: Vec<f64>,
+    #[serde(default)]
+    port_max_deviation: Option<f64>,
 }
 
 /// One configuration on hosts with two rx queues.
@@ -455,6 +462,9 @@ fn sharing_figure(r: &mut Results, plan: &Plan, [tu, tx]: [&Testbed; 2]) -> Resu
                     5,
                 )?;
             }
+            // What the data plane delivered to each receiver's port over the flood,
+            // next to what the receiver's process took from its socket.
+            let before = delivered_to(tb, &pairs[..n], "b")?;
             let rates: Vec<f64> = std::thread::scope(|s| {
                 let hs: Vec<_> = pairs[..n]
                     .iter()
@@ -479,6 +489,14 @@ fn sharing_figure(r: &mut Results, plan: &Plan, [tu, tx]: [&Testbed; 2]) -> Resu
                     })
                     .collect::<Result<Vec<_>>>()
             })?;
+            let after = delivered_to(tb, &pairs[..n], "b")?;
+            let port: Vec<f64> = after
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| (a - b) as f64)
+                .collect();
+            let port_fair = port.iter().sum::<f64>() / n as f64;
+            let port_shares: Vec<f64> = port.iter().map(|p| p / port_fair).collect();
             let agg: f64 = rates.iter().sum();
             let fair = agg / n as f64;
             let shares: Vec<f64> = rates.iter().map(|r| r / fair).collect();
@@ -490,13 +508,37 @@ fn sharing_figure(r: &mut Results, plan: &Plan, [tu, tx]: [&Testbed; 2]) -> Resu
                 violins: n,
                 aggregate_mbit: agg,
                 relative_to_one: agg / one,
-                max_deviation: shares.iter().map(|s| (s - 1.0).abs()).fold(0.0, f64::max),
+                max_deviation: max_deviation(&shares),
                 shares,
+                port_max_deviation: Some(max_deviation(&port_shares)),
+                port_shares,
             });
         }
         r.sharing.insert(format!("violin-{}", tb.dataplane), rows);
     }
     Ok(())
+}
+
+/// Largest |share - 1|.
+fn max_deviation(shares: &[f64]) -> f64 {
+    shares.iter().map(|s| (s - 1.0).abs()).fold(0.0, f64::max)
+}
+
+/// Bytes each pair's Violin has written to its guest `guest`'s port so far.
+fn delivered_to(tb: &Testbed, pairs: &[testbed::Pair], guest: &str) -> Result<Vec<u64>> {
+    pairs
+        .iter()
+        .map(|p| {
+            let v = p.violin.as_deref().context("a Violin pair")?;
+            let st = tb.stats(v)?;
+            st.hosts
+                .iter()
+                .flat_map(|h| &h.ports)
+                .find(|x| x.name == guest)
+                .map(|x| x.counters.tx_bytes)
+                .with_context(|| format!("{v} has no port {guest}"))
+        })
+        .collect()
 }
 
 /// Writes the results as `PREFIX-STARTED[-quick].json` into `--out`, prints `text`
@@ -1306,15 +1348,23 @@ fn sharing_table(r: &Results) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<13} {:>3} {:>14} {:>10} {:>14}",
-        "config", "N", "aggregate Mbit", "/ N=1", "max |share-1|"
+        "   (max |share-1|: each receiver's rate against a fair share; at port: the same for\n\
+         \x20   the bytes the data plane wrote to the receivers' ports, before their sockets)"
+    );
+    let _ = writeln!(
+        o,
+        "{:<13} {:>3} {:>14} {:>10} {:>14} {:>8}",
+        "config", "N", "aggregate Mbit", "/ N=1", "max |share-1|", "at port"
     );
     for (c, rows) in &r.sharing {
         for s in rows {
+            let port = s
+                .port_max_deviation
+                .map_or_else(|| "-".to_string(), |d| format!("{d:.3}"));
             let _ = writeln!(
                 o,
-                "{:<13} {:>3} {:>14.1} {:>10.3} {:>14.3}",
-                c, s.violins, s.aggregate_mbit, s.relative_to_one, s.max_deviation
+                "{:<13} {:>3} {:>14.1} {:>10.3} {:>14.3} {:>8}",
+                c, s.violins, s.aggregate_mbit, s.relative_to_one, s.max_deviation, port
             );
         }
     }

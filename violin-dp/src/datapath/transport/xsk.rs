@@ -363,7 +363,10 @@ impl XskTx {
             free: p.free.len(),
             frames: p.frames,
             in_flight: {
-                debug_assert!(p.free.len() + p.held <= p.frames, "a TX frame counted twice");
+                debug_assert!(
+                    p.free.len() + p.held <= p.frames,
+                    "a TX frame counted twice"
+                );
                 p.frames.saturating_sub(p.free.len() + p.held)
             },
         }
