@@ -65,12 +65,13 @@ fn ping(c: &Cluster, count: u32) -> Pings {
     }
 }
 
-/// Pings in runs of 200 until `done` is set (at least one run).
-fn ping_while(c: &Cluster, done: &AtomicBool) -> Pings {
+/// Pings in runs of 200 until `busy` has finished, however it ended (at least one run):
+/// a thread that panicked must fail the test at its join, not leave it pinging.
+fn ping_while<T>(c: &Cluster, busy: &std::thread::JoinHandle<T>) -> Pings {
     let mut all = Pings::default();
     loop {
         all.add(ping(c, 200));
-        if done.load(Ordering::SeqCst) {
+        if busy.is_finished() {
             return all;
         }
     }
@@ -302,9 +303,8 @@ fn other_violins_going_up_and_down_cost_a_tenant_nothing(dp: &str) {
     let files: Vec<String> = (1..=8)
         .map(|n| c.write_spec(&format!("v{n}.toml"), &other(n, n == 8)))
         .collect();
-    let done = Arc::new(AtomicBool::new(false));
     let churn = {
-        let (name, run_dir, done) = (c.name.clone(), c.run_dir.clone(), done.clone());
+        let (name, run_dir) = (c.name.clone(), c.run_dir.clone());
         std::thread::spawn(move || {
             let c = Cluster::attach(&name, &run_dir);
             let t = Instant::now();
@@ -316,11 +316,10 @@ fn other_violins_going_up_and_down_cost_a_tenant_nothing(dp: &str) {
                     c.ok(&["down", &format!("v{n}")]);
                 }
             }
-            done.store(true, Ordering::SeqCst);
             t.elapsed()
         })
     };
-    let under = ping_while(&c, &done);
+    let under = ping_while(&c, &churn);
     let took = churn.join().expect("the other Violins' churn");
     eprintln!("{dp}: 8 Violins (one with a VM) up and down twice in {took:?}");
     assert_undisturbed(&format!("{dp}, 8 Violins up and down"), &base, &under);
