@@ -14,8 +14,9 @@
 //! worker), and different threads may send, each through a socket of its own (a
 //! [`XskTx`]: one per worker on a queue, so that a worker beyond the NIC's queues still
 //! transmits through AF_XDP): the fill ring is a [`FillRing`] and the TX pool with the
-//! completion ring a [`TxPool`], each shared under a lock taken once per batch, never
-//! per frame.
+//! completion ring a [`TxPool`], each shared under a lock taken per batch (the fill
+//! ring's once, the pool's twice: for the batch's frames, and at its flush), never per
+//! frame.
 
 use super::Budget;
 use anyhow::{anyhow, ensure, Context, Result};
