@@ -200,8 +200,10 @@ const SINK_BATCH: usize = 64;
 /// the sink's own cost per datagram (one `recv` each, before) is not what a flood
 /// measures: its socket overflowed while the data plane still had CPU to deliver.
 struct BatchSink {
-    bufs: Vec<[u8; 2048]>,
-    iovs: Vec<libc::iovec>,
+    // Never read here: the kernel writes into them through `hdrs`, which must not
+    // outlive them.
+    _bufs: Vec<[u8; 2048]>,
+    _iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
 }
 
@@ -225,13 +227,16 @@ impl BatchSink {
                 h
             })
             .collect();
-        BatchSink { bufs, iovs, hdrs }
+        BatchSink {
+            _bufs: bufs,
+            _iovs: iovs,
+            hdrs,
+        }
     }
 
     /// Datagrams received: waits for the first (up to the socket's read timeout), then
     /// takes what is queued, up to a batch. 0 on timeout or error.
     fn recv(&mut self, s: &UdpSocket) -> usize {
-        debug_assert_eq!(self.bufs.len(), self.iovs.len());
         // SAFETY: `hdrs` point at `iovs`, which point at `bufs`: all owned by `self`,
         // alive and not moved for the call; the kernel writes at most SINK_BATCH entries.
         let n = unsafe {

@@ -76,8 +76,9 @@ pub struct HostConfig {
     /// ports and AF_XDP sockets) and one socket of the underlay's UDP group; on the xdp
     /// plane worker N also sends through rx queue N's AF_XDP TX ring, where the
     /// interface has that queue (a worker beyond the Q queues sends through an AF_XDP
-    /// socket of its own on queue N mod Q). Each new Violin goes to the worker with the fewest Violins, so a quiet
-    /// Violin's frames wake a worker of their own, not one a neighbour keeps busy.
+    /// socket of its own on queue N mod Q). Each new Violin goes to the worker with the
+    /// fewest Violins, so a quiet Violin's frames wake a worker of their own, not one a
+    /// neighbour keeps busy.
     /// Default: one per CPU; 1 to 32.
     #[serde(default)]
     pub workers: Option<usize>,

@@ -14,10 +14,11 @@
 //! kernel's stack alike. Violins' sockets come and go, each read by its Violin's own
 //! worker, whichever queue it is on. (Frames the classifier redirected to the anchor
 //! itself were never seen on its RX ring here, so receiving is always on a socket of its
-//! own, even with one socket for all Violins.) Outer headers are written here ([`encap::write_outer`]), with destination MACs from the kernel's
-//! neighbour table. Copy mode (veth has no zero-copy), need_wakeup on.
+//! own, even with one socket for all Violins.) Outer headers are written here
+//! ([`encap::write_outer`]), with destination MACs from the kernel's neighbour table.
+//! Copy mode (veth has no zero-copy), need_wakeup on.
 
-use super::xsk::{PoolFigures, RxReader, XskCore, XskOpener, XskTx};
+use super::xsk::{PoolFigures, RxReader, XskCore, XskOpener, XskTx, UNUSED_RING};
 use super::Budget;
 use crate::datapath::fastpath::encap::{self, Outer};
 use std::collections::HashMap;
@@ -123,8 +124,7 @@ pub struct SlotOpener {
 
 impl SlotOpener {
     pub fn open(&self) -> anyhow::Result<Slot> {
-        // Its TX ring is unused (its worker sends through its own sender).
-        let (rx, tx) = self.opener.share(RX_RING, 64)?;
+        let (rx, tx) = self.opener.share(RX_RING, UNUSED_RING)?;
         Ok(Slot {
             rx,
             _tx: tx,

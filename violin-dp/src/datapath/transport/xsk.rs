@@ -105,7 +105,7 @@ impl XskOpener {
     /// (`tx_ring`) it alone fills, from the UMEM's shared pool. The RX ring returned
     /// must live as long as the sender (it is the socket); nothing is redirected to it.
     pub fn sender(&self, tx_ring: u32) -> Result<(XskTx, RxQueue)> {
-        let (rx, tx) = self.share(SENDER_RX_RING, tx_ring)?;
+        let (rx, tx) = self.share(UNUSED_RING, tx_ring)?;
         Ok((
             XskTx::new(self.fill.umem.clone(), self.fill.pool.clone(), tx),
             rx,
@@ -113,9 +113,10 @@ impl XskOpener {
     }
 }
 
-/// A sender's socket receives nothing (no XSKMAP entry points to it): its RX ring is
-/// the smallest the kernel takes.
-const SENDER_RX_RING: u32 = 64;
+/// The size of a ring a socket must have but never uses: a sender's RX ring (no XSKMAP
+/// entry points to it) and a Violin's socket's TX ring (its worker sends through its
+/// own sender).
+pub const UNUSED_RING: u32 = 64;
 
 /// One queue's UMEM and fill ring, shared by the threads that read the queue's sockets.
 #[derive(Clone)]
