@@ -203,6 +203,109 @@ pub async fn del_link(h: &Handle, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A token bucket filter on a link's egress (`tc qdisc replace dev NAME root tbf`):
+/// what the link sends leaves at `bytes_per_sec` (counted as the kernel counts a frame:
+/// its L2 length, a GSO packet as the segments it becomes), in bursts of at most
+/// `burst` bytes; up to `limit` bytes wait in its queue, and a local sender's socket
+/// feels the queue (TCP Small Queues, a full send buffer) before anything is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tbf {
+    pub bytes_per_sec: u64,
+    pub burst: u32,
+    pub limit: u32,
+}
+
+impl Tbf {
+    /// The qdisc's options as the kernel reads them (`TCA_OPTIONS` of kind `tbf`):
+    /// `TCA_TBF_PARMS` (`struct tc_tbf_qopt`), `TCA_TBF_BURST`, and `TCA_TBF_RATE64`
+    /// when the rate does not fit the 32-bit field.
+    pub fn options(&self) -> Vec<(u16, Vec<u8>)> {
+        const TCA_TBF_PARMS: u16 = 1;
+        const TCA_TBF_RATE64: u16 = 4;
+        const TCA_TBF_BURST: u16 = 6;
+        const TC_LINKLAYER_ETHERNET: u8 = 1;
+        // The burst's transmission time in the scheduler's ticks (64 ns); the kernel
+        // derives it again from TCA_TBF_BURST, so this only keeps the struct coherent.
+        let buffer_ns =
+            u128::from(self.burst) * 1_000_000_000 / u128::from(self.bytes_per_sec.max(1));
+        let buffer_ticks = u32::try_from(buffer_ns >> 6).unwrap_or(u32::MAX);
+        let rate32 = u32::try_from(self.bytes_per_sec).unwrap_or(u32::MAX);
+        let mut parms = Vec::with_capacity(36);
+        // struct tc_ratespec rate: cell_log, linklayer, overhead, cell_align, mpu, rate.
+        parms.extend_from_slice(&[0, TC_LINKLAYER_ETHERNET]);
+        parms.extend_from_slice(&0u16.to_ne_bytes());
+        parms.extend_from_slice(&0i16.to_ne_bytes());
+        parms.extend_from_slice(&0u16.to_ne_bytes());
+        parms.extend_from_slice(&rate32.to_ne_bytes());
+        // struct tc_ratespec peakrate: none.
+        parms.extend_from_slice(&[0; 12]);
+        // limit, buffer, mtu (the peak bucket's: none).
+        parms.extend_from_slice(&self.limit.to_ne_bytes());
+        parms.extend_from_slice(&buffer_ticks.to_ne_bytes());
+        parms.extend_from_slice(&0u32.to_ne_bytes());
+        let mut out = vec![
+            (TCA_TBF_PARMS, parms),
+            (TCA_TBF_BURST, self.burst.to_ne_bytes().to_vec()),
+        ];
+        if u64::from(rate32) != self.bytes_per_sec || rate32 == u32::MAX {
+            out.push((TCA_TBF_RATE64, self.bytes_per_sec.to_ne_bytes().to_vec()));
+        }
+        out
+    }
+}
+
+/// Puts (or changes) a token bucket filter as the root qdisc of a link.
+pub async fn set_tbf(h: &Handle, name: &str, tbf: &Tbf) -> Result<()> {
+    use rtnetlink::packet_core::{
+        DefaultNla, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE,
+        NLM_F_REQUEST,
+    };
+    use rtnetlink::packet_route::tc::{TcAttribute, TcHandle, TcMessage, TcOption};
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    let index = require_index(h, name).await?;
+    let mut msg = TcMessage::with_index(index as i32);
+    msg.header.parent = TcHandle::ROOT;
+    msg.attributes.push(TcAttribute::Kind("tbf".into()));
+    msg.attributes.push(TcAttribute::Options(
+        tbf.options()
+            .into_iter()
+            .map(|(kind, value)| TcOption::Other(DefaultNla::new(kind, value)))
+            .collect(),
+    ));
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewQueueDiscipline(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    let mut replies = h
+        .clone()
+        .request(req)
+        .with_context(|| format!("asking for a tbf qdisc on {name}"))?;
+    while let Some(m) = futures::StreamExt::next(&mut replies).await {
+        if let NetlinkPayload::Error(e) = m.payload {
+            return Err(anyhow!(rtnetlink::Error::NetlinkError(e)))
+                .with_context(|| format!("tc qdisc replace dev {name} root tbf"));
+        }
+    }
+    Ok(())
+}
+
+/// Gives a link back its default root qdisc (`tc qdisc del dev NAME root`); nothing to
+/// do when it has none of its own.
+pub async fn del_root_qdisc(h: &Handle, name: &str) -> Result<()> {
+    use rtnetlink::packet_route::tc::TcHandle;
+    let index = require_index(h, name).await?;
+    let mut req = h.qdisc().del(index as i32);
+    req.message_mut().header.parent = TcHandle::ROOT;
+    match req.execute().await {
+        Ok(()) => Ok(()),
+        // ENOENT: no qdisc of its own (a veth's default is none at all: noqueue).
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.raw_code() == -libc::ENOENT || e.raw_code() == -libc::EINVAL =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(anyhow!(e).context(format!("tc qdisc del dev {name} root"))),
+    }
+}
+
 /// The MAC address of a link.
 pub async fn mac_of(h: &Handle, name: &str) -> Result<[u8; 6]> {
     use rtnetlink::packet_route::link::LinkAttribute;
@@ -350,4 +453,48 @@ pub async fn ipv4_addrs(h: &Handle) -> Result<Vec<Ipv4Addr>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tbf;
+
+    /// `struct tc_tbf_qopt` as the kernel lays it out (x86-64, native order): the rate's
+    /// `tc_ratespec` (cell_log, linklayer = ethernet, overhead, cell_align, mpu, rate),
+    /// an empty peak rate, then limit, buffer (ticks of 64 ns), mtu.
+    #[test]
+    fn tbf_options_are_the_kernels_layout() {
+        let t = Tbf {
+            bytes_per_sec: 1_250_000,
+            burst: 12_500,
+            limit: 262_144,
+        };
+        let o = t.options();
+        assert_eq!(o.len(), 2, "no 64-bit rate below 4 GB/s");
+        let (kind, parms) = &o[0];
+        assert_eq!(*kind, 1);
+        #[rustfmt::skip]
+        let want: [u8; 36] = [
+            0, 1, 0, 0, 0, 0, 0, 0, 0xd0, 0x12, 0x13, 0x00, // rate: 1 250 000
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,              // no peak rate
+            0x00, 0x00, 0x04, 0x00,                          // limit: 262 144
+            0x5a, 0x62, 0x02, 0x00,                          // 10 ms = 156 250 ticks
+            0, 0, 0, 0,                                      // mtu
+        ];
+        assert_eq!(parms.as_slice(), want.as_slice());
+        assert_eq!(o[1], (6, 12_500u32.to_ne_bytes().to_vec()));
+
+        let fast = Tbf {
+            bytes_per_sec: 5_000_000_000,
+            ..t
+        };
+        let o = fast.options();
+        assert_eq!(o.len(), 3);
+        assert_eq!(
+            o[0].1[8..12],
+            u32::MAX.to_ne_bytes(),
+            "the 32-bit field saturates"
+        );
+        assert_eq!(o[2], (4, 5_000_000_000u64.to_ne_bytes().to_vec()));
+    }
 }
