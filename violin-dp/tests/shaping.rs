@@ -109,3 +109,95 @@ fn tcp_through_a_capped_link_and_a_capped_guest(dp: &str) {
 }
 
 on_both_dataplanes!(tcp_through_a_capped_link_and_a_capped_guest);
+
+/// e (fast port, h1) capped at 20 Mbit/s → f (fast port, h2).
+const FAST: &str = r#"
+name = "fastcap"
+vni = 161
+[[guest]]
+name = "e"
+host = "h1"
+ip = "10.6.1.1/24"
+port = "xdp"
+rate = "20mbit"
+[[guest]]
+name = "f"
+host = "h2"
+ip = "10.6.1.2/24"
+port = "xdp"
+[[link]]
+between = ["e", "f"]
+"#;
+
+/// The guest's `eth0` root qdisc, from `tc -j`: its kind and its options.
+fn root_qdisc(ns: &str) -> (String, serde_json::Value) {
+    let o = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", ns, "tc", "-j", "-s", "qdisc", "show", "dev", "eth0",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let root = j
+        .as_array()
+        .and_then(|a| a.iter().find(|q| q["root"] == true))
+        .unwrap_or_else(|| panic!("no root qdisc on {ns}'s eth0: {j}"));
+    (root["kind"].as_str().unwrap().to_string(), root.clone())
+}
+
+/// A fast-port guest's frames reach the daemon through an AF_XDP ring its TCP cannot
+/// feel: the guest is paced at its cap in its own `eth0` queue instead, which follows
+/// `violin apply` and goes with the cap. TCP through it gets the cap, with nothing
+/// dropped on the way (neither by the data plane nor by the guest's queue).
+#[test]
+fn xdp_a_capped_fast_port_guest_is_paced_in_its_own_queue() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::up(2, "xdp", &[]);
+    c.up_spec("fastcap.toml", FAST);
+    assert!(c.ping("fastcap", "e", "10.6.1.2", 2));
+    let (e, f) = (c.guest_ns("fastcap", "e"), c.guest_ns("fastcap", "f"));
+    let (kind, q) = root_qdisc(&e);
+    assert_eq!(kind, "tbf", "the capped guest's eth0: {q}");
+    assert_eq!(q["options"]["rate"], 2_500_000, "20 Mbit/s in bytes: {q}");
+    assert_eq!(
+        q["options"]["burst"], 25_000,
+        "the cap's default depth, 10 ms: {q}"
+    );
+    let (kind, q) = root_qdisc(&f);
+    assert_ne!(kind, "tbf", "an uncapped guest is not paced: {q}");
+
+    let got = iperf(&f, &e, "10.6.1.2", 4, false) / 1e6;
+    let (_, q) = root_qdisc(&e);
+    eprintln!(
+        "TCP through a {CAP_MBIT} Mbit/s fast-port guest cap: {got:.2} Mbit/s; its queue: {q}"
+    );
+    assert!(
+        (0.85 * CAP_MBIT..=1.0 * CAP_MBIT).contains(&got),
+        "TCP through the capped fast-port guest: {got:.2} Mbit/s for a {CAP_MBIT} Mbit/s cap"
+    );
+    assert!(
+        q["bytes"].as_u64().unwrap() > 5_000_000,
+        "the stream went through the queue: {q}"
+    );
+    assert_eq!(
+        q["drops"], 0,
+        "TCP is held back by its own queue, not dropped: {q}"
+    );
+    let held = c.stats("fastcap").drops.get("policed_guest").copied();
+    assert_eq!(held.unwrap_or(0), 0, "nothing dropped by the data plane");
+
+    // A new cap changes the pacing; no cap takes it away.
+    let p = c.write_spec("fastcap.toml", &FAST.replace("20mbit", "5mbit"));
+    c.ok(&["apply", &p]);
+    let (kind, q) = root_qdisc(&e);
+    assert_eq!(kind, "tbf", "{q}");
+    assert_eq!(q["options"]["rate"], 625_000, "5 Mbit/s after apply: {q}");
+    let p = c.write_spec("fastcap.toml", &FAST.replace("rate = \"20mbit\"\n", ""));
+    c.ok(&["apply", &p]);
+    let (kind, q) = root_qdisc(&e);
+    assert_ne!(kind, "tbf", "the cap is gone, and the pacing with it: {q}");
+    assert!(c.ping("fastcap", "e", "10.6.1.2", 2));
+}

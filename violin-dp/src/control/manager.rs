@@ -368,6 +368,9 @@ impl Manager {
         let attached = self
             .attach_guests(v, &up.added, incoming)
             .and_then(|_| self.attach_xdp(v, old.as_ref()));
+        if attached.is_ok() {
+            self.pace_fast_ports(v, old.as_ref(), &up.added);
+        }
         if let Err(e) = attached {
             match &old {
                 // Back to the old spec, as far as it goes.
@@ -472,6 +475,38 @@ impl Manager {
                 .map_err(gone)?;
         }
         Ok(())
+    }
+
+    /// Paces each of this host's fast-port guests that is new or whose cap changed at
+    /// its cap, in its own `eth0` queue ([`crate::host::guest::pace_veth_guest`]). A
+    /// failure leaves the data plane's enforcement as it is and is logged: the guest's
+    /// frames over the cap then wait in its port's ring.
+    fn pace_fast_ports(&self, v: &Violin, old: Option<&Violin>, added: &[(usize, PortId)]) {
+        for (m, member) in v.members.iter().enumerate() {
+            let MemberKind::Guest {
+                host,
+                kind: GuestKind::Netns,
+                port: PortKind::Xdp,
+                ..
+            } = &member.kind
+            else {
+                continue;
+            };
+            if *host != self.cfg.name {
+                continue;
+            }
+            let was = old
+                .and_then(|o| o.members.iter().find(|x| x.name == member.name))
+                .map(|x| x.rate);
+            let fresh = added.iter().any(|(i, _)| *i == m);
+            if (fresh && member.rate.is_none()) || (!fresh && was == Some(member.rate)) {
+                continue;
+            }
+            let ns = self.cfg.guest_netns(&v.name, &member.name);
+            if let Err(e) = crate::host::guest::pace_veth_guest(&ns, member.rate.as_ref(), v.mtu) {
+                warn!(violin = %v.name, guest = %member.name, "pacing the guest at its cap in its own queue: {e:#}; what it sends over the cap waits in its port's ring instead");
+            }
+        }
     }
 
     fn record_guest(&mut self, violin: &str, p: PortId, g: GuestRecord) {

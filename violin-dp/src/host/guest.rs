@@ -427,6 +427,43 @@ pub fn setup_veth_guest(
     })
 }
 
+/// Paces a fast-port guest at its cap in its own `eth0` queue: a token bucket filter
+/// at the cap's rate and depth, so the guest's TCP and UDP sockets are held back by
+/// their own kernel (TCP Small Queues, a full send buffer) instead of overfilling the
+/// port's AF_XDP ring, whose 512 frames are half a second at 10 Mbit/s and whose
+/// overflow is dropped (what TCP behind a capped fast port suffered). The data plane's
+/// bucket still enforces the cap (the guest's processes cannot change their netns's
+/// qdiscs, and the daemon counts what it holds back); this only moves the queue to
+/// where the sender feels it. `None` takes the filter away.
+pub fn pace_veth_guest(ns: &str, rate: Option<&crate::spec::Rate>, mtu: u16) -> Result<()> {
+    let tbf = rate.map(|r| veth_guest_tbf(r, mtu));
+    netns::run_in(ns, || {
+        netlink::with_handle(|h| async move {
+            match tbf {
+                Some(t) => netlink::set_tbf(&h, "eth0", &t).await,
+                None => netlink::del_root_qdisc(&h, "eth0").await,
+            }
+        })
+    })
+}
+
+/// The filter for a cap: its rate and bucket depth (at least one full frame, which the
+/// filter would otherwise drop), and a queue of 100 ms at the rate, at least 256 KiB (a
+/// default socket send buffer, so a single UDP sender blocks before the queue drops)
+/// and at most 4 MiB.
+fn veth_guest_tbf(r: &crate::spec::Rate, mtu: u16) -> netlink::Tbf {
+    let frame = u64::from(mtu) + 18;
+    let burst = r.burst_bytes.max(frame);
+    let limit = (r.bytes_per_sec / 10)
+        .clamp(256 << 10, 4 << 20)
+        .max(2 * burst);
+    netlink::Tbf {
+        bytes_per_sec: r.bytes_per_sec,
+        burst: u32::try_from(burst).unwrap_or(u32::MAX),
+        limit: u32::try_from(limit).unwrap_or(u32::MAX),
+    }
+}
+
 /// Makes the host end of a fast port carry nothing into the host's own stack, before
 /// it comes up: while the daemon's XDP program is attached every frame goes to the
 /// port's AF_XDP socket anyway, but when the daemon is dead (a crash, a restart) the
