@@ -429,12 +429,13 @@ pub fn setup_veth_guest(
 
 /// Paces a fast-port guest at its cap in its own `eth0` queue: a token bucket filter
 /// at the cap's rate and depth, so the guest's TCP and UDP sockets are held back by
-/// their own kernel (TCP Small Queues, a full send buffer) instead of overfilling the
-/// port's AF_XDP ring, whose 512 frames are half a second at 10 Mbit/s and whose
-/// overflow is dropped (what TCP behind a capped fast port suffered). The data plane's
-/// bucket still enforces the cap (the guest's processes cannot change their netns's
-/// qdiscs, and the daemon counts what it holds back); this only moves the queue to
-/// where the sender feels it. `None` takes the filter away.
+/// their own kernel (TCP Small Queues, a full send buffer). Without it the queue is the
+/// port's AF_XDP ring (512 frames, half a second at 10 Mbit/s; what overflows it is
+/// dropped), which the guest's TCP cannot feel: the `violin_port` program frees each
+/// skb as it hands the frame over, and TCP followed the worker's bursty releases (0.58
+/// to 0.96 × the cap). The data plane's bucket still enforces the cap (the guest's
+/// processes cannot change their netns's qdiscs); this only moves the queue to where
+/// the sender feels it. `None` takes the filter away.
 pub fn pace_veth_guest(ns: &str, rate: Option<&crate::spec::Rate>, mtu: u16) -> Result<()> {
     let tbf = rate.map(|r| veth_guest_tbf(r, mtu));
     netns::run_in(ns, || {

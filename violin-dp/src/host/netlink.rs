@@ -296,7 +296,8 @@ pub async fn del_root_qdisc(h: &Handle, name: &str) -> Result<()> {
     req.message_mut().header.parent = TcHandle::ROOT;
     match req.execute().await {
         Ok(()) => Ok(()),
-        // ENOENT: no qdisc of its own (a veth's default is none at all: noqueue).
+        // No qdisc of its own to delete: ENOENT, or EINVAL for the default root (a
+        // veth's is noqueue, whose handle is 0).
         Err(rtnetlink::Error::NetlinkError(e))
             if e.raw_code() == -libc::ENOENT || e.raw_code() == -libc::EINVAL =>
         {
