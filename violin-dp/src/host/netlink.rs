@@ -296,8 +296,8 @@ pub async fn del_root_qdisc(h: &Handle, name: &str) -> Result<()> {
     req.message_mut().header.parent = TcHandle::ROOT;
     match req.execute().await {
         Ok(()) => Ok(()),
-        // No qdisc of its own to delete: ENOENT, or EINVAL for the default root (a
-        // veth's is noqueue, whose handle is 0).
+        // Nothing of its own to delete (the kernel refuses the default root, a veth's
+        // noqueue of handle 0, with ENOENT; EINVAL is taken the same way).
         Err(rtnetlink::Error::NetlinkError(e))
             if e.raw_code() == -libc::ENOENT || e.raw_code() == -libc::EINVAL =>
         {
