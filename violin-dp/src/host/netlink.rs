@@ -296,8 +296,8 @@ pub async fn del_root_qdisc(h: &Handle, name: &str) -> Result<()> {
     req.message_mut().header.parent = TcHandle::ROOT;
     match req.execute().await {
         Ok(()) => Ok(()),
-        // Nothing of its own to delete (the kernel refuses the default root, a veth's
-        // noqueue of handle 0, with ENOENT; EINVAL is taken the same way).
+        // Nothing of its own to delete: the kernel refuses to delete the default root
+        // (a veth's noqueue, handle 0) with one of these.
         Err(rtnetlink::Error::NetlinkError(e))
             if e.raw_code() == -libc::ENOENT || e.raw_code() == -libc::EINVAL =>
         {
