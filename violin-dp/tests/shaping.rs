@@ -40,8 +40,8 @@ rate = "20mbit"
 between = ["c", "d"]
 "#;
 
-fn drops(c: &Cluster, reason: &str) -> u64 {
-    c.stats("caps").drops.get(reason).copied().unwrap_or(0)
+fn drops(c: &Cluster, violin: &str, reason: &str) -> u64 {
+    c.stats(violin).drops.get(reason).copied().unwrap_or(0)
 }
 
 fn tcp_through_a_capped_link_and_a_capped_guest(dp: &str) {
@@ -56,7 +56,7 @@ fn tcp_through_a_capped_link_and_a_capped_guest(dp: &str) {
 
     // TCP's goodput is at most 1448/1514 of the L2 rate the cap counts (0.956).
     let link = iperf(&ns("b"), &ns("a"), "10.6.0.2", 4, false) / 1e6;
-    let link_drops = drops(&c, "policed_link");
+    let link_drops = drops(&c, "caps", "policed_link");
     let guest = iperf(&ns("d"), &ns("c"), "10.6.0.4", 4, false) / 1e6;
     eprintln!(
         "{dp}: TCP through a {CAP_MBIT} Mbit/s link {link:.2} Mbit/s ({link_drops} frames \
@@ -69,7 +69,7 @@ fn tcp_through_a_capped_link_and_a_capped_guest(dp: &str) {
         );
     }
     assert_eq!(
-        drops(&c, "policed_guest"),
+        drops(&c, "caps", "policed_guest"),
         0,
         "a capped guest is held back, never dropped"
     );
@@ -94,7 +94,7 @@ fn tcp_through_a_capped_link_and_a_capped_guest(dp: &str) {
     let ecn = iperf(&ns("b"), &ns("a"), "10.6.0.2", 4, false) / 1e6;
     let after = c.stats("caps");
     let marked: u64 = after.hosts.iter().map(|h| h.stats.ecn_marked).sum::<u64>() - marked0;
-    let overflowed = drops(&c, "policed_link") - link_drops;
+    let overflowed = drops(&c, "caps", "policed_link") - link_drops;
     eprintln!(
         "{dp}: TCP with ECN: {ecn:.2} Mbit/s, {marked} frames marked CE, {overflowed} overflowed"
     );
@@ -129,8 +129,8 @@ port = "xdp"
 between = ["e", "f"]
 "#;
 
-/// The guest's `eth0` root qdisc, from `tc -j`: its kind and its options.
-fn root_qdisc(ns: &str) -> (String, serde_json::Value) {
+/// The guest's `eth0` root qdisc, from `tc -j -s` (its kind, options and counters).
+fn root_qdisc(ns: &str) -> serde_json::Value {
     let o = std::process::Command::new("ip")
         .args([
             "netns", "exec", ns, "tc", "-j", "-s", "qdisc", "show", "dev", "eth0",
@@ -139,11 +139,10 @@ fn root_qdisc(ns: &str) -> (String, serde_json::Value) {
         .unwrap();
     assert!(o.status.success(), "{o:?}");
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let root = j
-        .as_array()
+    j.as_array()
         .and_then(|a| a.iter().find(|q| q["root"] == true))
-        .unwrap_or_else(|| panic!("no root qdisc on {ns}'s eth0: {j}"));
-    (root["kind"].as_str().unwrap().to_string(), root.clone())
+        .cloned()
+        .unwrap_or_else(|| panic!("no root qdisc on {ns}'s eth0: {j}"))
 }
 
 /// A fast-port guest's frames reach the daemon through an AF_XDP ring its TCP cannot
@@ -159,18 +158,18 @@ fn xdp_a_capped_fast_port_guest_is_paced_in_its_own_queue() {
     c.up_spec("fastcap.toml", FAST);
     assert!(c.ping("fastcap", "e", "10.6.1.2", 2));
     let (e, f) = (c.guest_ns("fastcap", "e"), c.guest_ns("fastcap", "f"));
-    let (kind, q) = root_qdisc(&e);
-    assert_eq!(kind, "tbf", "the capped guest's eth0: {q}");
+    let q = root_qdisc(&e);
+    assert_eq!(q["kind"], "tbf", "the capped guest's eth0: {q}");
     assert_eq!(q["options"]["rate"], 2_500_000, "20 Mbit/s in bytes: {q}");
     assert_eq!(
         q["options"]["burst"], 25_000,
         "the cap's default depth, 10 ms: {q}"
     );
-    let (kind, q) = root_qdisc(&f);
-    assert_ne!(kind, "tbf", "an uncapped guest is not paced: {q}");
+    let q = root_qdisc(&f);
+    assert_ne!(q["kind"], "tbf", "an uncapped guest is not paced: {q}");
 
     let got = iperf(&f, &e, "10.6.1.2", 4, false) / 1e6;
-    let (_, q) = root_qdisc(&e);
+    let q = root_qdisc(&e);
     eprintln!(
         "TCP through a {CAP_MBIT} Mbit/s fast-port guest cap: {got:.2} Mbit/s; its queue: {q}"
     );
@@ -186,18 +185,24 @@ fn xdp_a_capped_fast_port_guest_is_paced_in_its_own_queue() {
         q["drops"], 0,
         "TCP is held back by its own queue, not dropped: {q}"
     );
-    let held = c.stats("fastcap").drops.get("policed_guest").copied();
-    assert_eq!(held.unwrap_or(0), 0, "nothing dropped by the data plane");
+    assert_eq!(
+        drops(&c, "fastcap", "policed_guest"),
+        0,
+        "nothing dropped by the data plane"
+    );
 
     // A new cap changes the pacing; no cap takes it away.
     let p = c.write_spec("fastcap.toml", &FAST.replace("20mbit", "5mbit"));
     c.ok(&["apply", &p]);
-    let (kind, q) = root_qdisc(&e);
-    assert_eq!(kind, "tbf", "{q}");
+    let q = root_qdisc(&e);
+    assert_eq!(q["kind"], "tbf", "{q}");
     assert_eq!(q["options"]["rate"], 625_000, "5 Mbit/s after apply: {q}");
     let p = c.write_spec("fastcap.toml", &FAST.replace("rate = \"20mbit\"\n", ""));
     c.ok(&["apply", &p]);
-    let (kind, q) = root_qdisc(&e);
-    assert_ne!(kind, "tbf", "the cap is gone, and the pacing with it: {q}");
+    let q = root_qdisc(&e);
+    assert_ne!(
+        q["kind"], "tbf",
+        "the cap is gone, and the pacing with it: {q}"
+    );
     assert!(c.ping("fastcap", "e", "10.6.1.2", 2));
 }
