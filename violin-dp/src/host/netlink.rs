@@ -247,7 +247,7 @@ impl Tbf {
             (TCA_TBF_PARMS, parms),
             (TCA_TBF_BURST, self.burst.to_ne_bytes().to_vec()),
         ];
-        if u64::from(rate32) != self.bytes_per_sec || rate32 == u32::MAX {
+        if self.bytes_per_sec > u64::from(u32::MAX) {
             out.push((TCA_TBF_RATE64, self.bytes_per_sec.to_ne_bytes().to_vec()));
         }
         out
