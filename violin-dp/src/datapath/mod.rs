@@ -18,6 +18,12 @@ pub mod timer;
 pub mod transport;
 pub mod worker;
 
+/// A hash map for tables looked up per frame (MACs, VNIs, capped pairs, underlay
+/// neighbours): foldhash, seeded at random per map, costs a fraction of the standard
+/// SipHash on these small keys. What a guest controls of the keys is bounded (the
+/// switch learns at most `MAX_LEARNED` MACs behind externals).
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Packet work — workers, and the relays of lightweight guests, which are on their
 /// guests' packet path — runs as an ordinary task at this nice value...
 pub const PACKET_NICE: i32 = -10;

@@ -23,6 +23,7 @@
 use super::pairs::PairTable;
 use super::police::Policer;
 use super::shape::{LinkShaper, Offer};
+use crate::datapath::FastMap;
 use crate::spec::{IpNet, Member, MemberKind, Rate, Violin};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -132,15 +133,15 @@ pub struct ViolinTable {
     spec: Violin,
     max_frame: usize,
     loc: Vec<Location>,
-    macs: HashMap<EthernetAddress, usize>,
+    macs: FastMap<EthernetAddress, usize>,
     /// MACs learned behind external members: when each was last seen (ns).
-    learned: HashMap<EthernetAddress, u64>,
+    learned: FastMap<EthernetAddress, u64>,
     /// The linked pairs (both directions); `None` when every pair may talk.
     allowed: Option<PairTable<()>>,
     /// The capped link directions this host shapes (local senders and externals).
     shapers: Vec<Shaped>,
     /// (src, dst) → index into `shapers`.
-    shaper_of: HashMap<(u32, u32), usize>,
+    shaper_of: FastMap<(u32, u32), usize>,
     /// Shapers with frames queued (each once).
     backlog: Vec<usize>,
     guest_police: Vec<Option<Policer>>,
@@ -531,7 +532,7 @@ impl ViolinTable {
 #[derive(Default)]
 pub struct Switch {
     violins: Vec<Option<ViolinTable>>,
-    by_vni: HashMap<u32, usize>,
+    by_vni: FastMap<u32, usize>,
     by_name: HashMap<String, usize>,
     /// Port → (violin slot, member index).
     ports: Vec<Option<(usize, usize)>>,
@@ -817,7 +818,7 @@ impl Switch {
                 kept.or_else(|| Policer::new(rate, now))
             })
             .collect();
-        let mut macs: HashMap<EthernetAddress, usize> = spec
+        let mut macs: FastMap<EthernetAddress, usize> = spec
             .members
             .iter()
             .enumerate()
@@ -869,7 +870,7 @@ impl Switch {
             loc,
             macs,
             // MACs learned behind externals are learned again.
-            learned: HashMap::with_capacity(room),
+            learned: FastMap::with_capacity_and_hasher(room, Default::default()),
             allowed,
             backlog: Vec::with_capacity(shapers.len()),
             shapers,

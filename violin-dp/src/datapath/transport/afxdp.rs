@@ -21,7 +21,7 @@
 use super::xsk::{PoolFigures, RxReader, XskCore, XskOpener, XskTx, UNUSED_RING};
 use super::Budget;
 use crate::datapath::fastpath::encap::{self, Outer};
-use std::collections::HashMap;
+use crate::datapath::FastMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, RawFd};
 use violin_common::wire::{EthernetAddress, VxlanRepr};
@@ -156,7 +156,7 @@ pub struct AfXdp {
     /// Reports the queue's TX pool (the anchor's worker does; the pool is counted once).
     reports_pool: bool,
     outer: Outer,
-    neighbours: HashMap<Ipv4Addr, EthernetAddress>,
+    neighbours: FastMap<Ipv4Addr, EthernetAddress>,
     neighbour_miss: u64,
 }
 
@@ -171,7 +171,7 @@ impl AfXdp {
             _rx: anchor,
             reports_pool: true,
             outer,
-            neighbours: HashMap::new(),
+            neighbours: FastMap::default(),
             neighbour_miss: 0,
         })
     }
@@ -186,7 +186,7 @@ impl AfXdp {
             opener: self.opener.clone(),
             reports_pool: false,
             outer: self.outer,
-            neighbours: HashMap::new(),
+            neighbours: FastMap::default(),
             neighbour_miss: 0,
         })
     }
