@@ -31,16 +31,18 @@ pub const GSO_MAX: usize = 64;
 /// The largest UDP payload one send may carry (an IPv4 packet of 64 KiB).
 const UDP_PAYLOAD_MAX: usize = 65535 - 20 - 8;
 const VXLAN_HDR: usize = 8;
-/// Datagrams per `sendmmsg`.
-pub const TX_BATCH: usize = 32;
+/// Datagrams per `sendmmsg`: one worker round's read of a guest port
+/// (`worker::BUDGET`, 64 frames), so a round of small frames leaves in one message.
+pub const TX_BATCH: usize = 64;
 /// Messages per `recvmmsg`, each with room for a whole GRO run.
 pub const RX_BATCH: usize = 8;
 const RX_SLOT: usize = 65536;
 /// Room for one batched datagram: a VXLAN header and a frame of a 1500-byte MTU with
 /// two VLAN tags; longer frames are sent at once.
 const TX_SLOT: usize = 1536;
-// A whole batch fits one UDP_SEGMENT send: a run needs no limit of its own.
-const _: () = assert!(TX_BATCH * TX_SLOT <= UDP_PAYLOAD_MAX && TX_BATCH <= GSO_MAX);
+// A batch never holds more segments than one UDP_SEGMENT send takes; a run of long
+// datagrams also stops at UDP_PAYLOAD_MAX bytes (see `flush`).
+const _: () = assert!(TX_BATCH <= GSO_MAX);
 
 pub struct UdpUnderlay {
     sock: UdpSocket,
@@ -414,11 +416,17 @@ impl UdpUnderlay {
                         && vni[j] == vni[i]
                         && len[j] <= len[i]
                 };
-                // Every datagram but the last as long as the first.
-                while i + k < n && same(i + k) && len[i + k - 1] == len[i] {
+                // Every datagram but the last as long as the first, and all of them
+                // within one UDP datagram's 64 KiB.
+                let mut bytes = len[i];
+                while i + k < n
+                    && same(i + k)
+                    && len[i + k - 1] == len[i]
+                    && bytes + len[i + k] <= UDP_PAYLOAD_MAX
+                {
+                    bytes += len[i + k];
                     k += 1;
                 }
-                let bytes: usize = len[i..i + k].iter().sum();
                 if 14 + 20 + 8 + bytes <= self.largest_frame {
                     k = 1;
                 }
@@ -877,6 +885,36 @@ mod tests {
         let (got_c, calls_c) = take(&c);
         assert_eq!(got_c, want_c);
         assert_eq!(calls_c, vec![RX_BATCH, 10 - RX_BATCH], "one message each");
+    }
+
+    /// A full batch of full-sized datagrams is longer than one UDP datagram may be: its
+    /// run leaves as two `UDP_SEGMENT` messages, each within 64 KiB, and nothing is
+    /// refused.
+    #[test]
+    fn a_run_of_long_datagrams_stops_at_64_kib() {
+        let mut a = UdpUnderlay::bind(Ipv4Addr::LOCALHOST, 0).unwrap();
+        a.set_largest_frame(1514);
+        let b = UdpUnderlay::bind(Ipv4Addr::new(127, 0, 0, 8), a.port()).unwrap();
+        let want: Vec<Vec<u8>> = (0..TX_BATCH).map(|i| vec![i as u8; 1400]).collect();
+        assert!(TX_BATCH * (VXLAN_HDR + 1400) > UDP_PAYLOAD_MAX);
+        for f in &want {
+            a.send(Ipv4Addr::new(127, 0, 0, 8), 7, f).unwrap();
+        }
+        a.flush();
+        let mut failed = 0;
+        a.take_failed(|_, _| failed += 1);
+        assert_eq!(failed, 0, "datagrams refused");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let mut got = Vec::new();
+        let n = b
+            .recv(|r| {
+                if let Received::Frame(_, _, f) = r {
+                    got.push(f.to_vec())
+                }
+            })
+            .unwrap();
+        assert_eq!(n, TX_BATCH, "two messages, one receive");
+        assert_eq!(got, want);
     }
 
     /// A TCP/IPv4 super-frame as a tap hands it over (checksum left partial).
