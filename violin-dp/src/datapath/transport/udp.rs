@@ -896,7 +896,7 @@ mod tests {
         a.set_largest_frame(1514);
         let b = UdpUnderlay::bind(Ipv4Addr::new(127, 0, 0, 8), a.port()).unwrap();
         let want: Vec<Vec<u8>> = (0..TX_BATCH).map(|i| vec![i as u8; 1400]).collect();
-        assert!(TX_BATCH * (VXLAN_HDR + 1400) > UDP_PAYLOAD_MAX);
+        const { assert!(TX_BATCH * (VXLAN_HDR + 1400) > UDP_PAYLOAD_MAX) };
         for f in &want {
             a.send(Ipv4Addr::new(127, 0, 0, 8), 7, f).unwrap();
         }
