@@ -189,6 +189,10 @@ pub enum ClusterCmd {
         /// veth: the default here) or native (in the driver).
         #[arg(long, value_enum, default_value = "auto")]
         xdp_attach: crate::config::XdpAttach,
+        /// xdp: how small frames leave each host (`xdp_tx` in the host config): the UDP
+        /// socket's batches (the default) or AF_XDP's TX ring.
+        #[arg(long, value_enum, default_value = "socket")]
+        xdp_tx: crate::config::XdpTx,
         /// Most guests per host over all Violins (`max_guests` in the host config;
         /// default 2048).
         #[arg(long)]
@@ -250,6 +254,7 @@ pub fn run(cli: Cli) -> Result<()> {
             queues,
             workers,
             xdp_attach,
+            xdp_tx,
             max_guests,
             busy_poll_us,
             etcd_members,
@@ -269,6 +274,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     queues,
                     workers: workers.map(|w| w as usize),
                     xdp_attach,
+                    xdp_tx,
                     max_guests,
                     busy_poll_us,
                     etcd_members: etcd_members as usize,

@@ -18,6 +18,23 @@ pub enum DataplaneChoice {
     Udp,
 }
 
+/// How the xdp plane transmits the small frames of the guests' traffic (super-frames and
+/// jumbo frames always take the UDP socket's segmentation offload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpTx {
+    /// Through the UDP socket, a worker round's frames in one `sendmmsg`, each run of
+    /// datagrams to one host as one `UDP_SEGMENT` message: one trip through the stack
+    /// for up to 64 frames. In AF_XDP's copy mode (the only mode a veth has) the TX ring
+    /// costs the kernel an skb and a driver call per frame, and measured here twice the
+    /// daemon's CPU per frame. Receiving stays on AF_XDP either way.
+    #[default]
+    Socket,
+    /// Through AF_XDP's TX ring, past the kernel's stack and qdisc: for a NIC with
+    /// zero-copy AF_XDP, where the ring is where kernel bypass pays.
+    Ring,
+}
+
 /// How the XDP classifier attaches to the underlay interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -58,6 +75,9 @@ pub struct HostConfig {
     /// queue for every Violin.
     #[serde(default = "yes")]
     pub xdp_socket_per_violin: bool,
+    /// xdp: how small frames leave ([`XdpTx`]; default `socket`).
+    #[serde(default)]
+    pub xdp_tx: XdpTx,
     /// xdp: how the classifier attaches (default: generic on a veth, native elsewhere).
     #[serde(default)]
     pub xdp_attach: XdpAttach,
@@ -74,9 +94,9 @@ pub struct HostConfig {
     pub control_cpus: Option<Vec<usize>>,
     /// Packet workers: threads that each own some Violins (their switch tables, guest
     /// ports and AF_XDP sockets) and one socket of the underlay's UDP group; on the xdp
-    /// plane worker N also sends through rx queue N's AF_XDP TX ring, where the
-    /// interface has that queue (a worker beyond the Q queues sends through an AF_XDP
-    /// socket of its own on queue N mod Q). Each new Violin goes to the worker with the
+    /// plane with `xdp_tx = "ring"` worker N also sends through rx queue N's AF_XDP TX
+    /// ring, where the interface has that queue (a worker beyond the Q queues sends
+    /// through an AF_XDP socket of its own on queue N mod Q). Each new Violin goes to the worker with the
     /// fewest Violins, so a quiet Violin's frames wake a worker of their own, not one a
     /// neighbour keeps busy.
     /// Default: one per CPU; 1 to 32.
@@ -245,5 +265,17 @@ mod tests {
         assert!(!toml::from_str::<HostConfig>(&off).unwrap().remote_checksum);
         let bare = "name = \"h2\"\nunderlay = \"10.0.0.2\"\nrun_dir = \"/tmp/x\"\n";
         assert!(toml::from_str::<HostConfig>(bare).unwrap().remote_checksum);
+        assert_eq!(
+            toml::from_str::<HostConfig>(bare).unwrap().xdp_tx,
+            XdpTx::Socket
+        );
+        let ring = block.replace("xdp_tx = \"socket\"", "xdp_tx = \"ring\"");
+        assert_eq!(
+            toml::from_str::<HostConfig>(&ring).unwrap().xdp_tx,
+            XdpTx::Ring
+        );
+        let bad = block.replace("xdp_tx = \"socket\"", "xdp_tx = \"tx_ring\"");
+        let e = toml::from_str::<HostConfig>(&bad).unwrap_err().to_string();
+        assert!(e.contains("xdp_tx") && e.contains("tx_ring"), "{e}");
     }
 }

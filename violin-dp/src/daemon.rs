@@ -14,7 +14,7 @@
 //! No control step, client or tenant can make a worker wait: changes reach it as
 //! [`Command`](crate::datapath::worker::Command)s applied between batches.
 
-use crate::config::{DataplaneChoice, HostConfig};
+use crate::config::{DataplaneChoice, HostConfig, XdpTx};
 use crate::control::manager::{self, Manager, ManagerMsg, SharedClassifier};
 use crate::control::server::Ctx;
 use crate::datapath::transport::afxdp::{AfXdp, SlotOpener};
@@ -93,17 +93,26 @@ impl Daemon {
             Some((xsks, cls)) => {
                 let openers = xsks.iter().map(AfXdp::opener).collect();
                 // Workers beyond the queues send through senders of their own on the
-                // queues' UMEMs (worker i on queue i mod queues).
+                // queues' UMEMs (worker i on queue i mod queues) when small frames
+                // take the TX ring (`xdp_tx = "ring"`).
                 let senders = (xsks.len()..group.len())
                     .map(|i| xsks[i % xsks.len()].sender())
                     .collect::<Result<Vec<_>>>()
                     .context("opening AF_XDP senders for the workers beyond the NIC's queues")?;
+                info!(
+                    "xdp: small frames leave through {}",
+                    match cfg.xdp_tx {
+                        XdpTx::Socket => "the UDP socket's batches (xdp_tx = \"socket\")",
+                        XdpTx::Ring => "AF_XDP's TX ring (xdp_tx = \"ring\")",
+                    }
+                );
                 let underlays = group
                     .into_iter()
                     .zip(xsks.into_iter().chain(senders))
                     .map(|(udp, xsk)| Underlay::Xdp {
                         udp,
                         xsk: Box::new(xsk),
+                        tx: cfg.xdp_tx,
                     })
                     .collect();
                 (underlays, Some(Arc::new(Mutex::new(cls))), openers)

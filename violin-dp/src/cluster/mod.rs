@@ -258,6 +258,8 @@ pub struct UpOptions {
     pub workers: Option<usize>,
     /// xdp: how the classifier attaches to each host's veth.
     pub xdp_attach: crate::config::XdpAttach,
+    /// xdp: how small frames leave each host.
+    pub xdp_tx: crate::config::XdpTx,
     /// Most guests per host (`None`: the daemon's default).
     pub max_guests: Option<usize>,
     /// Packet workers' spin after work, µs (`None`: the daemon's default).
@@ -405,6 +407,7 @@ pub fn up(
                 dataplane: opts.dataplane,
                 xdp_socket_per_violin: !opts.xdp_single_socket,
                 xdp_attach: opts.xdp_attach,
+                xdp_tx: opts.xdp_tx,
                 metrics_port: Some(crate::config::DEFAULT_METRICS_PORT),
                 control_cpus: None,
                 // A simulated multi-queue NIC gets a worker per queue.

@@ -1,22 +1,30 @@
 //! The underlay as the daemon's fast path sees it: VXLAN over the UDP socket, or over
-//! AF_XDP with the UDP socket kept beside it (for frames to a neighbour the kernel has
-//! not resolved yet — sending those through the kernel also makes it resolve them).
+//! AF_XDP with the UDP socket kept beside it.
 //!
-//! On the xdp plane a frame takes one of two ways out: AF_XDP's TX ring, sent at the
-//! end of the round, or the socket, sent at once (super-frames, jumbo frames, frames
-//! to unresolved neighbours). Before anything goes through the socket, what waits in
-//! the TX ring goes first, so one flow's frames leave in the order the switch sent them
-//! (a small segment overtaken by a bigger one is a reordering its TCP has to repair).
+//! On the xdp plane frames arrive through AF_XDP, and leave by one of two ways
+//! ([`XdpTx`]): by default all of them through the socket's batches (a worker round's
+//! frames in one `sendmmsg`, runs as `UDP_SEGMENT` messages); with `xdp_tx = "ring"`
+//! small frames through AF_XDP's TX ring, sent at the end of the round, and the rest
+//! through the socket at once (super-frames, jumbo frames, frames to neighbours the
+//! kernel has not resolved yet — sending those through the kernel also makes it
+//! resolve them). Then, before anything goes through the socket, what waits in the TX
+//! ring goes first, so one flow's frames leave in the order the switch sent them (a
+//! small segment overtaken by a bigger one is a reordering its TCP has to repair).
 
 use super::afxdp::{AfXdp, SendError};
 use super::udp::UdpUnderlay;
+use crate::config::XdpTx;
 use std::net::Ipv4Addr;
 use violin_common::wire::gso::Gso;
 use violin_common::Verdict;
 
 pub enum Underlay {
     Udp(UdpUnderlay),
-    Xdp { udp: UdpUnderlay, xsk: Box<AfXdp> },
+    Xdp {
+        udp: UdpUnderlay,
+        xsk: Box<AfXdp>,
+        tx: XdpTx,
+    },
 }
 
 impl Underlay {
@@ -24,7 +32,12 @@ impl Underlay {
     pub fn send(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
         match self {
             Underlay::Udp(u) => u.send(dst, vni, frame),
-            Underlay::Xdp { udp, xsk } => match xsk.send(dst, vni, frame) {
+            Underlay::Xdp {
+                udp,
+                tx: XdpTx::Socket,
+                ..
+            } => udp.send(dst, vni, frame),
+            Underlay::Xdp { udp, xsk, .. } => match xsk.send(dst, vni, frame) {
                 Ok(()) => Ok(()),
                 // The kernel resolves the neighbour, or carries the jumbo frame.
                 Err(SendError::NoNeighbour | SendError::TooLong) => {
@@ -52,7 +65,7 @@ impl Underlay {
             // Measured here (TCP, tap ports, 3 rounds): 3.8–4.1 Gbit/s through the GSO
             // socket against 2.3–2.5 segment by segment into the TX ring.
             Underlay::Udp(u) => u.send_super(dst, vni, g, frame, scratch, peer),
-            Underlay::Xdp { udp, xsk } => {
+            Underlay::Xdp { udp, xsk, .. } => {
                 xsk.flush_pending();
                 udp.send_super(dst, vni, g, frame, scratch, peer)
             }
@@ -60,12 +73,12 @@ impl Underlay {
     }
 
     /// Pushes queued frames to the kernel: the UDP socket's batch, and the AF_XDP TX
-    /// ring.
+    /// ring (empty unless small frames take it).
     #[inline]
     pub fn flush(&mut self) {
         match self {
             Underlay::Udp(u) => u.flush(),
-            Underlay::Xdp { udp, xsk } => {
+            Underlay::Xdp { udp, xsk, .. } => {
                 udp.flush();
                 xsk.flush();
             }
