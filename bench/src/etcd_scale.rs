@@ -104,6 +104,7 @@ fn run(id: &str, size: Size, etcd: bool, say: &dyn Fn(&str)) -> Result<Run> {
         queues: 1,
         workers: None,
         xdp_attach: Default::default(),
+        xdp_tx: Default::default(),
         max_guests: None,
         busy_poll_us: None,
         etcd_members: usize::from(etcd),

@@ -183,6 +183,10 @@ struct Results {
     failures: Vec<String>,
     /// Figure 1: 64-byte UDP frames received per second, with CPU cost.
     packet_rate: BTreeMap<String, load::Flood>,
+    /// Figure 1b: the xdp plane's tap ports with small frames sent through the UDP
+    /// socket (`socket`) or AF_XDP's TX ring (`ring`).
+    #[serde(default)]
+    xdp_tx: BTreeMap<String, Queues>,
     /// Figure 3b: packet rate and round trips with two rx queues (two workers) a host.
     #[serde(default)]
     queues2: BTreeMap<String, Queues>,
@@ -269,7 +273,7 @@ struct Sharing {
     port_max_deviation: Option<f64>,
 }
 
-/// One configuration on hosts with two rx queues.
+/// One configuration's packet rate and round trips (figures 1b and 3b).
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 struct Queues {
     flood: load::Flood,
@@ -346,17 +350,56 @@ fn flood_medians<'a>(pairs: &'a [Pair], plan: &Plan) -> Result<BTreeMap<&'a str,
     })?;
     Ok(floods
         .into_iter()
-        .map(|(c, fs)| {
-            let m = |g: fn(&load::Flood) -> f64| median(fs.iter().map(g).collect());
-            let f = load::Flood {
-                sent_pps: m(|f| f.sent_pps),
-                received_pps: m(|f| f.received_pps),
-                cpu_us_per_packet: m(|f| f.cpu_us_per_packet),
-                dp_cpu_s_per_mpkt: m(|f| f.dp_cpu_s_per_mpkt),
-            };
-            (c, f)
-        })
+        .map(|(c, fs)| (c, flood_median(&fs)))
         .collect())
+}
+
+/// Each figure's median over rounds, taken on its own.
+fn flood_median(fs: &[load::Flood]) -> load::Flood {
+    let m = |g: fn(&load::Flood) -> f64| median(fs.iter().map(g).collect());
+    load::Flood {
+        sent_pps: m(|f| f.sent_pps),
+        received_pps: m(|f| f.received_pps),
+        cpu_us_per_packet: m(|f| f.cpu_us_per_packet),
+        dp_cpu_s_per_mpkt: m(|f| f.dp_cpu_s_per_mpkt),
+    }
+}
+
+/// Figure 1b: the xdp plane's two ways out for small frames, the UDP socket's batches
+/// (`xdp_tx = "socket"`, the default: the main xdp cluster's tap pair) and AF_XDP's TX
+/// ring (a cluster of its own with `--xdp-tx ring`), floods in alternating rounds,
+/// then round trips.
+fn xdp_tx_figure(r: &mut Results, plan: &Plan, id: u32, pairs: &[Pair]) -> Result<()> {
+    say("figure 1b: the xdp plane's small frames through the UDP socket or AF_XDP's TX ring");
+    let xr = Testbed::up_opts(
+        &format!("xr{id}"),
+        "xdp",
+        &violin_dp::cluster::UpOptions {
+            xdp_tx: violin_dp::config::XdpTx::Ring,
+            ..Testbed::options("xdp", 2, None)
+        },
+    )?;
+    let socket = pairs
+        .iter()
+        .find(|p| p.config == "violin-xdp-tap")
+        .context("no xdp tap pair")?;
+    let ring = xr.violin_pair("tap", 102, 3, "tap", None)?;
+    let both = [("socket", socket), ("ring", &ring)];
+    let mut floods: BTreeMap<&str, Vec<load::Flood>> = BTreeMap::new();
+    for _ in 0..plan.rounds {
+        for (way, p) in both {
+            let (c, s) = (&p.client, &p.server);
+            let f = load::udp_flood(&c.ns, &s.ns, s.ip, 18, plan.flood_secs, &p.daemons)
+                .with_context(|| format!("figure 1b, {way}"))?;
+            floods.entry(way).or_default().push(f);
+        }
+    }
+    for (way, p) in both {
+        let flood = flood_median(&floods[way]);
+        let latency = load::udp_ping_pong(&p.client.ns, &p.server.ns, p.server.ip, plan.pings)?;
+        r.xdp_tx.insert(way.into(), Queues { flood, latency });
+    }
+    Ok(())
 }
 
 /// Figure 8: a quiet Violin's round trips alone and while a neighbour Violin floods the
@@ -831,6 +874,7 @@ fn main() -> Result<()> {
     for (c, f) in flood_medians(&pairs, &plan)? {
         r.packet_rate.insert(c.into(), f);
     }
+    xdp_tx_figure(&mut r, &plan, id, &pairs)?;
 
     say("figure 2: TCP throughput, 1, 4 and 8 streams");
     for streams in [1u32, 4, 8] {
@@ -1632,6 +1676,30 @@ fn tables(r: &Results) -> String {
             );
         }
     }
+    if let (Some(sock), Some(ring)) = (r.xdp_tx.get("socket"), r.xdp_tx.get("ring")) {
+        let _ = writeln!(
+            o,
+            "\n1b. The xdp plane's small frames through the UDP socket's batches (xdp_tx = socket,\n    the default) or AF_XDP's TX ring (ring), tap ports, alternating floods, then round trips"
+        );
+        let _ = writeln!(
+            o,
+            "{:<17} {:>10} {:>8} {:>11} {:>14} {:>8} {:>8}",
+            "xdp_tx", "pps", "/ring", "CPU µs/pkt", "dp CPU s/Mpkt", "p50", "p99"
+        );
+        for (way, q) in [("socket", sock), ("ring", ring)] {
+            let _ = writeln!(
+                o,
+                "{:<17} {:>10.0} {:>8} {:>11.2} {:>14.2} {:>8.1} {:>8.1}",
+                way,
+                q.flood.received_pps,
+                ratio(q.flood.received_pps, ring.flood.received_pps),
+                q.flood.cpu_us_per_packet,
+                q.flood.dp_cpu_s_per_mpkt,
+                q.latency.p50_us,
+                q.latency.p99_us
+            );
+        }
+    }
     tcp_table(
         &mut o,
         "2. TCP throughput (iperf3), Gbit/s",
@@ -1833,6 +1901,16 @@ fn check(r: &Results) -> Result<()> {
         }
         if !r.icmp_avg_us.get(c).is_some_and(|v| *v > 0.0) {
             problems.push(format!("ICMP of {c}"));
+        }
+    }
+    for way in ["socket", "ring"] {
+        if !r.xdp_tx.get(way).is_some_and(|q| {
+            q.flood.received_pps > 0.0
+                && q.flood.dp_cpu_s_per_mpkt > 0.0
+                && q.latency.samples > 0
+                && q.latency.p99_us >= q.latency.p50_us
+        }) {
+            problems.push(format!("xdp small frames through the {way}"));
         }
     }
     for c in [

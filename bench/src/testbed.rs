@@ -114,6 +114,7 @@ impl Testbed {
             queues: 1,
             workers: WORKERS.get().copied(),
             xdp_attach: Default::default(),
+            xdp_tx: Default::default(),
             max_guests,
             busy_poll_us: None,
             // The data path's figures leave etcd out; `--etcd-scale` measures it.
