@@ -27,7 +27,8 @@ pub enum XdpTx {
     /// datagrams to one host as one `UDP_SEGMENT` message: one trip through the stack
     /// for up to 64 frames. In AF_XDP's copy mode (the only mode a veth has) the TX ring
     /// costs the kernel an skb and a driver call per frame, and measured here twice the
-    /// daemon's CPU per frame. Receiving stays on AF_XDP either way.
+    /// daemon's CPU per frame. A round's lone frame takes the TX ring (the shorter
+    /// way for one frame: no batch to gain). Receiving stays on AF_XDP either way.
     #[default]
     Socket,
     /// Through AF_XDP's TX ring, past the kernel's stack and qdisc: for a NIC with

@@ -100,6 +100,9 @@ pub struct WorkerStats {
     /// of its own where it is beyond the NIC's queues).
     #[serde(default)]
     pub xsk_tx_frames: u64,
+    /// VXLAN datagrams it sent through its UDP socket.
+    #[serde(default)]
+    pub udp_tx_frames: u64,
     pub handed_off: u64,
     pub taken_over: u64,
 }

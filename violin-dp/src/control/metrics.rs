@@ -246,6 +246,11 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
             |w| w.xsk_rx_frames,
         ),
         (
+            "violin_worker_udp_tx_frames_total",
+            "VXLAN datagrams a packet worker sent through its UDP socket.",
+            |w| w.udp_tx_frames,
+        ),
+        (
             "violin_worker_xsk_tx_frames_total",
             "Frames a packet worker sent through its AF_XDP TX ring.",
             |w| w.xsk_tx_frames,

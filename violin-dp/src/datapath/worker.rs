@@ -1246,6 +1246,7 @@ impl Worker {
             udp_rx_frames: self.udp_rx_frames,
             xsk_rx_frames: rings.map_or(0, |r| r.counters.rx_frames),
             xsk_tx_frames: own.map_or(0, |x| x.counters.tx_frames),
+            udp_tx_frames: self.underlay.udp().sent_frames(),
             handed_off: self.team.handed_off,
             taken_over: self.team.taken_over,
         };

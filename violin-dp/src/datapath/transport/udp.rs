@@ -56,6 +56,8 @@ pub struct UdpUnderlay {
     largest_frame: usize,
     tx: RefCell<TxBatch>,
     rx: RefCell<Box<[u8]>>,
+    /// VXLAN datagrams the kernel took (batched, alone, or segments of super-frames).
+    sent: Cell<u64>,
 }
 
 /// Datagrams waiting for one `sendmmsg`, and those the kernel refused.
@@ -243,6 +245,7 @@ impl UdpUnderlay {
             largest_frame: 0,
             tx: RefCell::new(TxBatch::new()),
             rx: RefCell::new(vec![0u8; RX_BATCH * RX_SLOT].into_boxed_slice()),
+            sent: Cell::new(0),
         })
     }
 
@@ -368,6 +371,24 @@ impl UdpUnderlay {
         Ok(())
     }
 
+    /// VXLAN datagrams sent so far.
+    pub fn sent_frames(&self) -> u64 {
+        self.sent.get()
+    }
+
+    /// When the batch holds one datagram, offers its frame to `f` (destination, VNI,
+    /// inner frame) and forgets it if `f` took it.
+    pub fn take_lone(&self, f: impl FnOnce(Ipv4Addr, u32, &[u8]) -> bool) {
+        let mut b = self.tx.borrow_mut();
+        if b.n != 1 {
+            return;
+        }
+        let dst = Ipv4Addr::from(u32::from_be(b.to[0].sin_addr.s_addr));
+        if f(dst, b.vni[0], &b.buf[VXLAN_HDR..b.len[0]]) {
+            b.n = 0;
+        }
+    }
+
     /// Sends the batch in one `sendmmsg` (more if the kernel takes part of it). A run
     /// of datagrams of one VNI to one destination, all as long as the first but the
     /// last, leaves as one `UDP_SEGMENT` message (what wireguard-go's
@@ -463,6 +484,8 @@ impl UdpUnderlay {
                 )
             };
             if r > 0 {
+                let took: usize = count[sent..sent + r as usize].iter().sum();
+                self.sent.set(self.sent.get() + took as u64);
                 sent += r as usize;
                 continue;
             }
@@ -517,7 +540,10 @@ impl UdpUnderlay {
             MsgFlags::MSG_DONTWAIT,
             Some(&addr),
         ) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.sent.set(self.sent.get() + 1);
+                Ok(())
+            }
             Err(_) => Err(Verdict::TunnelTxError),
         }
     }
@@ -576,7 +602,7 @@ impl UdpUnderlay {
                 };
             }
             match self.sendmsg_gso(&addr, &iov[..2 * k], datagram as u16) {
-                Ok(()) => {}
+                Ok(()) => self.sent.set(self.sent.get() + k as u64),
                 Err(e) if e.raw_os_error() == Some(libc::EIO) => {
                     warn!(
                         "the kernel refused UDP segmentation offload on the underlay; \
@@ -795,6 +821,35 @@ mod tests {
         a.take_failed(|dst, vni| failed.push((dst, vni)));
         assert_eq!(failed, vec![(Ipv4Addr::BROADCAST, 9)]);
         a.take_failed(|_, _| panic!("reported twice"));
+    }
+
+    /// A batch of one datagram is offered whole (destination, VNI, inner frame) and,
+    /// taken, is not sent; refused, it is; a batch of two is not offered.
+    #[test]
+    fn a_lone_datagram_is_offered_and_a_batch_is_not() {
+        let a = UdpUnderlay::bind(Ipv4Addr::LOCALHOST, 0).unwrap();
+        let to = Ipv4Addr::new(127, 0, 0, 8);
+        let b = UdpUnderlay::bind(to, a.port()).unwrap();
+        let wait = || std::thread::sleep(std::time::Duration::from_millis(30));
+        a.send(to, 21, b"lone").unwrap();
+        let mut offered = None;
+        a.take_lone(|dst, vni, frame| {
+            offered = Some((dst, vni, frame.to_vec()));
+            true
+        });
+        assert_eq!(offered, Some((to, 21, b"lone".to_vec())));
+        a.flush();
+        wait();
+        assert_eq!(drain_vnis(&b), Vec::<u32>::new(), "taken: not sent");
+        a.send(to, 22, b"kept").unwrap();
+        a.take_lone(|_, _, _| false);
+        a.flush();
+        a.send(to, 23, b"one").unwrap();
+        a.send(to, 24, b"two").unwrap();
+        a.take_lone(|_, _, _| panic!("a batch of two offered"));
+        a.flush();
+        wait();
+        assert_eq!(drain_vnis(&b), vec![22, 23, 24]);
     }
 
     #[test]

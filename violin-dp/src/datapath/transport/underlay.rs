@@ -2,8 +2,9 @@
 //! AF_XDP with the UDP socket kept beside it.
 //!
 //! On the xdp plane frames arrive through AF_XDP, and leave by one of two ways
-//! ([`XdpTx`]): by default all of them through the socket's batches (a worker round's
-//! frames in one `sendmmsg`, runs as `UDP_SEGMENT` messages); with `xdp_tx = "ring"`
+//! ([`XdpTx`]): by default through the socket's batches (a worker round's frames in
+//! one `sendmmsg`, runs as `UDP_SEGMENT` messages), but for a round's lone frame,
+//! which takes AF_XDP's TX ring (sent before the next round's batch); with `xdp_tx = "ring"`
 //! small frames through AF_XDP's TX ring, sent at the end of the round, and the rest
 //! through the socket at once (super-frames, jumbo frames, frames to neighbours the
 //! kernel has not resolved yet — sending those through the kernel also makes it
@@ -78,6 +79,17 @@ impl Underlay {
     pub fn flush(&mut self) {
         match self {
             Underlay::Udp(u) => u.flush(),
+            Underlay::Xdp {
+                udp,
+                xsk,
+                tx: XdpTx::Socket,
+            } => {
+                // A round's lone frame takes the ring: no batch to gain by the socket,
+                // and the ring's path is the shorter one.
+                udp.take_lone(|dst, vni, frame| xsk.send(dst, vni, frame).is_ok());
+                xsk.flush_pending();
+                udp.flush();
+            }
             Underlay::Xdp { udp, xsk, .. } => {
                 udp.flush();
                 xsk.flush();
