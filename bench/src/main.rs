@@ -74,6 +74,10 @@ struct Cli {
     /// CPU), to compare worker counts.
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// How the xdp clusters send small frames (default: the hosts' own, `socket`), to
+    /// compare the two ways out on any figure (figure 1b always measures both).
+    #[arg(long, value_enum)]
+    xdp_tx: Option<violin_dp::config::XdpTx>,
 }
 
 struct Plan {
@@ -177,6 +181,9 @@ struct Results {
     /// Packet workers per host when `--workers` set them (else each host's default).
     #[serde(default)]
     workers: Option<usize>,
+    /// The xdp clusters' `xdp_tx` when `--xdp-tx` set it.
+    #[serde(default)]
+    xdp_tx: Option<violin_dp::config::XdpTx>,
     configs: Vec<String>,
     /// Runs that failed (reported after the results are written).
     #[serde(default)]
@@ -186,7 +193,7 @@ struct Results {
     /// Figure 1b: the xdp plane's tap ports with small frames sent through the UDP
     /// socket (`socket`) or AF_XDP's TX ring (`ring`).
     #[serde(default)]
-    xdp_tx: BTreeMap<String, Queues>,
+    xdp_tx_ways: BTreeMap<String, Queues>,
     /// Figure 3b: packet rate and round trips with two rx queues (two workers) a host.
     #[serde(default)]
     queues2: BTreeMap<String, Queues>,
@@ -366,25 +373,35 @@ fn flood_median(fs: &[load::Flood]) -> load::Flood {
 }
 
 /// Figure 1b: the xdp plane's two ways out for small frames, the UDP socket's batches
-/// (`xdp_tx = "socket"`, the default: the main xdp cluster's tap pair) and AF_XDP's TX
-/// ring (a cluster of its own with `--xdp-tx ring`), floods in alternating rounds,
-/// then round trips.
+/// (`xdp_tx = "socket"`) and AF_XDP's TX ring (`"ring"`): the main xdp cluster's tap
+/// pair (the hosts' default, or `--xdp-tx`) against a cluster of its own with the
+/// other way, floods in alternating rounds, then round trips.
 fn xdp_tx_figure(r: &mut Results, plan: &Plan, id: u32, pairs: &[Pair]) -> Result<()> {
+    use violin_dp::config::XdpTx;
     say("figure 1b: the xdp plane's small frames through the UDP socket or AF_XDP's TX ring");
-    let xr = Testbed::up_opts(
+    let main_way = testbed::XDP_TX.get().copied().unwrap_or_default();
+    let other_way = match main_way {
+        XdpTx::Socket => XdpTx::Ring,
+        XdpTx::Ring => XdpTx::Socket,
+    };
+    let other_tb = Testbed::up_opts(
         &format!("xr{id}"),
         "xdp",
         &violin_dp::cluster::UpOptions {
-            xdp_tx: violin_dp::config::XdpTx::Ring,
+            xdp_tx: other_way,
             ..Testbed::options("xdp", 2, None)
         },
     )?;
-    let socket = pairs
+    let main = pairs
         .iter()
         .find(|p| p.config == "violin-xdp-tap")
         .context("no xdp tap pair")?;
-    let ring = xr.violin_pair("tap", 102, 3, "tap", None)?;
-    let both = [("socket", socket), ("ring", &ring)];
+    let other = other_tb.violin_pair("tap", 102, 3, "tap", None)?;
+    let name = |w: XdpTx| match w {
+        XdpTx::Socket => "socket",
+        XdpTx::Ring => "ring",
+    };
+    let both = [(name(main_way), main), (name(other_way), &other)];
     let mut floods: BTreeMap<&str, Vec<load::Flood>> = BTreeMap::new();
     for _ in 0..plan.rounds {
         for (way, p) in both {
@@ -397,7 +414,7 @@ fn xdp_tx_figure(r: &mut Results, plan: &Plan, id: u32, pairs: &[Pair]) -> Resul
     for (way, p) in both {
         let flood = flood_median(&floods[way]);
         let latency = load::udp_ping_pong(&p.client.ns, &p.server.ns, p.server.ip, plan.pings)?;
-        r.xdp_tx.insert(way.into(), Queues { flood, latency });
+        r.xdp_tx_ways.insert(way.into(), Queues { flood, latency });
     }
     Ok(())
 }
@@ -749,6 +766,9 @@ fn main() -> Result<()> {
     if let Some(n) = cli.workers {
         let _ = testbed::WORKERS.set(n);
     }
+    if let Some(t) = cli.xdp_tx {
+        let _ = testbed::XDP_TX.set(t);
+    }
     if let Some(json) = &cli.from {
         let text =
             std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
@@ -806,6 +826,7 @@ fn main() -> Result<()> {
             .as_secs(),
         idle_violins: plan.idle_violins,
         workers: cli.workers,
+        xdp_tx: cli.xdp_tx,
         ..Default::default()
     };
     let id = std::process::id() % 10000;
@@ -1610,9 +1631,14 @@ fn tcp_table(
 
 /// The worker count `--workers` set, as a line above the tables (empty if unset).
 fn workers_line(r: &Results) -> String {
-    r.workers
+    let mut o = r
+        .workers
         .map(|n| format!("packet workers per host: {n} (--workers)\n"))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if let Some(t) = r.xdp_tx {
+        o.push_str(&format!("xdp clusters' small frames: {t:?} (--xdp-tx)\n"));
+    }
+    o
 }
 
 fn tables(r: &Results) -> String {
@@ -1676,10 +1702,10 @@ fn tables(r: &Results) -> String {
             );
         }
     }
-    if let (Some(sock), Some(ring)) = (r.xdp_tx.get("socket"), r.xdp_tx.get("ring")) {
+    if let (Some(sock), Some(ring)) = (r.xdp_tx_ways.get("socket"), r.xdp_tx_ways.get("ring")) {
         let _ = writeln!(
             o,
-            "\n1b. The xdp plane's small frames through the UDP socket's batches (xdp_tx = socket,\n    the default) or AF_XDP's TX ring (ring), tap ports, alternating floods, then round trips"
+            "\n1b. The xdp plane's small frames through the UDP socket's batches, a round's lone frame\n    through the TX ring (xdp_tx = socket, the default), or all through AF_XDP's TX ring\n    (ring); tap ports, alternating floods, then round trips"
         );
         let _ = writeln!(
             o,
@@ -1904,7 +1930,7 @@ fn check(r: &Results) -> Result<()> {
         }
     }
     for way in ["socket", "ring"] {
-        if !r.xdp_tx.get(way).is_some_and(|q| {
+        if !r.xdp_tx_ways.get(way).is_some_and(|q| {
             q.flood.received_pps > 0.0
                 && q.flood.dp_cpu_s_per_mpkt > 0.0
                 && q.latency.samples > 0

@@ -50,6 +50,9 @@ pub struct Testbed {
 /// each host's default.
 pub static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
+/// How the xdp clusters' small frames leave (`--xdp-tx`); unset: the hosts' default.
+pub static XDP_TX: std::sync::OnceLock<violin_dp::config::XdpTx> = std::sync::OnceLock::new();
+
 pub fn violin_bin() -> PathBuf {
     std::env::current_exe().unwrap().with_file_name("violin")
 }
@@ -114,7 +117,7 @@ impl Testbed {
             queues: 1,
             workers: WORKERS.get().copied(),
             xdp_attach: Default::default(),
-            xdp_tx: Default::default(),
+            xdp_tx: XDP_TX.get().copied().unwrap_or_default(),
             max_guests,
             busy_poll_us: None,
             // The data path's figures leave etcd out; `--etcd-scale` measures it.
