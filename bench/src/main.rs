@@ -375,7 +375,7 @@ fn flood_median(fs: &[load::Flood]) -> load::Flood {
 /// Figure 1b: the xdp plane's two ways out for small frames, the UDP socket's batches
 /// (`xdp_tx = "socket"`) and AF_XDP's TX ring (`"ring"`): the main xdp cluster's tap
 /// pair (the hosts' default, or `--xdp-tx`) against a cluster of its own with the
-/// other way, floods in alternating rounds, then round trips.
+/// other way: round trips, then floods in alternating rounds.
 fn xdp_tx_figure(r: &mut Results, plan: &Plan, id: u32, pairs: &[Pair]) -> Result<()> {
     use violin_dp::config::XdpTx;
     say("figure 1b: the xdp plane's small frames through the UDP socket or AF_XDP's TX ring");
@@ -402,6 +402,14 @@ fn xdp_tx_figure(r: &mut Results, plan: &Plan, id: u32, pairs: &[Pair]) -> Resul
         XdpTx::Ring => "ring",
     };
     let both = [(name(main_way), main), (name(other_way), &other)];
+    // Round trips first, the idle cluster's first and a second after figure 1's last
+    // flood (on the main pair): right after a flood they measure its tail.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut latencies = BTreeMap::new();
+    for (way, p) in both.iter().rev().copied() {
+        let l = load::udp_ping_pong(&p.client.ns, &p.server.ns, p.server.ip, plan.pings)?;
+        latencies.insert(way, l);
+    }
     let mut floods: BTreeMap<&str, Vec<load::Flood>> = BTreeMap::new();
     for _ in 0..plan.rounds {
         for (way, p) in both {
@@ -411,9 +419,11 @@ fn xdp_tx_figure(r: &mut Results, plan: &Plan, id: u32, pairs: &[Pair]) -> Resul
             floods.entry(way).or_default().push(f);
         }
     }
-    for (way, p) in both {
+    for (way, _) in both {
         let flood = flood_median(&floods[way]);
-        let latency = load::udp_ping_pong(&p.client.ns, &p.server.ns, p.server.ip, plan.pings)?;
+        let latency = latencies
+            .remove(way)
+            .context("round trips without figures")?;
         r.xdp_tx_ways.insert(way.into(), Queues { flood, latency });
     }
     Ok(())
@@ -1705,7 +1715,7 @@ fn tables(r: &Results) -> String {
     if let (Some(sock), Some(ring)) = (r.xdp_tx_ways.get("socket"), r.xdp_tx_ways.get("ring")) {
         let _ = writeln!(
             o,
-            "\n1b. The xdp plane's small frames through the UDP socket's batches, a round's lone frame\n    through the TX ring (xdp_tx = socket, the default), or all through AF_XDP's TX ring\n    (ring); tap ports, alternating floods, then round trips"
+            "\n1b. The xdp plane's small frames through the UDP socket's batches, a round's lone frame\n    through the TX ring (xdp_tx = socket, the default), or all through AF_XDP's TX ring\n    (ring); tap ports, round trips, then alternating floods"
         );
         let _ = writeln!(
             o,
