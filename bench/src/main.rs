@@ -397,11 +397,7 @@ fn xdp_tx_figure(r: &mut Results, plan: &Plan, id: u32, pairs: &[Pair]) -> Resul
         .find(|p| p.config == "violin-xdp-tap")
         .context("no xdp tap pair")?;
     let other = other_tb.violin_pair("tap", 102, 3, "tap", None)?;
-    let name = |w: XdpTx| match w {
-        XdpTx::Socket => "socket",
-        XdpTx::Ring => "ring",
-    };
-    let both = [(name(main_way), main), (name(other_way), &other)];
+    let both = [(main_way.name(), main), (other_way.name(), &other)];
     // Round trips first, the idle cluster's first and a second after figure 1's last
     // flood (on the main pair): right after a flood they measure its tail.
     std::thread::sleep(std::time::Duration::from_secs(1));
@@ -1646,7 +1642,10 @@ fn workers_line(r: &Results) -> String {
         .map(|n| format!("packet workers per host: {n} (--workers)\n"))
         .unwrap_or_default();
     if let Some(t) = r.xdp_tx {
-        o.push_str(&format!("xdp clusters' small frames: {t:?} (--xdp-tx)\n"));
+        o.push_str(&format!(
+            "xdp clusters' small frames: {} (--xdp-tx)\n",
+            t.name()
+        ));
     }
     o
 }

@@ -36,6 +36,16 @@ pub enum XdpTx {
     Ring,
 }
 
+impl XdpTx {
+    /// Its name in the host config and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            XdpTx::Socket => "socket",
+            XdpTx::Ring => "ring",
+        }
+    }
+}
+
 /// How the XDP classifier attaches to the underlay interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -95,10 +105,10 @@ pub struct HostConfig {
     pub control_cpus: Option<Vec<usize>>,
     /// Packet workers: threads that each own some Violins (their switch tables, guest
     /// ports and AF_XDP sockets) and one socket of the underlay's UDP group; on the xdp
-    /// plane with `xdp_tx = "ring"` worker N also sends through rx queue N's AF_XDP TX
-    /// ring, where the interface has that queue (a worker beyond the Q queues sends
-    /// through an AF_XDP socket of its own on queue N mod Q). Each new Violin goes to the worker with the
-    /// fewest Violins, so a quiet Violin's frames wake a worker of their own, not one a
+    /// plane worker N also sends through rx queue N's AF_XDP TX ring (what [`XdpTx`]
+    /// puts there), where the interface has that queue (a worker beyond the Q queues
+    /// sends through an AF_XDP socket of its own on queue N mod Q). Each new Violin
+    /// goes to the worker with the fewest Violins, so a quiet Violin's frames wake a worker of their own, not one a
     /// neighbour keeps busy.
     /// Default: one per CPU; 1 to 32.
     #[serde(default)]

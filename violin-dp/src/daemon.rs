@@ -14,7 +14,7 @@
 //! No control step, client or tenant can make a worker wait: changes reach it as
 //! [`Command`](crate::datapath::worker::Command)s applied between batches.
 
-use crate::config::{DataplaneChoice, HostConfig, XdpTx};
+use crate::config::{DataplaneChoice, HostConfig};
 use crate::control::manager::{self, Manager, ManagerMsg, SharedClassifier};
 use crate::control::server::Ctx;
 use crate::datapath::transport::afxdp::{AfXdp, SlotOpener};
@@ -93,18 +93,15 @@ impl Daemon {
             Some((xsks, cls)) => {
                 let openers = xsks.iter().map(AfXdp::opener).collect();
                 // Workers beyond the queues send through senders of their own on the
-                // queues' UMEMs (worker i on queue i mod queues) when small frames
-                // take the TX ring (`xdp_tx = "ring"`).
+                // queues' UMEMs (worker i on queue i mod queues): every small frame
+                // with `xdp_tx = "ring"`, a round's lone frame with `"socket"`.
                 let senders = (xsks.len()..group.len())
                     .map(|i| xsks[i % xsks.len()].sender())
                     .collect::<Result<Vec<_>>>()
                     .context("opening AF_XDP senders for the workers beyond the NIC's queues")?;
                 info!(
-                    "xdp: small frames leave through {}",
-                    match cfg.xdp_tx {
-                        XdpTx::Socket => "the UDP socket's batches (xdp_tx = \"socket\")",
-                        XdpTx::Ring => "AF_XDP's TX ring (xdp_tx = \"ring\")",
-                    }
+                    "xdp: small frames leave as xdp_tx = \"{}\"",
+                    cfg.xdp_tx.name()
                 );
                 let underlays = group
                     .into_iter()

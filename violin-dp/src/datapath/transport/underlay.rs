@@ -1,16 +1,18 @@
 //! The underlay as the daemon's fast path sees it: VXLAN over the UDP socket, or over
 //! AF_XDP with the UDP socket kept beside it.
 //!
-//! On the xdp plane frames arrive through AF_XDP, and leave by one of two ways
-//! ([`XdpTx`]): by default through the socket's batches (a worker round's frames in
-//! one `sendmmsg`, runs as `UDP_SEGMENT` messages), but for a round's lone frame,
-//! which takes AF_XDP's TX ring (sent before the next round's batch); with `xdp_tx = "ring"`
-//! small frames through AF_XDP's TX ring, sent at the end of the round, and the rest
-//! through the socket at once (super-frames, jumbo frames, frames to neighbours the
-//! kernel has not resolved yet — sending those through the kernel also makes it
-//! resolve them). Then, before anything goes through the socket, what waits in the TX
-//! ring goes first, so one flow's frames leave in the order the switch sent them (a
-//! small segment overtaken by a bigger one is a reordering its TCP has to repair).
+//! On the xdp plane frames arrive through AF_XDP and leave as [`XdpTx`] says:
+//! - `socket` (default): a round's frames through the socket's batches (one
+//!   `sendmmsg`, runs as `UDP_SEGMENT` messages); a round's lone frame through AF_XDP's
+//!   TX ring instead.
+//! - `ring`: small frames through the TX ring, sent at the end of the round; the rest
+//!   through the socket at once (super-frames, jumbo frames, frames to neighbours the
+//!   kernel has not resolved yet — sending those through the kernel also makes it
+//!   resolve them).
+//!
+//! Either way, before anything goes through the socket what waits in the TX ring goes
+//! first, so one flow's frames leave in the order the switch sent them (a small
+//! segment overtaken by a bigger one is a reordering its TCP has to repair).
 
 use super::afxdp::{AfXdp, SendError};
 use super::udp::UdpUnderlay;
@@ -73,8 +75,8 @@ impl Underlay {
         }
     }
 
-    /// Pushes queued frames to the kernel: the UDP socket's batch, and the AF_XDP TX
-    /// ring (empty unless small frames take it).
+    /// Pushes the round's frames to the kernel: the UDP socket's batch, and the AF_XDP
+    /// TX ring.
     #[inline]
     pub fn flush(&mut self) {
         match self {
