@@ -83,3 +83,20 @@ mod pod {
 pub const PORT_PROGRAM: &str = "violin_port";
 pub const PORT_SLOT_MAP: &str = "PORT_SLOTS";
 pub const PORT_XSK_MAP: &str = "PORT_XSKS";
+
+/// The underlay's socket steering (`SO_ATTACH_REUSEPORT_EBPF`): the program picks, for
+/// each VXLAN datagram the kernel delivers to the daemon's UDP port, the socket of the
+/// port's `SO_REUSEPORT` group that `STEER_VNIS` names for its VNI (the Violin's own,
+/// or its worker's), else socket `VNI mod STEER_CONFIG[0]` (the workers' sockets sit
+/// at indices 0..n of `STEER_SOCKETS`).
+pub const STEER_PROGRAM: &str = "violin_steer";
+/// VNI → index in [`STEER_SOCKET_MAP`].
+pub const STEER_VNI_MAP: &str = "STEER_VNIS";
+/// The group's sockets (`REUSEPORT_SOCKARRAY`).
+pub const STEER_SOCKET_MAP: &str = "STEER_SOCKETS";
+/// `STEER_CONFIG[0]`: how many workers' sockets sit at the front of the array.
+pub const STEER_CONFIG_MAP: &str = "STEER_CONFIG";
+/// Entries of [`STEER_SOCKET_MAP`]: the workers' sockets and one per Violin.
+pub const STEER_SOCKETS_MAX: u32 = 4160;
+/// Entries of [`STEER_VNI_MAP`].
+pub const STEER_VNIS_MAX: u32 = 4096;

@@ -14,19 +14,24 @@
 //!
 //! `violin_port` runs on the host end of fast guest ports (veths driven by AF_XDP) and
 //! hands every frame to that port's socket.
+//!
+//! `violin_steer` (`sk_reuseport`, on the underlay's UDP socket group, both planes)
+//! picks the socket of the datagram's Violin among the group's, so that the kernel
+//! queues each Violin's datagrams apart and a flood fills only its own socket.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
-    macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray, RingBuf, XskMap},
-    programs::XdpContext,
+    bindings::{sk_action, xdp_action},
+    helpers::{bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
+    macros::{map, sk_reuseport, xdp},
+    maps::{Array, HashMap, PerCpuArray, ReusePortSockArray, RingBuf, XskMap},
+    programs::{SkReuseportContext, XdpContext},
+    EbpfContext,
 };
 use violin_common::maps::{
     MemberKey, VniEntry, XdpDropEvent, CONFIG_MAX_FRAME, CONFIG_PORT, CONFIG_QUEUES,
-    DROP_EVENT_HEAD,
+    DROP_EVENT_HEAD, STEER_SOCKETS_MAX, STEER_VNIS_MAX,
 };
 use violin_common::wire::{ethernet, ipv4, udp, vxlan, EtherType};
 use violin_common::Verdict;
@@ -249,6 +254,50 @@ pub fn violin_port(ctx: XdpContext) -> u32 {
         }
         None => xdp_action::XDP_PASS,
     }
+}
+
+/// VNI → the index of its socket in `STEER_SOCKETS` (a Violin's own, or its worker's).
+#[map(name = "STEER_VNIS")]
+static STEER_VNIS: HashMap<u32, u32> = HashMap::with_max_entries(STEER_VNIS_MAX, 0);
+
+/// The underlay's `SO_REUSEPORT` group: the workers' sockets first, then the Violins'.
+#[map(name = "STEER_SOCKETS")]
+static STEER_SOCKETS: ReusePortSockArray =
+    ReusePortSockArray::with_max_entries(STEER_SOCKETS_MAX, 0);
+
+/// `[0]`: how many workers' sockets sit at the front of `STEER_SOCKETS`.
+#[map(name = "STEER_CONFIG")]
+static STEER_CONFIG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Picks the socket of a datagram's Violin: `STEER_VNIS[VNI]`, else the worker socket
+/// `VNI mod workers`. The packet starts at the UDP header; a datagram too short for a
+/// VXLAN header goes to socket 0, whose worker counts it as malformed. Should the pick
+/// fail (a socket closing), the kernel falls back to the group's hash.
+#[sk_reuseport]
+pub fn violin_steer(ctx: SkReuseportContext) -> u32 {
+    // The VXLAN header's second word: VNI << 8 | reserved.
+    let mut word = [0u8; 4];
+    // SAFETY: the helper copies 4 bytes into `word`, which is 4 bytes long, or fails.
+    let r = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            (udp::HEADER_LEN + vxlan::field::VNI.start) as u32,
+            word.as_mut_ptr().cast(),
+            4,
+        )
+    };
+    let index = if r != 0 {
+        0
+    } else {
+        let vni = u32::from_be_bytes(word) >> 8;
+        // SAFETY: plain integer map value, read immediately.
+        match unsafe { STEER_VNIS.get(&vni) } {
+            Some(&i) => i,
+            None => vni % STEER_CONFIG.get(0).copied().unwrap_or(1).max(1),
+        }
+    };
+    let _ = STEER_SOCKETS.select_reuseport(&ctx, index);
+    sk_action::SK_PASS
 }
 
 #[cfg(not(test))]

@@ -194,48 +194,50 @@ impl UdpUnderlay {
 
     /// `n` sockets on `addr:port` (`SO_REUSEPORT`), one per packet worker, with the
     /// kernel steering each datagram to socket `VNI mod n` ([`steering_program`]; the
-    /// control thread re-steers Violins it places elsewhere, [`steer`]): every frame of
-    /// a Violin reaches the worker that owns it.
+    /// control thread re-steers Violins it places elsewhere, [`steer`], or replaces the
+    /// program with one that picks each Violin's own socket, `crate::xdp::steer`): every
+    /// frame of a Violin reaches the worker that owns it. The group is open to more
+    /// sockets of this process's user ([`UdpUnderlay::member`]) even with one worker.
     pub fn bind_group(addr: Ipv4Addr, port: u16, n: usize) -> io::Result<Vec<UdpUnderlay>> {
-        use nix::sys::socket::{setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType};
-        let mut port = port;
+        let mut at = SocketAddrV4::new(addr, port);
         let mut group = Vec::with_capacity(n);
         for i in 0..n.max(1) {
-            let sock = if n <= 1 {
-                UdpSocket::bind(SocketAddrV4::new(addr, port))?
-            } else {
-                let fd = socket(
-                    AddressFamily::Inet,
-                    SockType::Datagram,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )?;
-                setsockopt(&fd, sockopt::ReusePort, &true)?;
-                nix::sys::socket::bind(
-                    fd.as_raw_fd(),
-                    &SockaddrIn::from(SocketAddrV4::new(addr, port)),
-                )?;
-                UdpSocket::from(fd)
-            };
-            if i == 0 && n > 1 {
-                port = sock.local_addr()?.port();
-                steer(sock.as_raw_fd(), &steering_program(n as u32, &[]))?;
+            let sock = Self::member(at)?;
+            if i == 0 {
+                at.set_port(sock.local_addr()?.port());
+                if n > 1 {
+                    steer(sock.as_raw_fd(), &steering_program(n as u32, &[]))?;
+                }
             }
             group.push(Self::from_socket(sock)?);
         }
         Ok(group)
     }
 
-    fn from_socket(sock: UdpSocket) -> io::Result<UdpUnderlay> {
-        sock.set_nonblocking(true)?;
-        let fd = sock.as_raw_fd();
+    /// One more socket of the `SO_REUSEPORT` group on `at`, set up as the workers' are
+    /// (non-blocking, large buffers, GRO on receive): a Violin's own, which its worker
+    /// reads with [`UdpUnderlay::recv_on`].
+    pub fn member(at: SocketAddrV4) -> io::Result<UdpSocket> {
+        use nix::sys::socket::{setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType};
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        setsockopt(&fd, sockopt::ReusePort, &true)?;
+        nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrIn::from(at))?;
         for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-            let _ = setsockopt_int(fd, libc::SOL_SOCKET, opt, 4 << 20);
+            let _ = setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, opt, 4 << 20);
         }
         // Without GRO the kernel hands over one datagram per call, as before.
-        if let Err(e) = setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1) {
-            warn!("UDP_GRO unavailable on the underlay socket: {e}");
+        if let Err(e) = setsockopt_int(fd.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO, 1) {
+            warn!("UDP_GRO unavailable on an underlay socket: {e}");
         }
+        Ok(UdpSocket::from(fd))
+    }
+
+    fn from_socket(sock: UdpSocket) -> io::Result<UdpUnderlay> {
         let port = sock.local_addr()?.port();
         Ok(UdpUnderlay {
             sock,
@@ -247,6 +249,14 @@ impl UdpUnderlay {
             rx: RefCell::new(vec![0u8; RX_BATCH * RX_SLOT].into_boxed_slice()),
             sent: Cell::new(0),
         })
+    }
+
+    /// Where the group is bound.
+    pub fn local(&self) -> io::Result<SocketAddrV4> {
+        match self.sock.local_addr()? {
+            std::net::SocketAddr::V4(a) => Ok(a),
+            a => Err(io::Error::other(format!("the underlay socket is on {a}"))),
+        }
     }
 
     pub fn fd(&self) -> RawFd {
@@ -276,7 +286,13 @@ impl UdpUnderlay {
     /// Receives what is waiting, up to [`RX_BATCH`] messages (each a datagram or a GRO
     /// run of them) in one call, and hands each datagram on decapsulated. Returns how
     /// many datagrams there were (0: nothing waiting).
-    pub fn recv(&self, mut f: impl FnMut(Received<'_>)) -> io::Result<usize> {
+    pub fn recv(&self, f: impl FnMut(Received<'_>)) -> io::Result<usize> {
+        self.recv_on(self.fd(), f)
+    }
+
+    /// The same from another socket of the group (a Violin's own, [`UdpUnderlay::member`]),
+    /// into this one's buffers.
+    pub fn recv_on(&self, fd: RawFd, mut f: impl FnMut(Received<'_>)) -> io::Result<usize> {
         let mut bufs = self.rx.borrow_mut();
         let mut from = [unsafe_zeroed_sockaddr(); RX_BATCH];
         // Room for one int-sized control message (the GRO segment size) per message.
@@ -305,7 +321,7 @@ impl UdpUnderlay {
             // at `bufs`, all of which outlive the call.
             let r = unsafe {
                 libc::recvmmsg(
-                    self.fd(),
+                    fd,
                     msgs.as_mut_ptr(),
                     RX_BATCH as libc::c_uint,
                     libc::MSG_DONTWAIT,
