@@ -105,6 +105,7 @@ fn run(id: &str, size: Size, etcd: bool, say: &dyn Fn(&str)) -> Result<Run> {
         workers: None,
         xdp_attach: Default::default(),
         xdp_tx: Default::default(),
+        udp_steering: Default::default(),
         max_guests: None,
         busy_poll_us: None,
         etcd_members: usize::from(etcd),

@@ -78,6 +78,10 @@ struct Cli {
     /// compare the two ways out on any figure (figure 1b always measures both).
     #[arg(long, value_enum)]
     xdp_tx: Option<violin_dp::config::XdpTx>,
+    /// Which underlay socket each Violin's datagrams queue on, on every cluster
+    /// (default: the hosts' own, `violin`), to compare the two on any figure.
+    #[arg(long, value_enum)]
+    udp_steering: Option<violin_dp::config::UdpSteering>,
 }
 
 struct Plan {
@@ -184,6 +188,9 @@ struct Results {
     /// The xdp clusters' `xdp_tx` when `--xdp-tx` set it.
     #[serde(default)]
     xdp_tx: Option<violin_dp::config::XdpTx>,
+    /// Every cluster's `udp_steering` when `--udp-steering` set it.
+    #[serde(default)]
+    udp_steering: Option<violin_dp::config::UdpSteering>,
     configs: Vec<String>,
     /// Runs that failed (reported after the results are written).
     #[serde(default)]
@@ -775,6 +782,9 @@ fn main() -> Result<()> {
     if let Some(t) = cli.xdp_tx {
         let _ = testbed::XDP_TX.set(t);
     }
+    if let Some(s) = cli.udp_steering {
+        let _ = testbed::UDP_STEERING.set(s);
+    }
     if let Some(json) = &cli.from {
         let text =
             std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
@@ -833,6 +843,7 @@ fn main() -> Result<()> {
         idle_violins: plan.idle_violins,
         workers: cli.workers,
         xdp_tx: cli.xdp_tx,
+        udp_steering: cli.udp_steering,
         ..Default::default()
     };
     let id = std::process::id() % 10000;
@@ -1644,6 +1655,12 @@ fn workers_line(r: &Results) -> String {
     if let Some(t) = r.xdp_tx {
         o.push_str(&format!(
             "xdp clusters' small frames: {} (--xdp-tx)\n",
+            t.name()
+        ));
+    }
+    if let Some(t) = r.udp_steering {
+        o.push_str(&format!(
+            "underlay datagrams queue on: {} sockets (--udp-steering)\n",
             t.name()
         ));
     }

@@ -53,6 +53,11 @@ pub static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 /// How the xdp clusters' small frames leave (`--xdp-tx`); unset: the hosts' default.
 pub static XDP_TX: std::sync::OnceLock<violin_dp::config::XdpTx> = std::sync::OnceLock::new();
 
+/// Which underlay socket each Violin's datagrams queue on, on every cluster
+/// (`--udp-steering`); unset: the hosts' default.
+pub static UDP_STEERING: std::sync::OnceLock<violin_dp::config::UdpSteering> =
+    std::sync::OnceLock::new();
+
 pub fn violin_bin() -> PathBuf {
     std::env::current_exe().unwrap().with_file_name("violin")
 }
@@ -118,6 +123,7 @@ impl Testbed {
             workers: WORKERS.get().copied(),
             xdp_attach: Default::default(),
             xdp_tx: XDP_TX.get().copied().unwrap_or_default(),
+            udp_steering: UDP_STEERING.get().copied().unwrap_or_default(),
             max_guests,
             busy_poll_us: None,
             // The data path's figures leave etcd out; `--etcd-scale` measures it.

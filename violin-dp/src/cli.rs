@@ -193,6 +193,10 @@ pub enum ClusterCmd {
         /// socket's batches (the default) or AF_XDP's TX ring.
         #[arg(long, value_enum, default_value = "socket")]
         xdp_tx: crate::config::XdpTx,
+        /// Which underlay socket each Violin's datagrams queue on (`udp_steering` in the
+        /// host config): a socket of its own (the default) or its worker's.
+        #[arg(long, value_enum, default_value = "violin")]
+        udp_steering: crate::config::UdpSteering,
         /// Most guests per host over all Violins (`max_guests` in the host config;
         /// default 2048).
         #[arg(long)]
@@ -255,6 +259,7 @@ pub fn run(cli: Cli) -> Result<()> {
             workers,
             xdp_attach,
             xdp_tx,
+            udp_steering,
             max_guests,
             busy_poll_us,
             etcd_members,
@@ -275,6 +280,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     workers: workers.map(|w| w as usize),
                     xdp_attach,
                     xdp_tx,
+                    udp_steering,
                     max_guests,
                     busy_poll_us,
                     etcd_members: etcd_members as usize,

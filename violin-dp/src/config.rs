@@ -46,6 +46,34 @@ impl XdpTx {
     }
 }
 
+/// Which socket of the underlay's UDP group (`SO_REUSEPORT`) the kernel queues a
+/// Violin's datagrams on, on either plane (on the xdp plane those the classifier passes
+/// to the kernel: super-frames, jumbo frames).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UdpSteering {
+    /// A socket of its own per Violin, picked by an `sk_reuseport` eBPF program and
+    /// read by the Violin's worker as one of the Violin's sources: a flooding Violin
+    /// overflows only its own queue, and the worker's fair service sees each Violin's
+    /// backlog. Where the eBPF object does not load, the daemon says so and steers by
+    /// worker.
+    #[default]
+    Violin,
+    /// One socket per worker, steered by classic BPF: a worker's Violins share its
+    /// socket's queue, first in, first out.
+    Worker,
+}
+
+impl UdpSteering {
+    /// Its name in the host config and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            UdpSteering::Violin => "violin",
+            UdpSteering::Worker => "worker",
+        }
+    }
+}
+
 /// How the XDP classifier attaches to the underlay interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +120,10 @@ pub struct HostConfig {
     /// xdp: how the classifier attaches (default: generic on a veth, native elsewhere).
     #[serde(default)]
     pub xdp_attach: XdpAttach,
+    /// Which underlay socket a Violin's datagrams queue on ([`UdpSteering`]; default
+    /// `violin`).
+    #[serde(default)]
+    pub udp_steering: UdpSteering,
     /// Serve Prometheus metrics over HTTP on this TCP port (all of the host's own
     /// addresses; nothing is reachable from guests, which live in other namespaces).
     #[serde(default)]
@@ -288,5 +320,17 @@ mod tests {
         let bad = block.replace("xdp_tx = \"socket\"", "xdp_tx = \"tx_ring\"");
         let e = toml::from_str::<HostConfig>(&bad).unwrap_err().to_string();
         assert!(e.contains("xdp_tx") && e.contains("tx_ring"), "{e}");
+        assert_eq!(
+            toml::from_str::<HostConfig>(bare).unwrap().udp_steering,
+            UdpSteering::Violin
+        );
+        let worker = block.replace("udp_steering = \"violin\"", "udp_steering = \"worker\"");
+        assert_eq!(
+            toml::from_str::<HostConfig>(&worker).unwrap().udp_steering,
+            UdpSteering::Worker
+        );
+        let bad = block.replace("udp_steering = \"violin\"", "udp_steering = \"guest\"");
+        let e = toml::from_str::<HostConfig>(&bad).unwrap_err().to_string();
+        assert!(e.contains("udp_steering") && e.contains("guest"), "{e}");
     }
 }

@@ -75,6 +75,16 @@ impl Daemon {
             }
             Err(e) => warn!("the underlay's MTU is unknown ({e:#}): super-frames always go whole"),
         }
+        let by_violin = match cfg.udp_steering {
+            crate::config::UdpSteering::Violin => match setup_steering(&group) {
+                Ok(s) => Some(Box::new(s)),
+                Err(e) => {
+                    warn!("each worker's Violins share its underlay socket: {e:#}");
+                    None
+                }
+            },
+            crate::config::UdpSteering::Worker => None,
+        };
         let xdp = match cfg.dataplane {
             DataplaneChoice::Udp => None,
             DataplaneChoice::Xdp => Some(
@@ -122,7 +132,7 @@ impl Daemon {
         };
         let dataplane = underlays[0].name();
         let (mut workers, handles) =
-            Worker::team(underlays).context("creating the packet workers")?;
+            Worker::team(underlays, by_violin).context("creating the packet workers")?;
         let spin = std::time::Duration::from_micros(cfg.busy_poll_us());
         for w in &mut workers {
             w.set_spin(crate::datapath::worker::Spin::new(spin));
@@ -142,7 +152,7 @@ impl Daemon {
             None => None,
         };
         let (to_manager, inbox) = mpsc::channel();
-        info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane, workers = n, rx_queues, xdp_queues = if classifier.is_some() { queues } else { 0 }, metrics = ?cfg.metrics_port, "violin-dp ready");
+        info!(host = %cfg.name, underlay = %cfg.underlay, port = cfg.vxlan_port, dataplane, workers = n, steering = handles.steering(), rx_queues, xdp_queues = if classifier.is_some() { queues } else { 0 }, metrics = ?cfg.metrics_port, "violin-dp ready");
         Ok(Daemon {
             cfg,
             workers,
@@ -351,6 +361,19 @@ fn spawn_runtime(
         })
         .with_context(|| format!("starting {name}"))?;
     Ok(())
+}
+
+/// Attaches the steering by Violin (`crate::xdp::steer`) to the underlay's group.
+fn setup_steering(group: &[UdpUnderlay]) -> Result<crate::xdp::steer::VniSteering> {
+    let path = crate::xdp::classifier::object_path()?;
+    let obj = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let at = group[0].local()?;
+    let fds: Vec<_> = group
+        .iter()
+        // SAFETY: the group's sockets outlive the call (the map keeps its own references).
+        .map(|u| unsafe { std::os::fd::BorrowedFd::borrow_raw(u.fd()) })
+        .collect();
+    crate::xdp::steer::VniSteering::attach(&obj, at, &fds)
 }
 
 /// Loads and attaches the classifier and opens an AF_XDP anchor socket on each of

@@ -103,6 +103,10 @@ pub struct WorkerStats {
     /// VXLAN datagrams it sent through its UDP socket.
     #[serde(default)]
     pub udp_tx_frames: u64,
+    /// Of `udp_rx_frames`, those read from its Violins' own sockets of the underlay's
+    /// group (steering by Violin).
+    #[serde(default)]
+    pub udp_rx_own_frames: u64,
     pub handed_off: u64,
     pub taken_over: u64,
 }

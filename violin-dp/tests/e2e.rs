@@ -697,11 +697,23 @@ fn a_crashed_daemon_restarts_and_traffic_resumes(dp: &str) {
     let run_dir = c.run_dir.clone();
     drop(c);
     let _g = common::serial();
-    let left = aya::programs::loaded_programs()
-        .flatten()
-        .filter(|p| p.name_as_str() == Some(violin_common::maps::PROGRAM))
-        .count();
-    assert_eq!(left, 0, "XDP programs left loaded after cluster down");
+    let loaded = || {
+        aya::programs::loaded_programs()
+            .flatten()
+            .filter(|p| {
+                let name = p.name_as_str();
+                name == Some(violin_common::maps::PROGRAM)
+                    || name == Some(violin_common::maps::STEER_PROGRAM)
+            })
+            .count()
+    };
+    // The kernel frees a socket group's steering program after an RCU grace period
+    // once the group's last socket closed: give it a moment.
+    let until = Instant::now() + Duration::from_secs(5);
+    while loaded() > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(loaded(), 0, "eBPF programs left loaded after cluster down");
     assert!(
         !run_dir.exists() || std::fs::read_dir(&run_dir).unwrap().next().is_none(),
         "files left in {}",
@@ -1297,6 +1309,7 @@ fn two_workers_each_serve_their_violins(plane: &str, args: &[&str], queues: usiz
     let c = Cluster::up(2, plane, args);
     assert_eq!(c.nic_queues(), vec![(queues, queues); 2]);
     let ring = args.windows(2).any(|a| a == ["--xdp-tx", "ring"]);
+    let by_worker = args.windows(2).any(|a| a == ["--udp-steering", "worker"]);
     let each_worker_has_one = |violins: [&str; 2]| {
         for violin in violins {
             for h in &c.stats(violin).hosts {
@@ -1309,6 +1322,12 @@ fn two_workers_each_serve_their_violins(plane: &str, args: &[&str], queues: usiz
                         _ => w.xsk_rx_frames,
                     };
                     assert!(received > 0, "host {}: {:?}", h.host, h.workers);
+                    if plane == "udp" {
+                        // Each Violin's datagrams queue on its own socket of the group,
+                        // or (steered by worker) on its worker's.
+                        let own = if by_worker { 0 } else { w.udp_rx_frames };
+                        assert_eq!(w.udp_rx_own_frames, own, "host {}: {:?}", h.host, h.workers);
+                    }
                     if plane == "xdp" && ring {
                         // Every worker sends through AF_XDP, also one beyond the
                         // NIC's queues (through a socket of its own on queue 0).
@@ -1341,6 +1360,11 @@ fn two_workers_each_serve_their_violins(plane: &str, args: &[&str], queues: usiz
 #[test]
 fn two_workers_on_the_udp_plane_each_serve_their_violins() {
     two_workers_each_serve_their_violins("udp", &["--queues", "2", "--workers", "2"], 2);
+}
+
+#[test]
+fn two_workers_on_the_udp_plane_steered_by_worker_each_serve_their_violins() {
+    two_workers_each_serve_their_violins("udp", &["--workers", "2", "--udp-steering", "worker"], 1);
 }
 
 #[test]

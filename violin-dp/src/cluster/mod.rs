@@ -260,6 +260,8 @@ pub struct UpOptions {
     pub xdp_attach: crate::config::XdpAttach,
     /// xdp: how small frames leave each host.
     pub xdp_tx: crate::config::XdpTx,
+    /// Which underlay socket each Violin's datagrams queue on.
+    pub udp_steering: crate::config::UdpSteering,
     /// Most guests per host (`None`: the daemon's default).
     pub max_guests: Option<usize>,
     /// Packet workers' spin after work, µs (`None`: the daemon's default).
@@ -408,6 +410,7 @@ pub fn up(
                 xdp_socket_per_violin: !opts.xdp_single_socket,
                 xdp_attach: opts.xdp_attach,
                 xdp_tx: opts.xdp_tx,
+                udp_steering: opts.udp_steering,
                 metrics_port: Some(crate::config::DEFAULT_METRICS_PORT),
                 control_cpus: None,
                 // A simulated multi-queue NIC gets a worker per queue.

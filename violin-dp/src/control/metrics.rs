@@ -241,6 +241,11 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
             (|w| w.udp_rx_frames) as fn(&crate::stats::WorkerStats) -> u64,
         ),
         (
+            "violin_worker_udp_rx_own_frames_total",
+            "Of those, frames read from its Violins' own sockets of the underlay's group.",
+            |w| w.udp_rx_own_frames,
+        ),
+        (
             "violin_worker_xsk_rx_frames_total",
             "Frames a packet worker received through the AF_XDP sockets of its rx queue.",
             |w| w.xsk_rx_frames,

@@ -368,7 +368,8 @@ mod tests {
         ))
         .unwrap();
         let group = UdpUnderlay::bind_group(cfg.underlay, 0, n).unwrap();
-        let (team, handles) = Worker::team(group.into_iter().map(Underlay::Udp).collect()).unwrap();
+        let (team, handles) =
+            Worker::team(group.into_iter().map(Underlay::Udp).collect(), None).unwrap();
         for w in team {
             std::thread::spawn(move || w.run());
         }

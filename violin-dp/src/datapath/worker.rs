@@ -6,8 +6,10 @@
 //! least loaded when it arrived: [`Workers::place`]), which owns everything of it that
 //! changes per packet: its switch table, buckets, counters, guest ports and AF_XDP
 //! sockets (one per rx queue, all read by the home worker: the queue's fill ring is
-//! the only thing shared, once per batch) — so no lock is taken per packet. The
-//! kernel steers the underlay's UDP datagrams to the home worker's socket by VNI. A
+//! the only thing shared, once per batch) and its own socket of the underlay's UDP
+//! group — so no lock is taken per packet. The kernel steers the underlay's UDP
+//! datagrams by VNI to the Violin's own socket ([`crate::xdp::steer`]), or where that
+//! is not available to the home worker's socket, which its Violins share. A
 //! frame that still reaches another worker (on the socket every Violin shares where
 //! sockets are not per Violin, or where steering failed) is copied to the home worker
 //! through a bounded queue ([`Handoff`]) and switched there. A worker beyond the
@@ -63,6 +65,8 @@ const TIMER: Token = Token(3);
 const PORT_BASE: usize = 16;
 /// Tokens of the Violins' AF_XDP sockets: XSK_BASE + the socket's XskMap key.
 const XSK_BASE: usize = 1 << 40;
+/// Tokens of the Violins' own underlay sockets: OWN_BASE + the worker's index for it.
+const OWN_BASE: usize = 1 << 41;
 /// Most frames read from one socket per visit (bytes are the fair service's, [`Drr`]).
 const BUDGET: usize = 64;
 
@@ -70,11 +74,16 @@ const BUDGET: usize = 64;
 const HOST_CLASS: usize = 0;
 /// The class of the guest ports of the Violin in switch slot `v`.
 fn port_class(v: usize) -> usize {
-    1 + 2 * v
+    1 + 3 * v
 }
 /// The class of AF_XDP socket slot `slot` (one Violin's tunnelled frames).
 fn xsk_class(slot: usize) -> usize {
-    2 + 2 * slot
+    2 + 3 * slot
+}
+/// The class of the worker's `i`th Violin-own underlay socket (one Violin's tunnelled
+/// frames that came through the kernel's UDP stack).
+fn own_class(i: usize) -> usize {
+    3 + 3 * i
 }
 
 fn port_token(p: PortId) -> Token {
@@ -240,8 +249,18 @@ pub enum Command {
         slot: usize,
         reply: Reply<Vec<Slot>>,
     },
-    /// Start reading the underlay's UDP socket (once every port and membership is
-    /// back after a start); what it queued before is discarded.
+    /// Read the Violin `vni`'s own socket of the underlay's group (the kernel steers
+    /// its datagrams there: [`crate::xdp::steer`]).
+    AttachOwnSocket {
+        vni: u32,
+        socket: std::net::UdpSocket,
+    },
+    /// Stop reading (and close) the Violin `vni`'s own socket.
+    DetachOwnSocket {
+        vni: u32,
+    },
+    /// Start reading the underlay's UDP sockets (once every port and membership is
+    /// back after a start); what they queued before is discarded.
     OpenUnderlay,
     /// Where placed Violins live, sorted by VNI ([`Workers::place`]).
     Homes(Vec<(u32, usize)>),
@@ -375,17 +394,38 @@ pub struct Workers {
 struct Homes {
     /// Placed Violins: VNI → worker (others live at `VNI mod n`).
     placed: BTreeMap<u32, usize>,
-    /// A socket of the underlay's group, to re-steer it (`None`: `VNI mod n` only).
-    steer: Option<std::os::fd::OwnedFd>,
+    steering: Steering,
+}
+
+/// How the kernel picks a socket of the underlay's group for a datagram.
+pub enum Steering {
+    /// Socket `VNI mod n`, fixed (one worker, or no way to change it).
+    Fixed,
+    /// Classic BPF over the workers' sockets, re-steered through this one as Violins
+    /// are placed: a worker's Violins share its socket.
+    Workers(std::os::fd::OwnedFd),
+    /// Each placed Violin's own socket (eBPF), read by its worker.
+    Violins(Box<crate::xdp::steer::VniSteering>),
+}
+
+impl Steering {
+    /// What the daemon's log calls it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Steering::Fixed => "fixed",
+            Steering::Workers(_) => "worker",
+            Steering::Violins(_) => "violin",
+        }
+    }
 }
 
 impl Workers {
-    fn new(handles: Vec<WorkerHandle>, steer: Option<std::os::fd::OwnedFd>) -> Workers {
+    fn new(handles: Vec<WorkerHandle>, steering: Steering) -> Workers {
         Workers {
             handles: handles.into(),
             homes: Arc::new(Mutex::new(Homes {
                 placed: BTreeMap::new(),
-                steer,
+                steering,
             })),
         }
     }
@@ -423,7 +463,12 @@ impl Workers {
             return w;
         }
         let n = self.len();
-        if homes.steer.is_none() || n == 1 || homes.placed.len() >= MAX_STEERED {
+        let movable = match &homes.steering {
+            Steering::Fixed => false,
+            Steering::Workers(_) => n > 1 && homes.placed.len() < MAX_STEERED,
+            Steering::Violins(s) => homes.placed.len() < s.capacity(),
+        };
+        if !movable {
             return home_of(vni, n);
         }
         let mut load = vec![0usize; n];
@@ -450,25 +495,53 @@ impl Workers {
             }
             return modulo;
         }
+        if let Steering::Violins(s) = &mut homes.steering {
+            // A socket of its own, given to its worker before the kernel steers to it;
+            // failing that, the kernel steers it to its worker's socket.
+            let handle = &self.handles[w];
+            let given = s.open(vni, |socket| {
+                handle
+                    .send(Command::AttachOwnSocket { vni, socket })
+                    .map_err(anyhow::Error::from)
+            });
+            if let Err(e) = given {
+                warn!(vni, "the Violin shares its worker's underlay socket: {e:#}");
+                if let Err(e) = s.to_worker(vni, w) {
+                    warn!(vni, "{e:#}");
+                }
+            }
+        }
         w
     }
     /// Forgets where the Violin with `vni` lived, after it is removed.
     pub fn unplace(&self, vni: u32) {
         let mut homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
-        if homes.placed.remove(&vni).is_some() {
+        if let Some(w) = homes.placed.remove(&vni) {
+            if let Steering::Violins(s) = &mut homes.steering {
+                s.forget(vni);
+                let _ = self.handles[w].send(Command::DetachOwnSocket { vni });
+            }
             if let Err(e) = self.publish(&homes) {
                 warn!(vni, "re-steering the underlay after a Violin left: {e}");
             }
         }
+    }
+    /// How the underlay's datagrams are steered ([`Steering::name`]).
+    pub fn steering(&self) -> &'static str {
+        let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        homes.steering.name()
     }
     /// Tells every worker, then the kernel, where placed Violins live.
     fn publish(&self, homes: &Homes) -> std::io::Result<()> {
         let table: Vec<(u32, usize)> = homes.placed.iter().map(|(&v, &w)| (v, w)).collect();
         self.send_all(|| Command::Homes(table.clone()))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        match &homes.steer {
-            Some(fd) => steer(fd.as_raw_fd(), &steering_program(self.len() as u32, &table)),
-            None => Ok(()),
+        match &homes.steering {
+            Steering::Workers(fd) => {
+                steer(fd.as_raw_fd(), &steering_program(self.len() as u32, &table))
+            }
+            // Each placed Violin is steered as it is placed.
+            Steering::Violins(_) | Steering::Fixed => Ok(()),
         }
     }
     /// The worker that owns port `p`.
@@ -701,6 +774,13 @@ pub struct Worker {
     /// When the next capped-link release is due (as of the end of the last round).
     release_at: Option<u64>,
     udp_rx_frames: u64,
+    /// Of those, through its Violins' own sockets.
+    own_rx_frames: u64,
+    /// Its Violins' own underlay sockets (VNI, socket), by their index in its tokens
+    /// and classes ([`own_class`]).
+    own: Vec<Option<(u32, std::net::UdpSocket)>>,
+    /// The underlay's sockets are read (after [`Command::OpenUnderlay`]).
+    open: bool,
     /// xdp: the AF_XDP sockets this worker reads (its Violins'; on its own queue, also
     /// the one every Violin shares where sockets are not per Violin), by XskMap key,
     /// with their slots.
@@ -802,8 +882,12 @@ impl Worker {
     }
 
     /// One worker per underlay (worker `i` serves `underlays[i]`, rx queue `i`), and
-    /// the handles that command them.
-    pub fn team(underlays: Vec<Underlay>) -> std::io::Result<(Vec<Worker>, Workers)> {
+    /// the handles that command them. With `by_violin` (the steering program attached
+    /// to the underlays' group), each placed Violin gets a socket of its own.
+    pub fn team(
+        underlays: Vec<Underlay>,
+        by_violin: Option<Box<crate::xdp::steer::VniSteering>>,
+    ) -> std::io::Result<(Vec<Worker>, Workers)> {
         let n = underlays.len();
         // `Team::to_wake` has a bit per worker.
         assert!((1..=64).contains(&n), "1 to 64 workers");
@@ -811,9 +895,10 @@ impl Worker {
         // (on the xdp plane it carries what the classifier passes to the kernel: super-
         // and jumbo frames); a Violin's AF_XDP sockets, whatever queue the NIC picks,
         // are read by its own worker.
-        let steer = match n {
-            1 => None,
-            _ => Some({
+        let steering = match (by_violin, n) {
+            (Some(s), _) => Steering::Violins(s),
+            (None, 1) => Steering::Fixed,
+            (None, _) => Steering::Workers({
                 let fd = underlays[0].udp().fd();
                 // SAFETY: `fd` is an open socket for the duration of the call.
                 unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?
@@ -876,6 +961,9 @@ impl Worker {
                     timer,
                     release_at: None,
                     udp_rx_frames: 0,
+                    own_rx_frames: 0,
+                    own: Vec::new(),
+                    open: false,
                     xsks: Vec::new(),
                     xsk_reads: AfXdpStats::default(),
                     team,
@@ -884,7 +972,7 @@ impl Worker {
                 }
             })
             .collect();
-        Ok((workers, Workers::new(handles, steer)))
+        Ok((workers, Workers::new(handles, steering)))
     }
 
     fn now(&self) -> u64 {
@@ -1049,6 +1137,8 @@ impl Worker {
             Command::DetachSlot { slot, reply } => {
                 let _ = reply.send(self.detach_slot(slot));
             }
+            Command::AttachOwnSocket { vni, socket } => self.attach_own(vni, socket),
+            Command::DetachOwnSocket { vni } => self.detach_own(vni),
             Command::OpenUnderlay => self.open_underlay(),
             Command::Homes(h) => self.team.homes = h,
             Command::Neighbours(n) => {
@@ -1079,13 +1169,17 @@ impl Worker {
     fn open_underlay(&mut self) {
         let udp = self.underlay.udp();
         let mut stale = 0u64;
-        while let Ok(n @ 1..) = udp.recv(|_| {}) {
-            stale += n as u64;
+        let fds =
+            std::iter::once(udp.fd()).chain(self.own.iter().flatten().map(|(_, s)| s.as_raw_fd()));
+        for fd in fds {
+            while let Ok(n @ 1..) = udp.recv_on(fd, |_| {}) {
+                stale += n as u64;
+            }
         }
         if stale > 0 {
             info!(
                 datagrams = stale,
-                "discarded what the underlay socket queued before this host was ready"
+                "discarded what the underlay sockets queued before this host was ready"
             );
         }
         if let Err(e) =
@@ -1094,6 +1188,66 @@ impl Worker {
                 .register(&mut SourceFd(&udp.fd()), UNDERLAY, Interest::READABLE)
         {
             warn!("registering the underlay socket: {e}");
+        }
+        self.open = true;
+        for i in 0..self.own.len() {
+            self.register_own(i);
+        }
+    }
+
+    /// Reads Violin `vni`'s own socket from now on (once the underlay is open).
+    fn attach_own(&mut self, vni: u32, socket: std::net::UdpSocket) {
+        if self.own.iter().flatten().any(|(v, _)| *v == vni) {
+            warn!(
+                vni,
+                "a second underlay socket for one Violin; the first is kept"
+            );
+            return;
+        }
+        let i = match self.own.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.own.push(None);
+                self.own.len() - 1
+            }
+        };
+        self.own[i] = Some((vni, socket));
+        self.drr.reserve(own_class(i), 1);
+        if self.open {
+            self.register_own(i);
+        }
+    }
+
+    fn register_own(&mut self, i: usize) {
+        let Some((vni, s)) = &self.own[i] else {
+            return;
+        };
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&s.as_raw_fd()),
+            Token(OWN_BASE + i),
+            Interest::READABLE,
+        ) {
+            warn!(vni, "registering a Violin's underlay socket: {e}");
+        }
+        // Datagrams may have arrived since the kernel steered them here.
+        self.drr.ready(own_class(i), Token(OWN_BASE + i));
+    }
+
+    /// Stops reading Violin `vni`'s own socket, and closes it.
+    fn detach_own(&mut self, vni: u32) {
+        let Some(i) = self
+            .own
+            .iter()
+            .position(|o| o.as_ref().is_some_and(|(v, _)| *v == vni))
+        else {
+            return;
+        };
+        if let Some((_, s)) = self.own[i].take() {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&s.as_raw_fd()));
+            self.drr.forget(Token(OWN_BASE + i));
         }
     }
 
@@ -1247,6 +1401,7 @@ impl Worker {
             xsk_rx_frames: rings.map_or(0, |r| r.counters.rx_frames),
             xsk_tx_frames: own.map_or(0, |x| x.counters.tx_frames),
             udp_tx_frames: self.underlay.udp().sent_frames(),
+            udp_rx_own_frames: self.own_rx_frames,
             handed_off: self.team.handed_off,
             taken_over: self.team.taken_over,
         };
@@ -1270,6 +1425,7 @@ impl Worker {
             // switched in the round, so what they produce is flushed before the next poll.
             WAKER | HANDOFF if self.team.count > 1 => self.drr.ready(HOST_CLASS, HANDOFF),
             TIMER => self.timer.expired(),
+            Token(n) if n >= OWN_BASE => self.drr.ready(own_class(n - OWN_BASE), t),
             Token(n) if n >= XSK_BASE => {
                 if let Some(Some((slot, _))) = self.xsks.get(n - XSK_BASE) {
                     self.drr.ready(xsk_class(*slot), t);
@@ -1348,8 +1504,9 @@ impl Worker {
     fn serve(&mut self, t: Token, bytes: u64) -> Served {
         let mut budget = Budget::new(BUDGET, bytes);
         let more = match t {
-            UNDERLAY => self.underlay_rx(&mut budget),
+            UNDERLAY => self.underlay_rx(None, &mut budget),
             HANDOFF => self.handoff_rx(&mut budget),
+            Token(n) if n >= OWN_BASE => self.underlay_rx(Some(n - OWN_BASE), &mut budget),
             Token(n) if n >= XSK_BASE => self.xsk_rx(n - XSK_BASE, &mut budget),
             Token(n) if n >= PORT_BASE => {
                 let p = port_of(n);
@@ -1365,21 +1522,33 @@ impl Worker {
 
     // --- the per-packet path ------------------------------------------------------------
 
-    /// Reads the underlay's UDP socket within `budget`; true if it may hold more.
-    fn underlay_rx(&mut self, budget: &mut Budget) -> bool {
+    /// Reads the underlay's UDP socket, or the worker's `own`th Violin socket, within
+    /// `budget`; true if it may hold more.
+    fn underlay_rx(&mut self, own: Option<usize>, budget: &mut Budget) -> bool {
         let now = self.now();
         let Worker {
             fabric,
             underlay,
             udp_rx_frames,
+            own_rx_frames,
+            own: owned,
             team,
             ..
         } = self;
         let udp = underlay.udp();
+        let fd = match own {
+            None => udp.fd(),
+            Some(i) => match owned.get(i) {
+                Some(Some((_, s))) => s.as_raw_fd(),
+                _ => return false,
+            },
+        };
+        let from_own = u64::from(own.is_some());
         while budget.left() {
-            let r = udp.recv(|r| match r {
+            let r = udp.recv_on(fd, |r| match r {
                 Received::Frame(src, vx, inner) => {
                     *udp_rx_frames += 1;
+                    *own_rx_frames += from_own;
                     budget.spend(inner.len());
                     // Handed over only if the kernel did not steer by VNI (bind_group).
                     fabric.tunnel_in(team, src, vx, inner, now, udp);
@@ -1607,7 +1776,8 @@ mod tests {
     fn worker(spin: Duration) -> (std::thread::JoinHandle<()>, Workers, u16) {
         let u = UdpUnderlay::bind_group(Ipv4Addr::LOCALHOST, 0, 1).unwrap();
         let port = u[0].port();
-        let (mut team, handles) = Worker::team(u.into_iter().map(Underlay::Udp).collect()).unwrap();
+        let (mut team, handles) =
+            Worker::team(u.into_iter().map(Underlay::Udp).collect(), None).unwrap();
         let mut w = team.pop().unwrap();
         // Other tests share the CPUs: the window is what this checks, not sharing.
         w.set_spin(Spin::new(spin).regardless_of_sharing());
@@ -1644,7 +1814,8 @@ mod tests {
     fn violins_go_to_the_least_loaded_worker_and_the_kernel_follows() {
         let u = UdpUnderlay::bind_group(Ipv4Addr::LOCALHOST, 0, 3).unwrap();
         let port = u[0].port();
-        let (mut team, workers) = Worker::team(u.into_iter().map(Underlay::Udp).collect()).unwrap();
+        let (mut team, workers) =
+            Worker::team(u.into_iter().map(Underlay::Udp).collect(), None).unwrap();
         // 3, 6, 9 and 12 are all 0 mod 3.
         assert_eq!(workers.place(3, [].into_iter()), 0);
         assert_eq!(workers.place(6, [3].into_iter()), 1);
@@ -1692,7 +1863,8 @@ mod tests {
     #[test]
     fn one_worker_places_nothing() {
         let u = UdpUnderlay::bind_group(Ipv4Addr::LOCALHOST, 0, 1).unwrap();
-        let (mut team, workers) = Worker::team(u.into_iter().map(Underlay::Udp).collect()).unwrap();
+        let (mut team, workers) =
+            Worker::team(u.into_iter().map(Underlay::Udp).collect(), None).unwrap();
         assert_eq!(workers.place(5, [1, 2].into_iter()), 0);
         assert!(team[0].apply_commands());
         assert!(team[0].team.homes.is_empty());
