@@ -302,6 +302,8 @@ mod tests {
             .and_then(|b| b.split("```").next())
             .expect("a toml block");
         let cfg: HostConfig = toml::from_str(block).unwrap();
+        // The README's block with one setting changed, parsed.
+        let with = |from: &str, to: &str| toml::from_str::<HostConfig>(&block.replace(from, to));
         assert_eq!(cfg.name, "h1");
         assert!(cfg.remote_checksum);
         let off = block.replace("remote_checksum = true", "remote_checksum = false");
@@ -312,25 +314,24 @@ mod tests {
             toml::from_str::<HostConfig>(bare).unwrap().xdp_tx,
             XdpTx::Socket
         );
-        let ring = block.replace("xdp_tx = \"socket\"", "xdp_tx = \"ring\"");
-        assert_eq!(
-            toml::from_str::<HostConfig>(&ring).unwrap().xdp_tx,
-            XdpTx::Ring
-        );
-        let bad = block.replace("xdp_tx = \"socket\"", "xdp_tx = \"tx_ring\"");
-        let e = toml::from_str::<HostConfig>(&bad).unwrap_err().to_string();
+        let tx = "xdp_tx = \"socket\"";
+        assert_eq!(with(tx, "xdp_tx = \"ring\"").unwrap().xdp_tx, XdpTx::Ring);
+        let e = with(tx, "xdp_tx = \"tx_ring\"").unwrap_err().to_string();
         assert!(e.contains("xdp_tx") && e.contains("tx_ring"), "{e}");
         assert_eq!(
             toml::from_str::<HostConfig>(bare).unwrap().udp_steering,
             UdpSteering::Violin
         );
-        let worker = block.replace("udp_steering = \"violin\"", "udp_steering = \"worker\"");
+        let steering = "udp_steering = \"violin\"";
         assert_eq!(
-            toml::from_str::<HostConfig>(&worker).unwrap().udp_steering,
+            with(steering, "udp_steering = \"worker\"")
+                .unwrap()
+                .udp_steering,
             UdpSteering::Worker
         );
-        let bad = block.replace("udp_steering = \"violin\"", "udp_steering = \"guest\"");
-        let e = toml::from_str::<HostConfig>(&bad).unwrap_err().to_string();
+        let e = with(steering, "udp_steering = \"guest\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("udp_steering") && e.contains("guest"), "{e}");
     }
 }

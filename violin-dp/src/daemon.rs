@@ -365,8 +365,7 @@ fn spawn_runtime(
 
 /// Attaches the steering by Violin (`crate::xdp::steer`) to the underlay's group.
 fn setup_steering(group: &[UdpUnderlay]) -> Result<crate::xdp::steer::VniSteering> {
-    let path = crate::xdp::classifier::object_path()?;
-    let obj = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let obj = crate::xdp::classifier::read_object()?;
     let at = group[0].local()?;
     let fds: Vec<_> = group
         .iter()

@@ -8,7 +8,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use std::net::Ipv4Addr;
 use violin_common::wire::*;
 use violin_common::Verdict;
-use violin_dp::xdp::classifier::{object_path, Classifier};
+use violin_dp::xdp::classifier::{read_object, Classifier};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -78,7 +78,7 @@ fn load() -> Loaded {
         netlink::set_up(&h, "xb").await
     })
     .unwrap();
-    let obj = std::fs::read(object_path().unwrap()).unwrap();
+    let obj = read_object().unwrap();
     let mut cls = Classifier::load(&obj, 4789, 1).unwrap();
     cls.add_vni(101, 0, &[MEMBER]).unwrap();
     cls.add_vni(102, 1, &[MEMBER]).unwrap(); // slot 1 has no socket

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 use violin_dp::datapath::transport::udp::{Received, UdpUnderlay};
-use violin_dp::xdp::classifier::object_path;
+use violin_dp::xdp::classifier::read_object;
 use violin_dp::xdp::steer::VniSteering;
 
 #[test]
@@ -57,7 +57,7 @@ fn steer_in_namespace() {
         // SAFETY: the group outlives the steering (both live to the end of this function).
         .map(|u| unsafe { BorrowedFd::borrow_raw(u.fd()) })
         .collect();
-    let obj = std::fs::read(object_path().unwrap()).unwrap();
+    let obj = read_object().unwrap();
     let mut steering = VniSteering::attach(&obj, at, &fds).unwrap();
     let mut own = Vec::new();
     steering

@@ -42,6 +42,12 @@ pub fn object_path() -> Result<PathBuf> {
     )
 }
 
+/// The eBPF object's bytes ([`object_path`]): the classifier's and the steering's.
+pub fn read_object() -> Result<Vec<u8>> {
+    let path = object_path()?;
+    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+}
+
 pub struct Classifier {
     ebpf: Ebpf,
     port_slots: HashMap<MapData, u32, u32>,
