@@ -29,6 +29,10 @@ pub struct ViolinStats {
     /// of new pairs).
     #[serde(default)]
     pub unrecorded_packets: u64,
+    /// Nanoseconds its packet worker spent reading and switching this Violin's frames
+    /// (what moves a loud Violin's neighbours to another worker).
+    #[serde(default)]
+    pub busy_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -87,7 +87,8 @@ impl DropEvent {
 /// Subscribers at once per worker (a full list refuses more).
 pub const MAX_SUBSCRIBERS: usize = 16;
 
-struct Subscriber {
+/// One `violin monitor` client of one Violin.
+pub struct Subscriber {
     id: u64,
     vni: u32,
     tx: SyncSender<DropEvent>,
@@ -203,6 +204,22 @@ impl Monitor {
         let before = self.subs.len();
         self.subs.retain(|s| s.id != id);
         self.subs.len() != before
+    }
+
+    /// Hands over every subscriber of Violin `vni` (it moves to another worker).
+    pub fn take(&mut self, vni: u32) -> Vec<Subscriber> {
+        let (theirs, ours) = std::mem::take(&mut self.subs)
+            .into_iter()
+            .partition(|s| s.vni == vni);
+        self.subs = ours;
+        theirs
+    }
+
+    /// Takes over subscribers another worker handed over ([`Monitor::take`]); those
+    /// beyond the list's room end (their clients see the stream close).
+    pub fn adopt(&mut self, subs: Vec<Subscriber>) {
+        let room = MAX_SUBSCRIBERS.saturating_sub(self.subs.len());
+        self.subs.extend(subs.into_iter().take(room));
     }
 
     /// Forgets every subscriber of Violin `vni` (it was removed).

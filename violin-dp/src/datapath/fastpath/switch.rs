@@ -159,6 +159,23 @@ pub struct ViolinTable {
     host_sent: Vec<bool>,
     /// Per member: the IPv4 sources a guest may use (externals are not guarded).
     guards: Vec<Option<SourceGuard>>,
+    /// Nanoseconds its worker spent serving this Violin's sockets (the worker adds
+    /// them: [`Switch::charge`]).
+    busy_ns: u64,
+}
+
+/// A Violin's whole table, off one worker's switch on its way to another's
+/// ([`Switch::take_violin`], [`Switch::put_violin`]): counters, buckets, learned MACs,
+/// shapers and the frames they queued go with it; only its ports are numbered anew.
+pub struct Moving(Box<ViolinTable>);
+
+impl Moving {
+    pub fn vni(&self) -> u32 {
+        self.0.spec.vni
+    }
+    pub fn name(&self) -> &str {
+        &self.0.spec.name
+    }
 }
 
 /// One shaped direction of a capped link.
@@ -622,14 +639,8 @@ impl Switch {
         slot as PortId
     }
 
-    /// Adds a Violin as seen from host `local`. Returns the port of each local guest
-    /// as (member index, port).
-    pub fn add_violin(
-        &mut self,
-        spec: &Violin,
-        local: &str,
-        now: u64,
-    ) -> Result<Vec<(usize, PortId)>, AddError> {
+    /// The slot a new Violin with this spec takes, unless one here has its name or VNI.
+    fn room_for(&self, spec: &Violin) -> Result<usize, AddError> {
         if self.by_name.contains_key(&spec.name) {
             return Err(AddError::NameTaken(spec.name.clone()));
         }
@@ -640,11 +651,22 @@ impl Switch {
                 .unwrap_or_default();
             return Err(AddError::VniTaken { vni: spec.vni, by });
         }
-        let slot = self
+        Ok(self
             .violins
             .iter()
             .position(Option::is_none)
-            .unwrap_or(self.violins.len());
+            .unwrap_or(self.violins.len()))
+    }
+
+    /// Adds a Violin as seen from host `local`. Returns the port of each local guest
+    /// as (member index, port).
+    pub fn add_violin(
+        &mut self,
+        spec: &Violin,
+        local: &str,
+        now: u64,
+    ) -> Result<Vec<(usize, PortId)>, AddError> {
+        let slot = self.room_for(spec)?;
         let mut ports = Vec::new();
         let table = self.build_table(spec, local, now, None, |sw, i| {
             let p = sw.alloc_port(slot, i);
@@ -863,6 +885,7 @@ impl Switch {
             .collect();
         Ok(ViolinTable {
             guards,
+            busy_ns: old.map_or(0, |o| o.busy_ns),
             max_frame: spec.max_frame(),
             spec: spec.clone(),
             host_sent: vec![false; hosts.len()],
@@ -891,6 +914,64 @@ impl Switch {
             .filter(|&p| matches!(self.ports[p], Some((v, _)) if v == slot))
             .map(|p| p as PortId)
             .collect()
+    }
+
+    /// Takes a Violin off this switch whole, to put it on another worker's
+    /// ([`Switch::put_violin`]); its ports are freed here and returned as (member
+    /// index, port).
+    pub fn take_violin(&mut self, name: &str) -> Option<(Moving, Vec<(usize, PortId)>)> {
+        let slot = self.by_name.remove(name)?;
+        let table = self.violins[slot].take()?;
+        self.by_vni.remove(&table.spec.vni);
+        let mut ports = Vec::new();
+        for (m, loc) in table.loc.iter().enumerate() {
+            if let Location::Local(p) = loc {
+                self.ports[*p as usize] = None;
+                ports.push((m, *p));
+            }
+        }
+        Some((Moving(Box::new(table)), ports))
+    }
+
+    /// Puts a Violin taken off another switch here, everything of it as it was; its
+    /// local guests get ports of this switch, returned as (member index, port). Refused
+    /// (and handed back) when a Violin here has its name or VNI.
+    pub fn put_violin(&mut self, m: Moving) -> Result<Vec<(usize, PortId)>, (AddError, Moving)> {
+        let slot = match self.room_for(&m.0.spec) {
+            Ok(slot) => slot,
+            Err(e) => return Err((e, m)),
+        };
+        let mut table = *m.0;
+        let mut ports = Vec::new();
+        for m in 0..table.loc.len() {
+            if let Location::Local(_) = table.loc[m] {
+                let p = self.alloc_port(slot, m);
+                table.loc[m] = Location::Local(p);
+                ports.push((m, p));
+            }
+        }
+        self.by_vni.insert(table.spec.vni, slot);
+        self.by_name.insert(table.spec.name.clone(), slot);
+        if slot == self.violins.len() {
+            self.violins.push(Some(table));
+        } else {
+            self.violins[slot] = Some(table);
+        }
+        Ok(ports)
+    }
+
+    /// The switch slot of the Violin with `vni` (what [`Switch::charge`] takes).
+    #[inline]
+    pub fn slot_of_vni(&self, vni: u32) -> Option<usize> {
+        self.by_vni.get(&vni).copied()
+    }
+
+    /// Adds `ns` of its worker's time to the Violin in switch slot `v`.
+    #[inline]
+    pub fn charge(&mut self, v: usize, ns: u64) {
+        if let Some(t) = self.violins.get_mut(v).and_then(Option::as_mut) {
+            t.busy_ns += ns;
+        }
     }
 
     /// Removes a Violin and frees its ports. Returns its final statistics.
@@ -1164,6 +1245,7 @@ fn stats_of(t: &ViolinTable) -> ViolinStats {
         queued_frames: t.shapers.iter().map(|x| x.shaper.queued().0 as u64).sum(),
         queued_bytes: t.shapers.iter().map(|x| x.shaper.queued().1 as u64).sum(),
         unrecorded_packets: t.unrecorded.packets,
+        busy_ns: t.busy_ns,
     }
 }
 

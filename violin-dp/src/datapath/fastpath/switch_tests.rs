@@ -1052,3 +1052,90 @@ fn pairs_beyond_the_room_of_one_batch_are_counted_as_unrecorded_not_lost() {
     let after = sw.stats("many").unwrap();
     assert_eq!(after.unrecorded_packets, st.unrecorded_packets);
 }
+
+#[test]
+fn a_violin_moves_to_another_switch_whole_with_its_ports_renumbered() {
+    let mut f = fixture(SPEC);
+    let mut out = Vec::new();
+    let (a, b, d) = (mac(&f, "a"), mac(&f, "b"), mac(&f, "d"));
+    let pa = f.pa;
+    // Traffic before: counters, a full queue on the capped a→b link, a drop.
+    for _ in 0..1000 {
+        f.sw.process(Ingress::Port(pa), &frame(b, a, 1000), 0, &mut out);
+    }
+    f.sw.charge(f.sw.slot_of_vni(VNI).unwrap(), 12_345);
+    let before = f.sw.stats("blue").unwrap();
+    assert!(before.queued_frames > 0 && before.drops["policed_link"] > 0);
+    // The other switch already numbered ports of a Violin of its own.
+    let mut other = Switch::new();
+    let red = spec::parse(&SPEC.replace("blue", "red").replace("101", "102"), &hosts()).unwrap();
+    let red_ports = other.add_violin(&red, "h1", 0).unwrap();
+    let (moving, freed) = f.sw.take_violin("blue").unwrap();
+    assert_eq!(
+        freed,
+        vec![(0, f.pa), (3, f.pd)],
+        "a and d, by member index"
+    );
+    assert!(f.sw.stats("blue").is_none() && f.sw.slot_of_vni(VNI).is_none());
+    assert_eq!(
+        f.sw.process(
+            Ingress::Tunnel { src: H2, vni: VNI },
+            &frame(a, b, 64),
+            1,
+            &mut out
+        ),
+        Verdict::UnknownVni,
+        "gone from the first switch"
+    );
+    let ports = other.put_violin(moving).map_err(|(e, _)| e).unwrap();
+    let (na, nd) = (ports[0].1, ports[1].1);
+    assert_eq!((ports[0].0, ports[1].0), (0, 3));
+    assert!(
+        red_ports.iter().all(|(_, p)| *p != na && *p != nd),
+        "fresh ports"
+    );
+    // Everything came along: counters, drops, worker time, the queue.
+    let after = other.stats("blue").unwrap();
+    assert_eq!(after, before);
+    assert_eq!(after.busy_ns, 12_345);
+    // The queue drains from the new switch, to b's host.
+    let got = {
+        let mut f2 = Fixture {
+            sw: other,
+            spec: f.spec.clone(),
+            pa: na,
+            pd: nd,
+        };
+        let got = release_until(&mut f2, 0, 1_000_000_000);
+        other = f2.sw;
+        got
+    };
+    assert_eq!(got.len() as u64, before.queued_frames);
+    assert!(got.iter().all(|(e, _, _)| *e == TO_H2));
+    // Frames switch between the new ports; the red Violin's are untouched.
+    other.process(Ingress::Port(na), &frame(d, a, 64), 0, &mut out);
+    assert_eq!(out, vec![Egress::Port(nd)]);
+    other.process(
+        Ingress::Tunnel { src: H2, vni: VNI },
+        &frame(a, b, 64),
+        0,
+        &mut out,
+    );
+    assert_eq!(out, vec![Egress::Port(na)]);
+    let red_mac = |n: &str| red.members[red.member(n).unwrap()].mac.0;
+    let (ra, rd) = (red_mac("a"), red_mac("d"));
+    other.process(
+        Ingress::Port(red_ports[0].1),
+        &frame(rd, ra, 64),
+        0,
+        &mut out,
+    );
+    assert_eq!(out, vec![Egress::Port(red_ports[1].1)]);
+    // A switch that has a Violin of the same name or VNI hands it back.
+    let (moving, _) = other.take_violin("blue").unwrap();
+    let mut third = Switch::new();
+    third.add_violin(&f.spec, "h1", 0).unwrap();
+    let (e, back) = third.put_violin(moving).map(|_| ()).unwrap_err();
+    assert_eq!(e, AddError::NameTaken("blue".into()));
+    assert_eq!(back.vni(), VNI);
+}
