@@ -108,6 +108,7 @@ fn run(id: &str, size: Size, etcd: bool, say: &dyn Fn(&str)) -> Result<Run> {
         udp_steering: Default::default(),
         max_guests: None,
         busy_poll_us: None,
+        loud_violin_percent: None,
         etcd_members: usize::from(etcd),
         lease_ttl: violin_dp::config::DEFAULT_LEASE_TTL,
     };

@@ -82,6 +82,10 @@ struct Cli {
     /// (default: the hosts' own, `violin`), to compare the two on any figure.
     #[arg(long, value_enum)]
     udp_steering: Option<violin_dp::config::UdpSteering>,
+    /// Every cluster's `loud_violin_percent` (default: the hosts' own, 20; 0: Violins
+    /// stay on the worker they were placed on), to compare on any figure.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=100))]
+    loud_violin_percent: Option<u32>,
 }
 
 struct Plan {
@@ -191,6 +195,9 @@ struct Results {
     /// Every cluster's `udp_steering` when `--udp-steering` set it.
     #[serde(default)]
     udp_steering: Option<violin_dp::config::UdpSteering>,
+    /// Every cluster's `loud_violin_percent` when `--loud-violin-percent` set it.
+    #[serde(default)]
+    loud_violin_percent: Option<u32>,
     configs: Vec<String>,
     /// Runs that failed (reported after the results are written).
     #[serde(default)]
@@ -785,6 +792,9 @@ fn main() -> Result<()> {
     if let Some(s) = cli.udp_steering {
         let _ = testbed::UDP_STEERING.set(s);
     }
+    if let Some(p) = cli.loud_violin_percent {
+        let _ = testbed::LOUD.set(p);
+    }
     if let Some(json) = &cli.from {
         let text =
             std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
@@ -844,6 +854,7 @@ fn main() -> Result<()> {
         workers: cli.workers,
         xdp_tx: cli.xdp_tx,
         udp_steering: cli.udp_steering,
+        loud_violin_percent: cli.loud_violin_percent,
         ..Default::default()
     };
     let id = std::process::id() % 10000;
@@ -1662,6 +1673,11 @@ fn workers_line(r: &Results) -> String {
         o.push_str(&format!(
             "underlay datagrams queue on: {} sockets (--udp-steering)\n",
             t.name()
+        ));
+    }
+    if let Some(p) = r.loud_violin_percent {
+        o.push_str(&format!(
+            "a Violin is loud from {p} % of a core (--loud-violin-percent)\n"
         ));
     }
     o

@@ -58,6 +58,10 @@ pub static XDP_TX: std::sync::OnceLock<violin_dp::config::XdpTx> = std::sync::On
 pub static UDP_STEERING: std::sync::OnceLock<violin_dp::config::UdpSteering> =
     std::sync::OnceLock::new();
 
+/// Every cluster's `loud_violin_percent` (`--loud-violin-percent`); unset: the hosts'
+/// default.
+pub static LOUD: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
 pub fn violin_bin() -> PathBuf {
     std::env::current_exe().unwrap().with_file_name("violin")
 }
@@ -126,6 +130,7 @@ impl Testbed {
             udp_steering: UDP_STEERING.get().copied().unwrap_or_default(),
             max_guests,
             busy_poll_us: None,
+            loud_violin_percent: LOUD.get().copied(),
             // The data path's figures leave etcd out; `--etcd-scale` measures it.
             etcd_members: 0,
             lease_ttl: violin_dp::config::DEFAULT_LEASE_TTL,

@@ -205,6 +205,11 @@ pub enum ClusterCmd {
         /// it sleeps (`busy_poll_us` in the host config; default 200, 0: off).
         #[arg(long, value_parser = clap::value_parser!(u64).range(0..=10_000))]
         busy_poll_us: Option<u64>,
+        /// Percent of a core a packet worker spends on a Violin that makes it loud: its
+        /// neighbours move to a worker without a loud Violin (`loud_violin_percent` in
+        /// the host config; default 20, 0: Violins stay where they were placed).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(0..=100))]
+        loud_violin_percent: Option<u32>,
         /// etcd members, each in a namespace on the underlay (0: no etcd; the CLI then
         /// drives each daemon over its control socket).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=7))]
@@ -262,6 +267,7 @@ pub fn run(cli: Cli) -> Result<()> {
             udp_steering,
             max_guests,
             busy_poll_us,
+            loud_violin_percent,
             etcd_members,
             lease_ttl,
         }) => {
@@ -283,6 +289,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     udp_steering,
                     max_guests,
                     busy_poll_us,
+                    loud_violin_percent,
                     etcd_members: etcd_members as usize,
                     lease_ttl,
                 },

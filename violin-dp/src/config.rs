@@ -152,6 +152,13 @@ pub struct HostConfig {
     /// for a while (`datapath::worker::Spin`).
     #[serde(default)]
     pub busy_poll_us: Option<u64>,
+    /// A Violin whose packet worker spends at least this percent of a core on it (over
+    /// a second) is loud: its neighbours move to a worker without a loud Violin, where
+    /// there is one (`control::balance`), and so does a second loud Violin on one
+    /// worker. 0 leaves every Violin where it was placed. Default
+    /// [`DEFAULT_LOUD_VIOLIN_PERCENT`]; 0 to 100.
+    #[serde(default)]
+    pub loud_violin_percent: Option<u32>,
     /// Most guests this host takes, over all its Violins; an `up`/`apply` that would
     /// pass it is refused whole. Default [`DEFAULT_MAX_GUESTS`].
     #[serde(default)]
@@ -213,6 +220,9 @@ pub const DEFAULT_MAX_GUESTS: usize = 2048;
 /// How long a packet worker spins after a round with work (see `busy_poll_us`).
 pub const DEFAULT_BUSY_POLL_US: u64 = 200;
 
+/// The share of a core (percent) that makes a Violin loud (see `loud_violin_percent`).
+pub const DEFAULT_LOUD_VIOLIN_PERCENT: u32 = 20;
+
 /// Most packet workers a host runs.
 pub const MAX_WORKERS: usize = 32;
 
@@ -260,6 +270,20 @@ impl HostConfig {
 
     pub fn busy_poll_us(&self) -> u64 {
         self.busy_poll_us.unwrap_or(DEFAULT_BUSY_POLL_US)
+    }
+
+    /// The share of a core that makes a Violin loud (0: Violins never move), or why
+    /// the configured one cannot be.
+    pub fn loud_share(&self) -> Result<f64> {
+        match self
+            .loud_violin_percent
+            .unwrap_or(DEFAULT_LOUD_VIOLIN_PERCENT)
+        {
+            p if p > 100 => {
+                anyhow::bail!("loud_violin_percent = {p}: a share of one core, 0 to 100")
+            }
+            p => Ok(f64::from(p) / 100.0),
+        }
     }
 
     pub fn load(path: &Path) -> Result<HostConfig> {

@@ -56,6 +56,7 @@ impl Daemon {
         });
         let rx_queues = link.as_ref().map_or(1, |l| l.rx_queues);
         let n = cfg.workers()?;
+        cfg.loud_share()?;
         // xdp: the queues served, each by the worker of its number.
         let queues = n.min(rx_queues.max(1) as usize);
         let mut group =

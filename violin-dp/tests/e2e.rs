@@ -1374,6 +1374,102 @@ fn two_workers_on_the_xdp_plane_each_serve_their_violins() {
     two_workers_each_serve_their_violins("xdp", &["--workers", "2", "--xdp-tx", "ring"], 1);
 }
 
+/// A Violin that keeps its packet worker busy gets the worker to itself: the Violin
+/// that shared it moves to the other worker with its ports (a relay's stream socket on
+/// one host, a tap on the other), counters and underlay socket, and not one of its
+/// frames is lost on the way.
+fn a_loud_violins_neighbour_moves_to_another_worker(plane: &str) {
+    if !can_run() {
+        return;
+    }
+    // A low threshold: the flood is loud on both hosts however slow the machine.
+    let c = Cluster::up(2, plane, &["--workers", "2", "--loud-violin-percent", "5"]);
+    let spec = |name: &str, vni: u32, subnet: u8| {
+        format!(
+            "name = \"{name}\"\nvni = {vni}\n\
+             [[guest]]\nname = \"a\"\nhost = \"h1\"\nip = \"10.{subnet}.0.1/24\"\nport = \"socket\"\n\
+             [[guest]]\nname = \"b\"\nhost = \"h2\"\nip = \"10.{subnet}.0.2/24\"\nport = \"tap\"\n"
+        )
+    };
+    // Placed by count: quiet (VNI 301) on worker 1, idle on 0, loud (303) beside quiet.
+    c.up_spec("quiet.toml", &spec("quiet", 301, 31));
+    c.up_spec("idle.toml", &spec("idle", 302, 32));
+    c.up_spec("loud.toml", &spec("loud", 303, 33));
+    let workers =
+        |v: &str| -> Vec<Option<usize>> { c.stats(v).hosts.iter().map(|h| h.worker).collect() };
+    assert_eq!(workers("quiet"), vec![Some(1); 2]);
+    assert_eq!(workers("loud"), vec![Some(1); 2]);
+    assert!(c.ping("quiet", "a", "10.31.0.2", 2));
+    let before = c.edge(&c.stats("quiet"), "a", "b").0;
+    assert!(before > 0);
+    // quiet's b counts what arrives on port 7000.
+    let counted = {
+        let ns = c.guest_ns("quiet", "b");
+        std::thread::spawn(move || {
+            violin_dp::host::netns::enter(&ns).unwrap();
+            let s = std::net::UdpSocket::bind("0.0.0.0:7000").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let (mut n, mut buf) = (0u64, [0u8; 2048]);
+            while s.recv(&mut buf).is_ok() {
+                n += 1;
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let flood = udp_flood(
+        &c.guest_ns("loud", "a"),
+        "10.33.0.2:9",
+        1400,
+        Instant::now() + Duration::from_secs(6),
+        false,
+    );
+    // 300 datagrams, 10 ms apart, while the flood starts and quiet moves.
+    udp_send(&c.guest_ns("quiet", "a"), "10.31.0.2:7000", 200, 300, false);
+    let moved = (0..40).any(|_| {
+        let w = workers("quiet");
+        w == vec![Some(0); 2] || {
+            std::thread::sleep(Duration::from_millis(100));
+            false
+        }
+    });
+    assert!(flood.join().unwrap() > 0);
+    let got = counted.join().unwrap();
+    for h in ["h1", "h2"] {
+        eprintln!("{h}: {}", c.host_log(h));
+    }
+    assert!(moved, "quiet stayed beside loud: {:?}", workers("quiet"));
+    assert_eq!(workers("loud"), vec![Some(1); 2], "loud keeps its worker");
+    assert_eq!(workers("idle"), vec![Some(0); 2], "an idle Violin stays");
+    assert_eq!(
+        got, 300,
+        "every datagram of quiet's arrived across the move"
+    );
+    for h in ["h1", "h2"] {
+        let log = c.host_log(h);
+        assert!(
+            log.contains("Violin moved to another packet worker") && log.contains("violin=quiet"),
+            "{h}: {log}"
+        );
+    }
+    // Its counters came along, and both its ports still carry frames.
+    let s = c.stats("quiet");
+    assert!(c.edge(&s, "a", "b").0 >= before + 300, "{:?}", s);
+    assert!(s.hosts.iter().all(|h| h.stats.busy_ns > 0), "{:?}", s);
+    assert!(c.ping("quiet", "a", "10.31.0.2", 2));
+    assert!(c.ping("quiet", "b", "10.31.0.1", 2));
+}
+
+#[test]
+fn a_loud_violins_neighbour_moves_to_another_worker_on_the_udp_plane() {
+    a_loud_violins_neighbour_moves_to_another_worker("udp");
+}
+
+#[test]
+fn a_loud_violins_neighbour_moves_to_another_worker_on_the_xdp_plane() {
+    a_loud_violins_neighbour_moves_to_another_worker("xdp");
+}
+
 /// `auto` takes XDP where the classifier loads, and says why not where it does not.
 #[test]
 fn auto_dataplane_uses_xdp_where_it_can_and_says_why_not() {

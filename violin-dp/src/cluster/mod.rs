@@ -266,6 +266,8 @@ pub struct UpOptions {
     pub max_guests: Option<usize>,
     /// Packet workers' spin after work, µs (`None`: the daemon's default).
     pub busy_poll_us: Option<u64>,
+    /// Percent of a core that makes a Violin loud (`None`: the daemon's default).
+    pub loud_violin_percent: Option<u32>,
     /// etcd members (0: none; the CLI then drives the daemons' sockets).
     pub etcd_members: usize,
     /// Seconds a host's registration outlives its last keep-alive.
@@ -420,6 +422,7 @@ pub fn up(
                 max_guests: opts.max_guests,
                 remote_checksum: !opts.no_remote_checksum,
                 busy_poll_us: opts.busy_poll_us,
+                loud_violin_percent: opts.loud_violin_percent,
                 etcd: match &pki {
                     Some(p) => Some(crate::config::EtcdConfig {
                         endpoints: state.etcd.iter().map(etcd::Member::underlay_url).collect(),

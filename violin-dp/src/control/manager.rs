@@ -10,6 +10,7 @@
 //! worker's [`Counters`], without waiting for the manager.
 
 use crate::config::HostConfig;
+use crate::control::balance::{self, ViolinLoad};
 use crate::control::persist;
 use crate::control::protocol::{
     Applied, GuestStatus, HostStatus, HostViolinStats, Request, ViolinStatus, XdpHostStats,
@@ -48,8 +49,10 @@ struct GuestRecord {
     cgroup: Option<GuestCgroup>,
     /// A VM's directory and accelerator.
     vm: Option<(PathBuf, String)>,
-    /// A fast port: the guest-port program's attachment and the host veth.
-    xdp: Option<(XdpLinkId, String)>,
+    /// A fast port: the guest-port program's attachment, the host veth and the port's
+    /// slot in the program's XskMap (its own, not its port number, which changes when
+    /// its Violin moves to another worker).
+    xdp: Option<(XdpLinkId, String, u32)>,
 }
 
 /// A Violin on this host.
@@ -120,7 +123,25 @@ pub struct Manager {
     /// This binary, which also runs lightweight guests' relays (`violin-dp guest`).
     exe: String,
     view: SharedView,
+    balance: Balance,
 }
+
+/// What deciding where Violins live needs between ticks ([`balance`]).
+#[derive(Default)]
+struct Balance {
+    /// The last reading of each Violin's worker time, and when it was taken.
+    busy: BTreeMap<u32, u64>,
+    at: Option<Instant>,
+    /// Violins that moved lately, and when: they stay put for [`SETTLE`].
+    moved: BTreeMap<u32, Instant>,
+}
+
+/// How often each Violin's share of its worker is read, and moves are decided: a
+/// flood is seen within two readings.
+const BALANCE_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long a Violin that moved stays on its new worker, whatever its load (no
+/// Violin moves more often).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn gone(e: WorkerGone) -> anyhow::Error {
     anyhow!(e)
@@ -154,6 +175,7 @@ impl Manager {
             supervisor: Supervisor::default(),
             exe,
             view,
+            balance: Balance::default(),
         }
     }
 
@@ -216,6 +238,180 @@ impl Manager {
     pub fn tick(&mut self) {
         self.supervisor.tick(Instant::now());
         self.release_booted_vms();
+    }
+
+    /// Reads each Violin's share of its worker over the last [`BALANCE_EVERY`] and
+    /// moves the neighbours of loud Violins to workers without one ([`balance`]).
+    /// Called between requests; does nothing until [`BALANCE_EVERY`] has passed.
+    pub fn rebalance(&mut self) {
+        let loud = self.cfg.loud_share().unwrap_or(0.0);
+        if loud <= 0.0 || !self.workers.movable() || self.records.is_empty() {
+            self.balance = Balance::default();
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .balance
+            .at
+            .is_some_and(|t| now.duration_since(t) < BALANCE_EVERY)
+        {
+            return;
+        }
+        let Ok(c) = self.workers.snapshot() else {
+            return;
+        };
+        let busy: BTreeMap<u32, u64> = c.violins.iter().map(|v| (v.vni, v.busy_ns)).collect();
+        let before = std::mem::replace(&mut self.balance.busy, busy);
+        let Some(at) = self.balance.at.replace(now) else {
+            return;
+        };
+        let ns = now.duration_since(at).as_nanos() as u64;
+        let shares = balance::shares(&before, &self.balance.busy, ns);
+        self.balance
+            .moved
+            .retain(|_, t| now.duration_since(*t) < SETTLE);
+        let loads: Vec<ViolinLoad> = self
+            .records
+            .values()
+            .filter_map(|r| {
+                let vni = r.spec.vni;
+                Some(ViolinLoad {
+                    vni,
+                    worker: self.workers.home(vni),
+                    share: *shares.get(&vni)?,
+                    settled: self.balance.moved.contains_key(&vni) || !self.workers.placed(vni),
+                })
+            })
+            .collect();
+        let moves = balance::moves(&loads, self.workers.len(), loud);
+        let mut loud_at = vec![false; self.workers.len()];
+        for l in loads.iter().filter(|l| l.share >= loud) {
+            let w = moves
+                .iter()
+                .find(|(v, _)| *v == l.vni)
+                .map_or(l.worker, |m| m.1);
+            loud_at[w] = true;
+        }
+        self.workers.set_loud(loud_at);
+        for &(vni, to) in &moves {
+            let Some(name) = self
+                .records
+                .values()
+                .find(|r| r.spec.vni == vni)
+                .map(|r| r.spec.name.clone())
+            else {
+                continue;
+            };
+            let from = self.workers.home(vni);
+            // Its worker's loudest Violin, for the log.
+            let (by, share) = loads
+                .iter()
+                .filter(|l| l.worker == from)
+                .max_by(|a, b| a.share.total_cmp(&b.share))
+                .map(|l| (l.vni, l.share))
+                .unwrap_or((vni, 0.0));
+            match self.move_violin(&name, to) {
+                Ok(()) => info!(
+                    violin = %name,
+                    from,
+                    to,
+                    loud_vni = by,
+                    loud_percent = format!("{:.0}", share * 100.0),
+                    "Violin moved to another packet worker, away from a loud Violin"
+                ),
+                Err(e) => {
+                    warn!(violin = %name, from, to, "moving a Violin to another packet worker: {e:#}")
+                }
+            }
+            self.balance.moved.insert(vni, now);
+        }
+        if !moves.is_empty() {
+            self.publish();
+        }
+    }
+
+    /// Moves Violin `name` to packet worker `to` whole: switch table (counters,
+    /// buckets, queues), guest ports, AF_XDP sockets, own underlay socket and monitors
+    /// (what arrives meanwhile waits in those sockets); the manager's records follow
+    /// its ports' new numbers. Where `to` refuses it, it goes back.
+    fn move_violin(&mut self, name: &str, to: usize) -> Result<()> {
+        let vni = self
+            .records
+            .get(name)
+            .with_context(|| format!("no Violin named {name:?} on this host"))?
+            .spec
+            .vni;
+        let from = self.workers.home(vni);
+        if from == to {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            self.workers.placed(vni),
+            "Violin {name:?} stays on worker {from}: the kernel's steering cannot follow it"
+        );
+        let moving = self
+            .workers
+            .get(from)
+            .ask(|reply| Command::Export {
+                name: name.to_string(),
+                to,
+                reply,
+            })
+            .map_err(gone)?
+            .with_context(|| format!("worker {from} does not have Violin {name:?}"))?;
+        let imported = self
+            .workers
+            .get(to)
+            .ask(|reply| Command::Import {
+                violin: moving,
+                reply,
+            })
+            .map_err(gone)?;
+        match imported {
+            Ok(ports) => {
+                self.workers.rehome(vni, to);
+                self.renumber(name, &ports);
+                Ok(())
+            }
+            Err((e, back)) => {
+                let ports = self
+                    .workers
+                    .get(from)
+                    .ask(|reply| Command::Import {
+                        violin: back,
+                        reply,
+                    })
+                    .map_err(gone)?
+                    .map_err(|(e2, _)| anyhow!("Violin {name:?} is lost between workers: {e2}"))?;
+                self.renumber(name, &ports);
+                bail!("worker {to} refused Violin {name:?}: {e}")
+            }
+        }
+    }
+
+    /// Re-keys a Violin's guests by the ports a worker numbered them anew, as (member
+    /// index, port).
+    fn renumber(&mut self, name: &str, ports: &[(usize, PortId)]) {
+        let Some(rec) = self.records.get_mut(name) else {
+            return;
+        };
+        let mut old = std::mem::take(&mut rec.guests);
+        for &(m, p) in ports {
+            let Some(member) = rec.spec.members.get(m) else {
+                continue;
+            };
+            let key = old
+                .iter()
+                .find(|(_, g)| g.name == member.name)
+                .map(|(k, _)| *k);
+            if let Some(g) = key.and_then(|k| old.remove(&k)) {
+                rec.guests.insert(p, g);
+            }
+        }
+        for (k, g) in old {
+            warn!(violin = %name, guest = %g.name, "a guest without a port after its Violin moved");
+            rec.guests.entry(k).or_insert(g);
+        }
     }
 
     /// A VM boots on the control CPUs (booting is control work: under TCG it takes a
@@ -461,7 +657,7 @@ impl Manager {
                 xdp: None,
             };
             // Recorded first: a failure below tears down what was made.
-            let port = match self.make_port(v, m, p, &mut rec, *port_kind, *framing, incoming) {
+            let port = match self.make_port(v, m, &mut rec, *port_kind, *framing, incoming) {
                 Ok(port) => port,
                 Err(e) => {
                     self.record_guest(&v.name, p, rec);
@@ -509,6 +705,17 @@ impl Manager {
         }
     }
 
+    /// The lowest slot of the guest-port program's XskMap no fast port has.
+    fn free_port_slot(&self) -> u32 {
+        let used: BTreeSet<u32> = self
+            .records
+            .values()
+            .flat_map(|r| r.guests.values())
+            .filter_map(|g| g.xdp.as_ref().map(|x| x.2))
+            .collect();
+        (0..).find(|s| !used.contains(s)).unwrap_or(0)
+    }
+
     fn record_guest(&mut self, violin: &str, p: PortId, g: GuestRecord) {
         if let Some(r) = self.records.get_mut(violin) {
             r.guests.insert(p, g);
@@ -521,7 +728,6 @@ impl Manager {
         &mut self,
         v: &Violin,
         m: usize,
-        p: PortId,
         rec: &mut GuestRecord,
         port_kind: PortKind,
         framing: Framing,
@@ -563,8 +769,9 @@ impl Manager {
             )
             .with_context(|| format!("setting up fast-port guest {}", member.name))?;
             let xp = XdpPort::open(&host_if)?;
-            let link = lock(&cls).attach_port(&host_if, p, &xp.fd())?;
-            rec.xdp = Some((link, host_if));
+            let slot = self.free_port_slot();
+            let link = lock(&cls).attach_port(&host_if, slot, &xp.fd())?;
+            rec.xdp = Some((link, host_if, slot));
             return Ok(Port::Xdp(Box::new(xp)));
         }
         let path = self.cfg.guest_socket(&v.name, &member.name);
@@ -770,6 +977,7 @@ impl Manager {
                         slot,
                         key: key as usize,
                         socket,
+                        vni: per_violin.then_some(v.vni),
                     })
                     .map_err(gone)?;
             }
@@ -878,9 +1086,9 @@ impl Manager {
             let ns = self.cfg.guest_netns(violin, &g.name);
             crate::host::uids::release(&vm::uid_key(&ns, &self.cfg.name));
         }
-        if let Some((link, iface)) = g.xdp {
+        if let Some((link, iface, slot)) = g.xdp {
             if let Some(cls) = &self.classifier {
-                lock(cls).detach_port(link, &iface, p);
+                lock(cls).detach_port(link, &iface, slot);
             }
             let _ = crate::host::netlink::with_handle(|h| async move {
                 crate::host::netlink::del_link(&h, &iface).await
@@ -1085,7 +1293,7 @@ pub fn run(mut m: Manager, rx: std::sync::mpsc::Receiver<ManagerMsg>) {
     use std::sync::mpsc::RecvTimeoutError;
     let mut last_tick = Instant::now();
     loop {
-        match rx.recv_timeout(TICK) {
+        match rx.recv_timeout(BALANCE_EVERY) {
             Ok(ManagerMsg::Request(req, reply)) => {
                 let r = m.handle(req);
                 let _ = reply.send(crate::control::Response::from_result(r));
@@ -1097,6 +1305,7 @@ pub fn run(mut m: Manager, rx: std::sync::mpsc::Receiver<ManagerMsg>) {
             last_tick = Instant::now();
             m.tick();
         }
+        m.rebalance();
     }
     info!("shutting down");
     m.teardown();

@@ -146,6 +146,16 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
         }
     }
     f.head(
+        "violin_worker_busy_seconds_total",
+        "counter",
+        "Time a Violin's packet worker spent reading and switching its frames.",
+    );
+    for v in violins {
+        let l = [("host", host), ("violin", v.stats.name.as_str())];
+        let secs = v.stats.busy_ns as f64 / 1e9;
+        f.sample("violin_worker_busy_seconds_total", &l, secs);
+    }
+    f.head(
         "violin_host_drops_total",
         "counter",
         "Frames dropped before any Violin was known (bad outer headers, unknown VNI), by reason.",
@@ -559,6 +569,7 @@ mod tests {
                 drops: [("no_link".to_string(), 5)].into(),
                 learned_macs: 0,
                 ecn_marked: 3,
+                busy_ns: 1_500_000_000,
                 ..Default::default()
             },
             ports: vec![],
@@ -589,6 +600,7 @@ mod tests {
             "violin_edge_bytes_total{host=\"h1\",violin=\"blue\",from=\"a\",to=\"b\"} 200",
             "violin_drops_total{host=\"h1\",violin=\"blue\",reason=\"no_link\"} 5",
             "violin_ecn_marked_total{host=\"h1\",violin=\"blue\"} 3",
+            "violin_worker_busy_seconds_total{host=\"h1\",violin=\"blue\"} 1.5",
             "violin_host_drops_total{host=\"h1\",reason=\"unknown_vni\"} 3",
             "violin_udp_rx_frames_total{host=\"h1\"} 7",
             "violin_worker_handed_off_total{host=\"h1\",worker=\"1\"} 4",

@@ -3,10 +3,14 @@
 //! a size bound), the host manager that owns every Violin's record on this host and
 //! turns requests into worker commands and host changes ([`manager`]), persistence
 //! for restarts ([`persist`]), the neighbour watcher ([`neighbours`]) and the metrics
-//! server ([`metrics`]), and the host's side of the cluster state in etcd ([`agent`]). None of it runs on a packet worker's thread.
+//! server ([`metrics`]), and the host's side of the cluster state in etcd ([`agent`]),
+//! and which worker each Violin lives on once it has traffic ([`balance`]). None of it
+//! runs on a packet worker's thread.
 
 #[cfg(feature = "daemon")]
 pub mod agent;
+#[cfg(feature = "daemon")]
+pub mod balance;
 #[cfg(feature = "daemon")]
 pub mod manager;
 #[cfg(feature = "daemon")]

@@ -3,7 +3,9 @@
 //! its own), and does nothing but move frames.
 //!
 //! A host runs several workers ([`Workers`]). Each Violin has a home worker (the
-//! least loaded when it arrived: [`Workers::place`]), which owns everything of it that
+//! least loaded when it arrived: [`Workers::place`]; a Violin beside a loud one later
+//! moves whole to another: [`Command::Export`], [`Command::Import`],
+//! [`crate::control::balance`]), which owns everything of it that
 //! changes per packet: its switch table, buckets, counters, guest ports and AF_XDP
 //! sockets (one per rx queue, all read by the home worker: the queue's fill ring is
 //! the only thing shared, once per batch) and its own socket of the underlay's UDP
@@ -30,7 +32,7 @@
 
 use crate::datapath::drr::{Drr, Served};
 use crate::datapath::fastpath::switch::{
-    AddError, Allowance, Egress, Ingress, PortId, Switch, Update, ViolinStats,
+    AddError, Allowance, Egress, Ingress, Moving, PortId, Switch, Update, ViolinStats,
 };
 use crate::datapath::monitor::{self, DropEvent, Monitor};
 use crate::datapath::timer::{monotonic_ns, Timer};
@@ -147,6 +149,15 @@ impl Team {
         (h != self.index).then_some(h)
     }
 
+    /// Worker `w` is the home of `vni` from now on (a move), ahead of the control
+    /// thread's [`Command::Homes`].
+    fn set_home(&mut self, vni: u32, w: usize) {
+        match self.homes.binary_search_by_key(&vni, |&(v, _)| v) {
+            Ok(i) => self.homes[i].1 = w,
+            Err(i) => self.homes.insert(i, (vni, w)),
+        }
+    }
+
     /// Copies a frame for worker `to` (woken at the end of the batch).
     fn hand_off(
         &mut self,
@@ -242,6 +253,8 @@ pub enum Command {
         slot: usize,
         key: usize,
         socket: Slot,
+        /// The Violin whose socket it is (`None`: the socket every Violin shares).
+        vni: Option<u32>,
     },
     /// xdp: stop reading `slot`'s sockets; they are returned, to be closed off the
     /// worker.
@@ -258,6 +271,21 @@ pub enum Command {
     /// Stop reading (and close) the Violin `vni`'s own socket.
     DetachOwnSocket {
         vni: u32,
+    },
+    /// Hand the Violin over whole, to be put on another worker ([`Command::Import`]):
+    /// its switch table, guest ports, AF_XDP sockets, own underlay socket and monitors.
+    /// What arrives meanwhile waits in those sockets.
+    Export {
+        name: String,
+        /// The worker it goes to: frames of it that still reach this one go there.
+        to: usize,
+        reply: Reply<Option<Box<MovingViolin>>>,
+    },
+    /// Take over a Violin another worker exported; replies with its guests' ports as
+    /// (member index, port), or hands it back when this worker has its name or VNI.
+    Import {
+        violin: Box<MovingViolin>,
+        reply: Reply<Imported>,
     },
     /// Start reading the underlay's UDP sockets (once every port and membership is
     /// back after a start); what they queued before is discarded.
@@ -286,6 +314,27 @@ pub enum Command {
     Stop {
         reply: Reply<Vec<Port>>,
     },
+}
+
+/// What [`Command::Import`] did: the Violin's guests' new ports as (member index,
+/// port), or why it was refused, with the Violin handed back.
+pub type Imported = Result<Vec<(usize, PortId)>, (AddError, Box<MovingViolin>)>;
+
+/// A Violin between two workers ([`Command::Export`], [`Command::Import`]).
+pub struct MovingViolin {
+    table: Moving,
+    /// Its guests' ports, by member index.
+    ports: Vec<(usize, Port)>,
+    /// Its AF_XDP sockets: (slot, XskMap key, socket).
+    slots: Vec<(usize, usize, Slot)>,
+    own: Option<std::net::UdpSocket>,
+    monitors: Vec<monitor::Subscriber>,
+}
+
+impl MovingViolin {
+    pub fn vni(&self) -> u32 {
+        self.table.vni()
+    }
 }
 
 /// One worker's counters at one moment.
@@ -395,6 +444,9 @@ struct Homes {
     /// Placed Violins: VNI → worker (others live at `VNI mod n`).
     placed: BTreeMap<u32, usize>,
     steering: Steering,
+    /// Workers with a loud Violin at the last reading ([`Workers::set_loud`]): new
+    /// Violins go elsewhere while they can.
+    loud: Vec<bool>,
 }
 
 /// How the kernel picks a socket of the underlay's group for a datagram.
@@ -426,6 +478,7 @@ impl Workers {
             homes: Arc::new(Mutex::new(Homes {
                 placed: BTreeMap::new(),
                 steering,
+                loud: Vec::new(),
             })),
         }
     }
@@ -479,10 +532,12 @@ impl Workers {
                 .copied()
                 .unwrap_or_else(|| home_of(o, n))] += 1;
         }
-        // The least loaded; of equals, `VNI mod n` first, then the lowest.
+        // The least loaded without a loud Violin; of equals, `VNI mod n` first, then
+        // the lowest.
         let modulo = home_of(vni, n);
+        let loud = |i: usize| homes.loud.get(i).copied().unwrap_or(false);
         let w = (0..n)
-            .min_by_key(|&i| (load[i], i != modulo, i))
+            .min_by_key(|&i| (loud(i), load[i], i != modulo, i))
             .unwrap_or(modulo);
         homes.placed.insert(vni, w);
         if let Err(e) = self.publish(&homes) {
@@ -526,6 +581,52 @@ impl Workers {
             }
         }
     }
+    /// Which workers have a loud Violin now (control thread, [`crate::control::balance`]).
+    pub fn set_loud(&self, loud: Vec<bool>) {
+        let mut homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        homes.loud = loud;
+    }
+
+    /// Whether the Violin with `vni` was placed ([`Workers::place`]), so that it can
+    /// move.
+    pub fn placed(&self, vni: u32) -> bool {
+        let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        homes.placed.contains_key(&vni)
+    }
+
+    /// Whether a Violin can change workers once placed: more than one worker, and the
+    /// kernel's steering follows (see [`Workers::place`]).
+    pub fn movable(&self) -> bool {
+        let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        self.len() > 1 && !matches!(homes.steering, Steering::Fixed)
+    }
+
+    /// Makes worker `to` the home of the placed Violin `vni`, whose state went there
+    /// ([`Command::Export`], [`Command::Import`]; control thread). Its own socket went
+    /// with it, so the kernel's steering stays; where it has none (steering by worker,
+    /// or its socket was refused) the kernel steers it to `to`'s socket from now on,
+    /// and other workers hand what still reaches them to `to`.
+    pub fn rehome(&self, vni: u32, to: usize) {
+        let mut homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        match homes.placed.get_mut(&vni) {
+            Some(w) if to < self.handles.len() => *w = to,
+            _ => {
+                warn!(vni, to, "re-homing a Violin that was never placed");
+                return;
+            }
+        }
+        if let Steering::Violins(s) = &mut homes.steering {
+            if !s.owns(vni) {
+                if let Err(e) = s.to_worker(vni, to) {
+                    warn!(vni, "{e:#}");
+                }
+            }
+        }
+        if let Err(e) = self.publish(&homes) {
+            warn!(vni, "re-steering the underlay after a Violin moved: {e}");
+        }
+    }
+
     /// How the underlay's datagrams are steered ([`Steering::name`]).
     pub fn steering(&self) -> &'static str {
         let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
@@ -785,6 +886,10 @@ pub struct Worker {
     /// the one every Violin shares where sockets are not per Violin), by XskMap key,
     /// with their slots.
     xsks: Vec<Option<(usize, Slot)>>,
+    /// The Violin of each AF_XDP slot this worker reads (`None`: shared), by slot.
+    slot_vni: Vec<Option<u32>>,
+    /// This round's visits to Violins' sockets: (switch slot, ns), to charge them.
+    charges: Vec<(usize, u64)>,
     /// What reading them did (frames, refills retried, frames that were not VXLAN).
     xsk_reads: AfXdpStats,
     team: Team,
@@ -965,6 +1070,8 @@ impl Worker {
                     own: Vec::new(),
                     open: false,
                     xsks: Vec::new(),
+                    slot_vni: Vec::new(),
+                    charges: Vec::with_capacity(256),
                     xsk_reads: AfXdpStats::default(),
                     team,
                     stop: None,
@@ -1014,9 +1121,25 @@ impl Worker {
             for ev in events.iter() {
                 self.on_event(ev.token(), ev.is_readable(), ev.is_writable());
             }
+            let start = self.now();
             self.due();
             let mut drr = std::mem::take(&mut self.drr);
-            drr.round(|src, bytes| self.serve(src, bytes));
+            let (mut t, mut visits) = (self.now(), 0);
+            self.charges.clear();
+            drr.round(|src, bytes| {
+                let served = self.serve(src, bytes);
+                let t2 = self.now();
+                let ns = t2.saturating_sub(t);
+                visits += ns;
+                if let Some(v) = self.violin_of(src) {
+                    match self.charges.last_mut() {
+                        Some((w, n)) if *w == v => *n += ns,
+                        _ => self.charges.push((v, ns)),
+                    }
+                }
+                t = t2;
+                served
+            });
             self.drr = drr;
             self.flush_underlay();
             self.team.wake();
@@ -1031,6 +1154,7 @@ impl Worker {
             }
             // Between batches: pair tables that filled up during the round grow here.
             self.fabric.switch.make_room();
+            self.charge_round(start, visits);
             self.arm_timer();
         }
         let ports = self.detach_all();
@@ -1038,6 +1162,21 @@ impl Worker {
             let _ = reply.send(ports);
         }
         info!("packet worker stopped");
+    }
+
+    /// Charges each Violin served in the round that began at `start` its visits' time,
+    /// and its part (by that time) of the round's other work (`visits`: all visits'
+    /// time): releasing queued frames, sending the underlay's batches, flushing ports.
+    fn charge_round(&mut self, start: u64, visits: u64) {
+        if self.charges.is_empty() {
+            return;
+        }
+        let rest = self.now().saturating_sub(start).saturating_sub(visits);
+        let own: u64 = self.charges.iter().map(|(_, n)| n).sum();
+        for &(v, n) in &self.charges {
+            let part = (u128::from(rest) * u128::from(n) / u128::from(own.max(1))) as u64;
+            self.fabric.switch.charge(v, n + part);
+        }
     }
 
     /// Sends what waits in the underlay's batches; what the kernel refused counts as
@@ -1133,8 +1272,32 @@ impl Worker {
                     self.announce(port);
                 }
             }
-            Command::AttachSlot { slot, key, socket } => self.attach_slot(slot, key, socket),
+            Command::AttachSlot {
+                slot,
+                key,
+                socket,
+                vni,
+            } => {
+                if self.slot_vni.len() <= slot {
+                    self.slot_vni.resize(slot + 1, None);
+                }
+                self.slot_vni[slot] = vni;
+                self.attach_slot(slot, key, socket)
+            }
+            Command::Export { name, to, reply } => {
+                let v = self.export(&name);
+                if let Some(v) = &v {
+                    self.team.set_home(v.vni(), to);
+                }
+                let _ = reply.send(v.map(Box::new));
+            }
+            Command::Import { violin, reply } => {
+                let _ = reply.send(self.import(*violin));
+            }
             Command::DetachSlot { slot, reply } => {
+                if let Some(v) = self.slot_vni.get_mut(slot) {
+                    *v = None;
+                }
                 let _ = reply.send(self.detach_slot(slot));
             }
             Command::AttachOwnSocket { vni, socket } => self.attach_own(vni, socket),
@@ -1251,6 +1414,114 @@ impl Worker {
         }
     }
 
+    /// The switch slot of the Violin whose socket `t` is (`None`: a socket shared by
+    /// every Violin), to charge it the time its frames took.
+    fn violin_of(&self, t: Token) -> Option<usize> {
+        let sw = &self.fabric.switch;
+        match t {
+            Token(n) if n >= OWN_BASE => sw.slot_of_vni(self.own.get(n - OWN_BASE)?.as_ref()?.0),
+            Token(n) if n >= XSK_BASE => {
+                let (slot, _) = self.xsks.get(n - XSK_BASE)?.as_ref()?;
+                sw.slot_of_vni((*self.slot_vni.get(*slot)?)?)
+            }
+            Token(n) if n >= PORT_BASE => sw.violin_of_port(port_of(n)),
+            _ => None,
+        }
+    }
+
+    /// Takes Violin `name` off this worker whole ([`Command::Export`]).
+    fn export(&mut self, name: &str) -> Option<MovingViolin> {
+        let (table, ports) = self.fabric.switch.take_violin(name)?;
+        let vni = table.vni();
+        let ports = ports
+            .into_iter()
+            .filter_map(|(m, p)| Some((m, self.detach(p)?)))
+            .collect();
+        let mut slots = Vec::new();
+        for slot in 0..self.slot_vni.len() {
+            if self.slot_vni[slot] == Some(vni) {
+                self.slot_vni[slot] = None;
+                for (key, entry) in self.xsks.iter_mut().enumerate() {
+                    let Some((_, socket)) = entry.take_if(|(s, _)| *s == slot) else {
+                        continue;
+                    };
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&socket.fd()));
+                    self.drr.forget(Token(XSK_BASE + key));
+                    slots.push((slot, key, socket));
+                }
+            }
+        }
+        let own = self
+            .own
+            .iter()
+            .position(|o| o.as_ref().is_some_and(|(v, _)| *v == vni))
+            .and_then(|i| {
+                let (_, s) = self.own[i].take()?;
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&s.as_raw_fd()));
+                self.drr.forget(Token(OWN_BASE + i));
+                Some(s)
+            });
+        let monitors = self.fabric.monitor.take(vni);
+        Some(MovingViolin {
+            table,
+            ports,
+            slots,
+            own,
+            monitors,
+        })
+    }
+
+    /// Puts a Violin another worker exported here ([`Command::Import`]); its sockets
+    /// are read from the next round on, with what queued in them meanwhile.
+    fn import(&mut self, v: MovingViolin) -> Imported {
+        let MovingViolin {
+            table,
+            ports,
+            slots,
+            own,
+            monitors,
+        } = v;
+        let vni = table.vni();
+        let numbered = match self.fabric.switch.put_violin(table) {
+            Ok(n) => n,
+            Err((e, table)) => {
+                let back = MovingViolin {
+                    table,
+                    ports,
+                    slots,
+                    own,
+                    monitors,
+                };
+                return Err((e, Box::new(back)));
+            }
+        };
+        for (m, port) in ports {
+            if let Some(&(_, p)) = numbered.iter().find(|(i, _)| *i == m) {
+                self.attach(p, port);
+            }
+        }
+        for (slot, key, socket) in slots {
+            if self.slot_vni.len() <= slot {
+                self.slot_vni.resize(slot + 1, None);
+            }
+            self.slot_vni[slot] = Some(vni);
+            self.attach_slot(slot, key, socket);
+        }
+        if let Some(s) = own {
+            self.attach_own(vni, s);
+        }
+        self.fabric.monitor.adopt(monitors);
+        self.team.set_home(vni, self.team.index);
+        let t = &self.team;
+        Ok(numbered
+            .into_iter()
+            .map(|(m, p)| (m, t.global(p)))
+            .collect())
+    }
+
     fn port_mut(&mut self, p: PortId) -> Option<&mut WPort> {
         self.fabric
             .ports
@@ -1277,6 +1548,18 @@ impl Worker {
         ) {
             warn!(port = id, "registering a guest port: {e}");
         }
+        // A stream port that moved here with its Violin is connected already.
+        let conn = port.conn_fd();
+        if let Some(fd) = conn {
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            if let Err(e) =
+                self.poll
+                    .registry()
+                    .register(&mut SourceFd(&fd), conn_token(id), interest)
+            {
+                warn!(port = id, "registering a guest connection: {e}");
+            }
+        }
         self.fabric.ports[i] = Some(WPort {
             port,
             announce: None,
@@ -1284,8 +1567,11 @@ impl Worker {
         if let Some(v) = self.fabric.switch.violin_of_port(id) {
             self.drr.reserve(port_class(v), 2 * self.fabric.ports.len());
         }
-        // A dgram or fast port may already hold frames.
+        // A dgram or fast port may already hold frames, a connection too.
         self.port_ready(id, port_token(id));
+        if conn.is_some() {
+            self.port_ready(id, conn_token(id));
+        }
     }
 
     fn detach(&mut self, id: PortId) -> Option<Port> {

@@ -143,6 +143,11 @@ impl VniSteering {
         }
     }
 
+    /// Whether the Violin `vni` has a socket of its own.
+    pub fn owns(&self, vni: u32) -> bool {
+        self.own.contains_key(&vni)
+    }
+
     /// Steers `vni` to worker `w`'s socket (where it has none of its own).
     pub fn to_worker(&mut self, vni: u32, w: usize) -> Result<()> {
         self.vnis
