@@ -134,6 +134,9 @@ struct Balance {
     at: Option<Instant>,
     /// Violins that moved lately, and when: they stay put for [`SETTLE`].
     moved: BTreeMap<u32, Instant>,
+    /// Each worker's time charged to all its Violins at the last check, and when.
+    totals: Vec<u64>,
+    checked: Option<Instant>,
 }
 
 /// How often each Violin's share of its worker is read, and moves are decided: a
@@ -252,15 +255,34 @@ impl Manager {
         let now = Instant::now();
         if self
             .balance
-            .at
+            .checked
             .is_some_and(|t| now.duration_since(t) < BALANCE_EVERY)
         {
             return;
         }
-        let Ok(c) = self.workers.snapshot() else {
+        // No Violin can be loud on a worker that was not busy that long in all: then
+        // the workers are not asked (nor woken).
+        let totals: Vec<u64> = (0..self.workers.len())
+            .map(|i| self.workers.get(i).busy_ns())
+            .collect();
+        let before = std::mem::replace(&mut self.balance.totals, totals);
+        let hot = self.balance.checked.replace(now).is_some_and(|t| {
+            let ns = now.duration_since(t).as_nanos() as f64;
+            let t = &self.balance.totals;
+            before.len() == t.len()
+                && t.iter()
+                    .zip(&before)
+                    .any(|(a, b)| a.saturating_sub(*b) as f64 >= loud * ns)
+        });
+        if !hot {
+            self.balance.busy.clear();
+            self.balance.at = None;
+            return;
+        }
+        let Ok(each) = self.workers.ask_all(|reply| Command::Busy { reply }) else {
             return;
         };
-        let busy: BTreeMap<u32, u64> = c.violins.iter().map(|v| (v.vni, v.busy_ns)).collect();
+        let busy: BTreeMap<u32, u64> = each.into_iter().flatten().collect();
         let before = std::mem::replace(&mut self.balance.busy, busy);
         let Some(at) = self.balance.at.replace(now) else {
             return;

@@ -297,6 +297,11 @@ pub enum Command {
     Snapshot {
         reply: Reply<Counters>,
     },
+    /// Each Violin's VNI and worker time so far (`busy_ns`): what deciding moves reads,
+    /// four times a second, without a whole snapshot.
+    Busy {
+        reply: Reply<Vec<(u32, u64)>>,
+    },
     /// Describe Violin `vni`'s dropped frames to `events`, at most `rate` a second;
     /// false when the worker has too many subscribers.
     Monitor {
@@ -392,6 +397,9 @@ pub struct PortSnapshot {
 pub struct WorkerHandle {
     tx: Sender<Command>,
     waker: Arc<Waker>,
+    /// The time the worker charged all its Violins so far (ns; stored once per round
+    /// with work), read without waking it.
+    busy: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The worker stopped (it panicked or was stopped): nothing can be applied.
@@ -400,6 +408,12 @@ pub struct WorkerHandle {
 pub struct WorkerGone;
 
 impl WorkerHandle {
+    /// The time the worker charged its Violins so far, in ns (no command: it is not
+    /// woken).
+    pub fn busy_ns(&self) -> u64 {
+        self.busy.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn send(&self, c: Command) -> Result<(), WorkerGone> {
         self.tx.send(c).map_err(|_| WorkerGone)?;
         self.waker.wake().map_err(|_| WorkerGone)
@@ -890,6 +904,9 @@ pub struct Worker {
     slot_vni: Vec<Option<u32>>,
     /// This round's visits to Violins' sockets: (switch slot, ns), to charge them.
     charges: Vec<(usize, u64)>,
+    /// All it charged so far, published for the control thread ([`WorkerHandle::busy_ns`]).
+    busy: Arc<std::sync::atomic::AtomicU64>,
+    charged: u64,
     /// What reading them did (frames, refills retried, frames that were not VXLAN).
     xsk_reads: AfXdpStats,
     team: Team,
@@ -1020,17 +1037,19 @@ impl Worker {
                 .register(&mut SourceFd(&timer.fd()), TIMER, Interest::READABLE)?;
             let (tx, rx) = mpsc::channel();
             let (htx, hrx) = mpsc::sync_channel(HANDOFF_DEPTH);
+            let busy = Arc::new(std::sync::atomic::AtomicU64::new(0));
             handles.push(WorkerHandle {
                 tx,
                 waker: waker.clone(),
+                busy: busy.clone(),
             });
             doors.push((htx, waker));
-            built.push((poll, underlay, rx, hrx, timer));
+            built.push((poll, underlay, rx, hrx, timer, busy));
         }
         let workers = built
             .into_iter()
             .enumerate()
-            .map(|(i, (poll, underlay, commands, inbox, timer))| {
+            .map(|(i, (poll, underlay, commands, inbox, timer, busy))| {
                 let team = Team {
                     index: i,
                     count: n,
@@ -1072,6 +1091,8 @@ impl Worker {
                     xsks: Vec::new(),
                     slot_vni: Vec::new(),
                     charges: Vec::with_capacity(256),
+                    busy,
+                    charged: 0,
                     xsk_reads: AfXdpStats::default(),
                     team,
                     stop: None,
@@ -1177,6 +1198,9 @@ impl Worker {
             let part = (u128::from(rest) * u128::from(n) / u128::from(own.max(1))) as u64;
             self.fabric.switch.charge(v, n + part);
         }
+        self.charged += own + rest;
+        self.busy
+            .store(self.charged, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sends what waits in the underlay's batches; what the kernel refused counts as
@@ -1311,6 +1335,9 @@ impl Worker {
             }
             Command::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
+            }
+            Command::Busy { reply } => {
+                let _ = reply.send(self.fabric.switch.busy().collect());
             }
             Command::Monitor {
                 id,

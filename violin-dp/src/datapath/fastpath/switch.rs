@@ -966,6 +966,14 @@ impl Switch {
         self.by_vni.get(&vni).copied()
     }
 
+    /// Each Violin's VNI and worker time so far ([`Switch::charge`]).
+    pub fn busy(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.violins
+            .iter()
+            .flatten()
+            .map(|t| (t.spec.vni, t.busy_ns))
+    }
+
     /// Adds `ns` of its worker's time to the Violin in switch slot `v`.
     #[inline]
     pub fn charge(&mut self, v: usize, ns: u64) {
