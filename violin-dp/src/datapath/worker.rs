@@ -1301,13 +1301,7 @@ impl Worker {
                 key,
                 socket,
                 vni,
-            } => {
-                if self.slot_vni.len() <= slot {
-                    self.slot_vni.resize(slot + 1, None);
-                }
-                self.slot_vni[slot] = vni;
-                self.attach_slot(slot, key, socket)
-            }
+            } => self.attach_slot(slot, key, socket, vni),
             Command::Export { name, to, reply } => {
                 let v = self.export(&name);
                 if let Some(v) = &v {
@@ -1319,9 +1313,6 @@ impl Worker {
                 let _ = reply.send(self.import(*violin));
             }
             Command::DetachSlot { slot, reply } => {
-                if let Some(v) = self.slot_vni.get_mut(slot) {
-                    *v = None;
-                }
                 let _ = reply.send(self.detach_slot(slot));
             }
             Command::AttachOwnSocket { vni, socket } => self.attach_own(vni, socket),
@@ -1425,20 +1416,22 @@ impl Worker {
 
     /// Stops reading Violin `vni`'s own socket, and closes it.
     fn detach_own(&mut self, vni: u32) {
-        let Some(i) = self
+        drop(self.take_own(vni));
+    }
+
+    /// Stops reading Violin `vni`'s own socket and returns it.
+    fn take_own(&mut self, vni: u32) -> Option<std::net::UdpSocket> {
+        let i = self
             .own
             .iter()
-            .position(|o| o.as_ref().is_some_and(|(v, _)| *v == vni))
-        else {
-            return;
-        };
-        if let Some((_, s)) = self.own[i].take() {
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&s.as_raw_fd()));
-            self.drr.forget(Token(OWN_BASE + i));
-        }
+            .position(|o| o.as_ref().is_some_and(|(v, _)| *v == vni))?;
+        let (_, s) = self.own[i].take()?;
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&s.as_raw_fd()));
+        self.drr.forget(Token(OWN_BASE + i));
+        Some(s)
     }
 
     /// The switch slot of the Violin whose socket `t` is (`None`: a socket shared by
@@ -1467,30 +1460,11 @@ impl Worker {
         let mut slots = Vec::new();
         for slot in 0..self.slot_vni.len() {
             if self.slot_vni[slot] == Some(vni) {
-                self.slot_vni[slot] = None;
-                for (key, entry) in self.xsks.iter_mut().enumerate() {
-                    let Some((_, socket)) = entry.take_if(|(s, _)| *s == slot) else {
-                        continue;
-                    };
-                    let _ = self.poll.registry().deregister(&mut SourceFd(&socket.fd()));
-                    self.drr.forget(Token(XSK_BASE + key));
-                    slots.push((slot, key, socket));
-                }
+                let taken = self.take_slot(slot).into_iter();
+                slots.extend(taken.map(|(key, socket)| (slot, key, socket)));
             }
         }
-        let own = self
-            .own
-            .iter()
-            .position(|o| o.as_ref().is_some_and(|(v, _)| *v == vni))
-            .and_then(|i| {
-                let (_, s) = self.own[i].take()?;
-                let _ = self
-                    .poll
-                    .registry()
-                    .deregister(&mut SourceFd(&s.as_raw_fd()));
-                self.drr.forget(Token(OWN_BASE + i));
-                Some(s)
-            });
+        let own = self.take_own(vni);
         let monitors = self.fabric.monitor.take(vni);
         Some(MovingViolin {
             table,
@@ -1531,11 +1505,7 @@ impl Worker {
             }
         }
         for (slot, key, socket) in slots {
-            if self.slot_vni.len() <= slot {
-                self.slot_vni.resize(slot + 1, None);
-            }
-            self.slot_vni[slot] = Some(vni);
-            self.attach_slot(slot, key, socket);
+            self.attach_slot(slot, key, socket, Some(vni));
         }
         if let Some(s) = own {
             self.attach_own(vni, s);
@@ -1621,7 +1591,11 @@ impl Worker {
             .collect()
     }
 
-    fn attach_slot(&mut self, slot: usize, key: usize, socket: Slot) {
+    fn attach_slot(&mut self, slot: usize, key: usize, socket: Slot, vni: Option<u32>) {
+        if self.slot_vni.len() <= slot {
+            self.slot_vni.resize(slot + 1, None);
+        }
+        self.slot_vni[slot] = vni;
         let fd = socket.fd();
         if self.xsks.len() <= key {
             self.xsks.resize_with(key + 1, || None);
@@ -1656,17 +1630,29 @@ impl Worker {
     /// and returns them (to be closed off the worker). The classifier stops
     /// redirecting to them first.
     fn detach_slot(&mut self, slot: usize) -> Vec<Slot> {
-        let mut gone = Vec::new();
+        let mut gone = self.take_slot(slot);
+        for (_, socket) in &mut gone {
+            socket.drain(&mut self.xsk_reads.counters);
+        }
+        gone.into_iter().map(|(_, socket)| socket).collect()
+    }
+
+    /// Stops reading `slot`'s sockets (frames stay in their RX rings) and returns
+    /// them by XskMap key.
+    fn take_slot(&mut self, slot: usize) -> Vec<(usize, Slot)> {
+        if let Some(v) = self.slot_vni.get_mut(slot) {
+            *v = None;
+        }
+        let mut taken = Vec::new();
         for (key, entry) in self.xsks.iter_mut().enumerate() {
-            let Some((_, mut socket)) = entry.take_if(|(s, _)| *s == slot) else {
+            let Some((_, socket)) = entry.take_if(|(s, _)| *s == slot) else {
                 continue;
             };
             let _ = self.poll.registry().deregister(&mut SourceFd(&socket.fd()));
             self.drr.forget(Token(XSK_BASE + key));
-            socket.drain(&mut self.xsk_reads.counters);
-            gone.push(socket);
+            taken.push((key, socket));
         }
-        gone
+        taken
     }
 
     fn snapshot(&mut self) -> Counters {
