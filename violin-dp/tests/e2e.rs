@@ -1378,12 +1378,14 @@ fn two_workers_on_the_xdp_plane_each_serve_their_violins() {
 /// that shared it moves to the other worker with its ports (a relay's stream socket on
 /// one host, a tap on the other), counters and underlay socket, and not one of its
 /// frames is lost on the way.
-fn a_loud_violins_neighbour_moves_to_another_worker(plane: &str) {
+fn a_loud_violins_neighbour_moves_to_another_worker(plane: &str, extra: &[&str]) {
     if !can_run() {
         return;
     }
     // A low threshold: the flood is loud on both hosts however slow the machine.
-    let c = Cluster::up(2, plane, &["--workers", "2", "--loud-violin-percent", "5"]);
+    let mut args = vec!["--workers", "2", "--loud-violin-percent", "5"];
+    args.extend(extra);
+    let c = Cluster::up(2, plane, &args);
     let spec = |name: &str, vni: u32, subnet: u8| {
         format!(
             "name = \"{name}\"\nvni = {vni}\n\
@@ -1462,12 +1464,19 @@ fn a_loud_violins_neighbour_moves_to_another_worker(plane: &str) {
 
 #[test]
 fn a_loud_violins_neighbour_moves_to_another_worker_on_the_udp_plane() {
-    a_loud_violins_neighbour_moves_to_another_worker("udp");
+    a_loud_violins_neighbour_moves_to_another_worker("udp", &[]);
 }
 
 #[test]
 fn a_loud_violins_neighbour_moves_to_another_worker_on_the_xdp_plane() {
-    a_loud_violins_neighbour_moves_to_another_worker("xdp");
+    a_loud_violins_neighbour_moves_to_another_worker("xdp", &[]);
+}
+
+/// Violins share their worker's socket: frames the old worker read during the move
+/// are handed to the new one, not lost.
+#[test]
+fn a_loud_violins_neighbour_moves_to_another_worker_sharing_the_workers_sockets() {
+    a_loud_violins_neighbour_moves_to_another_worker("udp", &["--udp-steering", "worker"]);
 }
 
 /// `auto` takes XDP where the classifier loads, and says why not where it does not.

@@ -371,6 +371,8 @@ impl Manager {
             self.workers.placed(vni),
             "Violin {name:?} stays on worker {from}: the kernel's steering cannot follow it"
         );
+        // Snapshots taken meanwhile are taken again: the Violin is on neither worker.
+        let _moving = self.workers.moving();
         let moving = self
             .workers
             .get(from)

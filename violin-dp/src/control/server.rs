@@ -10,7 +10,7 @@ use crate::control::manager::{lock, HostView, ManagerMsg, SharedClassifier, Shar
 use crate::control::protocol::{MonitorEvent, Request, Response, MAX_MONITOR_RATE, MAX_REQUEST};
 use crate::datapath::monitor::{DropEvent, From};
 use crate::datapath::timer::monotonic_ns;
-use crate::datapath::worker::{Command, Counters, Workers};
+use crate::datapath::worker::{Command, Counters, Subscribed, Workers};
 use crate::xdp::events::XdpMonitor;
 use anyhow::{anyhow, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,6 +141,10 @@ async fn write_line<T: serde::Serialize>(
 
 /// Monitor ids, unique in this daemon.
 static MONITORS: AtomicU64 = AtomicU64::new(1);
+/// How often, and how far apart, a monitor asks again for a Violin that is moving
+/// between packet workers (a move takes well under a millisecond).
+const MOVING_TRIES: u32 = 100;
+const MOVING_WAIT: Duration = Duration::from_millis(2);
 
 /// Streams Violin `name`'s drop events to the client until it closes the connection
 /// (or stops reading: a line it does not take within the deadline ends it). The
@@ -166,23 +170,36 @@ pub(crate) async fn monitor(
     let id = MONITORS.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = std::sync::mpsc::sync_channel::<DropEvent>(256);
     let tx2 = tx.clone();
-    let worker = ctx.workers.of_vni(vni).clone();
-    let taken = worker
-        .ask_async(|reply| Command::Monitor {
+    // A Violin moving between workers is on neither for a moment: ask its new home.
+    let mut tries = 0;
+    let taken = loop {
+        let events = tx.clone();
+        let asked = ctx.workers.of_vni(vni).ask_async(|reply| Command::Monitor {
             id,
             vni,
             rate,
-            events: tx,
+            events,
             reply,
-        })
-        .await;
-    match taken {
-        Ok(true) => {}
-        Ok(false) => {
-            let msg = "too many monitors on this host; try again later".to_string();
-            return write_line(&mut wr, &Response::error(msg)).await;
+        });
+        match asked.await {
+            Ok(Subscribed::NotHere) if tries < MOVING_TRIES => {
+                tries += 1;
+                tokio::time::sleep(MOVING_WAIT).await;
+            }
+            r => break r,
         }
-        Err(e) => return write_line(&mut wr, &Response::error(e.to_string())).await,
+    };
+    drop(tx);
+    let msg = match taken {
+        Ok(Subscribed::Yes) => None,
+        Ok(Subscribed::Full) => Some("too many monitors on this host; try again later".into()),
+        Ok(Subscribed::NotHere) => Some(format!(
+            "Violin {name:?} is on none of this host's packet workers (it is being removed?)"
+        )),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(msg) = msg {
+        return write_line(&mut wr, &Response::error(msg)).await;
     }
     // On the xdp plane the classifier's drops (a non-member's frames) come too.
     let xdp = ctx.xdp_monitor.as_ref().zip(ctx.classifier.as_ref());
@@ -195,7 +212,8 @@ pub(crate) async fn monitor(
         }
     }
     let r = relay_events(&mut rd, &mut wr, ctx, view, name, rx).await;
-    let _ = worker.send(Command::Unmonitor { id });
+    // Its worker then may not be the one it subscribed on (a move).
+    let _ = ctx.workers.send_all(|| Command::Unmonitor { id });
     if let Some((m, c)) = xdp {
         let mut m = lock(m);
         if m.unsubscribe(id) {

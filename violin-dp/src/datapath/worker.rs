@@ -109,6 +109,9 @@ pub fn home_of(vni: u32, workers: usize) -> usize {
 const HANDOFF_FRAME: usize = crate::datapath::transport::xsk::FRAME_SIZE as usize;
 /// Frames waiting for one worker from the others; more are dropped (`handoff_full`).
 const HANDOFF_DEPTH: usize = 1024;
+/// How many times a handed-off frame is passed on after its Violin moved (a move
+/// under way: workers' homes can differ until the control thread's `Homes` arrive).
+const HANDOFF_HOPS: u8 = 3;
 
 /// A tunnelled frame received by a worker that is not its Violin's home, copied for
 /// the home worker (the channel holds these in place: no allocation per frame).
@@ -116,6 +119,8 @@ pub struct Handoff {
     src: Ipv4Addr,
     vni: u32,
     len: u16,
+    /// Times it was passed on from a worker its Violin had left.
+    hops: u8,
     frame: [u8; HANDOFF_FRAME],
 }
 
@@ -167,9 +172,6 @@ impl Team {
         frame: &[u8],
         partial: Option<&Gso>,
     ) -> Result<(), Verdict> {
-        let Some(Some((tx, _))) = self.peers.get(to) else {
-            return Err(Verdict::HandoffFull);
-        };
         if frame.len() > HANDOFF_FRAME {
             return Err(Verdict::Oversize);
         }
@@ -177,6 +179,7 @@ impl Team {
             src,
             vni,
             len: frame.len() as u16,
+            hops: 0,
             frame: [0; HANDOFF_FRAME],
         };
         match partial {
@@ -186,6 +189,20 @@ impl Team {
             }
             None => h.frame[..frame.len()].copy_from_slice(frame),
         }
+        self.send(to, h)
+    }
+
+    /// Passes on a frame handed here whose Violin has moved to worker `to`.
+    fn pass_on(&mut self, to: usize, mut h: Handoff) -> Result<(), Verdict> {
+        h.hops += 1;
+        self.send(to, h)
+    }
+
+    fn send(&mut self, to: usize, h: Handoff) -> Result<(), Verdict> {
+        let Some(Some((tx, _))) = self.peers.get(to) else {
+            // Our own index, or a worker beyond the team: nowhere to send it.
+            return Err(Verdict::HandoffFull);
+        };
         match tx.try_send(h) {
             Ok(()) => {
                 self.handed_off += 1;
@@ -302,14 +319,13 @@ pub enum Command {
     Busy {
         reply: Reply<Vec<(u32, u64)>>,
     },
-    /// Describe Violin `vni`'s dropped frames to `events`, at most `rate` a second;
-    /// false when the worker has too many subscribers.
+    /// Describe Violin `vni`'s dropped frames to `events`, at most `rate` a second.
     Monitor {
         id: u64,
         vni: u32,
         rate: u32,
         events: SyncSender<DropEvent>,
-        reply: Reply<bool>,
+        reply: Reply<Subscribed>,
     },
     /// End subscription `id`.
     Unmonitor {
@@ -319,6 +335,16 @@ pub enum Command {
     Stop {
         reply: Reply<Vec<Port>>,
     },
+}
+
+/// What [`Command::Monitor`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscribed {
+    Yes,
+    /// The worker has too many subscribers.
+    Full,
+    /// The Violin is not on this worker (it moved, or is moving): ask its home again.
+    NotHere,
 }
 
 /// What [`Command::Import`] did: the Violin's guests' new ports as (member index,
@@ -444,7 +470,23 @@ impl WorkerHandle {
 pub struct Workers {
     handles: Arc<[WorkerHandle]>,
     homes: Arc<Mutex<Homes>>,
+    /// Moves begun and ended (odd: a Violin is between two workers, on neither):
+    /// a snapshot taken across a move is taken again ([`Workers::snapshot_async`]).
+    moves: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// A move under way ([`Workers::moving`]); ends when dropped.
+pub struct MoveGuard(Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for MoveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// How many times (about a millisecond apart) a snapshot waits out a move under way,
+/// or is taken again when one overlapped it; then it is what it is.
+const SNAPSHOT_TRIES: usize = 50;
 
 /// Which worker each Violin lives on. By default `VNI mod n` ([`home_of`]). Where the
 /// kernel's steering can be changed (the underlay's socket group, on either plane:
@@ -489,6 +531,7 @@ impl Workers {
     fn new(handles: Vec<WorkerHandle>, steering: Steering) -> Workers {
         Workers {
             handles: handles.into(),
+            moves: Arc::default(),
             homes: Arc::new(Mutex::new(Homes {
                 placed: BTreeMap::new(),
                 steering,
@@ -676,13 +719,40 @@ impl Workers {
             self.ask_all(|reply| Command::Snapshot { reply })?,
         ))
     }
-    /// The same, for async callers (the control socket's and metrics' servers).
+    /// The same, for async callers (the control socket's and metrics' servers). A
+    /// Violin moving between workers ([`Workers::moving`]) is on neither for a moment:
+    /// a snapshot that overlapped a move is taken again, so no Violin is missing.
     pub async fn snapshot_async(&self) -> Result<Counters, WorkerGone> {
+        use std::sync::atomic::Ordering::Acquire;
+        let mut tries = 0;
+        loop {
+            let before = self.moves.load(Acquire);
+            if before % 2 == 1 && tries < SNAPSHOT_TRIES {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            let c = self.snapshot_once().await?;
+            if self.moves.load(Acquire) == before || tries >= SNAPSHOT_TRIES {
+                return Ok(c);
+            }
+            tries += 1;
+        }
+    }
+
+    async fn snapshot_once(&self) -> Result<Counters, WorkerGone> {
         let mut all = Vec::with_capacity(self.len());
         for w in self.handles.iter() {
             all.push(w.ask_async(|reply| Command::Snapshot { reply }).await?);
         }
         Ok(Counters::merge(all))
+    }
+
+    /// Marks a move under way until the guard drops (control thread).
+    pub fn moving(&self) -> MoveGuard {
+        self.moves
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        MoveGuard(self.moves.clone())
     }
 }
 
@@ -746,6 +816,39 @@ macro_rules! tunnel_tx {
 }
 tunnel_tx!(&UdpUnderlay);
 tunnel_tx!(&mut Underlay);
+
+/// Adds `ns` to Violin (switch slot) `v`'s charges this round.
+fn charge(charges: &mut Vec<(usize, u64)>, v: usize, ns: u64) {
+    match charges.last_mut() {
+        Some((w, n)) if *w == v => *n += ns,
+        _ => charges.push((v, ns)),
+    }
+}
+
+/// The bytes one visit to a shared socket read for each Violin, in runs of one VNI
+/// (reused: no allocation once it has grown to a batch's runs).
+#[derive(Default)]
+struct SharedVisit {
+    runs: Vec<(u32, u64)>,
+    bytes: u64,
+}
+
+impl SharedVisit {
+    #[inline]
+    fn add(&mut self, vni: u32, bytes: usize) {
+        let b = bytes as u64;
+        self.bytes += b;
+        match self.runs.last_mut() {
+            Some((v, n)) if *v == vni => *n += b,
+            _ => self.runs.push((vni, b)),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.runs.clear();
+        self.bytes = 0;
+    }
+}
 
 impl Fabric {
     /// A tunnelled frame this worker received: switched here if its Violin lives here,
@@ -904,6 +1007,10 @@ pub struct Worker {
     slot_vni: Vec<Option<u32>>,
     /// This round's visits to Violins' sockets: (switch slot, ns), to charge them.
     charges: Vec<(usize, u64)>,
+    /// What the current visit to a socket several Violins share (the underlay's, the
+    /// hand-off inbox, a shared AF_XDP socket) read, by Violin: its time is shared out
+    /// by these bytes.
+    shared: SharedVisit,
     /// All it charged so far, published for the control thread ([`WorkerHandle::busy_ns`]).
     busy: Arc<std::sync::atomic::AtomicU64>,
     charged: u64,
@@ -1091,6 +1198,7 @@ impl Worker {
                     xsks: Vec::new(),
                     slot_vni: Vec::new(),
                     charges: Vec::with_capacity(256),
+                    shared: SharedVisit::default(),
                     busy,
                     charged: 0,
                     xsk_reads: AfXdpStats::default(),
@@ -1153,10 +1261,17 @@ impl Worker {
                 let ns = t2.saturating_sub(t);
                 visits += ns;
                 if let Some(v) = self.violin_of(src) {
-                    match self.charges.last_mut() {
-                        Some((w, n)) if *w == v => *n += ns,
-                        _ => self.charges.push((v, ns)),
+                    charge(&mut self.charges, v, ns);
+                } else {
+                    let sw = &self.fabric.switch;
+                    let total = self.shared.bytes.max(1);
+                    for &(vni, b) in &self.shared.runs {
+                        if let Some(v) = sw.slot_of_vni(vni) {
+                            let part = (u128::from(ns) * u128::from(b) / u128::from(total)) as u64;
+                            charge(&mut self.charges, v, part);
+                        }
                     }
+                    self.shared.clear();
                 }
                 t = t2;
                 served
@@ -1164,15 +1279,7 @@ impl Worker {
             self.drr = drr;
             self.flush_underlay();
             self.team.wake();
-            let busy = !self.drr.is_idle();
-            let Fabric { switch, ports, .. } = &mut self.fabric;
-            for (p, wp) in ports.iter_mut().enumerate() {
-                if let Some(wp) = wp.as_mut().filter(|wp| wp.port.batches()) {
-                    if let Err(v) = wp.port.end_round(busy) {
-                        switch.count_egress_drop(Egress::Port(p as PortId), v);
-                    }
-                }
-            }
+            self.end_port_rounds(!self.drr.is_idle());
             // Between batches: pair tables that filled up during the round grow here.
             self.fabric.switch.make_room();
             self.charge_round(start, visits);
@@ -1183,6 +1290,19 @@ impl Worker {
             let _ = reply.send(ports);
         }
         info!("packet worker stopped");
+    }
+
+    /// Ends the round on every port that batches its writes (`busy`: more rounds
+    /// follow at once, so a port may keep a short batch for the next).
+    fn end_port_rounds(&mut self, busy: bool) {
+        let Fabric { switch, ports, .. } = &mut self.fabric;
+        for (p, wp) in ports.iter_mut().enumerate() {
+            if let Some(wp) = wp.as_mut().filter(|wp| wp.port.batches()) {
+                if let Err(v) = wp.port.end_round(busy) {
+                    switch.count_egress_drop(Egress::Port(p as PortId), v);
+                }
+            }
+        }
     }
 
     /// Charges each Violin served in the round that began at `start` its visits' time,
@@ -1338,7 +1458,14 @@ impl Worker {
                 reply,
             } => {
                 let now = self.now();
-                let _ = reply.send(self.fabric.monitor.subscribe(id, vni, rate, events, now));
+                let r = if self.fabric.switch.slot_of_vni(vni).is_none() {
+                    Subscribed::NotHere
+                } else if self.fabric.monitor.subscribe(id, vni, rate, events, now) {
+                    Subscribed::Yes
+                } else {
+                    Subscribed::Full
+                };
+                let _ = reply.send(r);
             }
             Command::Unmonitor { id } => {
                 self.fabric.monitor.unsubscribe(id);
@@ -1451,6 +1578,13 @@ impl Worker {
 
     /// Takes Violin `name` off this worker whole ([`Command::Export`]).
     fn export(&mut self, name: &str) -> Option<MovingViolin> {
+        self.fabric.switch.violin(name)?;
+        // What other workers handed here before the move is switched here first, and
+        // written out: frames handed here later are passed on ([`Team::pass_on`]).
+        self.handoff_rx(&mut Budget::new(usize::MAX, u64::MAX));
+        self.shared.clear();
+        self.end_port_rounds(false);
+        self.team.wake();
         let (table, ports) = self.fabric.switch.take_violin(name)?;
         let vni = table.vni();
         let ports = ports
@@ -1832,6 +1966,7 @@ impl Worker {
             own_rx_frames,
             own: owned,
             team,
+            shared,
             ..
         } = self;
         let udp = underlay.udp();
@@ -1849,6 +1984,9 @@ impl Worker {
                     *udp_rx_frames += 1;
                     *own_rx_frames += from_own;
                     budget.spend(inner.len());
+                    if own.is_none() {
+                        shared.add(vx.vni, inner.len());
+                    }
                     // Handed over only if the kernel did not steer by VNI (bind_group).
                     fabric.tunnel_in(team, src, vx, inner, now, udp);
                 }
@@ -1876,11 +2014,14 @@ impl Worker {
             team,
             xsks,
             xsk_reads,
+            slot_vni,
+            shared,
             ..
         } = self;
-        let Some(Some((_, socket))) = xsks.get_mut(key) else {
+        let Some(Some((slot, socket))) = xsks.get_mut(key) else {
             return false;
         };
+        let is_shared = slot_vni.get(*slot).copied().flatten().is_none();
         let udp = underlay.udp();
         // Tunnel → guest only (split horizon): outputs are local ports, or an
         // external member reached through the kernel's socket. A socket every Violin
@@ -1889,6 +2030,9 @@ impl Worker {
             counters, rx_bad, ..
         } = xsk_reads;
         socket.rx(budget, counters, rx_bad, |src, vx, inner| {
+            if is_shared {
+                shared.add(vx.vni, inner.len());
+            }
             fabric.tunnel_in(team, src, vx, inner, now, udp)
         })
     }
@@ -1904,6 +2048,7 @@ impl Worker {
             fabric,
             underlay,
             team,
+            shared,
             ..
         } = self;
         let udp = underlay.udp();
@@ -1913,6 +2058,16 @@ impl Worker {
             };
             team.taken_over += 1;
             budget.spend(usize::from(h.len));
+            if h.hops < HANDOFF_HOPS && fabric.switch.slot_of_vni(h.vni).is_none() {
+                if let Some(home) = team.elsewhere(h.vni) {
+                    // Its Violin moved on since the frame was handed here.
+                    if let Err(v) = team.pass_on(home, h) {
+                        fabric.switch.count_host_drop(v);
+                    }
+                    continue;
+                }
+            }
+            shared.add(h.vni, usize::from(h.len));
             let ingress = Ingress::Tunnel {
                 src: h.src,
                 vni: h.vni,
@@ -2157,6 +2312,214 @@ mod tests {
         }
         assert_eq!(team[0].team.elsewhere(6), None);
         assert_eq!(team[1].team.elsewhere(6), Some(0));
+    }
+
+    /// A temporary directory removed on drop, also when the test fails.
+    struct TmpDir(std::path::PathBuf);
+
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn answer<T>(mut rx: oneshot::Receiver<T>) -> T {
+        rx.try_recv()
+            .expect("the worker answered while applying the command")
+    }
+
+    /// Violin "blue" (VNI 100, so at home on worker 0 of 2): guest a on h1 (this
+    /// host, 127.0.0.1) and `more` guests (name, host) on `hosts`, linked to a.
+    fn blue(more: &[(&str, &str)], hosts: &[(&str, Ipv4Addr)]) -> Violin {
+        let guest = |ip: usize, (n, h): &(&str, &str)| {
+            format!("[[guest]]\nname = '{n}'\nhost = '{h}'\nip = '10.0.0.{ip}/24'\n")
+        };
+        let mut text = "name = 'blue'\nvni = 100\n".to_string() + &guest(1, &("a", "h1"));
+        for (i, g) in more.iter().enumerate() {
+            text += &guest(i + 2, g);
+            text += &format!("[[link]]\nbetween = ['a', '{}']\n", g.0);
+        }
+        let hosts = std::iter::once(("h1".to_string(), Ipv4Addr::LOCALHOST))
+            .chain(hosts.iter().map(|(h, a)| (h.to_string(), *a)))
+            .collect();
+        crate::spec::parse(&text, &hosts).unwrap()
+    }
+
+    #[test]
+    fn frames_handed_over_during_a_move_follow_the_violin() {
+        use crate::datapath::transport::guest::{peer_path, GuestPort};
+        use violin_common::wire::{EtherType, EthernetFrame, EthernetRepr};
+        const H2: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+        let spec = blue(&[("b", "h2")], &[("h2", H2)]);
+        let mac = |n: &str| spec.members[spec.member(n).unwrap()].mac.0;
+        let u = UdpUnderlay::bind_group(Ipv4Addr::LOCALHOST, 0, 2).unwrap();
+        let (mut team, _workers) =
+            Worker::team(u.into_iter().map(Underlay::Udp).collect(), None).unwrap();
+
+        // The Violin lives on worker 0 (100 mod 2); guest a's port is a datagram socket.
+        let (tx, rx) = oneshot::channel();
+        team[0].apply(Command::Apply {
+            spec: Box::new(spec.clone()),
+            local_host: "h1".into(),
+            reply: tx,
+        });
+        let up = answer(rx).unwrap();
+        let dir = std::env::temp_dir().join(format!("violin-handoff-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let _dir = TmpDir(dir.clone());
+        let path = dir.join("a.sock");
+        let port = GuestPort::bind(&path, crate::spec::Framing::Dgram).unwrap();
+        let guest = std::os::unix::net::UnixDatagram::bind(peer_path(&path)).unwrap();
+        guest.set_nonblocking(true).unwrap();
+        let id = up.0.added[0].1;
+        team[0].apply(Command::AttachPort {
+            id,
+            port: Port::Sock(Box::new(port)),
+        });
+
+        // b → a, as worker 1 got them on the socket every Violin shares.
+        let mut frame = vec![0u8; 100];
+        EthernetRepr {
+            src_addr: mac("b"),
+            dst_addr: mac("a"),
+            ethertype: EtherType(0x88b5),
+        }
+        .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+        let hand = |w: &mut Worker, n: usize| {
+            for _ in 0..n {
+                w.team.hand_off(0, H2, 100, &frame, None).unwrap();
+            }
+        };
+        hand(&mut team[1], 5);
+
+        // The Violin moves to worker 1 with five frames for it in worker 0's inbox.
+        let (tx, rx) = oneshot::channel();
+        team[0].apply(Command::Export {
+            name: "blue".into(),
+            to: 1,
+            reply: tx,
+        });
+        let moving = answer(rx).expect("exported");
+        // Those five were switched on worker 0 before it let the Violin go, in order.
+        let mut buf = [0u8; 256];
+        let mut received = |want: usize| {
+            let mut got = 0;
+            while let Ok(n) = guest.recv(&mut buf) {
+                assert_eq!(&buf[..n], &frame[..]);
+                got += 1;
+            }
+            assert_eq!(got, want);
+        };
+        received(5);
+        // A monitor asked of the old worker is told to ask again.
+        let subscribe = |w: &mut Worker| {
+            let (tx, rx) = oneshot::channel();
+            w.apply(Command::Monitor {
+                id: 1,
+                vni: 100,
+                rate: 10,
+                events: mpsc::sync_channel(1).0,
+                reply: tx,
+            });
+            answer(rx)
+        };
+        assert_eq!(subscribe(&mut team[0]), Subscribed::NotHere);
+        // Worker 1 still hands the Violin's frames to 0 until it takes the Violin; 0
+        // passes them on; 1, not there yet, passes them back; 0 passes them on again.
+        hand(&mut team[1], 3);
+        let all = || Budget::new(usize::MAX, u64::MAX);
+        assert!(!team[0].handoff_rx(&mut all()));
+        assert!(!team[1].handoff_rx(&mut all()));
+        assert!(!team[0].handoff_rx(&mut all()));
+
+        let (tx, rx) = oneshot::channel();
+        team[1].apply(Command::Import {
+            violin: moving,
+            reply: tx,
+        });
+        assert!(answer(rx).is_ok());
+        assert_eq!(subscribe(&mut team[1]), Subscribed::Yes);
+        assert!(!team[1].handoff_rx(&mut all()));
+        team[1].end_port_rounds(false);
+
+        received(3);
+        for w in &mut team {
+            let c = w.snapshot();
+            assert_eq!(c.host_drops.get("unknown_vni"), None, "{:?}", c.host_drops);
+        }
+        // Homes that disagree cannot bounce a frame for ever: it is passed on at most
+        // HANDOFF_HOPS times, then switched where it is (here, where the Violin is).
+        team[1].team.set_home(100, 0);
+        hand(&mut team[1], 1);
+        for i in 0..=HANDOFF_HOPS as usize {
+            assert!(!team[i % 2].handoff_rx(&mut all()));
+        }
+        assert!(team[0].team.inbox.try_recv().is_err());
+        assert!(team[1].team.inbox.try_recv().is_err());
+        team[1].end_port_rounds(false);
+        received(1);
+    }
+
+    #[test]
+    fn a_snapshot_waits_out_a_move() {
+        let spec = blue(&[], &[]);
+        let u = UdpUnderlay::bind_group(Ipv4Addr::LOCALHOST, 0, 2).unwrap();
+        let (team, workers) =
+            Worker::team(u.into_iter().map(Underlay::Udp).collect(), None).unwrap();
+        let threads: Vec<_> = team
+            .into_iter()
+            .map(|w| std::thread::spawn(move || w.run()))
+            .collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        workers
+            .get(0)
+            .ask(|reply| Command::Apply {
+                spec: Box::new(spec),
+                local_host: "h1".into(),
+                reply,
+            })
+            .unwrap()
+            .unwrap();
+        let names = |c: Counters| c.violins.into_iter().map(|v| v.name).collect::<Vec<_>>();
+        // A move: the Violin is on neither worker between the export and the import,
+        // while a snapshot is asked for.
+        let guard = workers.moving();
+        let export = |reply| Command::Export {
+            name: "blue".into(),
+            to: 1,
+            reply,
+        };
+        let moving = workers.get(0).ask(export).unwrap().unwrap();
+        let w2 = workers.clone();
+        let snap = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap()
+                .block_on(w2.snapshot_async())
+        });
+        std::thread::sleep(Duration::from_millis(5));
+        let import = |reply| Command::Import {
+            violin: moving,
+            reply,
+        };
+        assert!(workers.get(1).ask(import).unwrap().is_ok());
+        drop(guard);
+        assert_eq!(names(snap.join().unwrap().unwrap()), ["blue"]);
+        assert_eq!(
+            names(rt.block_on(workers.snapshot_async()).unwrap()),
+            ["blue"]
+        );
+        let _ = workers.send_all(|| Command::Stop {
+            reply: oneshot::channel().0,
+        });
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]
