@@ -1385,6 +1385,7 @@ fn a_loud_violins_neighbour_moves_to_another_worker(plane: &str, extra: &[&str])
     // A low threshold: the flood is loud on both hosts however slow the machine.
     let mut args = vec!["--workers", "2", "--loud-violin-percent", "5"];
     args.extend(extra);
+    let shared = extra.contains(&"worker");
     let c = Cluster::up(2, plane, &args);
     let spec = |name: &str, vni: u32, subnet: u8| {
         format!(
@@ -1443,10 +1444,32 @@ fn a_loud_violins_neighbour_moves_to_another_worker(plane: &str, extra: &[&str])
     assert!(moved, "quiet stayed beside loud: {:?}", workers("quiet"));
     assert_eq!(workers("loud"), vec![Some(1); 2], "loud keeps its worker");
     assert_eq!(workers("idle"), vec![Some(0); 2], "an idle Violin stays");
-    assert_eq!(
-        got, 300,
-        "every datagram of quiet's arrived across the move"
-    );
+    let s = c.stats("quiet");
+    for h in &s.hosts {
+        for reason in ["unknown_vni", "handoff_full"] {
+            assert_eq!(
+                h.host_drops.get(reason),
+                None,
+                "{}: {:?}",
+                h.host,
+                h.host_drops
+            );
+        }
+    }
+    if shared {
+        // Until quiet moves, the flood fills the socket it shares on each host (the
+        // kernel's buffers, which a socket of its own avoids): a few may go there.
+        assert!(
+            got >= 285,
+            "{got} of quiet's 300 datagrams arrived; Violin drops {:?}",
+            s.drops
+        );
+    } else {
+        assert_eq!(
+            got, 300,
+            "every datagram of quiet's arrived across the move"
+        );
+    }
     for h in ["h1", "h2"] {
         let log = c.host_log(h);
         assert!(
@@ -1472,8 +1495,8 @@ fn a_loud_violins_neighbour_moves_to_another_worker_on_the_xdp_plane() {
     a_loud_violins_neighbour_moves_to_another_worker("xdp", &[]);
 }
 
-/// Violins share their worker's socket: frames the old worker read during the move
-/// are handed to the new one, not lost.
+/// Violins share their worker's socket: the flood received there counts as loud, and
+/// frames the old worker read during the move are handed to the new one, not lost.
 #[test]
 fn a_loud_violins_neighbour_moves_to_another_worker_sharing_the_workers_sockets() {
     a_loud_violins_neighbour_moves_to_another_worker("udp", &["--udp-steering", "worker"]);
