@@ -2314,15 +2314,6 @@ mod tests {
         assert_eq!(team[1].team.elsewhere(6), Some(0));
     }
 
-    /// A temporary directory removed on drop, also when the test fails.
-    struct TmpDir(std::path::PathBuf);
-
-    impl Drop for TmpDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     fn answer<T>(mut rx: oneshot::Receiver<T>) -> T {
         rx.try_recv()
             .expect("the worker answered while applying the command")
@@ -2364,11 +2355,7 @@ mod tests {
             reply: tx,
         });
         let up = answer(rx).unwrap();
-        let dir = std::env::temp_dir().join(format!("violin-handoff-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let _dir = TmpDir(dir.clone());
-        let path = dir.join("a.sock");
+        let (_dir, path) = crate::datapath::transport::guest::tests::tmp("handoff");
         let port = GuestPort::bind(&path, crate::spec::Framing::Dgram).unwrap();
         let guest = std::os::unix::net::UnixDatagram::bind(peer_path(&path)).unwrap();
         guest.set_nonblocking(true).unwrap();

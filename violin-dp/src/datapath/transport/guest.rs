@@ -450,12 +450,12 @@ pub fn peer_path(port: &Path) -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
 
     /// A temporary directory removed on drop, also when the test fails.
-    struct TmpDir(PathBuf);
+    pub(crate) struct TmpDir(PathBuf);
 
     impl Drop for TmpDir {
         fn drop(&mut self) {
@@ -463,7 +463,8 @@ mod tests {
         }
     }
 
-    fn tmp(name: &str) -> (TmpDir, PathBuf) {
+    /// A fresh directory for test `name`, and a socket path in it.
+    pub(crate) fn tmp(name: &str) -> (TmpDir, PathBuf) {
         let d = std::env::temp_dir().join(format!("violin-port-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
