@@ -830,23 +830,29 @@ fn charge(charges: &mut Vec<(usize, u64)>, v: usize, ns: u64) {
 #[derive(Default)]
 struct SharedVisit {
     runs: Vec<(u32, u64)>,
-    bytes: u64,
 }
 
 impl SharedVisit {
     #[inline]
     fn add(&mut self, vni: u32, bytes: usize) {
         let b = bytes as u64;
-        self.bytes += b;
         match self.runs.last_mut() {
             Some((v, n)) if *v == vni => *n += b,
             _ => self.runs.push((vni, b)),
         }
     }
 
-    fn clear(&mut self) {
+    /// Charges the visit's `ns` to the Violins still on `sw` by the bytes read for
+    /// each, and starts the next visit.
+    fn share(&mut self, ns: u64, sw: &Switch, charges: &mut Vec<(usize, u64)>) {
+        let total: u64 = self.runs.iter().map(|(_, b)| b).sum();
+        for &(vni, b) in &self.runs {
+            if let Some(v) = sw.slot_of_vni(vni) {
+                let part = u128::from(ns) * u128::from(b) / u128::from(total.max(1));
+                charge(charges, v, part as u64);
+            }
+        }
         self.runs.clear();
-        self.bytes = 0;
     }
 }
 
@@ -1263,15 +1269,8 @@ impl Worker {
                 if let Some(v) = self.violin_of(src) {
                     charge(&mut self.charges, v, ns);
                 } else {
-                    let sw = &self.fabric.switch;
-                    let total = self.shared.bytes.max(1);
-                    for &(vni, b) in &self.shared.runs {
-                        if let Some(v) = sw.slot_of_vni(vni) {
-                            let part = (u128::from(ns) * u128::from(b) / u128::from(total)) as u64;
-                            charge(&mut self.charges, v, part);
-                        }
-                    }
-                    self.shared.clear();
+                    self.shared
+                        .share(ns, &self.fabric.switch, &mut self.charges);
                 }
                 t = t2;
                 served
@@ -1582,7 +1581,7 @@ impl Worker {
         // What other workers handed here before the move is switched here first, and
         // written out: frames handed here later are passed on ([`Team::pass_on`]).
         self.handoff_rx(&mut Budget::new(usize::MAX, u64::MAX));
-        self.shared.clear();
+        self.shared.runs.clear();
         self.end_port_rounds(false);
         self.team.wake();
         let (table, ports) = self.fabric.switch.take_violin(name)?;
