@@ -316,6 +316,10 @@ struct Isolation {
     flooded: load::Latency,
     /// What the flooding neighbour's receiver got, Mbit/s.
     flood_mbit: f64,
+    /// What the flood added to the p99 in each round, µs (the figure's p99s are
+    /// medians over rounds; older results have none).
+    #[serde(default)]
+    added_p99_us: Vec<f64>,
     /// Whether the quiet Violin shares a packet worker with the flooding one on some
     /// host (`None`: not a Violin, or not known).
     #[serde(default)]
@@ -459,59 +463,115 @@ fn isolation_figure(
         ),
     ] {
         let noisy = tb.violin_pair("noisy", 250, 50, "tap", None)?;
-        for q in quiet {
-            let alone = load::udp_ping_pong(
-                &q.client.ns,
-                &q.server.ns,
-                q.server.ip,
-                plan.isolation_pings,
-            )?;
-            let flood = {
-                let (c, s, ip) = (
-                    noisy.client.ns.clone(),
-                    noisy.server.ns.clone(),
-                    noisy.server.ip,
-                );
-                let secs = 1.0 + plan.isolation_pings as f64 * 300e-6;
-                std::thread::spawn(move || load::udp_flood(&c, &s, ip, 1400, secs, &[]))
-            };
-            std::thread::sleep(Duration::from_millis(500));
-            let flooded = load::udp_ping_pong(
-                &q.client.ns,
-                &q.server.ns,
-                q.server.ip,
-                plan.isolation_pings,
-            );
-            let flood = flood
-                .join()
-                .map_err(|_| anyhow::anyhow!("the flood panicked"))??;
-            let flooded = flooded?;
-            say(&format!(
-                "  {} (next to {}): p99 {:.0} us alone, {:.0} us flooded",
-                q.config, noisy.config, alone.p99_us, flooded.p99_us
-            ));
-            // Violins share a worker when there are more of them than workers.
-            let shares_worker = match &q.violin {
-                Some(v) => {
-                    let (a, b) = (tb.workers_of(v)?, tb.workers_of("noisy")?);
-                    let known = a.iter().chain(&b).all(Option::is_some);
-                    known.then(|| a.iter().zip(&b).any(|(x, y)| x == y))
-                }
-                None => None,
-            };
+        let mut each: BTreeMap<&str, Vec<Isolation>> = BTreeMap::new();
+        for round in 0..plan.rounds {
+            for q in &quiet {
+                let i = quiet_beside_flood(tb, plan, q, &noisy)?;
+                say(&format!(
+                    "  {} (next to {}), round {}: p99 {:.0} us alone, {:.0} us flooded",
+                    q.config,
+                    noisy.config,
+                    round + 1,
+                    i.alone.p99_us,
+                    i.flooded.p99_us
+                ));
+                each.entry(q.config).or_default().push(i);
+            }
+        }
+        for (config, rounds) in each {
             r.isolation.insert(
-                format!("{} / {}", q.config, noisy.config),
-                Isolation {
-                    alone,
-                    flooded,
-                    flood_mbit: flood.received_pps * 1400.0 * 8.0 / 1e6,
-                    shares_worker,
-                },
+                format!("{config} / {}", noisy.config),
+                isolation_median(&rounds),
             );
         }
         tb.down_violin("noisy")?;
     }
     Ok(())
+}
+
+/// One round of figure 8 for quiet pair `q`: its round trips alone, then from 0.5 s into
+/// a 1400-byte flood between `noisy`'s guests.
+fn quiet_beside_flood(tb: &Testbed, plan: &Plan, q: &Pair, noisy: &Pair) -> Result<Isolation> {
+    let alone = load::udp_ping_pong(
+        &q.client.ns,
+        &q.server.ns,
+        q.server.ip,
+        plan.isolation_pings,
+    )?;
+    let flood = {
+        let (c, s, ip) = (
+            noisy.client.ns.clone(),
+            noisy.server.ns.clone(),
+            noisy.server.ip,
+        );
+        let secs = 1.0 + plan.isolation_pings as f64 * 300e-6;
+        std::thread::spawn(move || load::udp_flood(&c, &s, ip, 1400, secs, &[]))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let flooded = load::udp_ping_pong(
+        &q.client.ns,
+        &q.server.ns,
+        q.server.ip,
+        plan.isolation_pings,
+    );
+    let flood = flood
+        .join()
+        .map_err(|_| anyhow::anyhow!("the flood panicked"))??;
+    let flooded = flooded?;
+    // Violins share a worker when there are more of them than workers.
+    let shares_worker = match &q.violin {
+        Some(v) => {
+            let (a, b) = (tb.workers_of(v)?, tb.workers_of("noisy")?);
+            let known = a.iter().chain(&b).all(Option::is_some);
+            known.then(|| a.iter().zip(&b).any(|(x, y)| x == y))
+        }
+        None => None,
+    };
+    Ok(Isolation {
+        flood_mbit: flood.received_pps * 1400.0 * 8.0 / 1e6,
+        added_p99_us: vec![flooded.p99_us - alone.p99_us],
+        alone,
+        flooded,
+        shares_worker,
+    })
+}
+
+/// Figure 8's rounds of one pair as one row: each figure's median taken on its own,
+/// each round's added p99 kept, and "shares a worker" if it did in any round.
+fn isolation_median(rounds: &[Isolation]) -> Isolation {
+    Isolation {
+        alone: latency_median(rounds.iter().map(|i| &i.alone).collect()),
+        flooded: latency_median(rounds.iter().map(|i| &i.flooded).collect()),
+        flood_mbit: median(rounds.iter().map(|i| i.flood_mbit).collect()),
+        added_p99_us: rounds.iter().flat_map(|i| i.added_p99_us.clone()).collect(),
+        shares_worker: rounds
+            .iter()
+            .filter_map(|i| i.shares_worker)
+            .reduce(|a, b| a || b),
+    }
+}
+
+/// Round-trip figures over rounds: each quantile's median taken on its own, the
+/// samples and losses summed, and the distribution of the round with the median p99.
+fn latency_median(mut ls: Vec<&load::Latency>) -> load::Latency {
+    let m = |g: fn(&load::Latency) -> f64| median(ls.iter().map(|l| g(l)).collect());
+    let (p50_us, p99_us, p999_us) = (m(|l| l.p50_us), m(|l| l.p99_us), m(|l| l.p999_us));
+    let (samples, lost) = (
+        ls.iter().map(|l| l.samples).sum(),
+        ls.iter().map(|l| l.lost).sum(),
+    );
+    ls.sort_by(|a, b| a.p99_us.total_cmp(&b.p99_us));
+    load::Latency {
+        p50_us,
+        p99_us,
+        p999_us,
+        samples,
+        lost,
+        cdf: ls
+            .get(ls.len() / 2)
+            .map(|l| l.cdf.clone())
+            .unwrap_or_default(),
+    }
 }
 
 /// Figure 5: N Violins with the same addresses flooding at once, on each cluster
@@ -1475,24 +1535,36 @@ fn isolation_table(r: &Results) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<38} {:>9} {:>9} {:>9} {:>9} {:>11} {:>12}",
+        "   (medians over rounds; +p99: the median of what the flood added in each round, \
+         whose figures follow)"
+    );
+    let _ = writeln!(
+        o,
+        "{:<38} {:>9} {:>9} {:>9} {:>9} {:>11} {:>12}  rounds' +p99",
         "quiet / flooding", "p50", "p99", "p99 fl.", "+p99", "flood Mbit", "same worker"
     );
     for (c, i) in &r.isolation {
+        let added = if i.added_p99_us.is_empty() {
+            i.flooded.p99_us - i.alone.p99_us
+        } else {
+            median(i.added_p99_us.clone())
+        };
+        let each: Vec<String> = i.added_p99_us.iter().map(|a| format!("{a:.0}")).collect();
         let _ = writeln!(
             o,
-            "{:<38} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>12}",
+            "{:<38} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>12}  {}",
             c,
             i.alone.p50_us,
             i.alone.p99_us,
             i.flooded.p99_us,
-            i.flooded.p99_us - i.alone.p99_us,
+            added,
             i.flood_mbit,
             match i.shares_worker {
                 Some(true) => "yes",
                 Some(false) => "no",
                 None => "-",
-            }
+            },
+            each.join(" / ")
         );
     }
     o
@@ -2051,4 +2123,52 @@ fn check(r: &Results) -> Result<()> {
         bail!("benchmark output is malformed: {}", problems.join("; "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn latency(p50: f64, p99: f64) -> load::Latency {
+        load::Latency {
+            p50_us: p50,
+            p99_us: p99,
+            p999_us: p99 * 2.0,
+            samples: 100,
+            lost: 1,
+            cdf: vec![(0.99, p99)],
+        }
+    }
+
+    fn round(alone: f64, flooded: f64, shares: Option<bool>) -> Isolation {
+        Isolation {
+            alone: latency(alone / 2.0, alone),
+            flooded: latency(flooded / 2.0, flooded),
+            flood_mbit: flooded,
+            added_p99_us: vec![flooded - alone],
+            shares_worker: shares,
+        }
+    }
+
+    #[test]
+    fn isolation_rounds_give_medians_and_keep_each_rounds_addition() {
+        let m = isolation_median(&[
+            round(100.0, 5000.0, Some(false)),
+            round(300.0, 400.0, Some(true)),
+            round(200.0, 250.0, Some(false)),
+        ]);
+        assert_eq!((m.alone.p50_us, m.alone.p99_us), (100.0, 200.0));
+        assert_eq!((m.flooded.p99_us, m.flooded.p999_us), (400.0, 800.0));
+        assert_eq!(
+            m.flooded.cdf,
+            vec![(0.99, 400.0)],
+            "the median round's distribution"
+        );
+        assert_eq!((m.alone.samples, m.alone.lost), (300, 3));
+        assert_eq!(m.added_p99_us, vec![4900.0, 100.0, 50.0]);
+        assert_eq!(m.flood_mbit, 400.0);
+        assert_eq!(m.shares_worker, Some(true), "shared in one round");
+        let none = isolation_median(&[round(1.0, 2.0, None)]);
+        assert_eq!(none.shares_worker, None);
+    }
 }
