@@ -208,11 +208,6 @@ impl Cluster {
         format!("{}-{violin}-{guest}", self.name)
     }
 
-    /// The network namespace of simulated host `host` (its daemon and underlay).
-    pub fn host_ns(&self, host: &str) -> String {
-        format!("{}-{host}", self.name)
-    }
-
     /// `ping -c COUNT` from a guest; true when every reply came back.
     pub fn ping(&self, violin: &str, guest: &str, ip: &str, count: u32) -> bool {
         let c = count.to_string();
@@ -410,28 +405,6 @@ pub fn udp_flood(
         }
         sent
     })
-}
-
-/// Datagrams the kernel dropped in namespace `ns` because a UDP socket's receive buffer
-/// was full (`RcvbufErrors` in its `/proc/net/snmp`).
-pub fn udp_rcvbuf_errors(ns: &str) -> u64 {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        netns::enter(&ns).unwrap();
-        // thread-self: /proc/self/net is the namespace of the process's first thread.
-        let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
-        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-        let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
-        let at = names.split_whitespace().position(|n| n == "RcvbufErrors");
-        values
-            .split_whitespace()
-            .nth(at.unwrap())
-            .unwrap()
-            .parse()
-            .unwrap()
-    })
-    .join()
-    .unwrap()
 }
 
 pub fn mac_bytes(s: &str) -> [u8; 6] {
