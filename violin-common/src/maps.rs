@@ -9,6 +9,10 @@ pub struct VniEntry {
     pub slot: u32,
     /// Number of member underlay addresses in `MEMBERS` for this VNI (informational).
     pub members: u32,
+    /// The Violin's largest inner frame (its MTU + 18). A tunnelled frame longer than
+    /// one AF_XDP frame whose inner frame states more is a GSO super-frame seen whole,
+    /// which the kernel must segment. 0: no bound.
+    pub max_frame: u32,
 }
 
 /// Key of the member map: (VNI, outer source IPv4 address in network order).
@@ -61,9 +65,17 @@ pub const CONFIG_PORT: u32 = 0;
 /// `CONFIG[CONFIG_QUEUES]`: rx queues of the underlay interface.
 pub const CONFIG_QUEUES: u32 = 1;
 /// `CONFIG[CONFIG_MAX_FRAME]`: the longest single frame the underlay carries, its MTU
-/// plus 14. A longer tunnelled frame is a GSO super-frame (generic XDP sees those
-/// whole) or a jumbo one: the kernel's UDP socket takes it. 0: no limit.
+/// plus 14. A longer tunnelled frame is a GSO super-frame (XDP on a veth sees those
+/// whole): the kernel's UDP socket takes it. 0: no limit.
+///
+/// Up to one AF_XDP frame's data ([`crate::XSK_FRAME_DATA`]) a frame is taken as it
+/// is: senders send a run of frames whole only when it is longer. Longer frames (jumbo
+/// ones, up to this) go to AF_XDP only with `CONFIG_MULTI_BUFFER` on and only when
+/// their inner frame states exactly their length ([`crate::wire::tunnel::stated_len`]).
 pub const CONFIG_MAX_FRAME: u32 = 2;
+/// `CONFIG[CONFIG_MULTI_BUFFER]`: 1 when the AF_XDP sockets are bound multi-buffer
+/// (`XDP_USE_SG`) and take frames across several AF_XDP frames.
+pub const CONFIG_MULTI_BUFFER: u32 = 3;
 /// Name of the XskMap of per-(Violin, rx queue) AF_XDP sockets.
 pub const XSK_MAP: &str = "XSKS";
 /// Name of the classifier program in the object.

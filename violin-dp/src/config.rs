@@ -18,8 +18,9 @@ pub enum DataplaneChoice {
     Udp,
 }
 
-/// How the xdp plane transmits the small frames of the guests' traffic (super-frames and
-/// jumbo frames always take the UDP socket's segmentation offload).
+/// How the xdp plane transmits the small frames of the guests' traffic (super-frames
+/// always take the UDP socket's segmentation offload; a jumbo frame takes AF_XDP's TX
+/// ring either way where the sockets are multi-buffer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpTx {
@@ -48,7 +49,8 @@ impl XdpTx {
 
 /// Which socket of the underlay's UDP group (`SO_REUSEPORT`) the kernel queues a
 /// Violin's datagrams on, on either plane (on the xdp plane those the classifier passes
-/// to the kernel: super-frames, jumbo frames).
+/// to the kernel: super-frames, and jumbo frames where the AF_XDP sockets are not
+/// multi-buffer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum UdpSteering {

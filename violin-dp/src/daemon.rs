@@ -27,6 +27,7 @@ use std::os::unix::net::UnixListener;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
+use violin_common::XSK_FRAME_DATA;
 
 pub struct Daemon {
     cfg: HostConfig,
@@ -89,16 +90,18 @@ impl Daemon {
         let xdp = match cfg.dataplane {
             DataplaneChoice::Udp => None,
             DataplaneChoice::Xdp => Some(
-                setup_xdp(&cfg, queues)
+                setup_xdp(&cfg, queues, link.as_ref().ok().map(|l| l.mtu))
                     .context("setting up the xdp data plane (--dataplane udp avoids it)")?,
             ),
-            DataplaneChoice::Auto => match setup_xdp(&cfg, queues) {
-                Ok(x) => Some(x),
-                Err(e) => {
-                    warn!("dataplane auto: XDP is unavailable here ({e:#}); using udp");
-                    None
+            DataplaneChoice::Auto => {
+                match setup_xdp(&cfg, queues, link.as_ref().ok().map(|l| l.mtu)) {
+                    Ok(x) => Some(x),
+                    Err(e) => {
+                        warn!("dataplane auto: XDP is unavailable here ({e:#}); using udp");
+                        None
+                    }
                 }
-            },
+            }
         };
         let (underlays, classifier, openers): (Vec<Underlay>, _, _) = match xdp {
             Some((xsks, cls)) => {
@@ -378,7 +381,13 @@ fn setup_steering(group: &[UdpUnderlay]) -> Result<crate::xdp::steer::VniSteerin
 
 /// Loads and attaches the classifier and opens an AF_XDP anchor socket on each of
 /// the first `queues` rx queues of the underlay interface (one per packet worker).
-fn setup_xdp(cfg: &HostConfig, queues: usize) -> Result<(Vec<AfXdp>, Classifier)> {
+/// Where the underlay's frames (`mtu` + 14) outgrow one AF_XDP frame, the sockets are
+/// multi-buffer, or, where the kernel refuses that, such frames take its UDP socket.
+fn setup_xdp(
+    cfg: &HostConfig,
+    queues: usize,
+    mtu: Option<u32>,
+) -> Result<(Vec<AfXdp>, Classifier)> {
     let path = crate::xdp::classifier::object_path()?;
     let obj = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut cls = Classifier::load(&obj, cfg.vxlan_port, queues as u32)?;
@@ -393,11 +402,25 @@ fn setup_xdp(cfg: &HostConfig, queues: usize) -> Result<(Vec<AfXdp>, Classifier)
         src_ip: cfg.underlay,
         port: cfg.vxlan_port,
     };
-    let xsks = (0..queues as u32)
-        .map(|q| AfXdp::new(&cfg.interface, q, outer))
-        .collect::<Result<Vec<_>>>()?;
+    let largest = mtu.map_or(XSK_FRAME_DATA, |m| m as usize + 14);
+    let open = |multi_buffer| {
+        (0..queues as u32)
+            .map(|q| AfXdp::new(&cfg.interface, q, outer, multi_buffer, largest))
+            .collect::<Result<Vec<_>>>()
+    };
+    let (xsks, multi_buffer) = match largest > XSK_FRAME_DATA {
+        false => (open(false)?, false),
+        true => match open(true) {
+            Ok(x) => (x, true),
+            Err(e) => {
+                warn!("multi-buffer AF_XDP sockets refused ({e:#}): frames longer than {XSK_FRAME_DATA} bytes take the kernel's UDP socket");
+                (open(false)?, false)
+            }
+        },
+    };
+    cls.set_multi_buffer(multi_buffer)?;
     let mode = cls.attach(&cfg.interface, cfg.xdp_attach)?;
-    info!(interface = %cfg.interface, object = %path.display(), mode, queues, "XDP classifier attached; AF_XDP sockets on each served queue (copy mode)");
+    info!(interface = %cfg.interface, object = %path.display(), mode, queues, multi_buffer, "XDP classifier attached; AF_XDP sockets on each served queue (copy mode)");
     if !cfg.xdp_socket_per_violin {
         info!("one AF_XDP socket per queue for every Violin (xdp_socket_per_violin = false)");
     }

@@ -77,6 +77,15 @@ pub struct XskCounters {
     pub pool_empty: u64,
     /// The fill ring refused a refill batch (kept and retried).
     pub fill_retry: u64,
+    /// Of `rx_frames`, those that came in several buffers (multi-buffer: jumbo frames).
+    #[serde(default)]
+    pub rx_multi_buffer: u64,
+    /// Multi-buffer frames longer than any IPv4 packet (dropped).
+    #[serde(default)]
+    pub rx_multi_buffer_dropped: u64,
+    /// Of `tx_frames`, those sent in several buffers.
+    #[serde(default)]
+    pub tx_multi_buffer: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +135,9 @@ impl AfXdpStats {
                 tx_ring_full: a.tx_ring_full + b.tx_ring_full,
                 pool_empty: a.pool_empty + b.pool_empty,
                 fill_retry: a.fill_retry + b.fill_retry,
+                rx_multi_buffer: a.rx_multi_buffer + b.rx_multi_buffer,
+                rx_multi_buffer_dropped: a.rx_multi_buffer_dropped + b.rx_multi_buffer_dropped,
+                tx_multi_buffer: a.tx_multi_buffer + b.tx_multi_buffer,
             },
             rx_bad: self.rx_bad + o.rx_bad,
             neighbour_miss: self.neighbour_miss + o.neighbour_miss,

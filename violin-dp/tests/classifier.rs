@@ -80,9 +80,10 @@ fn load() -> Loaded {
     .unwrap();
     let obj = read_object().unwrap();
     let mut cls = Classifier::load(&obj, 4789, 1).unwrap();
-    cls.add_vni(101, 0, &[MEMBER]).unwrap();
-    cls.add_vni(102, 1, &[MEMBER]).unwrap(); // slot 1 has no socket
-                                             // A real AF_XDP socket in slot 0, as the daemon would put there.
+    cls.add_vni(101, 0, &[MEMBER], 9018).unwrap();
+    cls.add_vni(102, 1, &[MEMBER], 9018).unwrap(); // slot 1 has no socket
+    cls.add_vni(103, 0, &[MEMBER], 1518).unwrap(); // a Violin of MTU 1500
+                                                   // A real AF_XDP socket in slot 0, as the daemon would put there.
     let (umem, _descs) = xsk_rs::Umem::new(
         xsk_rs::config::UmemConfig::default(),
         64.try_into().unwrap(),
@@ -204,6 +205,7 @@ fn run_table() {
             "rx queue {queue}: {verdict:?} counted"
         );
     }
+    long_frames(cls);
     // A frame shorter than an Ethernet header: the kernel refuses to run the program on
     // it (test_run needs 14 bytes), so it is checked by the Truncated rows above instead.
     cls.remove_vni(101, &[MEMBER]);
@@ -215,6 +217,78 @@ fn run_table() {
         })
         .unwrap();
     assert_eq!(r.return_value, XDP_DROP, "a removed VNI is unknown");
+}
+
+/// A tunnelled frame to VNI `vni` from a member holding `inner`.
+fn tunnelling(vni: u32, inner: &[u8]) -> Vec<u8> {
+    eth(
+        EtherType::IPV4,
+        &ipv4(
+            MEMBER,
+            IpProtocol::UDP,
+            &udp(4789, &common::packets::vxlan(vni, inner)),
+        ),
+    )
+}
+
+/// An inner IPv4 frame of `len` bytes.
+fn inner_ipv4(len: usize) -> Vec<u8> {
+    let ip = common::packets::ipv4(
+        Ipv4Addr::new(10, 0, 0, 1),
+        Ipv4Addr::new(10, 0, 0, 2),
+        IpProtocol::UDP,
+        &vec![0x5a; len - 34],
+    );
+    eth(EtherType::IPV4, &ip)
+}
+
+/// Frames longer than one AF_XDP frame on an underlay of MTU 9000 (test_run hands the
+/// program those over a page long in several buffers, as veth does): one jumbo frame
+/// goes to the Violin's socket when the sockets are multi-buffer; a GSO run of frames
+/// (which XDP on a veth sees whole), a frame whose inner length nothing vouches for, one
+/// beyond the Violin's or the underlay's largest, and any of them without multi-buffer
+/// sockets, to the kernel.
+fn long_frames(cls: &mut Classifier) {
+    cls.set_underlay_mtu(9000).unwrap();
+    cls.set_multi_buffer(true).unwrap();
+    let jumbo = tunnelling(101, &inner_ipv4(8964));
+    assert_eq!(jumbo.len(), 9014);
+    let mid = tunnelling(101, &inner_ipv4(3000));
+    let gso_run = {
+        // Two VXLAN datagrams of one UDP_SEGMENT send, as XDP sees them before the
+        // kernel segments them: the first one's inner frame states 1500 bytes.
+        let one = common::packets::vxlan(101, &inner_ipv4(1500));
+        let two = [&one[..], &one[..]].concat();
+        eth(
+            EtherType::IPV4,
+            &ipv4(MEMBER, IpProtocol::UDP, &udp(4789, &two)),
+        )
+    };
+    let not_ip = tunnelling(101, &eth(EtherType(0x88b5), &[0u8; 3000]));
+    use Verdict::*;
+    #[rustfmt::skip]
+    let table: Vec<(&str, Vec<u8>, u32, Verdict)> = vec![
+        ("a 9000-byte jumbo frame", jumbo.clone(), XDP_REDIRECT, Forward),
+        ("a 3050-byte one (one page)", mid.clone(), XDP_REDIRECT, Forward),
+        ("a small frame", tunnelled(MEMBER, 101), XDP_REDIRECT, Forward),
+        ("longer than the underlay's MTU", tunnelling(101, &inner_ipv4(8965)), XDP_PASS, Jumbo),
+        ("a GSO run of two frames", gso_run, XDP_PASS, Jumbo),
+        ("an inner frame that is not IP", not_ip, XDP_PASS, Jumbo),
+        ("beyond its Violin's largest frame", tunnelling(103, &inner_ipv4(3000)), XDP_PASS, Jumbo),
+    ];
+    for (what, pkt, action, verdict) in table {
+        let (got, moved) = run(cls, &pkt);
+        assert_eq!(got, action, "{what}: action");
+        assert_eq!(moved, vec![verdict], "{what}: counters");
+    }
+    cls.set_multi_buffer(false).unwrap();
+    for (what, pkt) in [("jumbo", &jumbo), ("3050 bytes", &mid)] {
+        assert_eq!(
+            run(cls, pkt),
+            (XDP_PASS, vec![Jumbo]),
+            "{what}, single-buffer sockets"
+        );
+    }
 }
 
 /// The fuzz target `outer`'s inputs (its seeds, the corpus a fuzz run left, and every

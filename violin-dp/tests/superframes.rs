@@ -348,6 +348,32 @@ fn jumbo_frames_cross_an_mtu_9000_underlay(dp: &str) {
             "{dp}: 8000-byte ping {from} → {to}: {out}"
         );
     }
+    if dp == "xdp" {
+        // The jumbo frames crossed AF_XDP both ways, each in several buffers
+        // (multi-buffer sockets): none went to the kernel's socket.
+        c.assert_dataplane("tapv", "xdp");
+        for h in &c.stats("tapv").hosts {
+            let x = h.xdp.as_ref().expect("xdp counters");
+            eprintln!(
+                "{}: verdicts {:?}, rings {:?}",
+                h.host, x.verdicts, x.rings.counters
+            );
+            assert_eq!(
+                x.verdicts.get("jumbo"),
+                None,
+                "host {}: {:?}",
+                h.host,
+                x.verdicts
+            );
+            let k = x.rings.counters;
+            assert!(
+                k.rx_multi_buffer >= 3 && k.tx_multi_buffer >= 3,
+                "host {}: {k:?}",
+                h.host
+            );
+            assert_eq!(k.rx_multi_buffer_dropped, 0, "host {}: {k:?}", h.host);
+        }
+    }
     // Around the longest frame one AF_XDP frame carries (1792 bytes after the kernel's
     // headroom: an inner frame of 1742 bytes, a 1700-byte ping), and up to a whole 2 KiB
     // frame: the xdp plane once sent 1743..1998-byte frames truncated through AF_XDP,

@@ -8,9 +8,11 @@
 //! non-member source: XDP_DROP. Each outcome is counted per CPU by `Verdict`, the list
 //! user space counts with too. Header layouts come from `violin_common::wire`.
 //!
-//! A multi-buffer frame (a GSO super-frame from the veth peer, which keeps GSO because
-//! this program is frags-aware, or a jumbo frame) is handed to the kernel, whose UDP
-//! socket the daemon reads with GRO.
+//! A frame longer than one AF_XDP frame, or in several buffers, is a jumbo frame or a
+//! GSO run of frames from the veth peer (which keeps GSO because this program is
+//! frags-aware). A jumbo frame goes to the Violin's socket when the sockets are
+//! multi-buffer and its inner frame states exactly its length; anything else long is
+//! handed to the kernel, whose UDP socket the daemon reads with GRO.
 //!
 //! `violin_port` runs on the host end of fast guest ports (veths driven by AF_XDP) and
 //! hands every frame to that port's socket.
@@ -30,11 +32,12 @@ use aya_ebpf::{
     EbpfContext,
 };
 use violin_common::maps::{
-    MemberKey, VniEntry, XdpDropEvent, CONFIG_MAX_FRAME, CONFIG_PORT, CONFIG_QUEUES,
-    DROP_EVENT_HEAD, STEER_SOCKETS_MAX, STEER_VNIS_MAX,
+    MemberKey, VniEntry, XdpDropEvent, CONFIG_MAX_FRAME, CONFIG_MULTI_BUFFER, CONFIG_PORT,
+    CONFIG_QUEUES, DROP_EVENT_HEAD, STEER_SOCKETS_MAX, STEER_VNIS_MAX,
 };
+use violin_common::wire::tunnel::{stated_len, STATED_HEAD};
 use violin_common::wire::{ethernet, ipv4, udp, vxlan, EtherType};
-use violin_common::Verdict;
+use violin_common::{Verdict, XSK_FRAME_DATA};
 
 /// `CONFIG_PORT`: VXLAN UDP port; `CONFIG_QUEUES`: rx queues of the interface.
 #[map(name = "CONFIG")]
@@ -178,14 +181,27 @@ fn classify(ctx: &XdpContext) -> Result<u32, Verdict> {
         // slot): the kernel's UDP socket takes it, and the daemon reads that too.
         return Err(Verdict::OtherQueue);
     }
-    // A multi-buffer frame, or one longer than the underlay's largest (a GSO
-    // super-frame, which generic XDP sees whole, or a jumbo frame), does not fit one
-    // AF_XDP chunk: the kernel's UDP socket takes it, with GRO.
+    // Up to one AF_XDP frame's data, a frame is one frame (senders send a run of
+    // frames whole only when it is longer). Longer, or in several buffers, it is a
+    // jumbo frame or a GSO run (XDP on a veth sees a sender's run whole): only a frame
+    // whose inner frame states its whole length, within the Violin's largest, goes
+    // to a multi-buffer socket; the kernel's UDP socket takes the rest, with GRO.
     // SAFETY: the helper only reads the xdp_md this program was given.
     let whole = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize;
-    let max = CONFIG.get(CONFIG_MAX_FRAME).copied().unwrap_or(0) as usize;
-    if whole > ctx.data_end() - ctx.data() || (max != 0 && whole > max) {
+    let max = match CONFIG.get(CONFIG_MAX_FRAME).copied().unwrap_or(0) {
+        0 => usize::MAX,
+        m => m as usize,
+    };
+    if whole > max {
         return Err(Verdict::Jumbo);
+    }
+    if whole > ctx.data_end() - ctx.data() || whole > XSK_FRAME_DATA {
+        let inner = l4 + udp::HEADER_LEN + vxlan::HEADER_LEN;
+        if CONFIG.get(CONFIG_MULTI_BUFFER).copied().unwrap_or(0) == 0
+            || !one_frame(ctx, inner, whole, entry.max_frame as usize)
+        {
+            return Err(Verdict::Jumbo);
+        }
     }
     let slot = entry.slot * queues + queue;
     count(Verdict::Forward);
@@ -193,6 +209,26 @@ fn classify(ctx: &XdpContext) -> Result<u32, Verdict> {
     Ok(XSKS
         .redirect(slot, u64::from(xdp_action::XDP_DROP))
         .unwrap_or(xdp_action::XDP_DROP))
+}
+
+/// True when the inner frame at `inner` states exactly the `whole` packet's remaining
+/// length, within `largest` (0: any): one frame, not a run of several.
+#[inline(always)]
+fn one_frame(ctx: &XdpContext, inner: usize, whole: usize, largest: usize) -> bool {
+    let mut head = [0u8; STATED_HEAD];
+    // SAFETY: the helper writes at most STATED_HEAD bytes into `head`, which holds that many.
+    let r = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            inner as u32,
+            head.as_mut_ptr().cast(),
+            STATED_HEAD as u32,
+        )
+    };
+    match stated_len(&head) {
+        Some(n) if r == 0 => inner + n == whole && (largest == 0 || n <= largest),
+        _ => false,
+    }
 }
 
 /// Reports a dropped frame of Violin `vni` to `DROP_EVENTS` if a monitor watches it

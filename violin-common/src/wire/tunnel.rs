@@ -51,6 +51,48 @@ pub fn decap(payload: &[u8]) -> Result<(VxlanRepr, &[u8]), Verdict> {
     Ok((r, &payload[r.buffer_len()..]))
 }
 
+/// Bytes of an inner frame's start that [`stated_len`] reads: Ethernet, one VLAN tag,
+/// and the IP length fields.
+pub const STATED_HEAD: usize = 24;
+
+/// The length an inner frame's own headers give it: Ethernet (and one VLAN tag) plus
+/// the IPv4 total length, or the IPv6 header and payload length. `None` for any other
+/// frame (ARP, an IPv6 jumbogram, a wrong IP version): nothing inside it vouches for
+/// its length.
+///
+/// A tunnelled datagram holding exactly what its inner frame states is one frame. A
+/// GSO run of several VXLAN datagrams (which XDP on a veth sees whole, before the
+/// kernel segments it) holds more than its first inner frame states, so the classifier
+/// tells the two apart by this, not by length alone. (Constant offsets only: the eBPF
+/// verifier reads this too.)
+#[inline(always)]
+pub fn stated_len(h: &[u8; STATED_HEAD]) -> Option<usize> {
+    if u16::from_be_bytes([h[12], h[13]]) == EtherType::VLAN.0 {
+        let et = u16::from_be_bytes([h[16], h[17]]);
+        ip_len(et, [h[18], h[20], h[21], h[22], h[23]]).map(|n| 18 + n)
+    } else {
+        let et = u16::from_be_bytes([h[12], h[13]]);
+        ip_len(et, [h[14], h[16], h[17], h[18], h[19]]).map(|n| 14 + n)
+    }
+}
+
+/// An IP packet's length from its bytes 0, 2, 3, 4 and 5 (`b`), under ethertype `et`.
+#[inline(always)]
+fn ip_len(et: u16, b: [u8; 5]) -> Option<usize> {
+    let (version, ihl) = (b[0] >> 4, (b[0] & 0x0f) as usize * 4);
+    match et {
+        0x0800 if version == 4 && ihl >= 20 => {
+            let total = u16::from_be_bytes([b[1], b[2]]) as usize;
+            (total >= ihl).then_some(total)
+        }
+        0x86dd if version == 6 => {
+            let payload = u16::from_be_bytes([b[3], b[4]]) as usize;
+            (payload != 0).then_some(40 + payload)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +140,47 @@ mod tests {
         assert_eq!(parse_outer(&udp_len, 4789), Err(Verdict::Truncated));
         assert_eq!(decap(&[0x08, 0, 0]), Err(Verdict::Truncated));
         assert_eq!(decap(&[0; 20]), Err(Verdict::Malformed));
+    }
+
+    /// An inner frame's stated length, from the fixtures' bytes: IPv4, IPv4 behind a
+    /// VLAN tag, IPv6; nothing for ARP, a jumbogram or a version that does not match.
+    #[test]
+    fn an_inner_frame_states_its_length_through_its_ip_header() {
+        let head = |b: &[u8]| -> [u8; STATED_HEAD] {
+            let mut h = [0u8; STATED_HEAD];
+            h[..b.len()].copy_from_slice(b);
+            h
+        };
+        let mac = [0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+        let v4 = |total: u16| {
+            let t = total.to_be_bytes();
+            head(&[&mac[..], &[0x08, 0x00, 0x45, 0, t[0], t[1], 0, 0, 0x40, 0]].concat())
+        };
+        assert_eq!(stated_len(&v4(8986)), Some(9000));
+        assert_eq!(stated_len(&v4(20)), Some(34));
+        assert_eq!(stated_len(&v4(19)), None, "shorter than its own header");
+        let tagged = head(
+            &[
+                &mac[..],
+                &[0x81, 0x00, 0, 5, 0x08, 0x00, 0x46, 0, 0x05, 0xdc, 0, 0],
+            ]
+            .concat(),
+        );
+        assert_eq!(stated_len(&tagged), Some(18 + 1500));
+        let v6 = head(&[&mac[..], &[0x86, 0xdd, 0x60, 0, 0, 0, 0x22, 0xb8]].concat());
+        assert_eq!(stated_len(&v6), Some(14 + 40 + 8888));
+        let mut jumbogram = v6;
+        jumbogram[18..20].copy_from_slice(&[0, 0]);
+        assert_eq!(stated_len(&jumbogram), None);
+        let mut v6_as_v4 = v6;
+        v6_as_v4[12..14].copy_from_slice(&[0x08, 0x00]);
+        assert_eq!(
+            stated_len(&v6_as_v4),
+            None,
+            "version 6 under the IPv4 ethertype"
+        );
+        // The fixture packet's inner frame is ARP.
+        assert_eq!(stated_len(PACKET[50..74].try_into().unwrap()), None);
     }
 
     /// A partial inner checksum is taken only under an outer UDP checksum that holds.

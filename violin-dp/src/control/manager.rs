@@ -1000,7 +1000,7 @@ impl Manager {
                     .send(Command::AttachSlot {
                         slot,
                         key: key as usize,
-                        socket,
+                        socket: Box::new(socket),
                         vni: per_violin.then_some(v.vni),
                     })
                     .map_err(gone)?;
@@ -1013,7 +1013,7 @@ impl Manager {
             let gone: Vec<Ipv4Addr> = was.into_iter().filter(|a| !members.contains(a)).collect();
             c.remove_vni(old.vni, &gone);
         }
-        c.add_vni(v.vni, slot as u32, &members)?;
+        c.add_vni(v.vni, slot as u32, &members, v.max_frame())?;
         if per_violin {
             if self.slots.len() <= slot {
                 self.slots.resize(slot + 1, None);

@@ -269,7 +269,7 @@ pub enum Command {
     AttachSlot {
         slot: usize,
         key: usize,
-        socket: Slot,
+        socket: Box<Slot>,
         /// The Violin whose socket it is (`None`: the socket every Violin shares).
         vni: Option<u32>,
     },
@@ -1420,7 +1420,7 @@ impl Worker {
                 key,
                 socket,
                 vni,
-            } => self.attach_slot(slot, key, socket, vni),
+            } => self.attach_slot(slot, key, *socket, vni),
             Command::Export { name, to, reply } => {
                 let v = self.export(&name);
                 if let Some(v) = &v {

@@ -169,8 +169,7 @@ impl Classifier {
         } else {
             XdpMode::Driver
         };
-        let largest = crate::datapath::transport::xsk::largest_single_frame(mtu);
-        self.set_config(maps::CONFIG_MAX_FRAME, largest)?;
+        self.set_underlay_mtu(mtu)?;
         match self.program().attach(iface, mode) {
             Ok(_) => {}
             Err(first) => {
@@ -182,6 +181,18 @@ impl Classifier {
             }
         }
         Ok(if generic { "generic" } else { "native" })
+    }
+
+    /// The underlay's MTU: a tunnelled frame longer than it plus 14 is a GSO run the
+    /// kernel must segment ([`maps::CONFIG_MAX_FRAME`]).
+    pub fn set_underlay_mtu(&mut self, mtu: u32) -> Result<()> {
+        self.set_config(maps::CONFIG_MAX_FRAME, mtu + 14)
+    }
+
+    /// Whether the AF_XDP sockets are multi-buffer (`XDP_USE_SG`): then frames longer
+    /// than one AF_XDP frame go to them too ([`maps::CONFIG_MULTI_BUFFER`]).
+    pub fn set_multi_buffer(&mut self, on: bool) -> Result<()> {
+        self.set_config(maps::CONFIG_MULTI_BUFFER, on as u32)
     }
 
     fn set_config(&mut self, key: u32, value: u32) -> Result<()> {
@@ -220,8 +231,15 @@ impl Classifier {
         let _ = self.port_xsks.unset(slot);
     }
 
-    /// Routes `vni` to socket slot `slot`, accepting frames from `members` only.
-    pub fn add_vni(&mut self, vni: u32, slot: u32, members: &[Ipv4Addr]) -> Result<()> {
+    /// Routes `vni` to socket slot `slot`, accepting frames from `members` only, whose
+    /// inner frames are at most `max_frame` bytes (the Violin's MTU + 18).
+    pub fn add_vni(
+        &mut self,
+        vni: u32,
+        slot: u32,
+        members: &[Ipv4Addr],
+        max_frame: usize,
+    ) -> Result<()> {
         for m in members {
             self.members.insert(member_key(vni, *m), 1, 0)?;
         }
@@ -230,6 +248,7 @@ impl Classifier {
             VniEntry {
                 slot,
                 members: members.len() as u32,
+                max_frame: max_frame as u32,
             },
             0,
         )?;

@@ -16,7 +16,9 @@
 //! itself were never seen on its RX ring here, so receiving is always on a socket of its
 //! own, even with one socket for all Violins.) Outer headers are written here
 //! ([`encap::write_outer`]), with destination MACs from the kernel's neighbour table.
-//! Copy mode (veth has no zero-copy), need_wakeup on.
+//! Copy mode (veth has no zero-copy), need_wakeup on; multi-buffer (`XDP_USE_SG`) where
+//! the underlay's frames outgrow one AF_XDP frame (MTU 9000), so jumbo frames cross
+//! AF_XDP both ways.
 
 use super::xsk::{PoolFigures, RxReader, XskCore, XskOpener, XskTx, UNUSED_RING};
 use super::Budget;
@@ -139,7 +141,8 @@ impl SlotOpener {
 pub enum SendError {
     /// No neighbour entry for the destination: send it through the kernel instead.
     NoNeighbour,
-    /// Longer than one AF_XDP frame's data (a jumbo frame): send it through the kernel.
+    /// Longer than AF_XDP carries here (a jumbo frame without multi-buffer sockets):
+    /// send it through the kernel.
     TooLong,
     Dropped(Verdict),
 }
@@ -156,21 +159,42 @@ pub struct AfXdp {
     /// Reports the queue's TX pool (the anchor's worker does; the pool is counted once).
     reports_pool: bool,
     outer: Outer,
+    /// The longest packet sent through AF_XDP: the underlay's MTU + 14 with
+    /// multi-buffer sockets, one AF_XDP frame's data without.
+    longest: usize,
     neighbours: FastMap<Ipv4Addr, EthernetAddress>,
     neighbour_miss: u64,
 }
 
 impl AfXdp {
     /// Creates the UMEM and the anchor socket on `iface` rx queue `queue`, and fills
-    /// the fill ring.
-    pub fn new(iface: &str, queue: u32, outer: Outer) -> anyhow::Result<AfXdp> {
-        let (core, anchor) = XskCore::open(iface, queue, FRAMES, FILL_FRAMES, RX_RING, TX_RING)?;
+    /// the fill ring. With `multi_buffer` the queue's sockets are bound `XDP_USE_SG`
+    /// and carry packets up to `largest` bytes (the underlay's MTU + 14) across
+    /// several AF_XDP frames; without, one frame's data.
+    pub fn new(
+        iface: &str,
+        queue: u32,
+        outer: Outer,
+        multi_buffer: bool,
+        largest: usize,
+    ) -> anyhow::Result<AfXdp> {
+        let (core, anchor) = XskCore::open(
+            iface,
+            queue,
+            FRAMES,
+            FILL_FRAMES,
+            RX_RING,
+            TX_RING,
+            multi_buffer,
+        )?;
+        let tx = core.tx_longest();
         Ok(AfXdp {
             opener: core.opener(),
             tx: core.into_tx(),
             _rx: anchor,
             reports_pool: true,
             outer,
+            longest: largest.min(tx),
             neighbours: FastMap::default(),
             neighbour_miss: 0,
         })
@@ -186,6 +210,7 @@ impl AfXdp {
             opener: self.opener.clone(),
             reports_pool: false,
             outer: self.outer,
+            longest: self.longest,
             neighbours: FastMap::default(),
             neighbour_miss: 0,
         })
@@ -206,7 +231,7 @@ impl AfXdp {
 
     /// Encapsulates `frame` for `dst` and queues it for transmission ([`Self::flush`]).
     pub fn send(&mut self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), SendError> {
-        if VXLAN_OVERHEAD + frame.len() > super::xsk::FRAME_DATA as usize {
+        if VXLAN_OVERHEAD + frame.len() > self.longest {
             return Err(SendError::TooLong);
         }
         let Some(&mac) = self.neighbours.get(&dst) else {

@@ -264,10 +264,11 @@ impl UdpUnderlay {
     }
 
     /// The longest Ethernet frame a receiver takes as one frame
-    /// ([`super::xsk::largest_single_frame`]). A receiver's XDP classifier tells a
-    /// super-frame from a frame by its length alone (generic XDP sees either whole), so
-    /// a super-frame is sent as one only when even its shortest possible form (a full
-    /// segment and a one-byte one) is longer; shorter segments go one by one.
+    /// ([`super::xsk::largest_single_frame`]). Up to that length a receiver's XDP
+    /// classifier tells a super-frame from a frame by its length alone (generic XDP
+    /// sees either whole; longer, by what the inner frame states), so a super-frame is
+    /// sent as one only when even its shortest possible form (a full segment and a
+    /// one-byte one) is longer; shorter segments go one by one.
     pub fn set_largest_frame(&mut self, bytes: usize) {
         self.largest_frame = bytes;
     }
@@ -365,7 +366,7 @@ impl UdpUnderlay {
     /// Encapsulates `frame` with `vni` for `dst` on the VXLAN port: into the batch, or
     /// (longer than a batch slot) sent at once after it.
     pub fn send(&self, dst: Ipv4Addr, vni: u32, frame: &[u8]) -> Result<(), Verdict> {
-        if VXLAN_HDR + frame.len() > TX_SLOT {
+        if self.sends_alone(frame) {
             self.flush();
             return self.send_now(dst, vni, frame);
         }
@@ -385,6 +386,13 @@ impl UdpUnderlay {
             self.flush();
         }
         Ok(())
+    }
+
+    /// True when `frame` is too long for a batch's slot: [`Self::send`] sends it at
+    /// once, alone.
+    #[inline]
+    pub fn sends_alone(&self, frame: &[u8]) -> bool {
+        VXLAN_HDR + frame.len() > TX_SLOT
     }
 
     /// VXLAN datagrams sent so far.

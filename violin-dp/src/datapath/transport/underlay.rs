@@ -3,8 +3,8 @@
 //!
 //! On the xdp plane frames arrive through AF_XDP and leave as [`XdpTx`] says:
 //! - `socket` (default): a round's frames through the socket's batches (one
-//!   `sendmmsg`, runs as `UDP_SEGMENT` messages); a round's lone frame through AF_XDP's
-//!   TX ring instead.
+//!   `sendmmsg`, runs as `UDP_SEGMENT` messages); a round's lone frame, and a jumbo
+//!   frame (which the socket would send alone), through AF_XDP's TX ring instead.
 //! - `ring`: small frames through the TX ring, sent at the end of the round; the rest
 //!   through the socket at once (super-frames, jumbo frames, frames to neighbours the
 //!   kernel has not resolved yet — sending those through the kernel also makes it
@@ -39,7 +39,25 @@ impl Underlay {
                 udp,
                 tx: XdpTx::Socket,
                 ..
-            } => udp.send(dst, vni, frame),
+            } if !udp.sends_alone(frame) => udp.send(dst, vni, frame),
+            Underlay::Xdp {
+                udp,
+                xsk,
+                tx: XdpTx::Socket,
+            } => {
+                // Longer than a batch's slot (a jumbo frame), the socket would send it
+                // alone: like a round's lone frame it takes the ring, after the batch
+                // before it (so the order holds).
+                udp.flush();
+                match xsk.send(dst, vni, frame) {
+                    Err(SendError::NoNeighbour | SendError::TooLong) => {
+                        xsk.flush_pending();
+                        udp.send(dst, vni, frame)
+                    }
+                    Err(SendError::Dropped(v)) => Err(v),
+                    Ok(()) => Ok(()),
+                }
+            }
             Underlay::Xdp { udp, xsk, .. } => match xsk.send(dst, vni, frame) {
                 Ok(()) => Ok(()),
                 // The kernel resolves the neighbour, or carries the jumbo frame.

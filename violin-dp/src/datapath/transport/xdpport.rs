@@ -27,7 +27,7 @@ pub struct XdpPort {
 impl XdpPort {
     pub fn open(iface: &str) -> anyhow::Result<XdpPort> {
         let ifindex = nix::net::if_::if_nametoindex(iface)?;
-        let (core, rx) = XskCore::open(iface, 0, FRAMES, FILL, RING, RING)?;
+        let (core, rx) = XskCore::open(iface, 0, FRAMES, FILL, RING, RING, false)?;
         Ok(XdpPort {
             core,
             rx,

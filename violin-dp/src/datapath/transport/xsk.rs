@@ -3,6 +3,11 @@
 //! needs, and completions back into the pool. [`super::afxdp`] (the underlay) and
 //! [`super::xdpport`] (fast guest ports) are built on it.
 //!
+//! On a multi-buffer UMEM (`XDP_USE_SG`: an underlay whose frames outgrow one AF_XDP
+//! frame) a packet may span several frames, every descriptor but the last marked
+//! `XDP_PKT_CONTD`: [`RxReader`] puts such a packet together in a buffer of its own
+//! ([`Reassembly`]) and [`XskTx::send`] writes one across as many frames as it needs.
+//!
 //! Frame accounting: `fill` frames circulate fill ring → an RX ring → [`RxReader::rx`]
 //! → fill ring; the others are the TX pool: pool → a sender's batch ([`XskTx::send`])
 //! → its TX ring → completion ring → pool. Nothing else holds a frame, so the pool's
@@ -35,11 +40,11 @@ pub const FRAME_SIZE: u32 = 2048;
 /// [`XskCore::open`]).
 pub const FRAME_DATA: u32 = violin_common::XSK_FRAME_DATA as u32;
 
-/// The longest frame the xdp plane carries as one frame on an underlay of MTU `mtu`:
-/// longer, it is a super-frame (longer than the MTU) or a jumbo one (longer than an
-/// AF_XDP frame's data), and goes through the kernel's UDP socket. The classifier
-/// passes such frames to the kernel, and senders send a super-frame whole only when it
-/// is longer.
+/// The longest tunnelled frame a receiver on an underlay of MTU `mtu` takes as one
+/// frame by its length alone: senders send a run of frames (`UDP_SEGMENT`) whole only
+/// when it is longer. A longer frame (a jumbo one, up to the MTU) goes to AF_XDP only
+/// on multi-buffer sockets, and only when its inner frame states exactly its length:
+/// otherwise it is a run, which the classifier passes to the kernel's UDP socket.
 pub fn largest_single_frame(mtu: u32) -> u32 {
     (mtu + 14).min(FRAME_DATA)
 }
@@ -57,13 +62,102 @@ pub fn set_cloexec(fd: RawFd) -> Result<()> {
     Ok(())
 }
 
-pub fn socket_config(rx: u32, tx: u32) -> SocketConfig {
+/// A socket's configuration; `multi_buffer` binds it with `XDP_USE_SG` (further
+/// sockets on the same UMEM and queue share the first one's binding whatever they ask).
+pub fn socket_config(rx: u32, tx: u32, multi_buffer: bool) -> SocketConfig {
+    let mut flags = BindFlags::XDP_COPY | BindFlags::XDP_USE_NEED_WAKEUP;
+    if multi_buffer {
+        flags |= BindFlags::XDP_USE_SG;
+    }
     SocketConfig::builder()
         .rx_queue_size(QueueSize::new(rx).unwrap())
         .tx_queue_size(QueueSize::new(tx).unwrap())
         .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
-        .bind_flags(BindFlags::XDP_COPY | BindFlags::XDP_USE_NEED_WAKEUP)
+        .bind_flags(flags)
         .build()
+}
+
+/// A descriptor's option on every buffer of a multi-buffer frame but its last.
+const XDP_PKT_CONTD: u32 = 1;
+
+/// The longest frame put together from several buffers: an IPv4 packet of 64 KiB and
+/// its Ethernet header (the classifier sends nothing longer than the underlay's MTU).
+pub const MULTI_BUFFER_MAX: usize = 65535 + 14;
+
+/// A frame arriving in several AF_XDP buffers (multi-buffer: every buffer but the last
+/// has `XDP_PKT_CONTD`), put together in a buffer of its own, allocated once.
+pub struct Reassembly {
+    buf: Vec<u8>,
+    open: bool,
+    /// The frame being put together outgrew [`MULTI_BUFFER_MAX`]: its rest is skipped.
+    over: bool,
+}
+
+/// What one buffer made of the frame being put together.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// More buffers of it to come.
+    More,
+    Whole(&'a [u8]),
+    /// Longer than [`MULTI_BUFFER_MAX`]: dropped.
+    TooLong,
+}
+
+impl Default for Reassembly {
+    fn default() -> Self {
+        Reassembly {
+            buf: Vec::with_capacity(MULTI_BUFFER_MAX),
+            open: false,
+            over: false,
+        }
+    }
+}
+
+impl Reassembly {
+    /// True while a frame is part way in.
+    #[inline]
+    pub fn open(&self) -> bool {
+        self.open
+    }
+
+    /// Takes the next buffer (`more`: its descriptor had `XDP_PKT_CONTD`).
+    pub fn push(&mut self, chunk: &[u8], more: bool) -> Piece<'_> {
+        if !self.open {
+            self.buf.clear();
+            self.open = true;
+            self.over = false;
+        }
+        if self.buf.len() + chunk.len() > MULTI_BUFFER_MAX {
+            self.over = true;
+        } else if !self.over {
+            self.buf.extend_from_slice(chunk);
+        }
+        if more {
+            return Piece::More;
+        }
+        self.open = false;
+        match self.over {
+            true => Piece::TooLong,
+            false => Piece::Whole(&self.buf),
+        }
+    }
+}
+
+/// Calls `put` on the pieces of `parts` (read as one run of bytes) that make up bytes
+/// `range` of it: how a frame longer than one AF_XDP frame is written into several.
+pub fn gather(parts: &[&[u8]], range: std::ops::Range<usize>, mut put: impl FnMut(&[u8])) {
+    let mut at = 0;
+    for p in parts {
+        let (start, end) = (at, at + p.len());
+        at = end;
+        let (from, to) = (range.start.max(start), range.end.min(end));
+        if from < to {
+            put(&p[from - start..to - start]);
+        }
+        if end >= range.end {
+            break;
+        }
+    }
 }
 
 /// Opens further sockets on a core's UMEM and (interface, queue), sharing its fill
@@ -89,7 +183,7 @@ impl XskOpener {
         // (by the core's first socket): INHIBIT_PROG_LOAD is set, as xsk-rs requires.
         let (tx, rx, rings) = unsafe {
             Socket::new(
-                socket_config(rx_ring, tx_ring),
+                socket_config(rx_ring, tx_ring, self.fill.multi_buffer),
                 &self.fill.umem,
                 &self.iface,
                 self.queue,
@@ -107,7 +201,12 @@ impl XskOpener {
     pub fn sender(&self, tx_ring: u32) -> Result<(XskTx, RxQueue)> {
         let (rx, tx) = self.share(UNUSED_RING, tx_ring)?;
         Ok((
-            XskTx::new(self.fill.umem.clone(), self.fill.pool.clone(), tx),
+            XskTx::new(
+                self.fill.umem.clone(),
+                self.fill.pool.clone(),
+                tx,
+                self.fill.multi_buffer,
+            ),
             rx,
         ))
     }
@@ -125,6 +224,8 @@ pub struct FillRing {
     fq: Arc<Mutex<FillQueue>>,
     /// The UMEM's TX pool, for further senders ([`XskOpener::sender`]).
     pool: Arc<Mutex<TxPool>>,
+    /// The queue's sockets are multi-buffer (`XDP_USE_SG`).
+    multi_buffer: bool,
 }
 
 /// Reads RX rings of one UMEM's sockets and gives their frames back to its fill ring:
@@ -133,6 +234,8 @@ pub struct RxReader {
     fill: FillRing,
     scratch: Vec<FrameDesc>,
     refill: Vec<FrameDesc>,
+    /// A multi-buffer frame part way in (a reader reads one socket).
+    whole: Reassembly,
 }
 
 impl RxReader {
@@ -141,12 +244,14 @@ impl RxReader {
             fill,
             scratch: vec![FrameDesc::default(); BATCH],
             refill: Vec::with_capacity(BATCH),
+            whole: Reassembly::default(),
         }
     }
 
     /// Receives frames from `rxq` within `budget` (its bytes overrun by one frame at
     /// most), calling `f` on each, then returns them to the fill ring (one lock). True
-    /// when the budget ran out.
+    /// when the budget ran out. A frame in one buffer is read where it lies; one in
+    /// several (multi-buffer) is put together first, and may span two calls.
     pub fn rx(
         &mut self,
         rxq: &mut RxQueue,
@@ -160,11 +265,25 @@ impl RxReader {
             let n = unsafe { rxq.consume(&mut self.scratch[..want]) };
             for d in &self.scratch[..n] {
                 // SAFETY: the frame was just consumed from the RX ring: no ring owns it.
-                let frame = unsafe { self.fill.umem.data(d) }.contents();
-                budget.spend(frame.len());
-                f(frame);
+                let chunk = unsafe { self.fill.umem.data(d) }.contents();
+                let more = d.options() & XDP_PKT_CONTD != 0;
+                if !more && !self.whole.open() {
+                    budget.spend(chunk.len());
+                    counters.rx_frames += 1;
+                    f(chunk);
+                    continue;
+                }
+                match self.whole.push(chunk, more) {
+                    Piece::More => {}
+                    Piece::Whole(frame) => {
+                        budget.spend(frame.len());
+                        counters.rx_frames += 1;
+                        counters.rx_multi_buffer += 1;
+                        f(frame);
+                    }
+                    Piece::TooLong => counters.rx_multi_buffer_dropped += 1,
+                }
             }
-            counters.rx_frames += n as u64;
             self.refill.extend_from_slice(&self.scratch[..n]);
             if n < want {
                 break;
@@ -238,20 +357,35 @@ pub struct XskTx {
     pending: Vec<FrameDesc>,
     /// Last seen free count of the pool (for `congested`, without a lock per frame).
     free_seen: usize,
+    /// Frames may span several buffers (the socket is multi-buffer).
+    multi_buffer: bool,
+    /// Of `pending`, buffers that continue a frame (not counted as frames).
+    pending_more: usize,
     pub counters: XskCounters,
 }
 
 impl XskTx {
-    fn new(umem: Umem, pool: Arc<Mutex<TxPool>>, tx: TxQueue) -> XskTx {
+    fn new(umem: Umem, pool: Arc<Mutex<TxPool>>, tx: TxQueue, multi_buffer: bool) -> XskTx {
         let free_seen = lock(&pool).free.len();
         XskTx {
             umem,
             pool,
             tx,
             local: Vec::with_capacity(BATCH),
-            pending: Vec::with_capacity(BATCH),
+            pending: Vec::with_capacity(BATCH + MULTI_BUFFER_MAX / FRAME_DATA as usize),
             free_seen,
+            multi_buffer,
+            pending_more: 0,
             counters: XskCounters::default(),
+        }
+    }
+
+    /// The longest frame [`Self::send`] takes: one AF_XDP frame's data, or a whole
+    /// IPv4 packet's worth across several when the socket is multi-buffer.
+    pub fn longest(&self) -> usize {
+        match self.multi_buffer {
+            true => MULTI_BUFFER_MAX,
+            false => FRAME_DATA as usize,
         }
     }
 
@@ -261,7 +395,7 @@ impl XskTx {
         if p.free.len() < BATCH {
             p.reclaim();
         }
-        let n = (BATCH - self.pending.len()).min(p.free.len());
+        let n = BATCH.saturating_sub(self.pending.len()).min(p.free.len());
         let at = p.free.len() - n;
         self.local.extend(p.free.drain(at..));
         p.held += n;
@@ -269,29 +403,46 @@ impl XskTx {
     }
 
     /// Copies `parts` into one frame and queues it; sent by [`Self::flush`] (or when a
-    /// batch is full). Longer than [`FRAME_DATA`]: `Oversize`, nothing sent.
+    /// batch is full). Longer than one AF_XDP frame's data, it takes several buffers
+    /// (multi-buffer sockets only; `XDP_PKT_CONTD` on all but the last). Longer than
+    /// [`Self::longest`]: `Oversize`, nothing sent.
     pub fn send(&mut self, parts: &[&[u8]]) -> Result<(), Verdict> {
-        if parts.iter().map(|p| p.len()).sum::<usize>() > FRAME_DATA as usize {
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
+        if len > self.longest() {
             return Err(Verdict::Oversize);
         }
-        if self.local.is_empty() {
+        let buffers = len.div_ceil(FRAME_DATA as usize).max(1);
+        if self.local.len() < buffers {
+            if self.pending.len() + buffers > BATCH {
+                self.flush();
+            }
             self.take();
         }
-        let Some(mut d) = self.local.pop() else {
+        if self.local.len() < buffers {
             self.counters.pool_empty += 1;
             return Err(Verdict::QueueFull);
-        };
-        {
-            // SAFETY: `d` came from the pool: no ring owns it, and no other sender.
-            let mut data = unsafe { self.umem.data_mut(&mut d) };
-            let mut c = data.cursor();
-            c.set_pos(0);
-            for p in parts {
-                // Cannot fail: the frame holds FRAME_DATA bytes, checked above.
-                let _ = c.write_all(p);
-            }
         }
-        self.pending.push(d);
+        let at = self.local.len() - buffers;
+        for (i, mut d) in self.local.drain(at..).enumerate() {
+            let start = i * FRAME_DATA as usize;
+            let end = len.min(start + FRAME_DATA as usize);
+            {
+                // SAFETY: `d` came from the pool: no ring owns it, and no other sender.
+                let mut data = unsafe { self.umem.data_mut(&mut d) };
+                let mut c = data.cursor();
+                c.set_pos(0);
+                // Cannot fail: at most FRAME_DATA bytes go into each frame.
+                gather(parts, start..end, |p| {
+                    let _ = c.write_all(p);
+                });
+            }
+            d.set_options(if end < len { XDP_PKT_CONTD } else { 0 });
+            self.pending.push(d);
+        }
+        self.pending_more += buffers - 1;
+        if buffers > 1 {
+            self.counters.tx_multi_buffer += 1;
+        }
         if self.pending.len() >= BATCH {
             self.flush();
         }
@@ -316,10 +467,11 @@ impl XskTx {
                 self.counters.tx_ring_full += 1;
                 self.local.append(&mut self.pending);
             } else {
-                self.counters.tx_frames += n as u64;
+                self.counters.tx_frames += (n - self.pending_more) as u64;
                 produced = n;
                 self.pending.clear();
             }
+            self.pending_more = 0;
         }
         {
             // Before the kick: once kicked, the frames may complete at once, and another
@@ -401,6 +553,7 @@ impl XskCore {
         fill: usize,
         rx_ring: u32,
         tx_ring: u32,
+        multi_buffer: bool,
     ) -> Result<(XskCore, RxQueue)> {
         let pool_frames = (frames as usize)
             .checked_sub(fill)
@@ -425,9 +578,15 @@ impl XskCore {
             .map_err(|e| anyhow!("interface {iface}: {e:?}"))?;
         // SAFETY: the first socket on this (UMEM, interface, queue); INHIBIT_PROG_LOAD is
         // set because our own program redirects.
-        let (tx, rx, rings) =
-            unsafe { Socket::new(socket_config(rx_ring, tx_ring), &umem, &ifname, queue) }
-                .map_err(|e| anyhow!("binding an AF_XDP socket to {iface} queue {queue}: {e}"))?;
+        let (tx, rx, rings) = unsafe {
+            Socket::new(
+                socket_config(rx_ring, tx_ring, multi_buffer),
+                &umem,
+                &ifname,
+                queue,
+            )
+        }
+        .map_err(|e| anyhow!("binding an AF_XDP socket to {iface} queue {queue}: {e}"))?;
         set_cloexec(rx.fd().as_raw_fd())?;
         let (mut fq, cq) = rings.context("the first socket got no fill/completion rings")?;
         let to_fill: Vec<FrameDesc> = descs.drain(..fill).collect();
@@ -444,11 +603,12 @@ impl XskCore {
         let core = XskCore {
             iface: ifname,
             queue,
-            tx: XskTx::new(umem.clone(), pool.clone(), tx),
+            tx: XskTx::new(umem.clone(), pool.clone(), tx, multi_buffer),
             reader: RxReader::new(FillRing {
                 umem,
                 fq: Arc::new(Mutex::new(fq)),
                 pool,
+                multi_buffer,
             }),
             rx_counters: XskCounters::default(),
         };
@@ -470,6 +630,11 @@ impl XskCore {
         self.reader.rx(rxq, budget, &mut self.rx_counters, f)
     }
 
+    /// The longest packet its sender takes ([`XskTx::longest`]).
+    pub fn tx_longest(&self) -> usize {
+        self.tx.longest()
+    }
+
     /// Splits the core into its sender and the rest (the UMEM and rings stay alive as
     /// long as either does).
     pub fn into_tx(self) -> XskTx {
@@ -482,5 +647,68 @@ impl XskCore {
 
     pub fn flush(&mut self) {
         self.tx.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 9000-byte frame as the kernel hands it over in 1792-byte buffers comes out
+    /// whole and in order; a frame in one buffer after it is not mixed in.
+    #[test]
+    fn buffers_of_a_multi_buffer_frame_come_out_as_the_frame() {
+        let frame: Vec<u8> = (0..9000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut r = Reassembly::default();
+        let chunks: Vec<&[u8]> = frame.chunks(FRAME_DATA as usize).collect();
+        assert_eq!(chunks.len(), 6);
+        for (i, c) in chunks.iter().enumerate() {
+            let more = i + 1 < chunks.len();
+            match r.push(c, more) {
+                Piece::More => assert!(more && r.open()),
+                Piece::Whole(w) => assert!(!more && w == &frame[..]),
+                Piece::TooLong => panic!("9000 bytes is not too long"),
+            }
+        }
+        assert!(!r.open());
+        assert_eq!(r.push(b"next", false), Piece::Whole(&b"next"[..]));
+    }
+
+    /// A chain longer than any IPv4 packet is dropped whole, and the next frame is
+    /// read right.
+    #[test]
+    fn a_chain_longer_than_an_ip_packet_is_dropped() {
+        let mut r = Reassembly::default();
+        let chunk = [0xabu8; FRAME_DATA as usize];
+        let n = MULTI_BUFFER_MAX / chunk.len() + 2;
+        for _ in 1..n {
+            assert_eq!(r.push(&chunk, true), Piece::More);
+        }
+        assert_eq!(r.push(&chunk, false), Piece::TooLong);
+        assert_eq!(r.push(&[1, 2], true), Piece::More);
+        assert_eq!(r.push(&[3], false), Piece::Whole(&[1, 2, 3][..]));
+    }
+
+    /// `gather` yields exactly the bytes of a range across the parts (a header and a
+    /// frame, as `AfXdp::send` passes them), for every buffer a frame is split into.
+    #[test]
+    fn gather_cuts_parts_into_buffers() {
+        let hdr: Vec<u8> = (0..50).collect();
+        let body: Vec<u8> = (0..4000u32).map(|i| (i % 253) as u8).collect();
+        let whole = [&hdr[..], &body[..]].concat();
+        let fd = FRAME_DATA as usize;
+        let mut again = Vec::new();
+        for start in (0..whole.len()).step_by(fd) {
+            let end = whole.len().min(start + fd);
+            let mut got = Vec::new();
+            gather(&[&hdr, &body], start..end, |p| got.extend_from_slice(p));
+            assert_eq!(got, &whole[start..end], "{start}..{end}");
+            again.extend(got);
+        }
+        assert_eq!(again, whole);
+        let mut got = Vec::new();
+        gather(&[&hdr, &body], 10..60, |p| got.extend_from_slice(p));
+        assert_eq!(got, &whole[10..60], "across the parts' border");
+        gather(&[&hdr, &[][..], &body], 0..0, |_| panic!("nothing to give"));
     }
 }
