@@ -774,10 +774,13 @@ fn violin_stats(st: &ClusterState, violin: &str, json: bool) -> Result<()> {
             );
             let r = &x.rings;
             println!(
-                "{:24}rings: rx={} tx={} free={}/{} backlog={} tx_ring_full={} pool_empty={} fill_retry={} rx_bad={} neighbour_miss={}",
+                "{:24}rings: rx={} (multi-buffer {}, dropped {}) tx={} (multi-buffer {}) free={}/{} backlog={} tx_ring_full={} pool_empty={} fill_retry={} rx_bad={} neighbour_miss={}",
                 "",
                 r.counters.rx_frames,
+                r.counters.rx_multi_buffer,
+                r.counters.rx_multi_buffer_dropped,
                 r.counters.tx_frames,
+                r.counters.tx_multi_buffer,
                 r.free_frames,
                 r.pool_frames,
                 r.completion_backlog,

@@ -336,6 +336,21 @@ pub fn render(h: &HostCounters<'_>, violins: &[HostViolinStats]) -> String {
                 r.counters.fill_retry,
             ),
             (
+                "violin_xdp_rx_multi_buffer_total",
+                "Frames received through AF_XDP in several buffers (jumbo frames).",
+                r.counters.rx_multi_buffer,
+            ),
+            (
+                "violin_xdp_rx_multi_buffer_dropped_total",
+                "Multi-buffer frames dropped: longer than any IPv4 packet.",
+                r.counters.rx_multi_buffer_dropped,
+            ),
+            (
+                "violin_xdp_tx_multi_buffer_total",
+                "Frames sent through AF_XDP in several buffers (jumbo frames).",
+                r.counters.tx_multi_buffer,
+            ),
+            (
                 "violin_xdp_rx_bad_total",
                 "Frames on AF_XDP that were not valid VXLAN.",
                 r.rx_bad,

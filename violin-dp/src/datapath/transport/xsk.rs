@@ -105,15 +105,21 @@ pub enum Piece<'a> {
 
 impl Default for Reassembly {
     fn default() -> Self {
-        Reassembly {
-            buf: Vec::with_capacity(MULTI_BUFFER_MAX),
-            open: false,
-            over: false,
-        }
+        Reassembly::new(true)
     }
 }
 
 impl Reassembly {
+    /// Room for the longest frame where frames may come in several buffers
+    /// (`multi_buffer`), none where they never do.
+    pub fn new(multi_buffer: bool) -> Reassembly {
+        Reassembly {
+            buf: Vec::with_capacity(if multi_buffer { MULTI_BUFFER_MAX } else { 0 }),
+            open: false,
+            over: false,
+        }
+    }
+
     /// True while a frame is part way in.
     #[inline]
     pub fn open(&self) -> bool {
@@ -241,10 +247,10 @@ pub struct RxReader {
 impl RxReader {
     pub fn new(fill: FillRing) -> RxReader {
         RxReader {
+            whole: Reassembly::new(fill.multi_buffer),
             fill,
             scratch: vec![FrameDesc::default(); BATCH],
             refill: Vec::with_capacity(BATCH),
-            whole: Reassembly::default(),
         }
     }
 
