@@ -101,6 +101,7 @@ fn run(id: &str, size: Size, etcd: bool, say: &dyn Fn(&str)) -> Result<Run> {
         mtu: 1500,
         xdp_single_socket: false,
         no_remote_checksum: false,
+        no_xdp_multi_buffer: false,
         queues: 1,
         workers: None,
         xdp_attach: Default::default(),

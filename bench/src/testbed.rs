@@ -123,6 +123,7 @@ impl Testbed {
             mtu: 1500,
             xdp_single_socket: false,
             no_remote_checksum: false,
+            no_xdp_multi_buffer: false,
             queues: 1,
             workers: WORKERS.get().copied(),
             xdp_attach: Default::default(),

@@ -178,6 +178,10 @@ pub enum ClusterCmd {
         /// checksum offload: `remote_checksum = false` in each host's config).
         #[arg(long)]
         no_remote_checksum: bool,
+        /// xdp: jumbo frames take the kernel's UDP socket instead of multi-buffer AF_XDP
+        /// sockets (`xdp_multi_buffer = false` in each host's config).
+        #[arg(long)]
+        no_xdp_multi_buffer: bool,
         /// Rx/tx queues of each host's NIC (a veth): more than one simulates a multi-queue
         /// NIC. Each host runs a packet worker per queue (unless --workers says otherwise).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
@@ -260,6 +264,7 @@ pub fn run(cli: Cli) -> Result<()> {
             mtu,
             xdp_single_socket,
             no_remote_checksum,
+            no_xdp_multi_buffer,
             queues,
             workers,
             xdp_attach,
@@ -282,6 +287,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     mtu,
                     xdp_single_socket,
                     no_remote_checksum,
+                    no_xdp_multi_buffer,
                     queues,
                     workers: workers.map(|w| w as usize),
                     xdp_attach,

@@ -172,6 +172,12 @@ pub struct HostConfig {
     /// hand such segments to guests unfinished. Never used towards external VTEPs.
     #[serde(default = "yes")]
     pub remote_checksum: bool,
+    /// xdp: where the underlay's frames outgrow one AF_XDP frame (MTU 9000), bind the
+    /// AF_XDP sockets multi-buffer (`XDP_USE_SG`), so that jumbo frames cross AF_XDP
+    /// too (default). Off, or where the kernel refuses it, they take the kernel's UDP
+    /// socket both ways.
+    #[serde(default = "yes")]
+    pub xdp_multi_buffer: bool,
     /// The cluster's etcd: this host registers there and takes its share of the Violin
     /// specs stored there. Without it the host is driven over its control socket alone.
     #[serde(default)]

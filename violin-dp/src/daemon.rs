@@ -408,7 +408,7 @@ fn setup_xdp(
             .map(|q| AfXdp::new(&cfg.interface, q, outer, multi_buffer, largest))
             .collect::<Result<Vec<_>>>()
     };
-    let (xsks, multi_buffer) = match largest > XSK_FRAME_DATA {
+    let (xsks, multi_buffer) = match largest > XSK_FRAME_DATA && cfg.xdp_multi_buffer {
         false => (open(false)?, false),
         true => match open(true) {
             Ok(x) => (x, true),

@@ -319,28 +319,36 @@ fn a_tap_guest_survives_a_daemon_crash(dp: &str) {
     assert!(iperf(&nb, &na, "10.5.0.2", 1, false) > 10e6);
 }
 
-/// On an MTU 9000 underlay, 8000-byte frames (no fragmentation allowed) cross between
-/// hosts, tap to tap, tap to socket and back: on the xdp plane they are longer than an
-/// AF_XDP frame, so they go through the kernel's socket both ways.
-fn jumbo_frames_cross_an_mtu_9000_underlay(dp: &str) {
-    if !can_run() {
-        return;
-    }
-    let c = Cluster::up(2, dp, &["--mtu", "9000"]);
+/// `count` pings of `size` bytes (not fragmented) from guest `from` of Violin `tapv` to
+/// `to`: ping's output.
+fn ping_whole(c: &Cluster, from: &str, to: &str, size: u32, count: u32) -> String {
+    let (size, count) = (size.to_string(), count.to_string());
+    let o = c.cmd(&[
+        "exec", "tapv", from, "--", "ping", "-q", "-c", &count, "-i", "0.2", "-W", "1", "-s",
+        &size, "-M", "do", to,
+    ]);
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A cluster of two hosts on an MTU 9000 underlay, with Violin `tapv` at MTU 8950.
+fn jumbo_cluster(dp: &str, flags: &[&str]) -> Cluster {
+    let c = Cluster::up(2, dp, &[&["--mtu", "9000"], flags].concat());
     c.up_spec(
         "tapv.toml",
         &TAP_SPEC.replace("vni = 150", "vni = 150\nmtu = 8950"),
     );
-    // `count` pings of `size` bytes (not fragmented) from guest `from` to `to`: ping's
-    // output.
-    let ping = |from: &str, to: &str, size: u32, count: u32| {
-        let (size, count) = (size.to_string(), count.to_string());
-        let o = c.cmd(&[
-            "exec", "tapv", from, "--", "ping", "-q", "-c", &count, "-i", "0.2", "-W", "1", "-s",
-            &size, "-M", "do", to,
-        ]);
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    c
+}
+
+/// On an MTU 9000 underlay, 8000-byte frames (no fragmentation allowed) cross between
+/// hosts, tap to tap, tap to socket and back: on the xdp plane they are longer than an
+/// AF_XDP frame, and cross AF_XDP in several (multi-buffer sockets) both ways.
+fn jumbo_frames_cross_an_mtu_9000_underlay(dp: &str) {
+    if !can_run() {
+        return;
+    }
+    let c = jumbo_cluster(dp, &[]);
+    let ping = |from: &str, to: &str, size: u32, count: u32| ping_whole(&c, from, to, size, count);
     for (from, to) in [("a", "10.5.0.2"), ("a", "10.5.0.3"), ("s", "10.5.0.1")] {
         let out = ping(from, to, 8000, 3);
         assert!(
@@ -373,6 +381,7 @@ fn jumbo_frames_cross_an_mtu_9000_underlay(dp: &str) {
             );
             assert_eq!(k.rx_multi_buffer_dropped, 0, "host {}: {k:?}", h.host);
         }
+        jumbo_flood_leaves_the_pool_whole(&c);
     }
     // Around the longest frame one AF_XDP frame carries (1792 bytes after the kernel's
     // headroom: an inner frame of 1742 bytes, a 1700-byte ping), and up to a whole 2 KiB
@@ -396,6 +405,98 @@ fn jumbo_frames_cross_an_mtu_9000_underlay(dp: &str) {
         "{:?}",
         s.drops
     );
+}
+
+/// A 2-second flood of 8000-byte datagrams from a (h1) to b (h2) through multi-buffer
+/// AF_XDP both ways: b gets them (less what h2's AF_XDP ring overflowed, which the
+/// kernel counts), nothing is dropped as too long, and once it is over every TX frame
+/// of h1's pool is back (a frame sent in 5 buffers gives back 5).
+fn jumbo_flood_leaves_the_pool_whole(c: &Cluster) {
+    // Bytes written to b's tap: datagrams of one flow coalesce into USO super-frames
+    // there, so its frame count is not the datagrams'.
+    let delivered = |c: &Cluster| {
+        let s = c.stats("tapv");
+        let b = s
+            .hosts
+            .iter()
+            .flat_map(|h| &h.ports)
+            .find(|p| p.name == "b");
+        b.expect("port b").counters.tx_bytes
+    };
+    let before = delivered(c);
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    let sent = udp_flood(&c.guest_ns("tapv", "a"), "10.5.0.2:9", 8000, until, false)
+        .join()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = c.stats("tapv");
+        let h1 = s.hosts.iter().find(|h| h.host == "h1").unwrap();
+        let r = h1.xdp.as_ref().unwrap().rings;
+        if r.free_frames == r.pool_frames && r.completion_backlog == 0 {
+            let got = delivered(c) - before;
+            let h2 = s.hosts.iter().find(|h| h.host == "h2").unwrap();
+            let k = h2.xdp.as_ref().unwrap().rings.counters;
+            eprintln!(
+                "jumbo flood: {sent} datagrams sent, {got} bytes delivered to b; h1 {:?}; h2 {k:?}",
+                r.counters
+            );
+            assert!(r.counters.tx_multi_buffer > 1000, "{:?}", r.counters);
+            assert!(
+                got > 1000 * 8000 && got <= sent * 8042,
+                "{got} bytes delivered of {sent} datagrams"
+            );
+            assert!(
+                k.rx_multi_buffer > 1000 && k.rx_multi_buffer_dropped == 0,
+                "{k:?}"
+            );
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "h1's TX pool did not come back: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// With multi-buffer AF_XDP sockets off (`--no-xdp-multi-buffer`: what the daemon falls
+/// back to where the kernel refuses them), jumbo frames take the kernel's UDP socket
+/// both ways: the classifier passes them (verdict `jumbo`), and they arrive all the same.
+#[test]
+fn jumbo_frames_without_multi_buffer_take_the_kernel_socket() {
+    if !can_run() {
+        return;
+    }
+    let c = jumbo_cluster("xdp", &["--no-xdp-multi-buffer"]);
+    for (from, to) in [("a", "10.5.0.2"), ("b", "10.5.0.1")] {
+        let out = ping_whole(&c, from, to, 8000, 3);
+        assert!(
+            out.contains("3 received"),
+            "8000-byte ping {from} → {to}: {out}"
+        );
+    }
+    for h in &c.stats("tapv").hosts {
+        let x = h.xdp.as_ref().expect("xdp counters");
+        let k = x.rings.counters;
+        eprintln!(
+            "{}: verdicts {:?}, rings {k:?}, kernel socket {}",
+            h.host, x.verdicts, h.udp_rx_frames
+        );
+        let jumbo = x.verdicts.get("jumbo").copied().unwrap_or(0);
+        assert!(
+            jumbo >= 6 && h.udp_rx_frames >= 6,
+            "host {}: {:?}",
+            h.host,
+            x.verdicts
+        );
+        assert_eq!(
+            (k.rx_multi_buffer, k.tx_multi_buffer),
+            (0, 0),
+            "host {}: {k:?}",
+            h.host
+        );
+    }
 }
 
 on_both_dataplanes!(

@@ -252,6 +252,8 @@ pub struct UpOptions {
     pub xdp_single_socket: bool,
     /// Host configs say `remote_checksum = false`.
     pub no_remote_checksum: bool,
+    /// Host configs say `xdp_multi_buffer = false`.
+    pub no_xdp_multi_buffer: bool,
     /// Rx/tx queues of each host's veth.
     pub queues: u32,
     /// Packet workers per host (`None`: the daemon's default, one per queue).
@@ -421,6 +423,7 @@ pub fn up(
                     .or((opts.queues > 1).then_some(opts.queues as usize)),
                 max_guests: opts.max_guests,
                 remote_checksum: !opts.no_remote_checksum,
+                xdp_multi_buffer: !opts.no_xdp_multi_buffer,
                 busy_poll_us: opts.busy_poll_us,
                 loud_violin_percent: opts.loud_violin_percent,
                 etcd: match &pki {
