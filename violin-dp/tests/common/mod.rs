@@ -203,6 +203,26 @@ impl Cluster {
         serde_json::from_str(&self.ok(&["stats", violin, "--json"])).unwrap()
     }
 
+    /// Waits (up to 5 s) until host `host`'s AF_XDP TX pool is whole again (every frame
+    /// free, no completion pending) and returns the stats that showed it; panics,
+    /// naming the pool's figures, if it does not come back.
+    pub fn tx_pool_back(&self, violin: &str, host: &str) -> ClusterStats {
+        let t0 = std::time::Instant::now();
+        loop {
+            let s = self.stats(violin);
+            let h = s.hosts.iter().find(|h| h.host == host).unwrap();
+            let r = h.xdp.as_ref().expect("xdp counters").rings;
+            if r.free_frames == r.pool_frames && r.completion_backlog == 0 {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "{host}'s TX frames did not come back: {r:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The guest's network namespace name.
     pub fn guest_ns(&self, violin: &str, guest: &str) -> String {
         format!("{}-{violin}-{guest}", self.name)
