@@ -103,12 +103,6 @@ pub enum Piece<'a> {
     TooLong,
 }
 
-impl Default for Reassembly {
-    fn default() -> Self {
-        Reassembly::new(true)
-    }
-}
-
 impl Reassembly {
     /// Room for the longest frame where frames may come in several buffers
     /// (`multi_buffer`), none where they never do.
@@ -665,7 +659,7 @@ mod tests {
     #[test]
     fn buffers_of_a_multi_buffer_frame_come_out_as_the_frame() {
         let frame: Vec<u8> = (0..9000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let mut r = Reassembly::default();
+        let mut r = Reassembly::new(true);
         let chunks: Vec<&[u8]> = frame.chunks(FRAME_DATA as usize).collect();
         assert_eq!(chunks.len(), 6);
         for (i, c) in chunks.iter().enumerate() {
@@ -684,7 +678,7 @@ mod tests {
     /// read right.
     #[test]
     fn a_chain_longer_than_an_ip_packet_is_dropped() {
-        let mut r = Reassembly::default();
+        let mut r = Reassembly::new(true);
         let chunk = [0xabu8; FRAME_DATA as usize];
         let n = MULTI_BUFFER_MAX / chunk.len() + 2;
         for _ in 1..n {
