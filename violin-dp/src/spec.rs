@@ -837,20 +837,6 @@ fn validate(raw: RawSpec, hosts: &BTreeMap<String, Ipv4Addr>) -> Result<Violin, 
                 );
                 PortKind::Socket
             }
-            // Its largest frame (with a VLAN tag) must fit one AF_XDP frame.
-            PortKind::Xdp if max_frame > violin_common::XSK_FRAME_DATA => {
-                c.err(
-                    format!("{f}.port"),
-                    format!(
-                        "port = \"xdp\" carries frames of at most {} bytes (one AF_XDP \
-                         frame), so mtu = {mtu} is too large for it (at most {}); use \
-                         port = \"tap\" for jumbo frames",
-                        violin_common::XSK_FRAME_DATA,
-                        violin_common::XSK_FRAME_DATA - 18
-                    ),
-                );
-                PortKind::Xdp
-            }
             p => p,
         };
         let rate = rate_of(&mut c, &f, &g.rate, &g.burst, g.pps, max_frame);
@@ -1499,8 +1485,8 @@ mac = "02:aa:00:00:00:50"
             "ip = \"10.0.0.1/24\"\nport = \"xdp\"\nkind = \"socket\"",
         ));
         assert!(e.mentions("guest[0].port"), "{e}");
-        // A fast port's frames are AF_XDP frames: 1792 bytes, VLAN-tagged frames of a
-        // 1774-byte MTU.
+        // A fast port takes any MTU: frames longer than one AF_XDP frame (1792 bytes)
+        // span several buffers of a multi-buffer socket.
         let fast = |mtu: u16| {
             ISSUE_SPEC
                 .replace("vni = 101", &format!("vni = 101\nmtu = {mtu}"))
@@ -1509,12 +1495,17 @@ mac = "02:aa:00:00:00:50"
                     "ip = \"10.0.0.1/24\"\nport = \"xdp\"",
                 )
         };
-        assert!(parse(&fast(1774), &hosts()).is_ok());
-        let e = errors_of(&fast(1775));
-        assert!(
-            e.mentions("guest[0].port") && e.to_string().contains("at most 1774"),
-            "{e}"
-        );
+        for mtu in [1774, 1775, 9000] {
+            let v = parse(&fast(mtu), &hosts()).unwrap_or_else(|e| panic!("{mtu}: {e}"));
+            assert_eq!(v.mtu, mtu);
+            assert!(matches!(
+                v.members[0].kind,
+                MemberKind::Guest {
+                    port: PortKind::Xdp,
+                    ..
+                }
+            ));
+        }
         let v = parse(
             &ISSUE_SPEC.replace(
                 "ip = \"10.0.0.1/24\"",

@@ -5,7 +5,8 @@
 //! correct checksums (TCP would stall otherwise) — between the daemons their checksums
 //! travel partial (remote checksum offload) unless the cluster turns that off; a capped link still holds TCP under
 //! its rate; and the host's own TCP keeps its segmentation offload with the xdp plane
-//! attached.
+//! attached. On an MTU 9000 underlay jumbo frames cross AF_XDP, the underlay's and
+//! fast ports', in several buffers.
 mod common;
 
 use common::*;
@@ -319,15 +320,20 @@ fn a_tap_guest_survives_a_daemon_crash(dp: &str) {
     assert!(iperf(&nb, &na, "10.5.0.2", 1, false) > 10e6);
 }
 
-/// `count` pings of `size` bytes (not fragmented) from guest `from` of Violin `tapv` to
-/// `to`: ping's output.
-fn ping_whole(c: &Cluster, from: &str, to: &str, size: u32, count: u32) -> String {
+/// `count` pings of `size` bytes (not fragmented) from guest `from` of Violin `violin`
+/// to `to`: ping's output.
+fn ping_in(c: &Cluster, violin: &str, from: &str, to: &str, size: u32, count: u32) -> String {
     let (size, count) = (size.to_string(), count.to_string());
     let o = c.cmd(&[
-        "exec", "tapv", from, "--", "ping", "-q", "-c", &count, "-i", "0.2", "-W", "1", "-s",
+        "exec", violin, from, "--", "ping", "-q", "-c", &count, "-i", "0.2", "-W", "1", "-s",
         &size, "-M", "do", to,
     ]);
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The same in Violin `tapv`.
+fn ping_whole(c: &Cluster, from: &str, to: &str, size: u32, count: u32) -> String {
+    ping_in(c, "tapv", from, to, size, count)
 }
 
 /// A cluster of two hosts on an MTU 9000 underlay, with Violin `tapv` at MTU 8950.
@@ -382,6 +388,7 @@ fn jumbo_frames_cross_an_mtu_9000_underlay(dp: &str) {
             assert_eq!(k.rx_multi_buffer_dropped, 0, "host {}: {k:?}", h.host);
         }
         jumbo_flood_leaves_the_pool_whole(&c);
+        fast_ports_carry_jumbo_frames(&c);
     }
     // Around the longest frame one AF_XDP frame carries (1792 bytes after the kernel's
     // headroom: an inner frame of 1742 bytes, a 1700-byte ping), and up to a whole 2 KiB
@@ -453,6 +460,112 @@ fn jumbo_flood_leaves_the_pool_whole(c: &Cluster) {
     assert!(
         k.rx_multi_buffer > 1000 && k.rx_multi_buffer_dropped == 0,
         "{k:?}"
+    );
+}
+
+/// Fast ports (veths driven by AF_XDP) of a Violin of MTU 8950: f1 on h1, f2 and f3 on
+/// h2.
+const FAST_JUMBO_SPEC: &str = r#"
+name = "fastj"
+vni = 151
+mtu = 8950
+[[guest]]
+name = "f1"
+host = "h1"
+ip = "10.6.0.1/24"
+port = "xdp"
+[[guest]]
+name = "f2"
+host = "h2"
+ip = "10.6.0.2/24"
+port = "xdp"
+[[guest]]
+name = "f3"
+host = "h2"
+ip = "10.6.0.3/24"
+port = "xdp"
+"#;
+
+/// Fast ports take a jumbo MTU: their sockets are multi-buffer, so 8000-byte frames
+/// (no fragmentation allowed) cross them both ways, between hosts and between two
+/// fast ports of one host, and a TCP stream moves in frames of several AF_XDP frames
+/// each (the ports' bytes per frame), none dropped as too long; a guest that raises its
+/// MTU beyond its Violin's gets no longer frame to its port.
+fn fast_ports_carry_jumbo_frames(c: &Cluster) {
+    c.up_spec("fastj.toml", FAST_JUMBO_SPEC);
+    for (from, to) in [("f1", "10.6.0.2"), ("f2", "10.6.0.1"), ("f2", "10.6.0.3")] {
+        let out = ping_in(c, "fastj", from, to, 8000, 3);
+        assert!(
+            out.contains("3 received"),
+            "8000-byte ping {from} → {to} through fast ports: {out}"
+        );
+    }
+    let (n1, n2) = (c.guest_ns("fastj", "f1"), c.guest_ns("fastj", "f2"));
+    let s0 = c.stats("fastj");
+    let bps = iperf(&n2, &n1, "10.6.0.2", 2, false);
+    let s1 = c.stats("fastj");
+    let (read, written) = (
+        port(&s1, "f1").rx_bytes - port(&s0, "f1").rx_bytes,
+        port(&s1, "f2").tx_bytes - port(&s0, "f2").tx_bytes,
+    );
+    let (read_frames, written_frames) = (
+        port(&s1, "f1").rx_frames - port(&s0, "f1").rx_frames,
+        port(&s1, "f2").tx_frames - port(&s0, "f2").tx_frames,
+    );
+    eprintln!(
+        "fast ports at MTU 8950: TCP f1 → f2 {:.2} Gbit/s; f1's port read {read} bytes in \
+         {read_frames} frames, f2's wrote {written} in {written_frames}",
+        bps / 1e9
+    );
+    assert!(bps > 10e6, "TCP through fast ports at MTU 8950: {bps}");
+    // f1's port reads the stream's data (its ACKs go the other way), as f2's writes
+    // it: frames averaging far more than one AF_XDP frame holds.
+    assert!(
+        read > 4000 * read_frames && written > 4000 * written_frames,
+        "no jumbo frames through the fast ports"
+    );
+    let s = c.stats("fastj");
+    assert_eq!(
+        s.drops.get("oversize").copied().unwrap_or(0),
+        0,
+        "{:?}",
+        s.drops
+    );
+
+    // A guest that raises its own MTU past its Violin's cannot send its longer
+    // frames: the port's host end has the Violin's MTU, and veth refuses frames longer
+    // than the receiving end's (the guest's own `eth0` counts them as dropped).
+    c.ok(&[
+        "exec", "fastj", "f3", "--", "ip", "link", "set", "eth0", "mtu", "16000",
+    ]);
+    let before = port(&c.stats("fastj"), "f3").rx_bytes;
+    let out = ping_in(c, "fastj", "f3", "10.6.0.2", 12000, 3);
+    assert!(
+        out.contains(" 0 received"),
+        "12000-byte ping from f3: {out}"
+    );
+    let got = port(&c.stats("fastj"), "f3").rx_bytes - before;
+    let refused = c.ok(&[
+        "exec",
+        "fastj",
+        "f3",
+        "--",
+        "cat",
+        "/sys/class/net/eth0/statistics/tx_dropped",
+    ]);
+    eprintln!(
+        "f3 at MTU 16000: its port read {got} bytes; its eth0 dropped {}",
+        refused.trim()
+    );
+    assert!(
+        got < 12000,
+        "a frame of f3's longer than its Violin's MTU reached the port"
+    );
+    assert!(refused.trim().parse::<u64>().unwrap() >= 3, "{refused}");
+    let out = ping_in(c, "fastj", "f1", "10.6.0.2", 8000, 2);
+    assert!(
+        out.contains("2 received"),
+        "f1 → f2 after f3's frames: {out}"
     );
 }
 

@@ -277,7 +277,12 @@ static PORT_XSKS: XskMap = XskMap::with_max_entries(4096, 0);
 
 /// On the host end of a fast guest port's veth: every frame the guest sends goes to the
 /// port's AF_XDP socket (the switch decides from there, as for socket ports).
-#[xdp]
+/// Frags-aware (`xdp.frags`): otherwise veth caps the guest's MTU at what one page
+/// holds, and a jumbo frame (a Violin of MTU 9000) could not reach the port's
+/// multi-buffer socket. Frames of up to a page arrive linear either way, which is all a
+/// port of a smaller MTU gets (the guest's `eth0` has no segmentation offload: veth
+/// takes it away while a program is attached, and its TX checksum is off).
+#[xdp(frags)]
 pub fn violin_port(ctx: XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: plain integer map value, read immediately.

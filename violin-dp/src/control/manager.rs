@@ -792,7 +792,8 @@ impl Manager {
                 v.mtu,
             )
             .with_context(|| format!("setting up fast-port guest {}", member.name))?;
-            let xp = XdpPort::open(&host_if)?;
+            let xp = XdpPort::open(&host_if, v.max_frame())
+                .with_context(|| format!("fast port of guest {}", member.name))?;
             let slot = self.free_port_slot();
             let link = lock(&cls).attach_port(&host_if, slot, &xp.fd())?;
             rec.xdp = Some((link, host_if, slot));

@@ -2,10 +2,11 @@
 //! driven by AF_XDP. The `violin_port` XDP program hands every frame the guest sends to
 //! this port's socket; frames for the guest are transmitted into the veth from the
 //! port's own small UMEM. Same switch, policing and counters as a socket port, without
-//! the relay process and the UNIX socket hops.
+//! the relay process and the UNIX socket hops. A Violin whose frames outgrow one AF_XDP
+//! frame (a jumbo MTU) gets a multi-buffer socket: its frames span several buffers.
 
 use super::guest::PortCounters;
-use super::xsk::XskCore;
+use super::xsk::{XskCore, FRAME_DATA};
 use std::os::fd::{AsRawFd, RawFd};
 use violin_common::Verdict;
 use xsk_rs::RxQueue;
@@ -25,9 +26,23 @@ pub struct XdpPort {
 }
 
 impl XdpPort {
-    pub fn open(iface: &str) -> anyhow::Result<XdpPort> {
+    /// Binds the port's socket to `iface`. `largest`: the longest frame the guest's
+    /// Violin carries; longer than one AF_XDP frame (a jumbo MTU), the socket is
+    /// multi-buffer (`XDP_USE_SG`) and frames span several buffers both ways.
+    pub fn open(iface: &str, largest: usize) -> anyhow::Result<XdpPort> {
+        use anyhow::Context;
         let ifindex = nix::net::if_::if_nametoindex(iface)?;
-        let (core, rx) = XskCore::open(iface, 0, FRAMES, FILL, RING, RING, false)?;
+        let multi_buffer = largest > FRAME_DATA as usize;
+        let (core, rx) = XskCore::open(iface, 0, FRAMES, FILL, RING, RING, multi_buffer)
+            .with_context(|| match multi_buffer {
+                true => format!(
+                    "a multi-buffer AF_XDP socket on {iface} for frames of {largest} bytes \
+                     (XDP_USE_SG, Linux 6.6 and later; where the kernel has none, use \
+                     port = \"tap\" for jumbo frames, or a Violin mtu of at most {})",
+                    FRAME_DATA - 18
+                ),
+                false => format!("a fast port's AF_XDP socket on {iface}"),
+            })?;
         Ok(XdpPort {
             core,
             rx,
