@@ -430,7 +430,7 @@ pub fn setup_veth_guest(
 /// Paces a fast-port guest at its cap in its own `eth0` queue: a token bucket filter
 /// at the cap's rate and depth, so the guest's TCP and UDP sockets are held back by
 /// their own kernel (TCP Small Queues, a full send buffer). Without it the queue is the
-/// port's AF_XDP ring (512 frames, half a second at 10 Mbit/s; what overflows it is
+/// port's AF_XDP ring (2048 frames, two seconds at 10 Mbit/s; what overflows it is
 /// dropped), which the guest's TCP cannot feel: the `violin_port` program frees each
 /// skb as it hands the frame over, and TCP followed the worker's bursty releases (0.58
 /// to 0.96 × the cap). The data plane's bucket still enforces the cap (the guest's
