@@ -639,6 +639,17 @@ fn apply(st: &ClusterState, v: &Violin, text: &str, timeout: Duration) -> Result
             v.name
         );
     }
+    if old.mtu != v.mtu {
+        // Running guests keep the MTU their interfaces were made with, and a fast
+        // port's socket is single- or multi-buffer by it: changing it in place would
+        // leave guests that cannot take the Violin's frames.
+        bail!(
+            "mtu: a running Violin's MTU cannot change ({} → {}); `violin down {}` and up again",
+            old.mtu,
+            v.mtu,
+            v.name
+        );
+    }
     let changes = plan(&old, v);
     if changes.is_empty() {
         eprintln!("Violin {}: no changes", v.name);

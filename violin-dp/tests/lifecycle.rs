@@ -84,6 +84,17 @@ fn apply_adds_and_removes_links_without_disturbing_other_guests() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("guest[2].host"), "names the field: {err}");
+    // So does a change of MTU, which running guests could not follow.
+    let p_mtu = c.write_spec(
+        "blue-mtu.toml",
+        &with_ac.replace("vni = 101", "vni = 101\nmtu = 1400"),
+    );
+    let out = c.cmd(&["apply", &p_mtu]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("mtu:") && err.contains("1450 → 1400"),
+        "{err}"
+    );
     assert!(
         c.ping("blue", "a", "10.0.0.3", 1),
         "a–c still up after a rejected apply"
