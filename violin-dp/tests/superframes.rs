@@ -504,13 +504,17 @@ fn fast_ports_carry_jumbo_frames(c: &Cluster) {
     let s0 = c.stats("fastj");
     let bps = iperf(&n2, &n1, "10.6.0.2", 2, false);
     let s1 = c.stats("fastj");
-    let (read, written) = (
-        port(&s1, "f1").rx_bytes - port(&s0, "f1").rx_bytes,
-        port(&s1, "f2").tx_bytes - port(&s0, "f2").tx_bytes,
+    let (f1, f2) = (
+        (port(&s0, "f1"), port(&s1, "f1")),
+        (port(&s0, "f2"), port(&s1, "f2")),
     );
-    let (read_frames, written_frames) = (
-        port(&s1, "f1").rx_frames - port(&s0, "f1").rx_frames,
-        port(&s1, "f2").tx_frames - port(&s0, "f2").tx_frames,
+    let (read, read_frames) = (
+        f1.1.rx_bytes - f1.0.rx_bytes,
+        f1.1.rx_frames - f1.0.rx_frames,
+    );
+    let (written, written_frames) = (
+        f2.1.tx_bytes - f2.0.tx_bytes,
+        f2.1.tx_frames - f2.0.tx_frames,
     );
     eprintln!(
         "fast ports at MTU 8950: TCP f1 → f2 {:.2} Gbit/s; f1's port read {read} bytes in \
@@ -524,12 +528,11 @@ fn fast_ports_carry_jumbo_frames(c: &Cluster) {
         read > 4000 * read_frames && written > 4000 * written_frames,
         "no jumbo frames through the fast ports"
     );
-    let s = c.stats("fastj");
     assert_eq!(
-        s.drops.get("oversize").copied().unwrap_or(0),
+        s1.drops.get("oversize").copied().unwrap_or(0),
         0,
         "{:?}",
-        s.drops
+        s1.drops
     );
 
     // A guest that raises its own MTU past its Violin's cannot send its longer

@@ -37,18 +37,19 @@ impl XdpPort {
     /// Violin carries; longer than one AF_XDP frame (a jumbo MTU), the socket is
     /// multi-buffer (`XDP_USE_SG`) and frames span several buffers both ways.
     pub fn open(iface: &str, largest: usize) -> anyhow::Result<XdpPort> {
-        use anyhow::Context;
         let ifindex = nix::net::if_::if_nametoindex(iface)?;
         let multi_buffer = largest > FRAME_DATA as usize;
+        // XskCore::open names the interface already; a multi-buffer socket's failure
+        // also says what the kernel needs and what to use without it.
         let (core, rx) = XskCore::open(iface, 0, FRAMES, FILL, RX_RING, TX_RING, multi_buffer)
-            .with_context(|| match multi_buffer {
-                true => format!(
-                    "a multi-buffer AF_XDP socket on {iface} for frames of {largest} bytes \
-                     (XDP_USE_SG, Linux 6.6 and later; where the kernel has none, use \
-                     port = \"tap\" for jumbo frames, or a Violin mtu of at most {})",
+            .map_err(|e| match multi_buffer {
+                true => e.context(format!(
+                    "a multi-buffer AF_XDP socket for frames of {largest} bytes (XDP_USE_SG, \
+                     Linux 6.6 and later; where the kernel has none, use port = \"tap\" for \
+                     jumbo frames, or a Violin mtu of at most {})",
                     FRAME_DATA - 18
-                ),
-                false => format!("a fast port's AF_XDP socket on {iface}"),
+                )),
+                false => e,
             })?;
         Ok(XdpPort {
             core,
