@@ -3,8 +3,8 @@
 //! A host serves as many queues as it has packet workers (or fewer, where it has fewer
 //! queues), each queue's worker with an [`AfXdp`] of its own.
 //!
-//! The UMEM's fill frames ([`FILL_FRAMES`]) exceed the sum of the Violins' small RX
-//! rings ([`RX_RING`]), so a Violin that floods, or is not served, holds at most its own
+//! The UMEM's fill frames exceed the sum of the Violins' small RX rings twice over
+//! ([`QueueSizes`]), so a Violin that floods, or is not served, holds at most its own
 //! ring's worth and the others keep receiving. The first socket on the queue is a
 //! permanent anchor: it creates the fill ring (shared by every socket on the queue, and
 //! by the workers reading them: [`super::xsk::FillRing`]) and the completion ring with
@@ -32,13 +32,57 @@ use xsk_rs::{RxQueue, TxQueue};
 
 pub use crate::stats::XskCounters;
 
-pub const FRAMES: u32 = 16384;
-pub const FILL_FRAMES: usize = 8192;
-pub const RX_RING: u32 = 256;
 pub const TX_RING: u32 = 2048;
-/// Most Violins on one host with the xdp data plane: their RX rings must fit in the
-/// fill frames with room to spare.
-pub const MAX_SLOTS: usize = FILL_FRAMES / RX_RING as usize / 2;
+/// Most Violins on one host with the xdp data plane: their RX rings must fit in half
+/// the fill frames ([`QueueSizes`]).
+pub const MAX_SLOTS: usize = 16;
+
+/// One queue's UMEM and its Violins' RX rings, by whether its sockets are multi-buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSizes {
+    /// AF_XDP frames in the UMEM (2 KiB each): the fill frames, the rest for TX.
+    pub frames: u32,
+    /// Frames given to the fill ring, shared by the queue's sockets.
+    pub fill: usize,
+    /// Descriptors in each Violin's RX ring.
+    pub rx_ring: u32,
+}
+
+impl QueueSizes {
+    /// A frame per descriptor: 256 frames in a Violin's ring, a 32 MiB UMEM.
+    pub const SINGLE: QueueSizes = QueueSizes {
+        frames: 16384,
+        fill: 8192,
+        rx_ring: 256,
+    };
+    /// A jumbo frame takes up to six descriptors (9014 bytes in 1792-byte frames), so
+    /// a ring of 256 held 42 of them and overflowed under one TCP stream (its losses
+    /// were the stream's retransmits). A ring four times as deep holds 170, and the fill
+    /// frames grow with it, so [`MAX_SLOTS`] rings still take half of them: an 80 MiB
+    /// UMEM, only where the underlay's MTU is over 1778.
+    pub const MULTI: QueueSizes = QueueSizes {
+        frames: 40960,
+        fill: 32768,
+        rx_ring: 1024,
+    };
+
+    pub const fn of(multi_buffer: bool) -> QueueSizes {
+        if multi_buffer {
+            Self::MULTI
+        } else {
+            Self::SINGLE
+        }
+    }
+
+    /// Every Violin's ring fits in half the fill frames, and the TX pool (the frames
+    /// left over) holds at least one TX ring's worth.
+    const fn isolates(self) -> bool {
+        self.fill >= 2 * MAX_SLOTS * self.rx_ring as usize
+            && self.frames as usize >= self.fill + TX_RING as usize
+    }
+}
+
+const _: () = assert!(QueueSizes::SINGLE.isolates() && QueueSizes::MULTI.isolates());
 /// The slot of the one socket every Violin shares when per-Violin sockets are off or
 /// refused (one socket per queue).
 pub const SHARED_SLOT: usize = MAX_SLOTS;
@@ -122,11 +166,12 @@ impl AsRawFd for Slot {
 pub struct SlotOpener {
     opener: XskOpener,
     port: u16,
+    rx_ring: u32,
 }
 
 impl SlotOpener {
     pub fn open(&self) -> anyhow::Result<Slot> {
-        let (rx, tx) = self.opener.share(RX_RING, UNUSED_RING)?;
+        let (rx, tx) = self.opener.share(self.rx_ring, UNUSED_RING)?;
         Ok(Slot {
             rx,
             _tx: tx,
@@ -158,6 +203,8 @@ pub struct AfXdp {
     opener: XskOpener,
     /// Reports the queue's TX pool (the anchor's worker does; the pool is counted once).
     reports_pool: bool,
+    /// The depth of each Violin's RX ring on the queue ([`QueueSizes`]).
+    rx_ring: u32,
     outer: Outer,
     /// The longest packet sent through AF_XDP: the underlay's MTU + 14 with
     /// multi-buffer sockets, one AF_XDP frame's data without.
@@ -178,12 +225,13 @@ impl AfXdp {
         multi_buffer: bool,
         largest: usize,
     ) -> anyhow::Result<AfXdp> {
+        let sizes = QueueSizes::of(multi_buffer);
         let (core, anchor) = XskCore::open(
             iface,
             queue,
-            FRAMES,
-            FILL_FRAMES,
-            RX_RING,
+            sizes.frames,
+            sizes.fill,
+            sizes.rx_ring,
             TX_RING,
             multi_buffer,
         )?;
@@ -193,6 +241,7 @@ impl AfXdp {
             tx: core.into_tx(),
             _rx: anchor,
             reports_pool: true,
+            rx_ring: sizes.rx_ring,
             outer,
             longest: largest.min(tx),
             neighbours: FastMap::default(),
@@ -209,6 +258,7 @@ impl AfXdp {
             _rx: rx,
             opener: self.opener.clone(),
             reports_pool: false,
+            rx_ring: self.rx_ring,
             outer: self.outer,
             longest: self.longest,
             neighbours: FastMap::default(),
@@ -220,6 +270,7 @@ impl AfXdp {
         SlotOpener {
             opener: self.opener.clone(),
             port: self.outer.port,
+            rx_ring: self.rx_ring,
         }
     }
 
@@ -280,6 +331,34 @@ impl AfXdp {
             free_frames: pool.free,
             pool_frames: pool.frames,
             completion_backlog: pool.in_flight,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::transport::xsk::FRAME_DATA;
+
+    /// Frames of an underlay's MTU (plus the Ethernet header) a Violin's ring holds.
+    fn frames_in_ring(multi_buffer: bool, mtu: usize) -> usize {
+        let descriptors = (mtu + 14).div_ceil(FRAME_DATA as usize);
+        QueueSizes::of(multi_buffer).rx_ring as usize / descriptors
+    }
+
+    /// A multi-buffer queue's rings hold at least half as many jumbo frames as a
+    /// single-buffer queue's hold frames of 1500 bytes, not a sixth.
+    #[test]
+    fn a_violins_ring_holds_about_as_many_jumbo_frames_as_small_ones() {
+        let small = frames_in_ring(false, 1500);
+        assert_eq!(small, 256);
+        let jumbo = frames_in_ring(true, 9000);
+        assert!(jumbo * 2 >= small, "{jumbo} jumbo frames against {small}");
+        // Both UMEMs isolate MAX_SLOTS Violins (also checked at compile time), with
+        // the same TX pool.
+        for s in [QueueSizes::SINGLE, QueueSizes::MULTI] {
+            assert!(s.isolates(), "{s:?}");
+            assert_eq!(s.frames as usize - s.fill, 8192, "{s:?}");
         }
     }
 }
