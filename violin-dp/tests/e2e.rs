@@ -1394,12 +1394,12 @@ fn a_loud_violins_neighbour_moves_to_another_worker(plane: &str, extra: &[&str])
     assert!(c.ping("quiet", "a", "10.31.0.2", 2));
     let before = c.edge(&c.stats("quiet"), "a", "b").0;
     assert!(before > 0);
-    // quiet's b counts what arrives on port 7000.
-    let counted = {
+    // quiet's b counts what arrives on a port until 3 s of silence.
+    let count_on = |port: u16| {
         let ns = c.guest_ns("quiet", "b");
         std::thread::spawn(move || {
             violin_dp::host::netns::enter(&ns).unwrap();
-            let s = std::net::UdpSocket::bind("0.0.0.0:7000").unwrap();
+            let s = std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
             let (mut n, mut buf) = (0u64, [0u8; 2048]);
             while s.recv(&mut buf).is_ok() {
@@ -1408,12 +1408,15 @@ fn a_loud_violins_neighbour_moves_to_another_worker(plane: &str, extra: &[&str])
             n
         })
     };
+    let counted = count_on(7000);
     std::thread::sleep(Duration::from_millis(300));
+    // Long enough to outlast the move (at most 3 s + 4 s) and the 200 datagrams after it.
+    let flood_until = Instant::now() + Duration::from_secs(10);
     let flood = udp_flood(
         &c.guest_ns("loud", "a"),
         "10.33.0.2:9",
         1400,
-        Instant::now() + Duration::from_secs(6),
+        flood_until,
         false,
     );
     // 300 datagrams, 10 ms apart, while the flood starts and quiet moves.
@@ -1425,12 +1428,27 @@ fn a_loud_violins_neighbour_moves_to_another_worker(plane: &str, extra: &[&str])
             false
         }
     });
+    // Once it has moved, quiet loses nothing to the flood that goes on beside it.
+    let counted_after = count_on(7001);
+    if moved {
+        std::thread::sleep(Duration::from_millis(100));
+        udp_send(&c.guest_ns("quiet", "a"), "10.31.0.2:7001", 200, 200, false);
+    }
+    let flood_outlasted = Instant::now() < flood_until;
     assert!(flood.join().unwrap() > 0);
-    let got = counted.join().unwrap();
+    let (got, got_after) = (counted.join().unwrap(), counted_after.join().unwrap());
     for h in ["h1", "h2"] {
         eprintln!("{h}: {}", c.host_log(h));
     }
     assert!(moved, "quiet stayed beside loud: {:?}", workers("quiet"));
+    assert!(
+        flood_outlasted,
+        "the flood ended before quiet's last datagrams were sent"
+    );
+    assert_eq!(
+        got_after, 200,
+        "quiet lost datagrams after it moved, beside the flood"
+    );
     assert_eq!(workers("loud"), vec![Some(1); 2], "loud keeps its worker");
     assert_eq!(workers("idle"), vec![Some(0); 2], "an idle Violin stays");
     let s = c.stats("quiet");
@@ -1447,8 +1465,9 @@ fn a_loud_violins_neighbour_moves_to_another_worker(plane: &str, extra: &[&str])
     }
     if shared {
         // Until quiet moves, the flood fills the socket it shares on each host (the
-        // kernel's buffers, which a socket of its own avoids): a few may go there, and
-        // nowhere else.
+        // kernel's buffers, which a socket of its own avoids): some may go there, and
+        // nowhere else. How many depends on how long the move takes on a busy machine
+        // (CI once lost 17); what holds after it is checked above.
         let overflowed: u64 = c
             .info()
             .hosts
@@ -1456,7 +1475,7 @@ fn a_loud_violins_neighbour_moves_to_another_worker(plane: &str, extra: &[&str])
             .map(|h| ns_counter(&h.netns, "Udp", "RcvbufErrors"))
             .sum();
         assert!(
-            got >= 285 && 300 - got <= overflowed,
+            got >= 150 && 300 - got <= overflowed,
             "{got} of quiet's 300 datagrams arrived, {overflowed} overflowed the hosts' \
              sockets; Violin drops {:?}",
             s.drops
