@@ -83,6 +83,7 @@ impl QueueSizes {
 }
 
 const _: () = assert!(QueueSizes::SINGLE.isolates() && QueueSizes::MULTI.isolates());
+
 /// The slot of the one socket every Violin shares when per-Violin sockets are off or
 /// refused (one socket per queue).
 pub const SHARED_SLOT: usize = MAX_SLOTS;
@@ -166,12 +167,12 @@ impl AsRawFd for Slot {
 pub struct SlotOpener {
     opener: XskOpener,
     port: u16,
-    rx_ring: u32,
 }
 
 impl SlotOpener {
     pub fn open(&self) -> anyhow::Result<Slot> {
-        let (rx, tx) = self.opener.share(self.rx_ring, UNUSED_RING)?;
+        let rx_ring = QueueSizes::of(self.opener.multi_buffer()).rx_ring;
+        let (rx, tx) = self.opener.share(rx_ring, UNUSED_RING)?;
         Ok(Slot {
             rx,
             _tx: tx,
@@ -203,8 +204,6 @@ pub struct AfXdp {
     opener: XskOpener,
     /// Reports the queue's TX pool (the anchor's worker does; the pool is counted once).
     reports_pool: bool,
-    /// The depth of each Violin's RX ring on the queue ([`QueueSizes`]).
-    rx_ring: u32,
     outer: Outer,
     /// The longest packet sent through AF_XDP: the underlay's MTU + 14 with
     /// multi-buffer sockets, one AF_XDP frame's data without.
@@ -241,7 +240,6 @@ impl AfXdp {
             tx: core.into_tx(),
             _rx: anchor,
             reports_pool: true,
-            rx_ring: sizes.rx_ring,
             outer,
             longest: largest.min(tx),
             neighbours: FastMap::default(),
@@ -258,7 +256,6 @@ impl AfXdp {
             _rx: rx,
             opener: self.opener.clone(),
             reports_pool: false,
-            rx_ring: self.rx_ring,
             outer: self.outer,
             longest: self.longest,
             neighbours: FastMap::default(),
@@ -270,7 +267,6 @@ impl AfXdp {
         SlotOpener {
             opener: self.opener.clone(),
             port: self.outer.port,
-            rx_ring: self.rx_ring,
         }
     }
 

@@ -177,6 +177,11 @@ impl XskOpener {
         self.fill.clone()
     }
 
+    /// The queue's sockets are multi-buffer (`XDP_USE_SG`).
+    pub fn multi_buffer(&self) -> bool {
+        self.fill.multi_buffer
+    }
+
     /// A socket of its own on the queue (RX ring of `rx_ring`, TX ring of `tx_ring`).
     pub fn share(&self, rx_ring: u32, tx_ring: u32) -> Result<(RxQueue, TxQueue)> {
         // SAFETY: the UMEM is shared and the (interface, queue) pair is bound already
