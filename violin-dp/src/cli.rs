@@ -798,13 +798,18 @@ fn violin_stats(st: &ClusterState, violin: &str, json: bool) -> Result<()> {
             );
             if let Some(k) = &x.socket {
                 println!(
-                    "{:24}{}'s socket: rx_ring_full={} rx_dropped={} fill_ring_empty={} invalid={}",
+                    "{:24}{}'s socket: rx_ring_full={} rx_dropped={} fill_ring_empty={} invalid={} busy_poll={}",
                     "",
                     s.name,
                     k.rx_ring_full,
                     k.rx_dropped,
                     k.rx_fill_ring_empty,
-                    k.rx_invalid_descs + k.tx_invalid_descs
+                    k.rx_invalid_descs + k.tx_invalid_descs,
+                    match (k.busy_poll, k.napi_id) {
+                        (false, _) => "off".to_string(),
+                        (true, 0) => "on (no NAPI id from the device)".to_string(),
+                        (true, n) => format!("napi {n}"),
+                    }
                 );
             }
         }

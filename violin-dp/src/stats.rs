@@ -51,6 +51,13 @@ pub struct SlotStats {
     pub rx_fill_ring_empty: u64,
     pub rx_invalid_descs: u64,
     pub tx_invalid_descs: u64,
+    /// Preferred busy polling is on for the socket (`SO_PREFER_BUSY_POLL`).
+    #[serde(default)]
+    pub busy_poll: bool,
+    /// The NAPI instance its worker busy-polls (0: the device names none, as generic
+    /// XDP and a veth do: nothing to poll, frames come by the softirq alone).
+    #[serde(default)]
+    pub napi_id: u32,
 }
 
 /// A snapshot for `violin stats`.
@@ -157,6 +164,12 @@ impl SlotStats {
             rx_fill_ring_empty: self.rx_fill_ring_empty + o.rx_fill_ring_empty,
             rx_invalid_descs: self.rx_invalid_descs + o.rx_invalid_descs,
             tx_invalid_descs: self.tx_invalid_descs + o.tx_invalid_descs,
+            busy_poll: self.busy_poll && o.busy_poll,
+            napi_id: if self.napi_id != 0 {
+                self.napi_id
+            } else {
+                o.napi_id
+            },
         }
     }
 }

@@ -634,6 +634,7 @@ fn one_violin_flooding_does_not_hurt_another(dp: &str) {
                 "blue's socket on {} dropped: {sock:?}",
                 h.host
             );
+            assert!(sock.busy_poll, "no preferred busy polling: {sock:?}");
         }
         let h2 = red.hosts.iter().find(|h| h.host == "h2").unwrap();
         eprintln!(

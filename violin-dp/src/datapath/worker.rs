@@ -37,6 +37,7 @@ use crate::datapath::fastpath::switch::{
 use crate::datapath::monitor::{self, DropEvent, Monitor};
 use crate::datapath::timer::{monotonic_ns, Timer};
 use crate::datapath::transport::afxdp::{AfXdpStats, Slot, SlotStats};
+use crate::datapath::transport::busypoll::{self, BusyPoll};
 use crate::datapath::transport::guest::{PortCounters, RxEvent};
 use crate::datapath::transport::udp::{
     steer, steering_program, Received, UdpUnderlay, MAX_STEERED,
@@ -402,8 +403,7 @@ impl Counters {
                 (a, b) => a.or(b),
             };
             for (k, v) in c.slots {
-                let e = m.slots.entry(k).or_default();
-                *e = e.plus(&v);
+                add_slot(&mut m.slots, k, v);
             }
             m.workers.extend(c.workers);
         }
@@ -1026,6 +1026,16 @@ pub struct Worker {
     stop: Option<Reply<Vec<Port>>>,
     /// When to poll without blocking instead of sleeping in `epoll_wait`.
     spin: Spin,
+    /// Its AF_XDP sockets' NAPI instances, run by the worker itself while it spins.
+    busy_poll: BusyPoll,
+}
+
+/// Adds a socket's counters to its slot's (a Violin's sockets on several queues).
+fn add_slot(slots: &mut BTreeMap<usize, SlotStats>, slot: usize, st: SlotStats) {
+    slots
+        .entry(slot)
+        .and_modify(|e| *e = e.plus(&st))
+        .or_insert(st);
 }
 
 /// How long a worker keeps off spinning after finding its CPU shared mid-spin.
@@ -1211,6 +1221,7 @@ impl Worker {
                     team,
                     stop: None,
                     spin: Spin::default(),
+                    busy_poll: BusyPoll::default(),
                 }
             })
             .collect();
@@ -1242,6 +1253,7 @@ impl Worker {
                 // Whatever else wants this CPU (the guest that is to answer) goes first.
                 // SAFETY: sched_yield(2) takes no arguments.
                 unsafe { libc::sched_yield() };
+                self.busy_poll_sockets();
             }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -1289,6 +1301,33 @@ impl Worker {
             let _ = reply.send(ports);
         }
         info!("packet worker stopped");
+    }
+
+    /// Runs the NAPI instances its AF_XDP sockets receive from (the underlay's queues,
+    /// fast ports' veths), each once, so what arrived is in their RX rings for the poll
+    /// that follows ([`BusyPoll`]).
+    fn busy_poll_sockets(&mut self) {
+        let now = self.now();
+        let Worker {
+            busy_poll,
+            xsks,
+            fabric,
+            ..
+        } = self;
+        let fast = fabric
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|wp| match &wp.port {
+                Port::Xdp(x) => Some(x.fd()),
+                _ => None,
+            });
+        let fds = xsks.iter().flatten().map(|(_, s)| s.fd()).chain(fast);
+        if busy_poll.refresh(now, fds, busypoll::napi_id) {
+            let napi: Vec<u32> = busy_poll.napi_ids().collect();
+            info!(?napi, "busy polling the AF_XDP sockets' NAPI instances");
+        }
+        busy_poll.poll(busypoll::poll_once);
     }
 
     /// Ends the round on every port that batches its writes (`busy`: more rounds
@@ -1694,6 +1733,7 @@ impl Worker {
             port,
             announce: None,
         });
+        self.busy_poll.invalidate();
         if let Some(v) = self.fabric.switch.violin_of_port(id) {
             self.drr.reserve(port_class(v), 2 * self.fabric.ports.len());
         }
@@ -1706,6 +1746,7 @@ impl Worker {
 
     fn detach(&mut self, id: PortId) -> Option<Port> {
         let wp = self.fabric.ports.get_mut(id as usize)?.take()?;
+        self.busy_poll.invalidate();
         for t in [port_token(id), conn_token(id)] {
             self.drr.forget(t);
             self.held.retain(|(_, h)| *h != t);
@@ -1741,6 +1782,7 @@ impl Worker {
             return;
         }
         self.xsks[key] = Some((slot, socket));
+        self.busy_poll.invalidate();
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&fd),
             Token(XSK_BASE + key),
@@ -1785,6 +1827,7 @@ impl Worker {
             self.drr.forget(Token(XSK_BASE + key));
             taken.push((key, socket));
         }
+        self.busy_poll.invalidate();
         taken
     }
 
@@ -1812,8 +1855,7 @@ impl Worker {
         let mut slots: BTreeMap<usize, SlotStats> = BTreeMap::new();
         for (slot, socket) in self.xsks.iter().flatten() {
             if let Some(st) = socket.stats() {
-                let e = slots.entry(*slot).or_default();
-                *e = e.plus(&st);
+                add_slot(&mut slots, *slot, st);
             }
         }
         let reads = self.xsk_reads;

@@ -98,6 +98,8 @@ pub fn slot_stats(rx: &RxQueue) -> Option<SlotStats> {
         rx_fill_ring_empty: st.rx_fill_ring_empty_descs(),
         rx_invalid_descs: st.rx_invalid_descs(),
         tx_invalid_descs: st.tx_invalid_descs(),
+        busy_poll: super::busypoll::is_on(rx.fd().as_raw_fd()),
+        napi_id: super::busypoll::napi_id(rx.fd().as_raw_fd()),
     })
 }
 
