@@ -1026,7 +1026,7 @@ pub struct Worker {
     stop: Option<Reply<Vec<Port>>>,
     /// When to poll without blocking instead of sleeping in `epoll_wait`.
     spin: Spin,
-    /// Its AF_XDP sockets' NAPI instances, run by the worker itself while it spins.
+    /// Its sockets' NAPI instances, run by the worker itself while it spins.
     busy_poll: BusyPoll,
 }
 
@@ -1303,8 +1303,8 @@ impl Worker {
         info!("packet worker stopped");
     }
 
-    /// Runs the NAPI instances its AF_XDP sockets receive from (the underlay's queues,
-    /// fast ports' veths), each once, so what arrived is in their RX rings for the poll
+    /// Runs the NAPI instances its sockets receive from (the underlay's queues through
+    /// its AF_XDP and UDP sockets, fast ports' veths), each once, so what arrived is in their RX rings for the poll
     /// that follows ([`BusyPoll`]).
     fn busy_poll_sockets(&mut self) {
         let now = self.now();
@@ -1312,6 +1312,8 @@ impl Worker {
             busy_poll,
             xsks,
             fabric,
+            underlay,
+            own,
             ..
         } = self;
         let fast = fabric
@@ -1322,10 +1324,18 @@ impl Worker {
                 Port::Xdp(x) => Some(x.fd()),
                 _ => None,
             });
-        let fds = xsks.iter().flatten().map(|(_, s)| s.fd()).chain(fast);
+        let udp = std::iter::once(underlay.udp().fd());
+        let own = own.iter().flatten().map(|(_, s)| s.as_raw_fd());
+        let fds = xsks
+            .iter()
+            .flatten()
+            .map(|(_, s)| s.fd())
+            .chain(fast)
+            .chain(udp)
+            .chain(own);
         if busy_poll.refresh(now, fds, busypoll::napi_id) {
             let napi: Vec<u32> = busy_poll.napi_ids().collect();
-            info!(?napi, "busy polling the AF_XDP sockets' NAPI instances");
+            info!(?napi, "busy polling the sockets' NAPI instances");
         }
         busy_poll.poll(busypoll::poll_once);
     }
@@ -1558,6 +1568,7 @@ impl Worker {
             }
         };
         self.own[i] = Some((vni, socket));
+        self.busy_poll.invalidate();
         self.drr.reserve(own_class(i), 1);
         if self.open {
             self.register_own(i);
@@ -1591,6 +1602,7 @@ impl Worker {
             .iter()
             .position(|o| o.as_ref().is_some_and(|(v, _)| *v == vni))?;
         let (_, s) = self.own[i].take()?;
+        self.busy_poll.invalidate();
         let _ = self
             .poll
             .registry()

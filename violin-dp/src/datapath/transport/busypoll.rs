@@ -1,13 +1,14 @@
-//! Preferred busy polling of AF_XDP sockets: every socket is opened with
-//! `SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL` and `SO_BUSY_POLL_BUDGET`, and a worker that
-//! spins between rounds ([`crate::datapath::worker::Spin`]) runs the receiving NAPI
-//! instance of each of its sockets itself, once per spin (a non-blocking `recvfrom`),
-//! instead of waiting for the softirq and the wake-up that follows it.
+//! Preferred busy polling of the data path's sockets (AF_XDP, and the underlay's UDP
+//! sockets): every one is opened with `SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL` and
+//! `SO_BUSY_POLL_BUDGET`, and a worker that spins between rounds
+//! ([`crate::datapath::worker::Spin`]) runs the receiving NAPI instance of each of its
+//! sockets itself, once per spin (a non-blocking, zero-length peek), instead of waiting
+//! for the softirq and the wake-up that follows it.
 //!
 //! A socket learns its NAPI instance from the first frame it receives
-//! (`SO_INCOMING_NAPI_ID`); a device that has none for it (generic XDP on a veth: the
-//! simulated hosts' underlay) leaves it 0, and such a socket is not polled. Sockets
-//! of one NAPI instance (a queue's Violins) are polled once. [`BusyPoll`] keeps the
+//! (`SO_INCOMING_NAPI_ID`); a device that has none for it (generic XDP, a veth without
+//! GRO: the simulated hosts' underlay) leaves it 0, and such a socket is not polled.
+//! Sockets of one NAPI instance (a queue's Violins) are polled once. [`BusyPoll`] keeps the
 //! list, looked up again at most every [`REFRESH_NS`] (time passed in).
 
 use std::os::fd::RawFd;
@@ -21,29 +22,26 @@ pub const BUDGET: libc::c_int = 64;
 /// How often a spinning worker looks its sockets' NAPI ids up again.
 pub const REFRESH_NS: u64 = 100_000_000;
 
-fn set(fd: RawFd, opt: libc::c_int, val: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: `val` lives for the call and its size is passed.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            &val as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    match r {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    }
-}
-
 /// Turns preferred busy polling on for `fd` (the three options need `CAP_NET_ADMIN`,
 /// which the daemon has). A kernel without them (before 5.11) says `ENOPROTOOPT`.
 pub fn prefer_busy_poll(fd: RawFd) -> std::io::Result<()> {
-    set(fd, libc::SO_PREFER_BUSY_POLL, 1)?;
-    set(fd, libc::SO_BUSY_POLL, SOCKET_BUSY_POLL_US)?;
-    set(fd, libc::SO_BUSY_POLL_BUDGET, BUDGET)
+    let set = |opt, v| super::udp::setsockopt_int(fd, libc::SOL_SOCKET, opt, v);
+    set(libc::SO_PREFER_BUSY_POLL, 1)?;
+    set(libc::SO_BUSY_POLL, SOCKET_BUSY_POLL_US)?;
+    set(libc::SO_BUSY_POLL_BUDGET, BUDGET)
+}
+
+/// [`prefer_busy_poll`] for a new socket of the data path; a kernel that refuses it
+/// is named once, and the socket works without.
+pub fn enable(fd: RawFd) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if let Err(e) = prefer_busy_poll(fd) {
+        SAID.call_once(|| {
+            tracing::warn!(
+                "sockets without preferred busy polling (SO_PREFER_BUSY_POLL, Linux 5.11): {e}"
+            )
+        });
+    }
 }
 
 /// Whether `fd` busy-polls (`SO_BUSY_POLL` is set and `SO_PREFER_BUSY_POLL` on).
@@ -74,16 +72,18 @@ pub fn napi_id(fd: RawFd) -> u32 {
 }
 
 /// One busy poll of `fd`'s NAPI instance: the kernel runs it in this thread (up to
-/// [`BUDGET`] frames), and whatever it received is in the sockets' RX rings after.
+/// [`BUDGET`] frames), and whatever it received is in the sockets' queues after.
+/// A zero-length peek: an AF_XDP socket only polls on it, a UDP socket polls while its
+/// queue is empty and leaves its datagrams where they are.
 pub fn poll_once(fd: RawFd) {
-    // SAFETY: a zero-length receive into no buffer; AF_XDP sockets only busy-poll on
-    // it (and, in zero-copy mode, wake the driver), and never block with MSG_DONTWAIT.
+    // SAFETY: a zero-length receive into no buffer and no address; MSG_DONTWAIT never
+    // blocks and MSG_PEEK takes nothing off a queue.
     unsafe {
         libc::recvfrom(
             fd,
             std::ptr::null_mut(),
             0,
-            libc::MSG_DONTWAIT,
+            libc::MSG_DONTWAIT | libc::MSG_PEEK,
             std::ptr::null_mut(),
             std::ptr::null_mut(),
         )

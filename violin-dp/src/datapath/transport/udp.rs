@@ -105,7 +105,7 @@ pub enum Received<'a> {
     Bad(Verdict),
 }
 
-fn setsockopt_int(
+pub(super) fn setsockopt_int(
     fd: RawFd,
     level: libc::c_int,
     opt: libc::c_int,
@@ -234,6 +234,7 @@ impl UdpUnderlay {
         if let Err(e) = setsockopt_int(fd.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO, 1) {
             warn!("UDP_GRO unavailable on an underlay socket: {e}");
         }
+        super::busypoll::enable(fd.as_raw_fd());
         Ok(UdpSocket::from(fd))
     }
 

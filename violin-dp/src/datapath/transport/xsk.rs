@@ -62,17 +62,6 @@ pub fn set_cloexec(fd: RawFd) -> Result<()> {
     Ok(())
 }
 
-/// Turns preferred busy polling on for a new socket ([`super::busypoll`]); a kernel
-/// that refuses it is named once, and the socket works without.
-fn busy_poll(fd: RawFd) {
-    static SAID: std::sync::Once = std::sync::Once::new();
-    if let Err(e) = super::busypoll::prefer_busy_poll(fd) {
-        SAID.call_once(|| {
-            tracing::warn!("AF_XDP sockets without preferred busy polling (SO_PREFER_BUSY_POLL, Linux 5.11): {e}")
-        });
-    }
-}
-
 /// A socket's configuration; `multi_buffer` binds it with `XDP_USE_SG` (further
 /// sockets on the same UMEM and queue share the first one's binding whatever they ask).
 pub fn socket_config(rx: u32, tx: u32, multi_buffer: bool) -> SocketConfig {
@@ -208,7 +197,7 @@ impl XskOpener {
         .map_err(|e| anyhow!("binding an AF_XDP socket on the shared UMEM: {e}"))?;
         drop(rings); // None: the first socket owns them.
         set_cloexec(rx.fd().as_raw_fd())?;
-        busy_poll(rx.fd().as_raw_fd());
+        super::busypoll::enable(rx.fd().as_raw_fd());
         Ok((rx, tx))
     }
 
@@ -605,7 +594,7 @@ impl XskCore {
         }
         .map_err(|e| anyhow!("binding an AF_XDP socket to {iface} queue {queue}: {e}"))?;
         set_cloexec(rx.fd().as_raw_fd())?;
-        busy_poll(rx.fd().as_raw_fd());
+        super::busypoll::enable(rx.fd().as_raw_fd());
         let (mut fq, cq) = rings.context("the first socket got no fill/completion rings")?;
         let to_fill: Vec<FrameDesc> = descs.drain(..fill).collect();
         // SAFETY: these frames belong to this UMEM and are in no other ring.
