@@ -1304,8 +1304,8 @@ impl Worker {
     }
 
     /// Runs the NAPI instances its sockets receive from (the underlay's queues through
-    /// its AF_XDP and UDP sockets, fast ports' veths), each once, so what arrived is in their RX rings for the poll
-    /// that follows ([`BusyPoll`]).
+    /// its AF_XDP and UDP sockets, fast ports' veths), each once, so what arrived is in
+    /// the sockets for the poll that follows ([`BusyPoll`]).
     fn busy_poll_sockets(&mut self) {
         let now = self.now();
         let Worker {
