@@ -657,19 +657,9 @@ pub(crate) mod tests {
         // What was accepted fits in the kernel's send buffer and the port's own queue:
         // the rest was refused, not buffered without bound.
         let fd = port.conn_fd().expect("connected");
-        let mut sndbuf: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into the live c_int `sndbuf`.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                &mut sndbuf as *mut libc::c_int as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0);
+        let sndbuf =
+            crate::datapath::transport::udp::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)
+                .expect("SO_SNDBUF");
         let accepted = port.counters.tx_bytes as usize;
         assert!(
             accepted <= sndbuf as usize + TX_QUEUE,

@@ -7,7 +7,7 @@
 //! - [`xdpport`]: a fast guest port, a veth driven by AF_XDP;
 //! - [`tap`]: a lightweight guest's tap, driven by the daemon, super-frames both ways;
 //! - [`xsk`]: the UMEM and ring mechanics both AF_XDP users share;
-//! - [`busypoll`]: preferred busy polling of the AF_XDP sockets' NAPI instances.
+//! - [`busypoll`]: preferred busy polling of the data path's sockets' NAPI instances.
 
 pub mod afxdp;
 pub mod busypoll;
